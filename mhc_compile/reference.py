@@ -1,0 +1,103 @@
+"""Plain-PyTorch reference of every mHC op: the one source of truth for the math.
+
+The rewrite's CPU path, the custom ops' backward (by recomputation), the Triton kernels' tests and
+the benchmarks all call these functions. Shapes follow the mHC paper (arXiv 2512.24880), per token:
+
+    streams  [T, n, C]      the n residual streams x_l
+    phi      [n*C, n*n+2n]  the projection (RMSNorm weight folded in), paper Eq. 7
+    alpha    [3]            gates (alpha_pre, alpha_post, alpha_res)
+    b_pre    [n], b_post [n], b_res [n, n]
+    h_pre    [T, n], h_post [T, n], h_res [T, n, n]   always in the coefficient dtype (fp32, or fp64)
+
+Leading dimensions beyond T are allowed everywhere: ``[..., n, C]`` streams give ``[..., n]`` and
+``[..., n, n]`` coefficients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+RMS_EPS = 1e-6
+CONSTRAINTS = ("sinkhorn", "none")
+
+
+def coefficient_dtype(stream_dtype: torch.dtype) -> torch.dtype:
+    """The paper keeps r, the alphas, the biases and every H in fp32; float64 models stay float64."""
+    return torch.float64 if stream_dtype == torch.float64 else torch.float32
+
+
+def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """Sinkhorn-Knopp on exp(logits) [..., n, n]: normalise columns, then rows, `iters` times.
+
+    Worked in log space so that logits of +-80 (exp underflows to 0 in fp32) cannot produce 0/0.
+    The last step normalises rows, so rows sum to 1 exactly (to rounding); columns converge.
+    """
+    log_m = logits
+    for _ in range(iters):
+        log_m = log_m - torch.logsumexp(log_m, dim=-2, keepdim=True)
+        log_m = log_m - torch.logsumexp(log_m, dim=-1, keepdim=True)
+    return log_m.exp()
+
+
+def coefficients(
+    streams: torch.Tensor,
+    phi: torch.Tensor,
+    alpha: torch.Tensor,
+    b_pre: torch.Tensor,
+    b_post: torch.Tensor,
+    b_res: torch.Tensor,
+    sinkhorn_iters: int,
+    constraint: str = "sinkhorn",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """H_pre, H_post, H_res for every token (paper Eq. 7-8).
+
+    r = RMS over the n*C stream values; h = (v @ phi) / r (the norm is divided after the matmul);
+    H_pre = sigmoid(alpha_pre h_pre + b_pre), H_post = 2 sigmoid(alpha_post h_post + b_post),
+    H_res = SinkhornKnopp(alpha_res mat(h_res) + b_res), or the raw logits when constraint="none"
+    (unconstrained hyper-connections, the paper's ablation).
+    """
+    *lead, n, channels = streams.shape
+    dtype = coefficient_dtype(streams.dtype)
+    flat = streams.reshape(*lead, n * channels).to(dtype)
+    rms = torch.sqrt(flat.square().mean(dim=-1, keepdim=True) + RMS_EPS)
+    h = (flat @ phi.to(dtype)) / rms
+    alpha = alpha.to(dtype)
+    h_pre = torch.sigmoid(alpha[0] * h[..., :n] + b_pre.to(dtype))
+    h_post = 2.0 * torch.sigmoid(alpha[1] * h[..., n : 2 * n] + b_post.to(dtype))
+    res_logits = alpha[2] * h[..., 2 * n :].reshape(*lead, n, n) + b_res.to(dtype)
+    h_res = sinkhorn(res_logits, sinkhorn_iters) if constraint == "sinkhorn" else res_logits
+    return h_pre, h_post, h_res
+
+
+def pre_mix(streams: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
+    """F_pre = H_pre x_l: [..., n, C] x [..., n] -> [..., C], accumulated in the coefficient dtype."""
+    mixed = (h_pre.unsqueeze(-1) * streams.to(h_pre.dtype)).sum(dim=-2)
+    return mixed.to(streams.dtype)
+
+
+def post_res_mix(
+    streams: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor
+) -> torch.Tensor:
+    """x_{l+1} = H_res x_l + H_post^T F(...) (paper Eq. 3): [..., n, C], [..., C] -> [..., n, C]."""
+    dtype = h_res.dtype
+    residual = h_res @ streams.to(dtype)
+    written = h_post.unsqueeze(-1) * y.to(dtype).unsqueeze(-2)
+    return (residual + written).to(streams.dtype)
+
+
+def expand_streams(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Head of a chain: replicate [..., C] into n equal streams [..., n, C] (HC paper)."""
+    return x.unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1])
+
+
+def reduce_streams(streams: torch.Tensor) -> torch.Tensor:
+    """Tail of a chain: the mean over the streams keeps the magnitude of the plain residual."""
+    return streams.mean(dim=-2)
+
+
+def sublayer(streams, phi, alpha, b_pre, b_post, b_res, f, sinkhorn_iters, constraint="sinkhorn"):
+    """One whole mHC sublayer: coefficients, pre-mix, f, post/res mix. Used by tests and benchmarks."""
+    h_pre, h_post, h_res = coefficients(
+        streams, phi, alpha, b_pre, b_post, b_res, sinkhorn_iters, constraint
+    )
+    return post_res_mix(streams, f(pre_mix(streams, h_pre)), h_post, h_res)

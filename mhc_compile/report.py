@@ -1,0 +1,101 @@
+"""What the backend found and did: data first (filled during compilation), rendered separately."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SkipReason(enum.Enum):
+    """Why a residual block stays a plain residual. The value is the sentence the report prints."""
+
+    EXCLUDED = "excluded by the include/exclude options"
+    BROADCAST = "x and f(x) differ in shape (broadcasting add)"
+    DTYPE_MISMATCH = "x and f(x) differ in dtype"
+    NESTED = "f contains other residual blocks (those are rewritten instead)"
+    SHARED_BODY = "f shares nodes with another residual block"
+    INPLACE_INPUT = "in-place add mutates a graph input; rewriting it would drop the mutation"
+    INPLACE_ALIAS = "in-place add whose target is read again after the add"
+    DYNAMIC_CHANNELS = "the channel dimension is dynamic; mHC parameters need a fixed width"
+    SCALAR_SHAPE = "x is a scalar; there is no channel dimension to widen"
+    NO_OWNER_MODULE = "no nn.Module owns this graph's parameters to hold the mHC parameters"
+
+
+@dataclass
+class BlockReport:
+    """One residual block `x + f(x)` found in a traced graph."""
+
+    path: str  # module path of the add, from the graph's nn_module_stack ("" is the root)
+    key: str  # stable site key: module path of f's first parameterised op; names the parameters
+    status: str  # "rewritten" or "skipped"
+    reason: str  # why skipped ("" when rewritten)
+    graph: int  # index of the traced graph (graph breaks make several)
+    chain: int | None  # chain index within its graph (None when skipped)
+    position: int | None  # position within its chain
+    shape: tuple[int | str, ...]
+    dtype: str
+    pattern: str  # "residual", "parallel residual", "scaled residual", "in-place residual"
+    contains: tuple[str, ...]  # what f holds: attention, mlp, moe, conv, linear, norm
+    params_added: int
+    extra_bytes_per_token: int  # forward, unfused (paper Table 2) minus the plain residual add
+    extra_flops_per_token: int  # forward: projection, Sinkhorn, mixes
+
+
+@dataclass
+class Report:
+    """Every residual block of every graph one compilation traced."""
+
+    n: int
+    constraint: str
+    blocks: list[BlockReport] = field(default_factory=list)
+
+    @property
+    def rewritten(self) -> list[BlockReport]:
+        return [b for b in self.blocks if b.status == "rewritten"]
+
+    @property
+    def skipped(self) -> list[BlockReport]:
+        return [b for b in self.blocks if b.status == "skipped"]
+
+    @property
+    def params_added(self) -> int:
+        return sum(b.params_added for b in self.rewritten)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def summary(self) -> str:
+        chains = {(b.graph, b.chain) for b in self.rewritten}
+        return (
+            f"mHC n={self.n} ({self.constraint}): {len(self.rewritten)} blocks rewritten in "
+            f"{len(chains)} chains, {len(self.skipped)} skipped, "
+            f"{self.params_added:,} parameters added"
+        )
+
+    def __rich__(self):
+        from rich.table import Table
+
+        table = Table(title=self.summary(), title_justify="left")
+        for column in ("path", "f", "status", "chain", "shape", "contains", "params", "+B/tok",
+                       "+flop/tok", "reason"):
+            table.add_column(column, overflow="fold")
+        for block in self.blocks:
+            chain = "" if block.chain is None else f"g{block.graph}.c{block.chain}[{block.position}]"
+            table.add_row(
+                block.path or "<root>", block.key, block.status, chain,
+                "x".join(map(str, block.shape)) + f" {block.dtype}", ", ".join(block.contains),
+                f"{block.params_added:,}", f"{block.extra_bytes_per_token:,}",
+                f"{block.extra_flops_per_token:,}", block.reason,
+            )
+        return table
+
+    def print(self) -> None:
+        from rich.console import Console
+
+        Console().print(self)

@@ -1,0 +1,151 @@
+"""What the passes need to know about the nodes of a Dynamo graph (torch-level FX).
+
+Dynamo records Python-level calls: `operator.add`, `torch.nn.functional.linear`, `Tensor.add_`
+as call_method, and so on. These tables name the ones the passes treat specially.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.Tensor.add, torch.Tensor.add_}
+_ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
+_INPLACE = {operator.iadd, torch.Tensor.add_, "add_", "__iadd__"}
+
+_WEIGHTED_FUNCTIONS = {
+    F.linear, F.bilinear, torch.matmul, operator.matmul, torch.mm, torch.bmm, torch.addmm,
+    torch.baddbmm, torch.einsum, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d,
+    F.conv_transpose2d, F.conv_transpose3d, torch._C._nn.linear,
+}
+_WEIGHTED_METHODS = {"matmul", "mm", "bmm", "__matmul__", "addmm", "baddbmm"}
+_CONV_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
+                   F.conv_transpose3d}
+_LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear}
+_NORM_FUNCTIONS = {F.layer_norm, F.group_norm, F.batch_norm, F.instance_norm, F.rms_norm}
+_ATTENTION_FUNCTIONS = {F.scaled_dot_product_attention, F.softmax, torch.softmax}
+_ROUTING_FUNCTIONS = {torch.topk}
+
+# Elementwise ops that commute with replicating a tensor into n streams: applied to each stream,
+# equal streams stay equal and their mean is the original result. Dropout is left out on purpose:
+# n independent masks would change the function.
+_STREAMWISE_FUNCTIONS = {
+    torch.relu, F.relu, F.gelu, F.silu, F.mish, F.elu, F.leaky_relu, F.hardtanh, F.relu6,
+    torch.tanh, torch.sigmoid, F.tanh, F.sigmoid,
+}
+_STREAMWISE_METHODS = {"relu", "relu_", "tanh", "sigmoid"}
+_CHANNEL_NORMS = {F.layer_norm, F.rms_norm}
+
+
+def is_add(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _ADD_FUNCTIONS
+    return node.op == "call_method" and node.target in _ADD_METHODS
+
+
+def is_mul(node: fx.Node) -> bool:
+    """`gamma * f(x)`: the branch of a scaled residual (LayerScale, ReZero)."""
+    if node.op == "call_function":
+        return node.target in (operator.mul, torch.mul)
+    return node.op == "call_method" and node.target in ("mul", "__mul__")
+
+
+def is_inplace(node: fx.Node) -> bool:
+    return node.target in _INPLACE
+
+
+def add_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """The two tensor operands of an add, or None (a scalar operand, an `alpha`, an `out=`)."""
+    if len(node.args) != 2 or set(node.kwargs) - {"alpha"}:
+        return None
+    if node.kwargs.get("alpha", 1) != 1:
+        return None
+    left, right = node.args
+    if isinstance(left, fx.Node) and isinstance(right, fx.Node):
+        return left, right
+    return None
+
+
+def is_weighted(node: fx.Node, graph_module: fx.GraphModule) -> bool:
+    """A matmul, linear or convolution (a call_module when Dynamo kept modules as such)."""
+    if node.op == "call_function":
+        return node.target in _WEIGHTED_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _WEIGHTED_METHODS
+    if node.op == "call_module":
+        return any(True for _ in graph_module.get_submodule(node.target).parameters())
+    return False
+
+
+def kinds_of(nodes, graph_module: fx.GraphModule) -> tuple[str, ...]:
+    """What a block's f holds, for the report: attention, moe, conv, mlp, linear, norm."""
+    kinds = set()
+    linears = 0
+    for node in nodes:
+        target = node.target
+        if node.op == "call_module":
+            module = graph_module.get_submodule(target)
+            target = {torch.nn.Linear: F.linear, torch.nn.Conv2d: F.conv2d}.get(type(module))
+        if target in _ATTENTION_FUNCTIONS or target == "softmax":
+            kinds.add("attention")
+        if target in _ROUTING_FUNCTIONS or target == "topk":
+            kinds.add("moe")
+        if target in _CONV_FUNCTIONS:
+            kinds.add("conv")
+        if target in _NORM_FUNCTIONS:
+            kinds.add("norm")
+        linears += target in _LINEAR_FUNCTIONS
+    if linears:
+        kinds.add("mlp" if linears >= 2 and not kinds & {"attention", "moe"} else "linear")
+    order = ("attention", "moe", "mlp", "conv", "linear", "norm")
+    return tuple(kind for kind in order if kind in kinds)
+
+
+def has_conv(nodes) -> bool:
+    return any(node.target in _CONV_FUNCTIONS for node in nodes)
+
+
+def is_streamwise(node: fx.Node, channels_last: bool, channels: int) -> bool:
+    """True if `node` applied to each stream of [..., n, C] gives the per-stream result."""
+    if node.op == "call_method":
+        return node.target in _STREAMWISE_METHODS and len(node.args) == 1
+    if node.op != "call_function":
+        return False
+    if node.target in _STREAMWISE_FUNCTIONS:
+        return True
+    if node.target in _CHANNEL_NORMS and channels_last:
+        normalized_shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+        return tuple(normalized_shape or ()) == (channels,)
+    return False
+
+
+def example_value(node: fx.Node):
+    """Dynamo's fake tensor for a node (`example_value`), or the post-trace `val`."""
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+_ROOT = re.compile(r"^(?:L|G)\[['\"]([^'\"]+)['\"]\]")
+
+
+def module_path(node: fx.Node) -> tuple[str, str] | None:
+    """(root name, dotted path below it) of the innermost module whose forward made `node`."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    qualified, _ = list(stack.values())[-1]
+    return split_module_path(qualified)
+
+
+def split_module_path(qualified: str) -> tuple[str, str] | None:
+    """"L['self'].layers.0" -> ("L['self']", "layers.0"); older spellings normalised."""
+    match = _ROOT.match(qualified)
+    if match is None:
+        return None
+    rest = qualified[match.end():]
+    rest = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]", r".\1", rest)
+    rest = re.sub(r"\[(\d+)\]", r".\1", rest)
+    return match.group(0), rest.lstrip(".")

@@ -1,0 +1,131 @@
+"""Mutation: rewrite each residual chain found by find_residual_blocks into n-stream mHC.
+
+For a chain of blocks x_{k+1} = x_k + f_k(x_k):
+    streams = replicate(x_0)                                   (chain head)
+    h_pre, h_post, h_res = mhc::coefficients(streams, params)  (paper Eq. 7-8)
+    f_k reads mhc::pre_mix(streams, h_pre) instead of x_k
+    streams = mhc::post_res_mix(streams, f_k(...), h_post, h_res)  (paper Eq. 3)
+and every other reader of an x_k (the chain's output, hidden states returned on the side) reads
+the mean of the streams. The ops carry their own autograd, so this runs before AOT autograd.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from mhc_compile import ops  # noqa: F401  (registers torch.ops.mhc)
+from mhc_compile.options import MHCOptions
+from mhc_compile.passes import stream_layout
+from mhc_compile.passes.find_residual_blocks import ResidualAnalysis, ResidualBlock, ResidualChain
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BlockParameterNodes:
+    """The placeholders that feed one block's mHC parameters into the graph."""
+
+    phi: fx.Node
+    alpha: fx.Node
+    b_pre: fx.Node
+    b_post: fx.Node
+    b_res: fx.Node
+
+
+def rewrite_mhc(
+    graph_module: fx.GraphModule,
+    analysis: ResidualAnalysis,
+    parameters: dict[ResidualBlock, BlockParameterNodes],
+    options: MHCOptions,
+) -> fx.GraphModule:
+    for chain in analysis.chains:
+        _rewrite_chain(graph_module.graph, chain, parameters, options)
+    graph_module.graph.lint()
+    graph_module.recompile()
+    log.info("mhc: rewrote %d chains", len(analysis.chains))
+    return graph_module
+
+
+def _rewrite_chain(graph: fx.Graph, chain: ResidualChain, parameters, options: MHCOptions) -> None:
+    channel_dim = chain.blocks[0].channel_dim
+    with graph.inserting_before(chain.blocks[0].body[0]):
+        streams = _call(graph, stream_layout.enter_streams, chain.blocks[0].skip, options.n,
+                        channel_dim, like=chain.blocks[0].add)
+    stream_of: dict[fx.Node, fx.Node] = {}
+    for index, block in enumerate(chain.blocks):
+        if index:
+            streams = stream_of[block.skip]
+        stream_of[block.add] = _rewrite_block(graph, block, streams, parameters[block], options)
+        for link_node in chain.links[index] if index < len(chain.links) else []:
+            stream_of[link_node] = _lift(graph, link_node, stream_of[link_node.args[0]])
+    _reduce_other_readers(graph, chain, stream_of, channel_dim)
+
+
+def _rewrite_block(graph, block: ResidualBlock, streams, params: BlockParameterNodes, options):
+    channel_dim = block.channel_dim
+    with graph.inserting_before(block.body[0]):
+        coefficients = _call(
+            graph, torch.ops.mhc.coefficients.default, streams, params.phi, params.alpha,
+            params.b_pre, params.b_post, params.b_res, options.sinkhorn_iters, options.constraint,
+            like=block.add, role="coefficients",
+        )
+        h_pre, h_post, h_res = (
+            _call(graph, operator.getitem, coefficients, i, like=block.add) for i in range(3)
+        )
+        mixed = _call(graph, torch.ops.mhc.pre_mix.default, streams, h_pre, like=block.add,
+                      role="pre_mix")
+        block_input = _call(graph, stream_layout.from_channels_last, mixed, channel_dim,
+                            like=block.add)
+    for node in block.body:
+        node.replace_input_with(block.skip, block_input)
+    with graph.inserting_before(block.add):
+        written = block.branches[0]
+        for branch in block.branches[1:]:
+            written = _call(graph, operator.add, written, branch, like=block.add)
+        written = _call(graph, stream_layout.to_channels_last, written, channel_dim, like=block.add)
+        return _call(graph, torch.ops.mhc.post_res_mix.default, streams, written, h_post, h_res,
+                     like=block.add, role="post_res_mix")
+
+
+def _lift(graph: fx.Graph, node: fx.Node, streams: fx.Node) -> fx.Node:
+    """Apply a stream-wise op (relu, a norm over C) to every stream."""
+    with graph.inserting_before(node):
+        lifted = graph.create_node(node.op, node.target, (streams, *node.args[1:]), node.kwargs)
+    lifted.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    return lifted
+
+
+def _reduce_other_readers(graph, chain: ResidualChain, stream_of, channel_dim: int) -> None:
+    """Readers of an x_k outside the chain get the streams' mean; the originals are then erased."""
+    replaced = set(stream_of) | {b.inner_add for b in chain.blocks if b.inner_add is not None}
+    for original, streams in stream_of.items():
+        readers = [user for user in original.users if user not in replaced]
+        if not readers:
+            continue
+        with graph.inserting_before(original):
+            reduced = _call(graph, stream_layout.leave_streams, streams, channel_dim, like=original)
+        for reader in readers:
+            reader.replace_input_with(original, reduced)
+    for node in sorted(replaced, key=_graph_position(graph), reverse=True):
+        graph.erase_node(node)
+
+
+def _graph_position(graph: fx.Graph):
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    return order.__getitem__
+
+
+def _call(graph: fx.Graph, target, *args, like: fx.Node, role: str | None = None) -> fx.Node:
+    """A call_function node that keeps the module path (reports, pipeline cuts) of `like`."""
+    node = graph.call_function(target, args)
+    for key in ("nn_module_stack", "stack_trace"):
+        if key in like.meta:
+            node.meta[key] = like.meta[key]
+    if role is not None:
+        node.meta["mhc_role"] = role
+    return node

@@ -1,0 +1,28 @@
+"""Graph targets that move tensors in and out of the stream layout [..., n, C].
+
+Transformer residuals carry channels last already. Convolutional ones ([B, C, H, W]) carry them in
+dimension 1: their streams are laid out [B, H, W, n, C], so each token's n*C values are contiguous
+(what the coefficient pass reads) and conv inputs come back as channels_last views.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mhc_compile import reference
+
+
+def enter_streams(x: torch.Tensor, n: int, channel_dim: int) -> torch.Tensor:
+    return reference.expand_streams(to_channels_last(x, channel_dim), n)
+
+
+def leave_streams(streams: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    return from_channels_last(reference.reduce_streams(streams), channel_dim)
+
+
+def to_channels_last(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    return x if channel_dim in (-1, x.dim() - 1) else x.movedim(channel_dim, -1)
+
+
+def from_channels_last(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    return x if channel_dim in (-1, x.dim() - 1) else x.movedim(-1, channel_dim)
