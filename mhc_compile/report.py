@@ -95,7 +95,11 @@ class Report:
             )
         return table
 
-    def print(self) -> None:
+    def print(self, file=None) -> None:
+        import sys
+
         from rich.console import Console
 
-        Console().print(self)
+        stream = file or sys.stdout
+        # Piped output (CI logs, files) gets a wide table instead of rich's 80-column default.
+        Console(file=stream, width=None if stream.isatty() else 180).print(self)

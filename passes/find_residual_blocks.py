@@ -147,27 +147,26 @@ def _match_block(add, reach, weights, graph_module) -> ResidualBlock | None:
     body = reach.body(skip, [branch])
     if not _is_parameterised(body, weights, graph_module):
         return None
-    root, path = graph_facts.module_path(add) or ("", "")
+    _, path = graph_facts.module_path(add) or ("", "")
+    root, key = _site(body, graph_module, path)
     pattern = "residual"
     if graph_facts.is_inplace(add):
         pattern = "in-place residual"
     elif graph_facts.is_mul(branch):
         pattern = "scaled residual"
-    return ResidualBlock(add, skip, [branch], body, root, path, _site_key(body, graph_module, path),
-                         pattern)
+    return ResidualBlock(add, skip, [branch], body, root, path, key, pattern)
 
 
-def _site_key(body, graph_module, fallback: str) -> str:
-    """The module path of f's first parameterised op: stable across recompiles and graph breaks,
-    and distinct for the attention and MLP residuals of one transformer block."""
+def _site(body, graph_module, path: str) -> tuple[str, str]:
+    """(owner root, site key): where f's first parameterised op lives. The key is stable across
+    recompiles and graph breaks, and distinct for the attention and MLP residuals of one
+    transformer block; the root names the module that owns those parameters ("" if none)."""
     for node in body:
         if graph_facts.is_weighted(node, graph_module):
-            if node.op == "call_module":
-                return node.target
             located = graph_facts.module_path(node)
             if located:
-                return located[1]
-    return fallback
+                return located[0], node.target if node.op == "call_module" else located[1]
+    return "", path
 
 
 def _merge_parallel_branch(block, reach, weights, graph_module) -> None:
@@ -196,18 +195,14 @@ def _check_blocks(blocks: list[ResidualBlock], options: MHCOptions, order) -> No
     adds = {block.add: block for block in blocks} | {b.inner_add: b for b in blocks if b.inner_add}
     owned: dict[fx.Node, ResidualBlock] = {}
     for block in blocks:
-        block.skip_reason = _skip_reason(block, owned, options, order)
+        # A block whose f holds another block is left alone; the inner one is rewritten.
+        nested = any(node in adds and adds[node] is not block for node in block.body)
+        block.skip_reason = SkipReason.NESTED if nested else _skip_reason(block, owned, options, order)
         if block.skip_reason is None:
             owned.update((node, block) for node in block.body)
             block.channel_dim = 1 if graph_facts.has_conv(block.body) and block.value.dim() >= 3 else -1
             if not isinstance(block.channels, int):
                 block.skip_reason = SkipReason.DYNAMIC_CHANNELS
-    # A block whose f holds another block is left alone; the inner one is rewritten.
-    for block in blocks:
-        if block.skip_reason is None and any(
-            node in adds and adds[node] is not block for node in block.body
-        ):
-            block.skip_reason = SkipReason.NESTED
 
 
 def _skip_reason(block, owned, options: MHCOptions, order) -> SkipReason | None:
@@ -224,7 +219,7 @@ def _skip_reason(block, owned, options: MHCOptions, order) -> SkipReason | None:
     if graph_facts.is_inplace(block.add) or (
         block.inner_add is not None and graph_facts.is_inplace(block.inner_add)
     ):
-        if block.skip.op == "placeholder":
+        if graph_facts.aliases_graph_input(block.skip):
             return SkipReason.INPLACE_INPUT
         if any(order[user] > order[block.add] for user in block.skip.users):
             return SkipReason.INPLACE_ALIAS

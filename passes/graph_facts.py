@@ -58,6 +58,28 @@ def is_inplace(node: fx.Node) -> bool:
     return node.target in _INPLACE
 
 
+_VIEW_METHODS = {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "flatten",
+                 "expand", "narrow", "select", "t", "unflatten", "view_as", "__getitem__"}
+_VIEW_FUNCTIONS = {operator.getitem, torch.reshape, torch.transpose, torch.permute,
+                   torch.unsqueeze, torch.squeeze, torch.flatten, torch.narrow, torch.select}
+
+
+def aliases_graph_input(node: fx.Node) -> bool:
+    """True if `node` may share storage with a graph input: the input itself, a view of it, or the
+    result of an in-place op on it. Mutating such a node mutates the caller's tensor."""
+    while True:
+        if node.op == "placeholder":
+            return True
+        through = (
+            is_inplace(node)
+            or (node.op == "call_method" and node.target in _VIEW_METHODS)
+            or (node.op == "call_function" and node.target in _VIEW_FUNCTIONS)
+        )
+        if not through or not node.args or not isinstance(node.args[0], fx.Node):
+            return False
+        node = node.args[0]
+
+
 def add_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     """The two tensor operands of an add, or None (a scalar operand, an `alpha`, an `out=`)."""
     if len(node.args) != 2 or set(node.kwargs) - {"alpha"}:

@@ -1,0 +1,184 @@
+"""`mhc-compile`: report which residual blocks are rewritten, and train a built-in example."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from mhc_compile.options import MHCOptions
+from mhc_compile.reference import CONSTRAINTS
+
+
+class UsageError(Exception):
+    """Bad command-line input: a TARGET that names no factory, an invalid option."""
+
+
+def load_target(target: str) -> tuple[torch.nn.Module, tuple]:
+    """`pkg.module:factory` or `path/to/file.py:factory` -> factory() = (model, example_args)."""
+    location, sep, name = target.rpartition(":")
+    if not sep or not location or not name:
+        raise UsageError(f"TARGET must look like 'pkg.module:factory' or 'file.py:factory', got {target!r}")
+    module = _import_location(location)
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise UsageError(f"{location} has no callable named {name!r}")
+    return _checked(factory(), target)
+
+
+def _import_location(location: str):
+    path = Path(location)
+    if location.endswith(".py") or path.exists():
+        if not path.is_file():
+            raise UsageError(f"no such file: {location}")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.path.insert(0, str(path.parent.resolve()))
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            sys.path.pop(0)
+        return module
+    try:
+        return importlib.import_module(location)
+    except ModuleNotFoundError as error:
+        raise UsageError(f"cannot import {location!r}: {error}") from error
+
+
+def _checked(result: Any, target: str) -> tuple[torch.nn.Module, tuple]:
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
+        raise UsageError(f"{target} must return (model, example_args), got {type(result).__name__}")
+    model, example_args = result
+    return model, tuple(example_args) if isinstance(example_args, (tuple, list)) else (example_args,)
+
+
+def _example(name: str) -> tuple[torch.nn.Module, tuple]:
+    from mhc_compile.examples import EXAMPLES
+
+    return EXAMPLES[name]()
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    options = {"n": args.n, "sinkhorn_iters": args.sinkhorn_iters, "constraint": args.constraint,
+               "include": tuple(args.include), "exclude": tuple(args.exclude)}
+    try:
+        MHCOptions.from_kwargs(**options)  # fail before any tracing
+    except (TypeError, ValueError) as error:
+        raise UsageError(str(error)) from error
+    return options
+
+
+def _model(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple]:
+    if args.example:
+        return _example(args.example)
+    if not args.target:
+        raise UsageError("give a TARGET (pkg.module:factory or file.py:factory) or --example NAME")
+    return load_target(args.target)
+
+
+def command_report(args: argparse.Namespace) -> int:
+    import mhc_compile
+
+    options = _options(args)
+    model, example_args = _model(args)
+    report = mhc_compile.report(model, *example_args, **options)
+    report.print()
+    if args.json:
+        Path(args.json).write_text(report.to_json())
+    return 0
+
+
+def command_train(args: argparse.Namespace) -> int:
+    """The end-to-end job: prepare, report, then a short training run of the compiled model."""
+    import mhc_compile
+    from mhc_compile.examples import EXAMPLES
+
+    options = _options(args)
+    model, (example_ids,) = EXAMPLES[args.example]()
+    with torch.no_grad():
+        vocab_size = model(example_ids).shape[-1]
+    batches = byte_batches(vocab_size, *example_ids.shape)
+    example_args = (next(batches)[0],)
+    report = mhc_compile.prepare(model, *example_args, **options)
+    report.print()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    compiled = torch.compile(model, backend=mhc_compile.backend(**options, eager=args.eager))
+    print(f"training {args.example} for {args.steps} steps "
+          f"({'eager rewritten graph' if args.eager else 'Inductor'}); the first step compiles")
+    for step in range(args.steps):
+        inputs, targets = next(batches)
+        started = time.perf_counter()
+        logits = compiled(inputs)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        print(f"step {step:3d}  loss {loss.item():.4f}  {1e3 * (time.perf_counter() - started):8.1f} ms")
+    return 0
+
+
+def byte_batches(vocab_size: int, batch: int, seq: int, seed: int = 0):
+    """Next-byte prediction on the Python standard library's own source: real text, no download.
+
+    Bytes outside printable ASCII share one id, so any vocabulary of 96 or more fits.
+    """
+    import os
+
+    files = sorted(Path(os.__file__).parent.glob("*.py"))[:40]
+    text = b"".join(f.read_bytes() for f in files)
+    ids = torch.tensor([b - 32 if 32 <= b < 127 else 95 for b in text], dtype=torch.long)
+    ids = ids.clamp(max=vocab_size - 1)
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        starts = torch.randint(0, len(ids) - seq - 1, (batch,), generator=generator)
+        window = torch.stack([ids[s : s + seq + 1] for s in starts.tolist()])
+        yield window[:, :-1], window[:, 1:]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mhc_compile.examples import EXAMPLES
+
+    parser = argparse.ArgumentParser(prog="mhc-compile", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--n", type=int, default=4, help="number of residual streams (default 4)")
+    common.add_argument("--sinkhorn-iters", type=int, default=20)
+    common.add_argument("--constraint", choices=CONSTRAINTS, default="sinkhorn")
+    common.add_argument("--include", action="append", default=[], metavar="GLOB",
+                        help="only rewrite blocks whose module path matches (repeatable)")
+    common.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                        help="keep blocks whose module path matches as plain residuals (repeatable)")
+    report = commands.add_parser("report", parents=[common],
+                                 help="which residual blocks are rewritten or skipped, and why")
+    report.add_argument("target", nargs="?", help="pkg.module:factory or file.py:factory, "
+                        "where factory() returns (model, example_args)")
+    report.add_argument("--example", choices=sorted(EXAMPLES), help="a built-in example model")
+    report.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    report.set_defaults(run=command_report)
+    train = commands.add_parser("train", parents=[common],
+                                help="prepare, report and train a built-in example for a few steps")
+    train.add_argument("--example", choices=["gpt", "llama"], default="gpt")
+    train.add_argument("--steps", type=int, default=20)
+    train.add_argument("--lr", type=float, default=3e-3)
+    train.add_argument("--eager", action="store_true", help="run the rewritten graph without Inductor")
+    train.set_defaults(run=command_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except UsageError as error:
+        print(f"mhc-compile: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
