@@ -41,12 +41,14 @@ def prepare(model: nn.Module, *example_args: Any, **options: Any) -> Report:
     restoring buffers (BatchNorm statistics) and the RNG state afterwards, so the model's state
     is as before except for the new `model.mhc` parameters. Returns the report of that trace.
     """
-    return _trace(model, example_args, MHCBackend(MHCOptions.from_kwargs(**options).replace(eager=True)))
+    options = MHCOptions.from_kwargs(**options).replace(eager=True)
+    return _trace(model, example_args, MHCBackend(options, top_module=model, warn_late=False))
 
 
 def report(model: nn.Module, *example_args: Any, **options: Any) -> Report:
     """Which residual blocks the backend rewrites or skips, and why, without changing the model."""
-    return _trace(model, example_args, MHCBackend(MHCOptions.from_kwargs(**options), analyze_only=True))
+    options = MHCOptions.from_kwargs(**options)
+    return _trace(model, example_args, MHCBackend(options, analyze_only=True, top_module=model))
 
 
 def _trace(model: nn.Module, example_args: tuple, configured: MHCBackend) -> Report:

@@ -7,10 +7,12 @@ entry point; do not also register the name here (the entry point would then fail
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import fx, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from mhc_compile import _dynamo_compat, costs, reference
 from mhc_compile.options import MHCOptions
@@ -27,11 +29,16 @@ class MHCBackend:
     """A configured backend. Each call compiles one Dynamo graph and adds its blocks to `report`.
 
     analyze_only: find and report blocks, create nothing, run the graph unchanged (for `report`).
+    warn_late: warn when parameters appear after a compiled step of the model ran (off in
+        `prepare`, whose purpose is creating them; a graph break runs graph 1 before graph 2).
     """
 
-    def __init__(self, options: MHCOptions, analyze_only: bool = False):
+    def __init__(self, options: MHCOptions, analyze_only: bool = False,
+                 top_module: nn.Module | None = None, warn_late: bool = True):
         self.options = options
         self.analyze_only = analyze_only
+        self.warn_late = warn_late
+        self.top_module = top_module  # where instances of a reused frame's owner are found
         self.report = Report(n=options.n, constraint=options.constraint)
         self._graphs = 0
 
@@ -41,26 +48,31 @@ class MHCBackend:
         placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
         weights = {n for n, v in zip(placeholders, example_inputs) if isinstance(v, nn.Parameter)}
         analysis = find_residual_chains(graph_module, self.options, weights)
-        stores = _owner_stores(analysis, create=not self.analyze_only)
-        blocks, created = self._block_parameters(analysis, stores)
+        owners = _owners(analysis, example_inputs, self.top_module, create=not self.analyze_only)
         self.report.blocks.extend(_block_reports(analysis, graph_index, self.options))
         log.info("%s (graph %d)", self.report.summary(), graph_index)
-        for store in stores.values():
-            store.warn_if_late(created)
+        blocks = [block for chain in analysis.chains for block in chain.blocks]
         if self.analyze_only:
             return graph_module
         if not blocks:
             return self._compile(graph_module, example_inputs)
-        parameters = [p for block in blocks.values() for p in _flat(block)]
-        nodes = _add_parameter_placeholders(graph_module, blocks)
+        parameters = _bind_parameters(blocks, owners, example_inputs, self.options, self.warn_late)
+        nodes = _add_parameter_placeholders(graph_module, blocks, parameters)
         rewrite_mhc(graph_module, analysis, nodes, self.options)
         compiled = self._compile(graph_module, [*parameters, *example_inputs])
-        owners = list(stores.values())
+
+        bound = WeakIdKeyDictionary()  # first owner's store -> (stores, flat parameters)
 
         def run_rewritten(*args):
-            for store in owners:
+            stores = [owner.store_for(args) for owner in owners.values()]
+            cached = bound.get(stores[0])
+            if cached is None or any(a is not b for a, b in zip(cached[0], stores)):
+                flat = _bind_parameters(blocks, owners, args, self.options, self.warn_late)
+                cached = bound[stores[0]] = (stores, flat)
+            outputs = compiled(*cached[1], *args)
+            for store in stores:
                 store.ran_compiled_step = True
-            return compiled(*parameters, *args)
+            return outputs
 
         return run_rewritten
 
@@ -69,55 +81,103 @@ class MHCBackend:
             return graph_module
         return _dynamo_compat.compile_with_inductor(graph_module, example_inputs)
 
-    def _block_parameters(self, analysis: ResidualAnalysis, stores):
-        """Get or create every rewritten block's parameters, keyed by its site key."""
-        blocks, created = {}, []
-        for chain in analysis.chains:
-            for position, block in enumerate(chain.blocks):
-                if block.root not in stores:
-                    continue
-                value = block.value
-                params, is_new = stores[block.root].get_or_create(
-                    block.key, self.options.n, block.channels, position, self.options,
-                    reference.coefficient_dtype(value.dtype), value.device,
-                )
-                blocks[block] = params
-                if is_new:
-                    created.append(block.key or "<root>")
-        return blocks, created
+
+@dataclass(eq=False)
+class _Owner:
+    """The module holding a graph's mHC parameters, recognised at run time by one of its weights.
+
+    Dynamo may run one compiled frame for many instances of the owner's class; `anchor_index`
+    points at an owner weight among the graph inputs, so each instance finds its own store.
+    """
+
+    module: nn.Module
+    anchor_index: int
+    anchor_name: str  # the anchor weight's path below the owner
+    top_module: nn.Module | None
+    stores: WeakIdKeyDictionary = field(default_factory=WeakIdKeyDictionary)
+
+    def store_for(self, args: Sequence[Any]) -> MHCParameters:
+        anchor = args[self.anchor_index]
+        store = self.stores.get(anchor)
+        if store is None:
+            store = parameters_of(self._instance_owning(anchor))
+            self.stores[anchor] = store
+        return store
+
+    def _instance_owning(self, anchor: torch.Tensor) -> nn.Module:
+        if any(p is anchor for p in self.module.parameters()):
+            return self.module
+        for name, parameter in (self.top_module.named_parameters() if self.top_module else ()):
+            if parameter is anchor and name.endswith(self.anchor_name):
+                return self.top_module.get_submodule(name[: -len(self.anchor_name)].rstrip("."))
+        raise RuntimeError(
+            f"mhc: a compiled graph of {type(self.module).__name__} ran for another instance whose "
+            "module could not be found. Compile the top-level model (torch.compile(model, "
+            "backend='mhc')) or call mhc_compile.prepare(model, *example_args) first."
+        )
 
 
-def _owner_stores(analysis: ResidualAnalysis, create: bool) -> dict[str, MHCParameters]:
-    """The parameter store of each module that owns rewritten blocks; blocks without one skip."""
-    stores = {}
+def _owners(analysis, example_inputs, top_module, create: bool) -> dict[str, _Owner]:
+    """The owner of each module root holding rewritten blocks; blocks without one are skipped."""
+    owners: dict[str, _Owner] = {}
     for block in analysis.blocks:
-        if block.skip_reason is not None or block.root in stores:
+        if block.skip_reason is not None or block.root in owners:
             continue
-        owner = _dynamo_compat.owner_module(block.root)
-        if owner is None:
+        module = _dynamo_compat.owner_module(block.root)
+        anchor = None if module is None else _anchor(module, example_inputs)
+        if anchor is None:
             block.skip_reason = SkipReason.NO_OWNER_MODULE
-        elif create:
-            stores[block.root] = parameters_of(owner)
-    if not create:
-        return {}
-    analysis.chains = [c for c in analysis.chains if c.blocks[0].root in stores]
-    return stores
+            continue
+        top = top_module or _dynamo_compat.calling_top_module()
+        owners[block.root] = _Owner(module, *anchor, top_module=top)
+    for block in analysis.blocks:
+        if block.skip_reason is None and block.root not in owners:
+            block.skip_reason = SkipReason.NO_OWNER_MODULE
+    analysis.chains = [c for c in analysis.chains if c.blocks[0].root in owners]
+    return owners if create else {}
+
+
+def _anchor(module: nn.Module, example_inputs) -> tuple[int, str] | None:
+    names = {id(p): name for name, p in module.named_parameters()}
+    for index, value in enumerate(example_inputs):
+        if isinstance(value, nn.Parameter) and id(value) in names:
+            return index, names[id(value)]
+    return None
+
+
+def _bind_parameters(blocks, owners: dict[str, _Owner], args, options, warn_late: bool):
+    """Every block's (phi, alpha, b_pre, b_post, b_res), from the store of the running instance."""
+    stores = {root: owner.store_for(args) for root, owner in owners.items()}
+    created, flat = [], []
+    for block in blocks:
+        params, is_new = stores[block.root].get_or_create(
+            block.key, options.n, block.channels, block.position, options,
+            reference.coefficient_dtype(block.value.dtype), block.value.device,
+        )
+        flat.extend(_flat(params))
+        if is_new:
+            created.append(block.key or "<root>")
+    if warn_late:
+        for store in stores.values():
+            store.warn_if_late(created)
+    return flat
 
 
 def _flat(params) -> tuple[torch.Tensor, ...]:
     return (params.phi, params.alpha, params.b_pre, params.b_post, params.b_res)
 
 
-def _add_parameter_placeholders(graph_module: fx.GraphModule, blocks) -> dict:
+def _add_parameter_placeholders(graph_module: fx.GraphModule, blocks, parameters) -> dict:
     """New leading placeholders, one per mHC parameter, in the order the wrapper passes them."""
     graph = graph_module.graph
     first = next(iter(graph.nodes))
     nodes = {}
+    names = ("phi", "alpha", "b_pre", "b_post", "b_res")
     with graph.inserting_before(first):
-        for index, (block, params) in enumerate(blocks.items()):
-            names = ("phi", "alpha", "b_pre", "b_post", "b_res")
+        for index, block in enumerate(blocks):
             placeholders = [graph.placeholder(f"mhc_{index}_{name}") for name in names]
-            for node, tensor in zip(placeholders, _flat(params)):
+            tensors = parameters[len(names) * index : len(names) * (index + 1)]
+            for node, tensor in zip(placeholders, tensors):
                 node.meta["example_value"] = tensor
                 _dynamo_compat.mark_parameter_input(node)
             nodes[block] = BlockParameterNodes(*placeholders)

@@ -26,7 +26,17 @@ def _reference_vjp(
     dispatch key, where tensors cannot record a graph, but functorch's transform still can.
     """
     _, pullback = torch.func.vjp(forward, *inputs)
-    return pullback(tuple(grads) if len(grads) > 1 else grads[0])
+    return _dense(*pullback(tuple(grads) if len(grads) > 1 else grads[0]))
+
+
+def _dense(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Outputs are contiguous, whatever the inputs' strides (streams may be expanded or permuted
+    views): the fake implementations promise exactly that, and kernels write dense buffers."""
+    return tuple(t.contiguous() for t in tensors)
+
+
+def _dense_like(*tensors: Tensor) -> tuple[Tensor, ...]:
+    return tuple(t.new_empty(t.shape) for t in tensors)
 
 
 # --- coefficients: RMS, projection, gates, Sinkhorn (paper Eq. 7-8) -------------------------------
@@ -44,8 +54,8 @@ def coefficients(
     constraint: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """streams [..., n, C] -> h_pre [..., n], h_post [..., n], h_res [..., n, n] (fp32 or fp64)."""
-    return reference.coefficients(
-        streams, phi, alpha, b_pre, b_post, b_res, sinkhorn_iters, constraint
+    return _dense(
+        *reference.coefficients(streams, phi, alpha, b_pre, b_post, b_res, sinkhorn_iters, constraint)
     )
 
 
@@ -83,7 +93,7 @@ def coefficients_backward(
 
 @coefficients_backward.register_fake
 def _(grad_h_pre, grad_h_post, grad_h_res, streams, phi, alpha, b_pre, b_post, b_res, *_):
-    return tuple(torch.empty_like(t) for t in (streams, phi, alpha, b_pre, b_post, b_res))
+    return _dense_like(streams, phi, alpha, b_pre, b_post, b_res)
 
 
 def _save_inputs(ctx, inputs, output):
@@ -110,7 +120,7 @@ coefficients.register_autograd(_coefficients_grad, setup_context=_save_inputs)
 @torch.library.custom_op("mhc::pre_mix", mutates_args=())
 def pre_mix(streams: Tensor, h_pre: Tensor) -> Tensor:
     """streams [..., n, C], h_pre [..., n] -> [..., C] in the stream dtype."""
-    return reference.pre_mix(streams, h_pre)
+    return reference.pre_mix(streams, h_pre).contiguous()
 
 
 @pre_mix.register_fake
@@ -126,7 +136,7 @@ def pre_mix_backward(grad_mixed: Tensor, streams: Tensor, h_pre: Tensor) -> tupl
 
 @pre_mix_backward.register_fake
 def _(grad_mixed, streams, h_pre):
-    return torch.empty_like(streams), torch.empty_like(h_pre)
+    return _dense_like(streams, h_pre)
 
 
 def _pre_mix_grad(ctx, grad_mixed):
@@ -142,12 +152,12 @@ pre_mix.register_autograd(_pre_mix_grad, setup_context=_save_inputs)
 @torch.library.custom_op("mhc::post_res_mix", mutates_args=())
 def post_res_mix(streams: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
     """streams [..., n, C], y [..., C], h_post [..., n], h_res [..., n, n] -> [..., n, C]."""
-    return reference.post_res_mix(streams, y, h_post, h_res)
+    return reference.post_res_mix(streams, y, h_post, h_res).contiguous()
 
 
 @post_res_mix.register_fake
 def _(streams, y, h_post, h_res):
-    return torch.empty_like(streams, memory_format=torch.contiguous_format)
+    return streams.new_empty(streams.shape)
 
 
 @torch.library.custom_op("mhc::post_res_mix_backward", mutates_args=())
@@ -160,7 +170,7 @@ def post_res_mix_backward(
 
 @post_res_mix_backward.register_fake
 def _(grad_out, streams, y, h_post, h_res):
-    return tuple(torch.empty_like(t) for t in (streams, y, h_post, h_res))
+    return _dense_like(streams, y, h_post, h_res)
 
 
 def _post_res_mix_grad(ctx, grad_out):

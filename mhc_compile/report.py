@@ -13,6 +13,7 @@ class SkipReason(enum.Enum):
     """Why a residual block stays a plain residual. The value is the sentence the report prints."""
 
     EXCLUDED = "excluded by the include/exclude options"
+    PROJECTION_SHORTCUT = "projection shortcut: the skip path is conv(x), not x, so no stream passes"
     BROADCAST = "x and f(x) differ in shape (broadcasting add)"
     DTYPE_MISMATCH = "x and f(x) differ in dtype"
     NESTED = "f contains other residual blocks (those are rewritten instead)"

@@ -35,6 +35,7 @@ class ResidualBlock:
     pattern: str
     inner_add: fx.Node | None = None
     channel_dim: int = -1
+    position: int = 0  # index in its chain: which stream the block's H_pre favours at init
     skip_reason: SkipReason | None = None
 
     @property
@@ -99,7 +100,9 @@ def find_residual_chains(
     for node in graph_module.graph.nodes:
         if node in claimed or not graph_facts.is_add(node):
             continue
-        block = _match_block(node, reach, weights, graph_module)
+        block = _match_block(node, reach, weights, graph_module) or _match_projection_shortcut(
+            node, reach, weights, graph_module
+        )
         if block is None:
             continue
         _merge_parallel_branch(block, reach, weights, graph_module)
@@ -157,6 +160,25 @@ def _match_block(add, reach, weights, graph_module) -> ResidualBlock | None:
     return ResidualBlock(add, skip, [branch], body, root, path, key, pattern)
 
 
+def _match_projection_shortcut(add, reach, weights, graph_module) -> ResidualBlock | None:
+    """`f(x) + norm(conv(x))` (ResNet's downsampling blocks): reported, never rewritten."""
+    operands = graph_facts.add_operands(add)
+    if operands is None:
+        return None
+    for shortcut, branch in (operands, operands[::-1]):
+        source = graph_facts.projection_source(shortcut)
+        if source is None or not reach.depends_on(branch, source):
+            continue
+        body = reach.body(source, [branch])
+        if _is_parameterised(body, weights, graph_module):
+            _, path = graph_facts.module_path(add) or ("", "")
+            root, key = _site(body, graph_module, path)
+            block = ResidualBlock(add, source, [branch], body, root, path, key, "projection shortcut")
+            block.skip_reason = SkipReason.PROJECTION_SHORTCUT
+            return block
+    return None
+
+
 def _site(body, graph_module, path: str) -> tuple[str, str]:
     """(owner root, site key): where f's first parameterised op lives. The key is stable across
     recompiles and graph breaks, and distinct for the attention and MLP residuals of one
@@ -196,6 +218,8 @@ def _check_blocks(blocks: list[ResidualBlock], options: MHCOptions, order) -> No
     owned: dict[fx.Node, ResidualBlock] = {}
     for block in blocks:
         # A block whose f holds another block is left alone; the inner one is rewritten.
+        if block.skip_reason is not None:  # decided when matched (projection shortcuts)
+            continue
         nested = any(node in adds and adds[node] is not block for node in block.body)
         block.skip_reason = SkipReason.NESTED if nested else _skip_reason(block, owned, options, order)
         if block.skip_reason is None:
@@ -258,6 +282,7 @@ def _link_chains(blocks: list[ResidualBlock]) -> list[ResidualChain]:
         chain = ResidualChain([block])
         while chain.blocks[-1] in successors:
             successor, link = successors[chain.blocks[-1]]
+            successor.position = len(chain.blocks)
             chain.links.append(link)
             chain.blocks.append(successor)
         chains.append(chain)

@@ -127,6 +127,16 @@ def kinds_of(nodes, graph_module: fx.GraphModule) -> tuple[str, ...]:
     return tuple(kind for kind in order if kind in kinds)
 
 
+def projection_source(node: fx.Node) -> fx.Node | None:
+    """x for a shortcut `conv(x)` or `norm(conv(x))`; None for anything else."""
+    if node.op == "call_function" and node.target in _NORM_FUNCTIONS and node.args:
+        node = node.args[0]
+    if node.op == "call_function" and node.target in _CONV_FUNCTIONS and node.args:
+        source = node.args[0]
+        return source if isinstance(source, fx.Node) else None
+    return None
+
+
 def has_conv(nodes) -> bool:
     return any(node.target in _CONV_FUNCTIONS for node in nodes)
 

@@ -1,0 +1,60 @@
+"""`mhc-compile` as a user runs it."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+from mhc_compile import cli
+
+
+def test_report_example_gpt_prints_the_table(capsys, tmp_path):
+    assert cli.main(["report", "--example", "gpt", "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "blocks rewritten" in out and "blocks.0" in out and "rewritten" in out
+    blocks = json.loads((tmp_path / "r.json").read_text())["blocks"]
+    assert len(blocks) == 8 and {b["status"] for b in blocks} == {"rewritten"}
+
+
+def test_report_file_factory(tmp_path, capsys):
+    target = tmp_path / "mymodel.py"
+    target.write_text(textwrap.dedent('''
+        import torch
+        from torch import nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(6, 6)
+
+            def forward(self, x):
+                return x + self.fc(x)
+
+        def build():
+            return Net(), (torch.randn(2, 6),)
+    '''))
+    assert cli.main(["report", f"{target}:build", "--n", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "mHC n=2 (sinkhorn): 1 blocks rewritten in 1 chains" in out
+
+
+def test_bad_targets_and_options_are_clear_errors(tmp_path, capsys):
+    assert cli.main(["report", "no_such_module_xyz:build"]) == 2
+    assert "cannot import 'no_such_module_xyz'" in capsys.readouterr().err
+    assert cli.main(["report", str(tmp_path / "missing.py") + ":build"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    wrong = tmp_path / "wrong.py"
+    wrong.write_text("def build():\n    return 3\n")
+    assert cli.main(["report", f"{wrong}:build"]) == 2
+    assert "must return (model, example_args), got int" in capsys.readouterr().err
+    assert cli.main(["report", f"{wrong}:missing"]) == 2
+    assert "has no callable named 'missing'" in capsys.readouterr().err
+    assert cli.main(["report", "nocolon"]) == 2
+    assert "TARGET must look like" in capsys.readouterr().err
+    assert cli.main(["report", "--example", "gpt", "--n", "0"]) == 2
+    assert "mhc option n must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([sys.executable, "-m", "mhc_compile.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "report" in result.stdout and "train" in result.stdout
