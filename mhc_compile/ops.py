@@ -26,13 +26,23 @@ def _reference_vjp(
     dispatch key, where tensors cannot record a graph, but functorch's transform still can.
     """
     _, pullback = torch.func.vjp(forward, *inputs)
-    return _dense(*pullback(tuple(grads) if len(grads) > 1 else grads[0]))
+    outputs = pullback(tuple(grads) if len(grads) > 1 else grads[0])
+    return _dense(*outputs, avoid=(*inputs, *grads))
 
 
-def _dense(*tensors: Tensor) -> tuple[Tensor, ...]:
+def _dense(*tensors: Tensor, avoid: Sequence[Tensor] = ()) -> tuple[Tensor, ...]:
     """Outputs are contiguous, whatever the inputs' strides (streams may be expanded or permuted
-    views): the fake implementations promise exactly that, and kernels write dense buffers."""
-    return tuple(t.contiguous() for t in tensors)
+    views): the fake implementations promise exactly that, and kernels write dense buffers. A
+    custom op may not return a tensor sharing storage with an input or another output (torch
+    2.11 checks it), so such an output is copied."""
+    taken = {t.untyped_storage().data_ptr() for t in avoid}
+    dense = []
+    for tensor in tensors:
+        if tensor.untyped_storage().data_ptr() in taken:
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        dense.append(tensor.contiguous())
+        taken.add(dense[-1].untyped_storage().data_ptr())
+    return tuple(dense)
 
 
 def _dense_like(*tensors: Tensor) -> tuple[Tensor, ...]:
@@ -178,3 +188,9 @@ def _post_res_mix_grad(ctx, grad_out):
 
 
 post_res_mix.register_autograd(_post_res_mix_grad, setup_context=_save_inputs)
+
+
+# GPU kernels (templates/) replace the reference implementations on CUDA.
+from mhc_compile.templates import register_cuda_kernels  # noqa: E402
+
+register_cuda_kernels()

@@ -93,9 +93,15 @@ def _rewrite_block(graph, block: ResidualBlock, streams, params: BlockParameterN
 
 
 def _lift(graph: fx.Graph, node: fx.Node, streams: fx.Node) -> fx.Node:
-    """Apply a stream-wise op (relu, a norm over C) to every stream."""
+    """Apply a stream-wise op (relu, a norm over C) to every stream, out of place: the streams
+    are a custom op's output, which autograd forbids modifying in place (torch 2.11)."""
+    target, kwargs = node.target, dict(node.kwargs)
+    if node.op == "call_method" and target.endswith("_"):
+        target = target[:-1]
+    if kwargs.get("inplace"):
+        kwargs["inplace"] = False
     with graph.inserting_before(node):
-        lifted = graph.create_node(node.op, node.target, (streams, *node.args[1:]), node.kwargs)
+        lifted = graph.create_node(node.op, target, (streams, *node.args[1:]), kwargs)
     lifted.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
     return lifted
 
