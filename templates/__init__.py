@@ -6,8 +6,9 @@ One module per op stage: `coefficients` (RMS + projection + gates + Sinkhorn, fo
 
 `register_cuda_kernels()` makes the six mhc:: ops run these kernels on CUDA tensors (the CPU and
 every other device keep the PyTorch reference). The kernel modules are imported on the first CUDA
-call, not here: Triton decides at import whether a kernel is interpreted (TRITON_INTERPRET), and
-importing mhc_compile should not cost a Triton import.
+call, not at registration: Triton decides when a kernel module is imported whether its kernels are
+interpreted (TRITON_INTERPRET), so tests can still choose after importing mhc_compile. They are
+opaque custom ops to Inductor (it does not fuse into them), the same as the reference ops.
 
 How to tell the kernels are used: `kernels_active("cuda")`, a DEBUG line from the logger
 "mhc_compile.templates" at registration and at the first launch of each op, and INFO lines
@@ -19,7 +20,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

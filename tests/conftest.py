@@ -1,5 +1,14 @@
+import os
 import sys
 from pathlib import Path
+
+import torch
+
+# Without a GPU the Triton kernels run on CPU tensors under Triton's interpreter. Triton reads
+# TRITON_INTERPRET when it is first imported (importing mhc_compile imports torch._inductor, which
+# imports triton), so it is set here, before any test module imports either.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # The zoo of test models lives beside the tests; make `import zoo` work from any directory.
 sys.path.insert(0, str(Path(__file__).parent))

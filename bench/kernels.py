@@ -1,0 +1,407 @@
+"""One mHC sublayer on the GPU: check the Triton kernels, then time them against the alternatives.
+
+The sublayer is coefficients + Sinkhorn + pre-mix + post/res-mix with f = identity, bf16 streams
+[tokens, n, C], fp32 coefficients, sinkhorn_iters = 20. Steps:
+
+1. Check: at every benchmark shape, forward and backward through the mhc:: ops (which run the
+   kernels on CUDA) against the float64 reference: the output, the intermediates (h_pre, h_post,
+   h_res, the pre-mix) and the gradients of the inputs and of the intermediates, so every kernel's
+   every output is compared. Buffers the kernels allocate are poisoned with NaN first.
+2. Time (triton.testing.do_bench, median) forward and forward+backward of:
+     ours            the mhc:: ops in eager mode (the Triton kernels)
+     ours+inductor   the same under torch.compile (what backend="mhc" runs: Inductor around the ops)
+     naive           reference.sublayer in PyTorch eager
+     naive+inductor  reference.sublayer under default torch.compile
+     liger           liger_kernel.transformers.mhc.LigerMHC (phi in bf16, its recommended setting)
+   plus each of our kernels alone, against the bytes it moves.
+3. Print per shape: ms, GB/s and % of the measured copy bandwidth on the forward's floor bytes
+   ((3n+2)C elements per token), speedups, and the autotune configs chosen; write kernels.json and
+   kernels.png under $OUT (or bench/out).
+
+    python bench/kernels.py [--tokens 16384] [--channels 1024 2048 4096] [--n 4] [--check-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench, do_bench_cudagraph
+
+from mhc_compile import ops, reference
+from mhc_compile.templates import coefficients, configs, kernels_active, post_res_mix, pre_mix
+
+DEVICE = "cuda"
+ITERS = 20
+STREAM_DTYPE = torch.bfloat16
+# ||ours - float64 reference|| / ||reference|| allowed for bf16 streams (one bf16 rounding, 2^-8,
+# of each stream-dtype output; tf32 projection for the coefficients).
+TOLERANCE = 1e-2
+PROVIDERS = ("ours", "ours+inductor", "naive", "naive+inductor", "liger")
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+# --- inputs and the sublayer -------------------------------------------------------------------
+
+
+def make_inputs(tokens: int, n: int, channels: int, seed: int) -> list[torch.Tensor]:
+    """streams [tokens, n, C] bf16; phi [n*C, n*n+2n], alpha [3], b_pre [n], b_post [n], b_res [n, n]
+    fp32; random with logits of order 1 (fresh per seed), all requiring grad."""
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, device=DEVICE, generator=generator) * scale
+
+    streams = randn(tokens, n, channels).to(STREAM_DTYPE)
+    phi = randn(n * channels, n * n + 2 * n, scale=(n * channels) ** -0.5)
+    alpha = torch.rand(3, device=DEVICE, generator=generator) + 0.5
+    tensors = [streams, phi, alpha, randn(n), randn(n), randn(n, n)]
+    return [t.requires_grad_() for t in tensors]
+
+
+def sublayer_parts(impl, streams, phi, alpha, b_pre, b_post, b_res) -> dict[str, torch.Tensor]:
+    """The sublayer through `impl` (mhc_compile.ops or mhc_compile.reference), f = identity."""
+    h_pre, h_post, h_res = impl.coefficients(
+        streams, phi, alpha, b_pre, b_post, b_res, ITERS, "sinkhorn"
+    )
+    mixed = impl.pre_mix(streams, h_pre)
+    out = impl.post_res_mix(streams, mixed, h_post, h_res)
+    return {"h_pre": h_pre, "h_post": h_post, "h_res": h_res, "mixed": mixed, "out": out}
+
+
+def ours(*inputs):
+    return sublayer_parts(ops, *inputs)["out"]
+
+
+def naive(*inputs):
+    return reference.sublayer(*inputs, lambda u: u, ITERS)
+
+
+# --- 1. correctness ------------------------------------------------------------------------------
+
+
+class _PoisonedAllocations:
+    """Float buffers from torch.empty(_like) start as NaN while active (unwritten output = NaN)."""
+
+    def __enter__(self):
+        self.saved = torch.empty, torch.empty_like
+
+        def poison(allocate):
+            def allocate_nan(*args, **kwargs):
+                tensor = allocate(*args, **kwargs)
+                return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+            return allocate_nan
+
+        torch.empty, torch.empty_like = (poison(a) for a in self.saved)
+
+    def __exit__(self, *exc):
+        torch.empty, torch.empty_like = self.saved
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.detach().double(), expected.detach().double()
+    if actual.isnan().any():
+        return float("nan")
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def check(tokens: int, n: int, channels: int, seed: int) -> dict[str, float]:
+    """Relative errors of every output and gradient of the sublayer through our kernels."""
+    inputs = make_inputs(tokens, n, channels, seed)
+    with _PoisonedAllocations():
+        parts = sublayer_parts(ops, *inputs)
+        for part in parts.values():
+            part.retain_grad()
+        grad_out = torch.randn_like(parts["out"])
+        parts["out"].backward(grad_out)
+    torch.cuda.synchronize()
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    ref_parts = sublayer_parts(reference, *ref_inputs)
+    for part in ref_parts.values():
+        part.retain_grad()
+    ref_parts["out"].backward(grad_out.double())
+    input_names = ["streams", "phi", "alpha", "b_pre", "b_post", "b_res"]
+    errors = {name: relative_error(parts[name], ref_parts[name]) for name in parts}
+    errors |= {f"grad_{k}": relative_error(parts[k].grad, ref_parts[k].grad) for k in parts if k != "out"}
+    errors |= {
+        f"grad_{name}": relative_error(t.grad, r.grad)
+        for name, t, r in zip(input_names, inputs, ref_inputs)
+    }
+    return errors
+
+
+# --- 2. timing -----------------------------------------------------------------------------------
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a 2 GiB device-to-device copy."""
+    source = torch.randn(2**29, device=DEVICE)
+    target = torch.empty_like(source)
+    ms = do_bench(lambda: target.copy_(source), warmup=50, rep=300, return_mode="median")
+    return 2 * source.numel() * source.element_size() / (ms * 1e-3)
+
+
+def floor_bytes(tokens: int, n: int, channels: int) -> int:
+    """Forward floor: (3n+2)C stream elements per token (the issue's count: coefficients fused with
+    the pre-mix read x once and write u; post/res reads x and y and writes x_{l+1})."""
+    return (3 * n + 2) * channels * tokens * STREAM_DTYPE.itemsize
+
+
+def kernel_bytes(tokens: int, n: int, channels: int) -> dict[str, int]:
+    """Stream bytes each of our kernels moves (coefficient-sized traffic left out)."""
+    per_token = {
+        "projection": n,  # read x (inside coefficients_fwd and coefficients_bwd)
+        "coefficients_fwd": n,  # read x
+        "pre_mix_fwd": n + 1,  # read x, write u
+        "post_res_mix_fwd": 2 * n + 1,  # read x, y; write x'
+        "post_res_mix_bwd": 3 * n + 2,  # read dx', x, y; write dx, dy
+        "pre_mix_bwd": 2 * n + 1,  # read du, x; write dx
+        "coefficients_bwd": 3 * n,  # read x twice (projection, then dx), write dx
+        "grad_accumulate_add": 3 * n,  # autograd sums the three dx: read 2, write 1, twice in eager
+    }
+    return {k: v * channels * tokens * STREAM_DTYPE.itemsize for k, v in per_token.items()}
+
+
+def bench(fn, grad_to_none=None) -> float:
+    return do_bench(fn, warmup=25, rep=200, grad_to_none=grad_to_none, return_mode="median")
+
+
+def bench_graph(fn, grad_to_none=None) -> float:
+    """Median ms of `fn` replayed as a CUDA graph; NaN (with the reason printed) if it cannot be
+    captured, since this figure only explains the others."""
+    try:
+        return do_bench_cudagraph(fn, rep=50, grad_to_none=grad_to_none, return_mode="median")
+    except RuntimeError as error:
+        log(f"  (no CUDA-graph timing: {str(error).splitlines()[0]})")
+        return float("nan")
+
+
+def time_sublayer(sublayer, inputs, grad_out, leaves) -> dict[str, float]:
+    """Median ms of the forward (no autograd) and of forward + backward of `sublayer(*inputs)`."""
+
+    def forward():
+        with torch.no_grad():
+            sublayer(*inputs)
+
+    def forward_backward():
+        sublayer(*inputs).backward(grad_out)
+
+    started = time.perf_counter()
+    forward(), forward_backward()  # compile and autotune outside the timing
+    torch.cuda.synchronize()
+    times = {"fwd_ms": bench(forward), "fwd_bwd_ms": bench(forward_backward, grad_to_none=leaves)}
+    times["first_call_s"] = time.perf_counter() - started
+    return times
+
+
+def time_providers(inputs, channels: int, n: int, skip: set[str]) -> dict[str, dict[str, float]]:
+    """Forward and forward+backward median ms of every provider on the same inputs; "ours" also
+    replayed as a CUDA graph (no host overhead: what torch.compile(mode="reduce-overhead") gets)."""
+    grad_out = torch.randn_like(inputs[0])
+    torch._dynamo.reset()
+    sublayers = {
+        "ours": (ours, inputs),
+        "ours+inductor": (torch.compile(ours), inputs),
+        "naive": (naive, inputs),
+        "naive+inductor": (torch.compile(naive), inputs),
+    }
+    if "liger" not in skip:
+        from liger_kernel.transformers.mhc import LigerMHC
+
+        liger = LigerMHC(torch.nn.Identity(), hc=n, c=channels, tmax=ITERS, phi_dtype=torch.bfloat16)
+        liger = liger.to(DEVICE)
+        sublayers["liger"] = (lambda streams, *_: liger(streams), inputs + list(liger.parameters()))
+    results = {}
+    for name, (sublayer, leaves) in sublayers.items():
+        results[name] = time_sublayer(sublayer, inputs, grad_out, leaves)
+        log(f"  {name:17s} fwd {results[name]['fwd_ms']:7.3f} ms   fwd+bwd "
+            f"{results[name]['fwd_bwd_ms']:7.3f} ms   (first call {results[name]['first_call_s']:.1f} s)")
+    graphed = {
+        "fwd_ms": bench_graph(lambda: ours(*[t.detach() for t in inputs])),
+        "fwd_bwd_ms": bench_graph(lambda: ours(*inputs).backward(grad_out), grad_to_none=inputs),
+    }
+    results["ours (CUDA graph)"] = graphed
+    log(f"  {'ours (CUDA graph)':17s} fwd {graphed['fwd_ms']:7.3f} ms   "
+        f"fwd+bwd {graphed['fwd_bwd_ms']:7.3f} ms")
+    return results
+
+
+def time_kernels(inputs) -> dict[str, dict[str, float]]:
+    """Median ms of each of our kernels alone (launchers called directly), eager and as a graph."""
+    streams, phi, alpha, b_pre, b_post, b_res = (t.detach() for t in inputs)
+    h_pre, h_post, h_res = coefficients.mhc_coefficients_fwd(
+        streams, phi, alpha, b_pre, b_post, b_res, ITERS, "sinkhorn"
+    )
+    mixed = pre_mix.mhc_pre_mix_fwd(streams, h_pre)
+    grad_streams = torch.randn_like(streams)
+    grads_h = [torch.randn_like(t) for t in (h_pre, h_post, h_res)]
+    calls = {
+        "projection": lambda: coefficients._projection(streams, coefficients._padded_phi(phi)),
+        "coefficients_fwd": lambda: coefficients.mhc_coefficients_fwd(
+            streams, phi, alpha, b_pre, b_post, b_res, ITERS, "sinkhorn"),
+        "pre_mix_fwd": lambda: pre_mix.mhc_pre_mix_fwd(streams, h_pre),
+        "post_res_mix_fwd": lambda: post_res_mix.mhc_post_res_mix_fwd(streams, mixed, h_post, h_res),
+        "post_res_mix_bwd": lambda: post_res_mix.mhc_post_res_mix_bwd(
+            grad_streams, streams, mixed, h_post, h_res),
+        "pre_mix_bwd": lambda: pre_mix.mhc_pre_mix_bwd(mixed, streams, h_pre),
+        "coefficients_bwd": lambda: coefficients.mhc_coefficients_bwd(
+            *grads_h, streams, phi, alpha, b_pre, b_post, b_res, ITERS, "sinkhorn"),
+        "grad_accumulate_add": lambda: streams + grad_streams,
+    }
+    return {name: {"ms": bench(call), **split_host_and_gpu(call)} for name, call in calls.items()}
+
+
+def split_host_and_gpu(call) -> dict[str, float]:
+    """Host ms per call (Python + launches, no waiting) and GPU ms per call (CUDA-graph replay):
+    when host_ms exceeds gpu_ms, eager timings measure the host, not the kernels."""
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(20):
+        call()
+    host_ms = (time.perf_counter() - started) / 20 * 1e3
+    torch.cuda.synchronize()
+    return {"host_ms": host_ms, "gpu_ms": bench_graph(call)}
+
+
+# --- 3. report -----------------------------------------------------------------------------------
+
+
+def summarize(row: dict, copy_bw: float) -> None:
+    """Print one shape: per provider ms, GB/s and % of copy bandwidth on the floor, speedups."""
+    floor = row["floor_bytes"]
+    providers = row["providers"]
+    mine = providers["ours"]
+    log(f"\nC={row['C']}  floor {floor / 1e6:.0f} MB = {floor / copy_bw * 1e3:.3f} ms at copy bandwidth")
+    log(f"  {'provider':17s} {'fwd ms':>8s} {'GB/s':>7s} {'%copy':>6s} {'fwd+bwd ms':>11s} "
+        f"{'ours x fwd':>10s} {'ours x f+b':>10s}")
+    for name, times in providers.items():
+        gbps = floor / (times["fwd_ms"] * 1e-3) / 1e9
+        log(f"  {name:17s} {times['fwd_ms']:8.3f} {gbps:7.0f} {100 * gbps * 1e9 / copy_bw:5.1f}% "
+            f"{times['fwd_bwd_ms']:11.3f} {times['fwd_ms'] / mine['fwd_ms']:10.2f} "
+            f"{times['fwd_bwd_ms'] / mine['fwd_bwd_ms']:10.2f}")
+    log(f"  {'our kernels alone':23s} {'ms':>7s} {'%copy':>6s} {'host ms':>8s} {'GPU ms':>7s} "
+        f"{'GPU %copy':>9s}")
+    for name, v in row["kernels"].items():
+        log(f"  {name:23s} {v['ms']:7.3f} {v['pct_copy']:5.0f}% {v['host_ms']:8.3f} {v['gpu_ms']:7.3f} "
+            f"{v['gpu_pct_copy']:8.0f}%")
+    log("  autotune: " + "; ".join(f"{k}: {v}" for k, v in row["configs"].items()))
+
+
+def plot(rows: list[dict], copy_bw: float, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed: no plot")
+        return
+    figure, (bandwidth, total) = plt.subplots(1, 2, figsize=(12, 4.5))
+    channels = [row["C"] for row in rows]
+    for name in rows[0]["providers"]:
+        fwd = [row["floor_bytes"] / (row["providers"][name]["fwd_ms"] * 1e-3) / copy_bw * 100 for row in rows]
+        bandwidth.plot(channels, fwd, marker="o", label=name)
+        total.plot(channels, [row["providers"][name]["fwd_bwd_ms"] for row in rows], marker="o", label=name)
+    bandwidth.axhline(80, linestyle="--", color="grey", label="target 80%")
+    bandwidth.set(xlabel="C", ylabel="% of copy bandwidth (floor bytes)",
+                  title="forward: floor bytes / time")
+    total.set(yscale="log", xlabel="C", ylabel="ms", title="forward + backward")
+    for axis in (bandwidth, total):
+        axis.set_xscale("log", base=2)
+        axis.minorticks_off()
+        axis.set_xticks(channels, [str(c) for c in channels])
+        axis.legend(fontsize=8)
+    figure.suptitle(rows[0]["title"])
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    log(f"wrote {path}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--channels", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--check-only", action="store_true")
+    parser.add_argument("--skip", nargs="*", default=[], choices=PROVIDERS[1:])
+    args = parser.parse_args()
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("mhc_compile.templates").setLevel(logging.INFO)  # autotuning progress
+    out = Path(os.environ.get("OUT") or Path(__file__).parent / "out")
+    out.mkdir(parents=True, exist_ok=True)
+    assert kernels_active(DEVICE), "the mhc:: ops do not run the Triton kernels on this machine"
+
+    skip = set(args.skip)
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        log("liger-kernel is not installed: no liger column")
+        skip.add("liger")
+    device = torch.cuda.get_device_name()
+    header = {
+        "device": device, "date": date.today().isoformat(), "torch": torch.__version__,
+        "triton": triton.__version__, "python": platform.python_version(),
+        "tokens": args.tokens, "n": args.n, "dtype": "bf16", "sinkhorn_iters": ITERS,
+        "title": f"mHC sublayer, {device}, n={args.n}, tokens={args.tokens}, bf16",
+    }
+    log(f"{header['title']}; torch {torch.__version__}, triton {triton.__version__}")
+
+    failures, tuning = [], {}
+    for seed, channels in enumerate(args.channels):
+        errors = check(args.tokens, args.n, channels, seed)
+        tuning[channels] = configs.config_timings()  # the check tuned this shape's kernels
+        worst = max(errors, key=lambda k: errors[k] if errors[k] == errors[k] else float("inf"))
+        passed = all(e <= TOLERANCE for e in errors.values())
+        log(f"check C={channels}: {'ok' if passed else 'FAILED'}, worst {worst} {errors[worst]:.1e}; "
+            + " ".join(f"{k}={v:.1e}" for k, v in errors.items()))
+        failures += [] if passed else [channels]
+        torch.cuda.empty_cache()
+    if failures or args.check_only:
+        return 1 if failures else 0
+
+    copy_bw = copy_bandwidth()
+    log(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (2 GiB device-to-device, read + write)")
+    rows = []
+    for seed, channels in enumerate(args.channels):
+        log(f"\ntiming C={channels}")
+        inputs = make_inputs(args.tokens, args.n, channels, 100 + seed)
+        providers = time_providers(inputs, channels, args.n, skip)
+        kernel_times = time_kernels(inputs)
+        moved = kernel_bytes(args.tokens, args.n, channels)
+        rows.append({
+            **header, "C": channels, "floor_bytes": floor_bytes(args.tokens, args.n, channels),
+            "providers": providers,
+            "kernels": {
+                k: {
+                    **times, "bytes": moved[k],
+                    "pct_copy": 100 * moved[k] / (times["ms"] * 1e-3) / copy_bw,
+                    "gpu_pct_copy": 100 * moved[k] / (times["gpu_ms"] * 1e-3) / copy_bw,
+                }
+                for k, times in kernel_times.items()
+            },
+            "configs": configs.chosen_configs(),
+            "config_timings": tuning[channels],
+        })
+        summarize(rows[-1], copy_bw)
+        (out / "kernels.json").write_text(json.dumps({"copy_bw": copy_bw, "rows": rows}, indent=1))
+        del inputs
+        torch.cuda.empty_cache()
+    plot(rows, copy_bw, out / "kernels.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

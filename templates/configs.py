@@ -1,0 +1,229 @@
+"""Autotune configs of every kernel stage, keyed on (n, C, dtype), and how to force one.
+
+Each stage's configs are built by a comprehension over block sizes and warps; a prune function
+drops those that would spill registers for the given n (or that are far wider than C);
+triton.autotune benchmarks the rest once per key (n, C, and the dtypes of the tensor arguments,
+which Triton appends to the key) and keeps the choice in memory and in Triton's disk cache.
+
+MHC_TRITON_CONFIG forces configs instead of benchmarking (read when the kernels are first imported):
+
+    default                               every stage's first config, no benchmarking (CI, quick starts)
+    BLOCK_C=512,num_warps=4               these values over the first config of every stage that has them
+    pre_mix_fwd:BLOCK_C=512;post_res_mix_bwd:BLOCK_T=2    per stage; the stages not named autotune
+
+Under TRITON_INTERPRET=1 every stage uses its first config: the interpreter cannot benchmark.
+The first config of every stage is valid for every n in 1..8.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from itertools import product
+
+import triton
+
+log = logging.getLogger("mhc_compile.templates")
+
+ENV_VAR = "MHC_TRITON_CONFIG"
+# Triton's own switch: the interpreter runs kernels on CPU tensors and cannot time configs.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# Live fp32 elements per thread (see _live_elements) above which a config is pruned as spilling.
+_REGISTERS_PER_THREAD = 64
+
+
+def _next_power_of_2(value: int) -> int:
+    return 1 << max(value - 1, 0).bit_length()
+
+
+def padded_streams(n: int) -> int:
+    """n rounded up to a power of two: the stream axis of every register tile."""
+    return _next_power_of_2(n)
+
+
+def padded_phi_columns(n: int) -> int:
+    """The n*n + 2n columns of phi rounded up to a power of two, at least 16 for tl.dot."""
+    return max(16, _next_power_of_2(n * n + 2 * n))
+
+
+def _config(num_warps: int, num_stages: int, **blocks: int) -> triton.Config:
+    return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
+
+
+# The first config of every stage is the default (interpreter, MHC_TRITON_CONFIG=default) and must
+# fit n = 8; the prune function below drops, per n, the configs whose tiles would spill.
+_STAGE_CONFIGS: dict[str, list[triton.Config]] = {
+    # Memory-bound pass over the streams; one program projects BLOCK_T tokens over a column range,
+    # and larger BLOCK_T reads phi (from L2) fewer times.
+    "projection": [
+        _config(num_warps, num_stages, BLOCK_T=block_t, BLOCK_K=block_k)
+        for block_t, block_k, num_warps, num_stages in product(
+            (32, 64, 128), (64, 128), (4, 8), (3, 4)
+        )
+    ],
+    # Latency-bound coefficient math (gates, Sinkhorn) on BLOCK_T tokens; little memory traffic.
+    "coefficients": [
+        _config(num_warps, 1, BLOCK_T=block_t)
+        for block_t, num_warps in product((16, 32, 64), (4, 2, 8))
+    ],
+    # Grid over (n*C columns, token splits): g_streams tiles and per-split grad phi partials.
+    "coefficients_bwd_streams": [
+        _config(num_warps, 3, BLOCK_T=block_t, BLOCK_NC=block_nc)
+        for block_nc, block_t, num_warps in product((64, 128, 256), (32, 64), (8, 4))
+    ],
+    # Memory-bound mixes: wide channel blocks; several tokens per program only for narrow ones.
+    **{
+        stage: [
+            _config(num_warps, 2, BLOCK_T=block_t, BLOCK_C=block_c)
+            for block_c, block_t, num_warps in product((256, 512, 1024, 2048), (1, 4), (8, 4))
+            if block_t * block_c <= 2048
+        ]
+        for stage in ("pre_mix_fwd", "pre_mix_bwd", "post_res_mix_fwd", "post_res_mix_bwd")
+    },
+}
+STAGES = tuple(_STAGE_CONFIGS)
+
+
+def _live_elements(stage: str, config: triton.Config, n: int) -> int:
+    """fp32 elements a program keeps live under `config`: a register-pressure model calibrated
+    against `ptxas -v` for sm_90 at n = 4 and 8 (configs kept at 64 per thread did not spill)."""
+    blocks, streams = config.kwargs, padded_streams(n)
+    if stage == "projection":  # x tile [BLOCK_T, BLOCK_K] and accumulator (phi goes to shared)
+        return blocks["BLOCK_T"] * (blocks["BLOCK_K"] + padded_phi_columns(n))
+    if stage == "coefficients":  # the backward's live Sinkhorn iterates and gradients [BLOCK_T, n, n]
+        return 6 * blocks["BLOCK_T"] * streams * streams
+    if stage == "coefficients_bwd_streams":  # phi slice / grad phi [BLOCK_NC, columns], x tile
+        return blocks["BLOCK_NC"] * (padded_phi_columns(n) + blocks["BLOCK_T"])
+    tile = blocks["BLOCK_T"] * streams * blocks["BLOCK_C"]  # [BLOCK_T, n, BLOCK_C]
+    if stage.startswith("post_res"):
+        # x and the mixed tile; mixing several tokens' n x n matrices at once spills for n = 8.
+        return 2 * tile * (blocks["BLOCK_T"] if streams >= 8 else 1)
+    return tile
+
+
+def _prune(stage: str) -> Callable:
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        args = {**named_args, **kwargs}
+        n, channels = args["n"], args["C"]
+        kept = [
+            c
+            for c in configs
+            if _live_elements(stage, c, n) <= _REGISTERS_PER_THREAD * 32 * c.num_warps
+            # A block over twice as wide as C only adds masked lanes.
+            and c.kwargs.get("BLOCK_C", 0) <= max(256, 2 * _next_power_of_2(channels))
+        ]
+        return kept or configs[:1]
+
+    return prune
+
+
+def _parse_assignments(text: str) -> dict[str, int]:
+    pairs = [item.split("=") for item in text.split(",") if item.strip()]
+    if any(len(pair) != 2 for pair in pairs):
+        raise ValueError(f"{ENV_VAR}: expected key=value pairs separated by commas, got {text!r}")
+    return {key.strip(): int(value) for key, value in pairs}
+
+
+def _overridden(config: triton.Config, values: dict[str, int]) -> triton.Config:
+    blocks = {**config.kwargs, **{k: v for k, v in values.items() if k in config.kwargs}}
+    return triton.Config(
+        blocks,
+        num_warps=values.get("num_warps", config.num_warps),
+        num_stages=values.get("num_stages", config.num_stages),
+    )
+
+
+def forced_configs(setting: str | None) -> dict[str, triton.Config]:
+    """The config each stage is forced to by an MHC_TRITON_CONFIG value (empty: autotune all)."""
+    setting = (setting or "").strip()
+    if not setting:
+        return {}
+    if setting == "default":
+        return {stage: configs[0] for stage, configs in _STAGE_CONFIGS.items()}
+    if ":" not in setting:
+        values = _parse_assignments(setting)
+        known = {"num_warps", "num_stages"}.union(*(c[0].kwargs for c in _STAGE_CONFIGS.values()))
+        if unknown := set(values) - known:
+            raise ValueError(f"{ENV_VAR}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        return {stage: _overridden(c[0], values) for stage, c in _STAGE_CONFIGS.items()}
+    forced = {}
+    for part in filter(str.strip, setting.split(";")):
+        stage, _, assignments = part.partition(":")
+        stage = stage.strip()
+        if stage not in _STAGE_CONFIGS:
+            raise ValueError(f"{ENV_VAR}: unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        values = _parse_assignments(assignments)
+        default = _STAGE_CONFIGS[stage][0]
+        if unknown := set(values) - set(default.kwargs) - {"num_warps", "num_stages"}:
+            raise ValueError(f"{ENV_VAR}: stage {stage} has no {sorted(unknown)}")
+        forced[stage] = _overridden(default, values)
+    return forced
+
+
+_FORCED = forced_configs(os.environ.get(ENV_VAR))
+_TUNED: dict[str, triton.runtime.Autotuner] = {}
+
+
+def autotune(stage: str, kernel_name: str, reset_to_zero: list[str] | None = None) -> Callable:
+    """triton.autotune for one kernel of `stage`, keyed on (n, C) and the dtypes.
+
+    One config (forced, or the default under the interpreter) means no benchmarking at all.
+    reset_to_zero names outputs that benchmarking runs would otherwise leave stale.
+    """
+    if stage in _FORCED or INTERPRETING:
+        configs = [_FORCED.get(stage, _STAGE_CONFIGS[stage][0])]
+    else:
+        configs = _STAGE_CONFIGS[stage]
+
+    def decorate(kernel):
+        tuned = triton.autotune(
+            configs,
+            key=["n", "C"],
+            prune_configs_by={"early_config_prune": _prune(stage)},
+            reset_to_zero=reset_to_zero,
+            cache_results=True,
+        )(kernel)
+        _TUNED[kernel_name] = tuned
+        return tuned
+
+    return decorate
+
+
+def launch(kernel_name: str, grid, *args, **kwargs) -> None:
+    """Launch an autotuned kernel; log at INFO when this launch had to tune a new key."""
+    tuned = _TUNED[kernel_name]
+    keys_before, started = len(tuned.cache), time.perf_counter()
+    tuned[grid](*args, **kwargs)
+    if len(tuned.cache) > keys_before:
+        log.info(
+            "autotuned %s for n=%s C=%s in %.1f s: %s",
+            kernel_name, kwargs.get("n"), kwargs.get("C"), time.perf_counter() - started,
+            describe(tuned.best_config),
+        )
+
+
+def describe(config: triton.Config) -> str:
+    """A config in one short line: "BLOCK_T=32 BLOCK_K=64 warps=4 stages=3"."""
+    blocks = " ".join(f"{k}={v}" for k, v in config.kwargs.items())
+    return f"{blocks} warps={config.num_warps} stages={config.num_stages}"
+
+
+def chosen_configs() -> dict[str, str]:
+    """The config each kernel ran with last (for reports and benchmarks)."""
+    return {
+        name: describe(tuned.best_config)
+        for name, tuned in _TUNED.items()
+        if getattr(tuned, "best_config", None) is not None
+    }
+
+
+def config_timings() -> dict[str, dict[str, float]]:
+    """Per kernel, the median ms of every config benchmarked for its last tuned key (diagnosis)."""
+    return {
+        name: {describe(c): ms[0] if isinstance(ms, list) else ms for c, ms in timings.items()}
+        for name, tuned in _TUNED.items()
+        if (timings := getattr(tuned, "configs_timings", None))
+    }
