@@ -1,11 +1,8 @@
 """The Triton kernels against the float64 reference: every output and every gradient of the six ops.
 
 Without a GPU the kernels run eagerly on CPU tensors under Triton's interpreter. Triton decides
-when it is first imported whether its own library (tl.sum, tl.zeros, ...) is interpreted, and when
-a kernel module is imported whether its kernels are, so TRITON_INTERPRET is set at the top of this
-file. If an earlier test module already imported Triton (importing mhc_compile imports
-torch._inductor, which imports triton), that is too late: the kernel tests then run in a fresh
-pytest process instead (`test_kernels_in_a_fresh_process`). With a GPU they run natively on CUDA,
+when it is first imported whether its own library (tl.sum, tl.zeros, ...) is interpreted, so
+conftest.py sets TRITON_INTERPRET before anything imports Triton. With a GPU they run natively on CUDA,
 and the CUDA-only tests check that the mhc:: ops dispatch to them, also under torch.compile.
 Every check draws fresh random inputs, fills the kernels' output buffers with NaN first, and
 compares ||kernel - reference|| / ||reference|| against the per-dtype table below.
@@ -13,16 +10,10 @@ compares ||kernel - reference|| / ||reference|| against the per-dtype table belo
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"  # bf16 arithmetic is not interpretable: fp32/fp16 only
 
 triton_language = pytest.importorskip("triton.language")
 from triton.runtime.jit import JITFunction  # noqa: E402
@@ -30,15 +21,14 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 from mhc_compile import ops, reference  # noqa: E402
 from mhc_compile.templates import configs, kernels_active, register_cuda_kernels  # noqa: E402
 
-# Triton was imported, compiled-mode, before this file could ask for the interpreter.
-LATE_FOR_INTERPRETER = not ON_GPU and isinstance(triton_language.zeros, JITFunction)
-if not LATE_FOR_INTERPRETER:
-    from mhc_compile.templates import coefficients, post_res_mix, pre_mix  # noqa: E402
+if not ON_GPU and isinstance(triton_language.zeros, JITFunction):
+    raise RuntimeError(
+        "Triton was imported without TRITON_INTERPRET=1 on a machine without CUDA: run the kernel "
+        "tests through pytest from the repository (tests/conftest.py sets it) or set it yourself"
+    )
+from mhc_compile.templates import coefficients, post_res_mix, pre_mix  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-needs_kernels = pytest.mark.skipif(
-    LATE_FOR_INTERPRETER, reason="Triton was imported before TRITON_INTERPRET: see the fresh process"
-)
 
 # ||kernel - reference|| / ||reference|| allowed per stream dtype. Outputs in the stream dtype are
 # rounded once (fp16 2^-11, bf16 2^-8). On the GPU, fp32 streams are projected in tf32 (phi rounded
@@ -160,7 +150,6 @@ def _mhc_inputs(n, channels, shape, dtype):
 CASE_ARGS = "n, channels, shape, dtype, iters, constraint"
 
 
-@needs_kernels
 @pytest.mark.parametrize(CASE_ARGS, CASES)
 def test_coefficients(n, channels, shape, dtype, iters, constraint, poisoned):
     inputs = _mhc_inputs(n, channels, shape, dtype)
@@ -187,7 +176,6 @@ def _coefficients_for(n, channels, shape, dtype, iters, constraint):
     return streams, h
 
 
-@needs_kernels
 @pytest.mark.parametrize(CASE_ARGS, CASES)
 def test_pre_mix(n, channels, shape, dtype, iters, constraint, poisoned):
     streams, (h_pre, _, _) = _coefficients_for(n, channels, shape, dtype, iters, constraint)
@@ -201,7 +189,6 @@ def test_pre_mix(n, channels, shape, dtype, iters, constraint, poisoned):
     _assert_alias_free(grads, [grad_mixed, streams, h_pre])
 
 
-@needs_kernels
 @pytest.mark.parametrize(CASE_ARGS, CASES)
 def test_post_res_mix(n, channels, shape, dtype, iters, constraint, poisoned):
     streams, (_, h_post, h_res) = _coefficients_for(n, channels, shape, dtype, iters, constraint)
@@ -216,7 +203,6 @@ def test_post_res_mix(n, channels, shape, dtype, iters, constraint, poisoned):
     _assert_alias_free(grads, [grad_out, *inputs])
 
 
-@needs_kernels
 def test_backward_is_deterministic(poisoned):
     """grad phi is reduced per split and summed in a fixed order: two runs agree bit for bit."""
     inputs = _mhc_inputs(4, 33, (37,), torch.float32)
@@ -224,19 +210,6 @@ def test_backward_is_deterministic(poisoned):
     first = coefficients.mhc_coefficients_bwd(*grads_h, *inputs, 20, "sinkhorn")
     second = coefficients.mhc_coefficients_bwd(*grads_h, *inputs, 20, "sinkhorn")
     assert all(torch.equal(a, b) for a, b in zip(first, second))
-
-
-@pytest.mark.skipif(not LATE_FOR_INTERPRETER, reason="the kernel tests ran in this process")
-def test_kernels_in_a_fresh_process():
-    """Run this file again in a process that sets TRITON_INTERPRET before anything imports Triton."""
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True,
-        text=True,
-    )
-    print(result.stdout[-3000:])
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
 
 
 # --- configs ----------------------------------------------------------------------------------------
