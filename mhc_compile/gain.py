@@ -9,9 +9,8 @@ products; unconstrained hyper-connections' can grow with depth (paper: ~3000 at 
 
 Choices where the paper is terse:
 - H_res depends on the token (it is computed from that token's streams), so every gain is computed
-  per token of the batch, and reported as the mean over tokens (as we read the paper's Fig. 3
-  caption: "averaged over all tokens in a selected sequence") and as the max over tokens (the
-  worst token). The product runs per token: the token's own H_res at every block.
+  per token of the batch, and reported as the mean over tokens (the paper's Fig. 3 averages over
+  the tokens of a sequence, as we read its caption) and as the max over tokens (the worst token). The product runs per token: the token's own H_res at every block.
 - The coefficients are those the model computes: the rewritten graph runs once (eager, without
   Inductor; the mhc:: ops, so the GPU kernels on CUDA) with a tap after every block's
   mhc::coefficients op, on the real streams of the batch. Nothing is re-derived.
@@ -222,9 +221,16 @@ class _CoefficientTaps:
         }
         graph = graph_module.graph
         for node in list(graph.nodes):
-            if node.target is torch.ops.mhc.coefficients.default:
-                with graph.inserting_after(node):
-                    graph.call_function(self._tap(graph_index, *site_of[node.args[1]]), (node,))
+            if node.meta.get("mhc_role") != "coefficients":  # set by rewrite_mhc
+                continue
+            phi = next(arg for arg in node.args if arg in site_of)
+            with graph.inserting_after(node):
+                graph.call_function(self._tap(graph_index, *site_of.pop(phi)), (node,))
+        if site_of:
+            raise RuntimeError(
+                "mhc gain: no coefficients op found in the rewritten graph for block(s) "
+                f"{', '.join(key for _, _, key in site_of.values())}; the rewrite and gain.py disagree"
+            )
         graph_module.recompile()
 
     def _tap(self, graph_index: int, chain: int, position: int, key: str) -> Callable:

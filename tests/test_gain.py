@@ -42,10 +42,11 @@ def _model(seed=0, batch=2, tokens=5, width=6):
 
 
 def _randomize_mhc_parameters(model, seed=1):
-    """Fresh random mHC parameters, wide enough that H_res is far from the identity."""
+    """Fresh random mHC parameters (of a model, or of one MHCParameters store), wide enough
+    that H_res is far from the identity."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, parameter in model.mhc.named_parameters():
+        for name, parameter in getattr(model, "mhc", model).named_parameters():
             scale = 0.5 if name.endswith("phi") else 1.0
             parameter.copy_(scale * torch.randn(parameter.shape, generator=generator,
                                                 dtype=parameter.dtype))
@@ -243,3 +244,58 @@ def test_cli_report_gain_from_a_checkpoint(tmp_path, capsys):
     assert cli.main(["report", f"{target}:build", "--gain", "--n", "2",
                      "--checkpoint", str(tmp_path / "net.pt")]) == 2
     assert "does not fit the prepared model" in capsys.readouterr().err
+
+
+class BrokenBlock(nn.Module):
+    """Two residuals with a graph break between: each is its own one-block chain."""
+
+    def __init__(self, width=6):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x):
+        x = x + torch.tanh(self.fc1(x))
+        torch._dynamo.graph_break()
+        return x + torch.tanh(self.fc2(x))
+
+
+class BrokenStack(nn.Module):
+    def __init__(self, width=6, depth=2):
+        super().__init__()
+        self.blocks = nn.ModuleList(BrokenBlock(width) for _ in range(depth))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_chains_split_by_graph_breaks_and_frames_reused_across_instances():
+    torch.manual_seed(0)
+    model, x = BrokenStack().double(), torch.randn(2, 3, 6, dtype=torch.float64)
+    mhc_compile.prepare(model, x, n=2, constraint="none")
+    stores = [block.mhc for block in model.blocks]  # one compiled frame, parameters per instance
+    for store in stores:
+        _randomize_mhc_parameters(store)
+    with torch.no_grad():
+        for index, store in enumerate(stores):  # distinct per instance
+            store.blocks["fc1"].b_res.add_(index)
+    report = mhc_compile.gain(model, x)
+
+    expected, h = [], x
+    for block, store in zip(model.blocks, stores):
+        for key, fc in (("fc1", block.fc1), ("fc2", block.fc2)):
+            p = store.blocks[key]
+            streams = h.unsqueeze(-2).repeat_interleave(2, dim=-2)
+            h_pre, h_post, h_res = reference.coefficients(
+                streams, p.phi, p.alpha, p.b_pre, p.b_post, p.b_res, 20, "none")
+            y = torch.tanh(fc((h_pre.unsqueeze(-1) * streams).sum(dim=-2)))
+            h = (h_res @ streams + h_post.unsqueeze(-1) * y.unsqueeze(-2)).mean(dim=-2)
+            expected.append(torch.linalg.matrix_norm(h_res.reshape(-1, 2, 2), ord=float("inf")).mean())
+    assert [(c.chain, c.run, len(c.blocks)) for c in report.chains] == [
+        (0, 0, 1), (0, 0, 1), (0, 1, 1), (0, 1, 1)]
+    assert [c.blocks[0].key for c in report.chains] == ["fc1", "fc2", "fc1", "fc2"]
+    graphs = [c.graph for c in report.chains]
+    assert graphs[0] == graphs[2] != graphs[1] == graphs[3]
+    assert [c.whole.forward_mean for c in report.chains] == pytest.approx(
+        [e.item() for e in expected], rel=1e-10)
