@@ -4,6 +4,7 @@
     mhc_compile.prepare(model, *example_args)             # create the mHC parameters eagerly
     opt = torch.optim.AdamW(model.parameters())           # now includes them
     mhc_compile.report(model, *example_args).print()      # which blocks were rewritten, and why not
+    mhc_compile.gain(model, *example_args).print()        # Amax gain of H_res across depth (paper)
 """
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ import torch
 from torch import nn
 
 from mhc_compile.backend import MHCBackend
+from mhc_compile.gain import GainLogger, GainProbe, GainReport, gain
 from mhc_compile.options import MHCOptions
 from mhc_compile.parameters import MHCParameters
+from mhc_compile.quiet import run_without_side_effects
 from mhc_compile.report import BlockReport, Report, SkipReason
 
 __all__ = [
     "MHCOptions", "MHCParameters", "Report", "BlockReport", "SkipReason",
-    "backend", "prepare", "report",
+    "GainReport", "GainProbe", "GainLogger",
+    "backend", "prepare", "report", "gain",
 ]
 __version__ = "0.1.0"
 
@@ -54,18 +58,6 @@ def report(model: nn.Module, *example_args: Any, **options: Any) -> Report:
 def _trace(model: nn.Module, example_args: tuple, configured: MHCBackend) -> Report:
     if not isinstance(model, nn.Module):
         raise TypeError(f"mhc_compile expects an nn.Module, got {type(model).__name__}")
-    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
     compiled = torch.compile(model, backend=configured, dynamic=False)
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=_cuda_devices(model)):
-            compiled(*example_args)
-    finally:
-        with torch.no_grad():
-            for name, buffer in model.named_buffers():
-                if name in buffers:
-                    buffer.copy_(buffers[name])
+    run_without_side_effects(model, compiled, example_args)
     return configured.report
-
-
-def _cuda_devices(model: nn.Module) -> list[int]:
-    return sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})

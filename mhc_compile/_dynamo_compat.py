@@ -118,3 +118,11 @@ def calling_top_module() -> nn.Module | None:
             outermost = candidate._orig_mod
         frame = frame.f_back
     return outermost
+
+
+def is_compiled_module(module: nn.Module) -> bool:
+    """Whether `module` is the wrapper torch.compile returns (an OptimizedModule): the gain
+    diagnostics must compile the model itself, and torch has no public name for the wrapper."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return isinstance(module, OptimizedModule)

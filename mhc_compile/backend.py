@@ -31,14 +31,19 @@ class MHCBackend:
     analyze_only: find and report blocks, create nothing, run the graph unchanged (for `report`).
     warn_late: warn when parameters appear after a compiled step of the model ran (off in
         `prepare`, whose purpose is creating them; a graph break runs graph 1 before graph 2).
+    instrument: called as `instrument(graph_module, graph_index, chains, parameter_nodes)` on
+        each rewritten graph before it is compiled; it may add nodes (gain.py taps the
+        coefficients of every block this way).
     """
 
     def __init__(self, options: MHCOptions, analyze_only: bool = False,
-                 top_module: nn.Module | None = None, warn_late: bool = True):
+                 top_module: nn.Module | None = None, warn_late: bool = True,
+                 instrument: Callable | None = None):
         self.options = options
         self.analyze_only = analyze_only
         self.warn_late = warn_late
         self.top_module = top_module  # where instances of a reused frame's owner are found
+        self.instrument = instrument
         self.report = Report(n=options.n, constraint=options.constraint)
         self._graphs = 0
 
@@ -59,6 +64,8 @@ class MHCBackend:
         parameters = _bind_parameters(blocks, owners, example_inputs, self.options, self.warn_late)
         nodes = _add_parameter_placeholders(graph_module, blocks, parameters)
         rewrite_mhc(graph_module, analysis, nodes, self.options)
+        if self.instrument is not None:
+            self.instrument(graph_module, graph_index, analysis.chains, nodes)
         compiled = self._compile(graph_module, [*parameters, *example_inputs])
 
         bound = WeakIdKeyDictionary()  # first owner's store -> (stores, flat parameters)

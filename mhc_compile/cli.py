@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import json
 import sys
 import time
 from pathlib import Path
@@ -87,11 +88,35 @@ def command_report(args: argparse.Namespace) -> int:
 
     options = _options(args)
     model, example_args = _model(args)
-    report = mhc_compile.report(model, *example_args, **options)
+    if args.checkpoint and not args.gain:
+        raise UsageError("--checkpoint is read by --gain; add --gain")
+    if not args.gain:
+        report = mhc_compile.report(model, *example_args, **options)
+        report.print()
+        if args.json:
+            Path(args.json).write_text(report.to_json())
+        return 0
+    report = mhc_compile.prepare(model, *example_args, **options)  # the parameters to measure
+    if args.checkpoint:
+        _load_checkpoint(model, args.checkpoint)
+    gains = mhc_compile.gain(model, *example_args, include=options["include"],
+                             exclude=options["exclude"])
     report.print()
+    gains.print()
     if args.json:
-        Path(args.json).write_text(report.to_json())
+        Path(args.json).write_text(json.dumps({**report.to_dict(), "gain": gains.to_dict()}, indent=2))
     return 0
+
+
+def _load_checkpoint(model: torch.nn.Module, path: str) -> None:
+    """A state_dict saved from a model prepared the same way (torch.save(model.state_dict()))."""
+    if not Path(path).is_file():
+        raise UsageError(f"no such checkpoint: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        raise UsageError(f"checkpoint {path} does not fit the prepared model: {error}") from error
 
 
 def command_train(args: argparse.Namespace) -> int:
@@ -160,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "where factory() returns (model, example_args)")
     report.add_argument("--example", choices=sorted(EXAMPLES), help="a built-in example model")
     report.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    report.add_argument("--gain", action="store_true",
+                        help="also measure the Amax gain of H_res across depth on the example "
+                        "args (prepares the model with the options given)")
+    report.add_argument("--checkpoint", metavar="FILE",
+                        help="with --gain: load this state_dict after preparing (give the options "
+                        "it was trained with, e.g. --constraint none)")
     report.set_defaults(run=command_report)
     train = commands.add_parser("train", parents=[common],
                                 help="prepare, report and train a built-in example for a few steps")

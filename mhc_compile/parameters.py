@@ -35,6 +35,9 @@ class MHCBlockParameters(nn.Module):
         factory = {"dtype": dtype, "device": device}
         width = costs.coefficient_count(n)
         self.n, self.channels = n, channels
+        # What the block's coefficients depend on besides its tensors: read back by the gain
+        # diagnostics (gain.py), so they measure the mapping the model really computes.
+        self.constraint, self.sinkhorn_iters = options.constraint, options.sinkhorn_iters
         self.phi = nn.Parameter(torch.zeros(n * channels, width, **factory))
         self.alpha = nn.Parameter(torch.full((3,), float(options.alpha_init), **factory))
         self.b_pre = nn.Parameter(_pre_bias(n, position % n).to(**factory))
@@ -45,7 +48,8 @@ class MHCBlockParameters(nn.Module):
         self.b_res = nn.Parameter(4.0 * identity if options.constraint == "sinkhorn" else identity)
 
     def extra_repr(self) -> str:
-        return f"n={self.n}, channels={self.channels}"
+        return (f"n={self.n}, channels={self.channels}, constraint={self.constraint}, "
+                f"sinkhorn_iters={self.sinkhorn_iters}")
 
 
 def _pre_bias(n: int, favoured: int) -> torch.Tensor:

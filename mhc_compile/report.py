@@ -80,12 +80,8 @@ class Report:
         )
 
     def __rich__(self):
-        from rich.table import Table
-
-        table = Table(title=self.summary(), title_justify="left")
-        for column in ("path", "f", "status", "chain", "shape", "contains", "params", "+B/tok",
-                       "+flop/tok", "reason"):
-            table.add_column(column, overflow="fold")
+        table = rich_table(self.summary(), ("path", "f", "status", "chain", "shape", "contains",
+                                            "params", "+B/tok", "+flop/tok", "reason"))
         for block in self.blocks:
             chain = "" if block.chain is None else f"g{block.graph}.c{block.chain}[{block.position}]"
             table.add_row(
@@ -97,10 +93,24 @@ class Report:
         return table
 
     def print(self, file=None) -> None:
-        import sys
+        print_rich(self, file)
 
-        from rich.console import Console
 
-        stream = file or sys.stdout
-        # Piped output (CI logs, files) gets a wide table instead of rich's 80-column default.
-        Console(file=stream, width=None if stream.isatty() else 180).print(self)
+def rich_table(title: str, columns: tuple[str, ...]):
+    """A rich Table with a left-aligned title and columns that fold long cells."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    return table
+
+
+def print_rich(renderable: Any, file=None) -> None:
+    import sys
+
+    from rich.console import Console
+
+    stream = file or sys.stdout
+    # Piped output (CI logs, files) gets a wide table instead of rich's 80-column default.
+    Console(file=stream, width=None if stream.isatty() else 180).print(renderable)

@@ -1,0 +1,51 @@
+"""bench/quality.py: its pure parts, and its --tiny smoke mode end to end (CPU, a few seconds)."""
+
+import importlib.util
+import json
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parent.parent / "bench" / "quality.py"
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def test_split_by_file_is_deterministic_and_disjoint(quality):
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p.relative_to(root).as_posix() for p in quality.stdlib_sources(root, None)]
+    validation = {f for f in files if quality.is_validation_file(f)}
+    assert 0.05 < len(validation) / len(files) < 0.2
+    assert validation == {f for f in files if quality.is_validation_file(f)}
+    assert not any("site-packages" in f for f in files)
+
+
+def test_grad_norm_spikes_counts_only_jumps_over_the_running_median(quality):
+    norms = [1.0 + 0.01 * (i % 3) for i in range(200)]
+    norms[120], norms[150] = 3.5, 2.9  # 3.5x the median is a spike, 2.9x is not
+    spikes = quality.grad_norm_spikes(norms, warmup=10)
+    assert spikes["steps"] == [120] and spikes["count"] == 1
+    assert spikes["worst_ratio"] == pytest.approx(3.5 / 1.01)
+    assert quality.grad_norm_spikes(norms[:40], warmup=10)["count"] == 0  # shorter than the window
+
+
+def test_tiny_mode_runs_every_variant_and_writes_json_and_png(quality, tmp_path):
+    assert quality.main(["--tiny", "--steps", "10", "--seeds", "0", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "quality.json").read_text())
+    assert [r["variant"] for r in result["runs"]] == ["plain", "HC", "mHC"]
+    assert {r["steps_done"] for r in result["runs"]} == {10}
+    assert result["checks"]["mHC"]["rewritten_blocks"] == 4
+    assert result["checks"]["mHC"]["max_logit_difference_at_init"] < 1e-5
+    assert result["runs"][0]["largest_gain_mean"] is None
+    assert abs(result["runs"][2]["largest_gain_mean"] - 1.0) < 0.05  # doubly stochastic
+    assert (tmp_path / "quality.png").stat().st_size > 10_000
