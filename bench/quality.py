@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import platform
@@ -594,6 +595,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = dataclasses.replace(cfg, **{k: v for k, v in changes.items() if v is not None})
     if cfg.device == "cuda" and not torch.cuda.is_available():
         print("bench/quality.py: no CUDA device; use --tiny for the CPU smoke test", file=sys.stderr)
+        return 2
+    if importlib.util.find_spec("matplotlib") is None:
+        # Checked before hours of training, not after: the plot is part of this benchmark's output.
+        print("bench/quality.py: matplotlib is needed for the plot; pip install 'mhc-compile[bench]'",
+              file=sys.stderr)
         return 2
     run(cfg, args.out)
     return 0

@@ -60,4 +60,13 @@ def _trace(model: nn.Module, example_args: tuple, configured: MHCBackend) -> Rep
         raise TypeError(f"mhc_compile expects an nn.Module, got {type(model).__name__}")
     compiled = torch.compile(model, backend=configured, dynamic=False)
     run_without_side_effects(model, compiled, example_args)
+    if not configured.traced_graphs:
+        # Dynamo ran the model without calling the backend: it gave up on this forward (its
+        # recompile limit, 8 entries per code object, counts every prepare/report/gain call).
+        raise RuntimeError(
+            f"mhc_compile: torch.compile did not trace {type(model).__name__}.forward, so nothing "
+            "was analysed or created: it falls back to eager past its recompile limit (each "
+            "prepare/report/gain call and each new input shape adds an entry). Call "
+            "torch._dynamo.reset() before preparing many models of one class in one process."
+        )
     return configured.report

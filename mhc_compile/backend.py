@@ -45,10 +45,10 @@ class MHCBackend:
         self.top_module = top_module  # where instances of a reused frame's owner are found
         self.instrument = instrument
         self.report = Report(n=options.n, constraint=options.constraint)
-        self._graphs = 0
+        self.traced_graphs = 0  # graphs Dynamo handed to this backend
 
     def __call__(self, graph_module: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        graph_index, self._graphs = self._graphs, self._graphs + 1
+        graph_index, self.traced_graphs = self.traced_graphs, self.traced_graphs + 1
         graph_module = _dynamo_compat.copy_graph_module(graph_module)
         placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
         weights = {n for n, v in zip(placeholders, example_inputs) if isinstance(v, nn.Parameter)}

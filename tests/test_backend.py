@@ -11,6 +11,7 @@ from torch import nn
 
 import mhc_compile
 from mhc_compile import SkipReason, reference
+from zoo import ZOO
 
 
 class MLPResidual(nn.Module):
@@ -270,3 +271,18 @@ def test_training_breaks_stream_symmetry_and_matches_the_hand_written_mhc():
     assert spread > 1e-4, "the n streams stayed identical"
     asymmetry = max((h - h.transpose(-1, -2)).abs().amax() for h in h_res)
     assert asymmetry > 1e-6, "H_res stayed symmetric"
+
+
+def test_prepare_past_the_recompile_limit_fails_loudly():
+    """Dynamo stops calling backends for a forward past its recompile limit; prepare must say so
+    instead of returning without parameters."""
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for seed in range(2):
+            model, args = ZOO["gpt"].factory(seed=seed)
+            assert mhc_compile.prepare(model, *args).rewritten
+        model, args = ZOO["gpt"].factory(seed=2)
+        with pytest.raises(RuntimeError, match="torch.compile did not trace GPT.forward"):
+            mhc_compile.prepare(model, *args)
+    assert not hasattr(model, "mhc")
+    torch._dynamo.reset()
