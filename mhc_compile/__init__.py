@@ -4,6 +4,7 @@
     mhc_compile.prepare(model, *example_args)             # create the mHC parameters eagerly
     opt = torch.optim.AdamW(model.parameters())           # now includes them
     mhc_compile.report(model, *example_args).print()      # which blocks were rewritten, and why not
+    run = mhc_compile.pipeline(model, example_args, num_stages=2, loss_fn=loss)   # under torchrun
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from torch import nn
 from mhc_compile.backend import MHCBackend
 from mhc_compile.options import MHCOptions
 from mhc_compile.parameters import MHCParameters
+from mhc_compile.pipeline import Pipeline, PipelinePlan, pipeline, plan_pipeline
 from mhc_compile.report import BlockReport, Report, SkipReason
 
 __all__ = [
     "MHCOptions", "MHCParameters", "Report", "BlockReport", "SkipReason",
-    "backend", "prepare", "report",
+    "backend", "prepare", "report", "pipeline", "plan_pipeline", "Pipeline", "PipelinePlan",
 ]
 __version__ = "0.1.0"
 
@@ -51,11 +53,12 @@ def report(model: nn.Module, *example_args: Any, **options: Any) -> Report:
     return _trace(model, example_args, MHCBackend(options, analyze_only=True, top_module=model))
 
 
-def _trace(model: nn.Module, example_args: tuple, configured: MHCBackend) -> Report:
+def _trace(model: nn.Module, example_args: tuple, configured: MHCBackend,
+           fullgraph: bool = False) -> Report:
     if not isinstance(model, nn.Module):
         raise TypeError(f"mhc_compile expects an nn.Module, got {type(model).__name__}")
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
-    compiled = torch.compile(model, backend=configured, dynamic=False)
+    compiled = torch.compile(model, backend=configured, dynamic=False, fullgraph=fullgraph)
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=_cuda_devices(model)):
             compiled(*example_args)
