@@ -91,6 +91,15 @@ def command_report(args: argparse.Namespace) -> int:
     report.print()
     if args.json:
         Path(args.json).write_text(report.to_json())
+    if args.stages:
+        import copy
+
+        from mhc_compile.pipeline_plan import PipelineError
+
+        try:  # on a copy: planning traces the rewrite, which adds mHC parameters
+            mhc_compile.plan_pipeline(copy.deepcopy(model), example_args, args.stages, **options).print()
+        except PipelineError as error:
+            raise UsageError(str(error)) from error
     return 0
 
 
@@ -160,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "where factory() returns (model, example_args)")
     report.add_argument("--example", choices=sorted(EXAMPLES), help="a built-in example model")
     report.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    report.add_argument("--stages", type=int, metavar="K",
+                        help="also propose pipeline stage cuts for K stages (mhc_compile.pipeline)")
     report.set_defaults(run=command_report)
     train = commands.add_parser("train", parents=[common],
                                 help="prepare, report and train a built-in example for a few steps")

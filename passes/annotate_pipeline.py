@@ -182,11 +182,11 @@ def _cut_before(index, first, nodes, position, last_use, in_streams, n) -> CutPo
     for node in crossing:
         if node is streams:
             continue
-        value = graph_facts.example_value(node)
-        if node.op != "placeholder" and not isinstance(value, torch.Tensor):
-            problem = CutProblem.NOT_A_TENSOR.value.format(name=node.name)
-        elif node in in_streams:
+        value = graph_facts.example_value(node)  # None for nodes the rewrite inserted
+        if node in in_streams:
             problem = CutProblem.STREAM_VALUE.value.format(name=node.name)
+        elif value is not None and not isinstance(value, torch.Tensor):
+            problem = CutProblem.NOT_A_TENSOR.value.format(name=node.name)
         if problem:
             break
     return CutPoint(
