@@ -14,8 +14,9 @@ pass-through values, passes/annotate_pipeline.py), balanced by the cost estimate
 becomes an fx.GraphModule holding the model's own Parameter objects. torch's PipelineStage and
 schedules do the rest: no runtime of our own.
 
-Overlap (CUDA): the post/res mix of every block the annotation marks runs on a dedicated
-high-priority stream (paper: DualPipe runs F_post,res on one), and one-stage-per-rank schedules
+Overlap (CUDA, opt-in with overlap=True): the post/res mix of every block the annotation marks runs
+on a dedicated high-priority stream (paper: DualPipe runs F_post,res on one), and one-stage-per-rank
+schedules
 (GPipe, 1F1B) run on torch's action runtime, which posts boundary receives early and does not wait
 for a send before the next compute (Schedule1F1B waits each send together with the next receive).
 """
@@ -118,8 +119,9 @@ def pipeline(
     cuts: module paths where stages 1.. begin (see plan_pipeline); default: balanced by cost.
     device: where this rank's stages run; default the model's parameters' device.
     group: the pipeline's process group; default the world.
-    overlap: run marked post/res mixes on a high-priority CUDA stream; default True on CUDA
-        (no effect on CPU).
+    overlap: run marked post/res mixes on a high-priority CUDA stream (no effect on CPU). Off by
+        default: on 2 H200s (bench/RESULTS.md, 2026-11-23) it made steps 6-14% slower, the
+        boundary transfer being about 1% of the step there.
     async_exchange: run GPipe/1F1B on torch's action runtime (early receives, sends waited at the
         end of the step); default the same as overlap. Multi-stage schedules always use it.
     scale_grads: divide accumulated gradients by n_microbatches (for a loss_fn that averages).
@@ -141,7 +143,7 @@ def pipeline(
     microbatch = _first_microbatch(tuple(example_args), n_microbatches)
     plan = plan_pipeline(model, microbatch, num_stages, cuts=cuts, **options)
     device = torch.device(device) if device is not None else _model_device(model)
-    overlap = device.type == "cuda" if overlap is None else bool(overlap)
+    overlap = False if overlap is None else bool(overlap)
     async_exchange = overlap if async_exchange is None else bool(async_exchange)
     modules = build_stage_modules(plan, local, overlap=overlap and device.type == "cuda")
     from torch.distributed.pipelining import PipelineStage
