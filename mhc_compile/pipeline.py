@@ -16,9 +16,8 @@ schedules do the rest: no runtime of our own.
 
 Overlap (CUDA, opt-in with overlap=True): the post/res mix of every block the annotation marks runs
 on a dedicated high-priority stream (paper: DualPipe runs F_post,res on one), and one-stage-per-rank
-schedules
-(GPipe, 1F1B) run on torch's action runtime, which posts boundary receives early and does not wait
-for a send before the next compute (Schedule1F1B waits each send together with the next receive).
+schedules (GPipe, 1F1B) run on torch's action runtime, which posts boundary receives early and does
+not wait for a send before the next compute (Schedule1F1B waits each send with the next receive).
 """
 
 from __future__ import annotations
