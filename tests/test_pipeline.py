@@ -315,3 +315,25 @@ def test_two_processes_gloo_match_the_single_process_run():
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     mp.spawn(_worker, args=(port, cases), nprocs=2, join=True)
+
+
+class GraphBreak(nn.Module):
+    """Two residual blocks with a graph break between them."""
+
+    def __init__(self, width=8):
+        super().__init__()
+        self.f = nn.ModuleList(nn.Linear(width, width) for _ in range(2))
+
+    def forward(self, x):
+        x = x + self.f[0](x)
+        torch._dynamo.graph_break()
+        return x + self.f[1](x)
+
+
+def test_a_model_with_a_graph_break_is_a_clear_error():
+    torch._dynamo.reset()
+    with pytest.raises(PipelineError) as error:
+        plan_pipeline(GraphBreak(), (torch.randn(2, 8),), 2)
+    assert str(error.value).startswith(
+        "mhc pipeline: the model must trace as one graph to be split into stages, but "
+        "torch.compile(fullgraph=True) stopped: ")
