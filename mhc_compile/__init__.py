@@ -5,6 +5,7 @@
     opt = torch.optim.AdamW(model.parameters())           # now includes them
     mhc_compile.report(model, *example_args).print()      # which blocks were rewritten, and why not
     mhc_compile.gain(model, *example_args).print()        # Amax gain of H_res across depth (paper)
+    run = mhc_compile.pipeline(model, example_args, num_stages=2, loss_fn=loss)   # under torchrun
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from mhc_compile.backend import MHCBackend
 from mhc_compile.gain import GainLogger, GainProbe, GainReport, gain
 from mhc_compile.options import MHCOptions
 from mhc_compile.parameters import MHCParameters
+from mhc_compile.pipeline import Pipeline, PipelinePlan, pipeline, plan_pipeline
 from mhc_compile.quiet import run_without_side_effects
 from mhc_compile.report import BlockReport, Report, SkipReason
 
 __all__ = [
     "MHCOptions", "MHCParameters", "Report", "BlockReport", "SkipReason",
-    "GainReport", "GainProbe", "GainLogger",
-    "backend", "prepare", "report", "gain",
+    "GainReport", "GainProbe", "GainLogger", "Pipeline", "PipelinePlan",
+    "backend", "prepare", "report", "gain", "pipeline", "plan_pipeline",
 ]
 __version__ = "0.1.0"
 
@@ -55,10 +57,11 @@ def report(model: nn.Module, *example_args: Any, **options: Any) -> Report:
     return _trace(model, example_args, MHCBackend(options, analyze_only=True, top_module=model))
 
 
-def _trace(model: nn.Module, example_args: tuple, configured: MHCBackend) -> Report:
+def _trace(model: nn.Module, example_args: tuple, configured: MHCBackend,
+           fullgraph: bool = False) -> Report:
     if not isinstance(model, nn.Module):
         raise TypeError(f"mhc_compile expects an nn.Module, got {type(model).__name__}")
-    compiled = torch.compile(model, backend=configured, dynamic=False)
+    compiled = torch.compile(model, backend=configured, dynamic=False, fullgraph=fullgraph)
     run_without_side_effects(model, compiled, example_args)
     if not configured.traced_graphs:
         # Dynamo ran the model without calling the backend: it gave up on this forward (its

@@ -18,6 +18,7 @@ from mhc_compile import _dynamo_compat, costs, reference
 from mhc_compile.options import MHCOptions
 from mhc_compile.parameters import MHCParameters, parameters_of
 from mhc_compile.passes import graph_facts
+from mhc_compile.passes.annotate_pipeline import annotate_pipeline
 from mhc_compile.passes.find_residual_blocks import ResidualAnalysis, find_residual_chains
 from mhc_compile.passes.rewrite_mhc import BlockParameterNodes, rewrite_mhc
 from mhc_compile.report import BlockReport, Report, SkipReason
@@ -64,6 +65,7 @@ class MHCBackend:
         parameters = _bind_parameters(blocks, owners, example_inputs, self.options, self.warn_late)
         nodes = _add_parameter_placeholders(graph_module, blocks, parameters)
         rewrite_mhc(graph_module, analysis, nodes, self.options)
+        annotate_pipeline(graph_module, analysis, self.options)
         if self.instrument is not None:
             self.instrument(graph_module, graph_index, analysis.chains, nodes)
         compiled = self._compile(graph_module, [*parameters, *example_inputs])

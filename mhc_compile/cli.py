@@ -90,22 +90,36 @@ def command_report(args: argparse.Namespace) -> int:
     model, example_args = _model(args)
     if args.checkpoint and not args.gain:
         raise UsageError("--checkpoint is read by --gain; add --gain")
-    if not args.gain:
+    if args.gain:
+        report = mhc_compile.prepare(model, *example_args, **options)  # the parameters to measure
+        if args.checkpoint:
+            _load_checkpoint(model, args.checkpoint)
+        gains = mhc_compile.gain(model, *example_args, include=options["include"],
+                                 exclude=options["exclude"])
+        report.print()
+        gains.print()
+        record = {**report.to_dict(), "gain": gains.to_dict()}
+    else:
         report = mhc_compile.report(model, *example_args, **options)
         report.print()
-        if args.json:
-            Path(args.json).write_text(report.to_json())
-        return 0
-    report = mhc_compile.prepare(model, *example_args, **options)  # the parameters to measure
-    if args.checkpoint:
-        _load_checkpoint(model, args.checkpoint)
-    gains = mhc_compile.gain(model, *example_args, include=options["include"],
-                             exclude=options["exclude"])
-    report.print()
-    gains.print()
+        record = report.to_dict()
     if args.json:
-        Path(args.json).write_text(json.dumps({**report.to_dict(), "gain": gains.to_dict()}, indent=2))
+        Path(args.json).write_text(json.dumps(record, indent=2))
+    if args.stages:
+        _print_stages(model, example_args, args.stages, options)
     return 0
+
+
+def _print_stages(model: torch.nn.Module, example_args: tuple, stages: int, options: dict) -> None:
+    import copy
+
+    import mhc_compile
+    from mhc_compile.pipeline_plan import PipelineError
+
+    try:  # on a copy: planning traces the rewrite, which adds mHC parameters
+        mhc_compile.plan_pipeline(copy.deepcopy(model), example_args, stages, **options).print()
+    except PipelineError as error:
+        raise UsageError(str(error)) from error
 
 
 def _load_checkpoint(model: torch.nn.Module, path: str) -> None:
@@ -191,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--checkpoint", metavar="FILE",
                         help="with --gain: load this state_dict after preparing (give the options "
                         "it was trained with, e.g. --constraint none)")
+    report.add_argument("--stages", type=int, metavar="K",
+                        help="also propose pipeline stage cuts for K stages (mhc_compile.pipeline)")
     report.set_defaults(run=command_report)
     train = commands.add_parser("train", parents=[common],
                                 help="prepare, report and train a built-in example for a few steps")

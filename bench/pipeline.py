@@ -1,0 +1,410 @@
+"""Pipeline parallelism of a LLaMA-style decoder over 2 stages: plain residual vs mHC n=4, without
+and with overlap. Launch one process per GPU:
+
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \\
+        torchrun --nproc-per-node 2 bench/pipeline.py --out bench/out
+    torchrun --nproc-per-node 2 bench/pipeline.py --device cpu --smoke     # gloo, tiny, no GPU
+
+Per model size it measures, on every rank at once (each on its own GPU):
+  single GPU   one training step (forward + backward of every microbatch, no optimizer) of the
+               plain model and of the mHC model (the same stage modules the pipeline runs,
+               chained in one process): mHC's single-GPU overhead;
+  per stage    forward + backward of one microbatch of each stage alone (busy time);
+  transfer     the boundary tensors of one microbatch sent forward and back alone (NCCL P2P);
+  pipeline     steps of the 2-stage pipeline (schedule 1F1B): plain with torch's Schedule1F1B
+               ("sync") and on the action runtime ("async"); mHC with no overlap (Schedule1F1B,
+               default stream), with the async exchange only, and with overlap (async exchange
+               + post/res mixes on the high-priority stream).
+Columns: step time (median over ranks' max), mHC / plain with the same exchange, idle share of the
+busiest rank (1 - its busy time / step: bubble plus exposed communication), exposed communication
+(step minus the makespan of the measured stage times, sum_s t_s + (m-1) max_s t_s), bytes sent per
+step (forward activations and backward gradients, both ranks), and for overlap the share of the
+no-overlap exposed communication it hides. Correctness comes first: the pipelined gradients (both
+overlap settings) against the same stage modules run microbatch by microbatch in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+# NVLink multicast stays off on shared machines (see the device notes); torchrun's env keeps these.
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import mhc_compile  # noqa: E402
+from mhc_compile import _pipelining_compat  # noqa: E402
+from mhc_compile.examples import llama  # noqa: E402
+from mhc_compile.pipeline import build_stage_modules  # noqa: E402
+
+SIZES = {  # name: (width, depth, heads, seq, microbatch size, microbatches, vocab)
+    "C1024-L4": (1024, 4, 8, 2048, 2, 8, 8192),
+    "C2048-L8": (2048, 8, 16, 2048, 1, 8, 8192),
+}
+SMOKE = {"C64-L4": (64, 4, 4, 32, 2, 4, 96)}
+
+
+def loss_fn(logits, target):
+    return F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
+
+
+class PlainStage(nn.Module):
+    """Half of the plain LLaMA: embeddings + layers[:cut], or layers[cut:] + norm + head."""
+
+    def __init__(self, model, first: bool, cut: int):
+        super().__init__()
+        self.first = first
+        self.layers = nn.ModuleList(model.layers[:cut] if first else model.layers[cut:])
+        self.embed = model.tok_embeddings if first else None
+        self.norm, self.output = (None, None) if first else (model.norm, model.output)
+        self.register_buffer("cos", model.cos, persistent=False)
+        self.register_buffer("sin", model.sin, persistent=False)
+
+    def forward(self, x):
+        seq = x.shape[1]
+        cos, sin = self.cos[:seq], self.sin[:seq]
+        if self.first:
+            x = self.embed(x)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return x if self.first else self.output(self.norm(x))
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats):
+    """Median wall time (ms) of fn() over `repeats` runs after one warm-up, device synchronised."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def build(size, device, dtype, seed=0):
+    width, depth, heads, seq, micro, microbatches, vocab = size
+    model, (ids,) = llama(seed=seed, batch=micro * microbatches, seq=seq, width=width, depth=depth,
+                          heads=heads, vocab=vocab)
+    model = model.to(device=device, dtype=dtype)
+    ids = ids.to(device)
+    return model, ids, torch.roll(ids, 1, dims=1)
+
+
+def microbatches(tensor, count):
+    return tensor.tensor_split(count, dim=0)
+
+
+def single_gpu_step(forward, ids, target, count):
+    """Forward and backward of every microbatch in turn, gradients accumulated (loss / count)."""
+    def step():
+        for mb_ids, mb_target in zip(microbatches(ids, count), microbatches(target, count)):
+            (loss_fn(forward(mb_ids), mb_target) / count).backward()
+    return step
+
+
+def chained(modules):
+    def forward(ids):
+        outputs = modules[0](ids)
+        for module in modules[1:]:
+            outputs = module(*(outputs if isinstance(outputs, tuple) else (outputs,)))
+        return outputs
+    return forward
+
+
+def stage_times(modules, ids, target, device, repeats):
+    """Forward + backward ms of one microbatch through each stage alone (busy time per stage)."""
+    times, inputs = [], (ids,)
+    for index, module in enumerate(modules):
+        last = index == len(modules) - 1
+        leaves = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in inputs)
+
+        def run(module=module, leaves=leaves, last=last):
+            out = module(*leaves)
+            outs = out if isinstance(out, tuple) else (out,)
+            if last:
+                loss_fn(outs[0], target).backward()
+            else:
+                pairs = [(o, torch.ones_like(o)) for o in outs if o.requires_grad]
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+            return outs
+
+        times.append(timed(run, device, repeats))
+        with torch.no_grad():
+            out = module(*leaves)
+        inputs = out if isinstance(out, tuple) else (out,)
+    return times
+
+
+def transfer_ms(tensors, device, rank, repeats):
+    """One microbatch's boundary tensors sent 0 -> 1 and back (the gradients' size), alone."""
+    buffers = [t.detach().clone() for t in tensors]
+
+    def exchange():
+        for buffer in buffers:
+            if rank == 0:
+                dist.send(buffer, 1)
+                dist.recv(buffer, 1)
+            else:
+                dist.recv(buffer, 0)
+                dist.send(buffer, 0)
+    return timed(exchange, device, repeats)
+
+
+def max_over_ranks(value, device):
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.item()
+
+
+def pipeline_step_ms(step, model, device, warmup, steps):
+    for _ in range(warmup):
+        step()
+        model.zero_grad(set_to_none=True)
+    times = []
+    for _ in range(steps):
+        sync(device)
+        dist.barrier()
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(1e3 * (time.perf_counter() - start))
+        model.zero_grad(set_to_none=True)
+    return max_over_ranks(statistics.median(times), device)
+
+
+def run_step(run, ids, target, rank):
+    def step():
+        run.step(*((ids,) if 0 in run.stage_indices else ()), target=target)
+    return step
+
+
+# --- correctness ----------------------------------------------------------------------------------
+
+
+def check_correctness(device, dtype, rank, cut):
+    """Pipelined gradients (overlap off and on) vs the same stage modules run in one process."""
+    size = (64, 2, 4, 64, 2, 4, 96) if device.type == "cpu" else (256, 2, 4, 256, 2, 4, 512)
+    count = size[5]
+    rows = []
+    for overlap in (False, True):
+        torch._dynamo.reset()
+        model, ids, target = build(size, device, dtype, seed=1)
+        mhc_compile.prepare(model, ids[:1])
+        with torch.no_grad():
+            for param in model.mhc.parameters():
+                param.add_(0.05 * torch.randn_like(param))
+        run = mhc_compile.pipeline(model, (ids,), 2, "1F1B", loss_fn=loss_fn, n_microbatches=count,
+                                   cuts=[cut], overlap=overlap, async_exchange=overlap)
+        losses = []
+        run.step(*((ids,) if rank == 0 else ()), target=target, losses=losses)
+        got = {name: p.grad.clone() for m in run.modules for name, p in m.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        single_gpu_step(chained(build_stage_modules(run.plan, range(2))), ids, target, count)()
+        expected = dict(model.named_parameters())
+        worst = max((got[n] - expected[n].grad).norm().item() / expected[n].grad.norm().item()
+                     for n in got)
+        rows.append({"overlap": overlap, "rank": rank, "params": len(got),
+                     "worst_relative_grad_error": max_over_ranks(worst, device)})
+        if worst > (1e-5 if dtype == torch.float32 else 2e-2) or worst != worst:
+            raise AssertionError(f"pipelined gradients differ (overlap={overlap}): {worst}")
+    return rows
+
+
+# --- one model size -------------------------------------------------------------------------------
+
+
+def bench_size(name, size, device, dtype, rank, args):
+    width, depth, heads, seq, micro, count, vocab = size
+    cut = f"layers.{depth // 2}"
+    result = {"size": name, "width": width, "depth": depth, "heads": heads, "seq": seq,
+              "microbatch": micro, "microbatches": count, "vocab": vocab, "n": args.n}
+    torch._dynamo.reset()
+    plain, ids, target = build(size, device, dtype)
+    mb_ids, mb_target = ids[:micro], target[:micro]
+    plain_stages = [PlainStage(plain, True, depth // 2), PlainStage(plain, False, depth // 2)]
+    result["single_gpu_plain_ms"] = max_over_ranks(
+        timed(single_gpu_step(plain, ids, target, count), device, args.repeats), device)
+    plain_times = stage_times(plain_stages, mb_ids, mb_target, device, args.repeats)
+    plain.zero_grad(set_to_none=True)
+
+    mhc_model, _, _ = build(size, device, dtype)
+    mhc_compile.prepare(mhc_model, mb_ids, n=args.n)
+    plan = mhc_compile.plan_pipeline(mhc_model, (mb_ids,), 2, cuts=[cut], n=args.n)
+    modules = build_stage_modules(plan, range(2))
+    result["single_gpu_mhc_ms"] = max_over_ranks(
+        timed(single_gpu_step(chained(modules), ids, target, count), device, args.repeats), device)
+    mhc_times = stage_times(modules, mb_ids, mb_target, device, args.repeats)
+    mhc_model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        boundary = modules[0](mb_ids)
+    stream_grad_bytes = boundary[0].numel() * boundary[0].element_size()
+    result["mhc_sends"] = list(plan.stages[0].sends)
+    result["single_gpu_overhead"] = result["single_gpu_mhc_ms"] / result["single_gpu_plain_ms"]
+
+    with torch.no_grad():
+        plain_boundary = plain_stages[0](mb_ids)
+    variants = []
+    for label, stage_time, tensors, bytes_per_mb in (
+        ("plain", plain_times, (plain_boundary,), 2 * plain_boundary.numel() * plain_boundary.element_size()),
+        ("mhc", mhc_times, boundary,
+         sum(t.numel() * t.element_size() for t in boundary) + stream_grad_bytes),
+    ):
+        makespan = sum(stage_time) + (count - 1) * max(stage_time)
+        comm = count * max_over_ranks(transfer_ms(tensors, device, rank, args.repeats), device)
+        result[f"{label}_stage_ms"] = stage_time
+        result[f"{label}_makespan_ms"] = makespan
+        result[f"{label}_transfer_ms_per_step"] = comm
+        result[f"{label}_bytes_per_step"] = count * bytes_per_mb
+    for label, overlap, async_exchange in (
+        ("plain, sync", None, False), ("plain, async", None, True),
+        ("mHC, no overlap", False, False), ("mHC, async exchange only", False, True),
+        ("mHC, overlap", True, True),
+    ):
+        torch._dynamo.reset()
+        if overlap is None:
+            from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+
+            stage = PipelineStage(plain_stages[rank], rank, 2, device)
+            schedule = _pipelining_compat.build_schedule(
+                Schedule1F1B, [stage], count, loss_fn=loss_fn, scale_grads=True,
+                async_exchange=async_exchange)
+
+            def step(schedule=schedule):
+                schedule.step(*((ids,) if rank == 0 else ()), target=target)
+            model, kind = plain, "plain"
+        else:
+            run = mhc_compile.pipeline(mhc_model, (ids,), 2, "1F1B", loss_fn=loss_fn,
+                                       n_microbatches=count, cuts=[cut], overlap=overlap,
+                                       async_exchange=async_exchange, n=args.n)
+            step, model, kind = run_step(run, ids, target, rank), mhc_model, "mhc"
+        step_ms = pipeline_step_ms(step, model, device, args.warmup, args.steps)
+        busiest = count * max(result[f"{kind}_stage_ms"])
+        variants.append({
+            "variant": label, "step_ms": step_ms,
+            "idle_share": 1 - busiest / step_ms,
+            "exposed_comm_ms": step_ms - result[f"{kind}_makespan_ms"],
+            "bytes_per_step": result[f"{kind}_bytes_per_step"],
+        })
+    by_label = {v["variant"]: v for v in variants}
+    for v in variants:
+        plain_same = by_label["plain, async" if "async" in v["variant"] or v["variant"] == "mHC, overlap"
+                              else "plain, sync"]
+        v["vs_plain"] = v["step_ms"] / plain_same["step_ms"]
+    no_overlap = by_label["mHC, no overlap"]["exposed_comm_ms"]
+    for label in ("mHC, async exchange only", "mHC, overlap"):
+        hidden = (no_overlap - by_label[label]["exposed_comm_ms"]) / no_overlap if no_overlap > 0 else 0.0
+        by_label[label]["comm_hidden"] = hidden
+    result["variants"] = variants
+    overlap_ratio = by_label["mHC, overlap"]["vs_plain"]
+    result["targets"] = {
+        "pipeline_overhead_overlap": overlap_ratio,
+        "ratio_within_1.2x_single_gpu": overlap_ratio <= 1.2 * result["single_gpu_overhead"],
+        "excess_within_1.2x_single_gpu": (overlap_ratio - 1) <= 1.2 * (result["single_gpu_overhead"] - 1),
+        "overlap_faster_than_no_overlap": by_label["mHC, overlap"]["step_ms"]
+        < by_label["mHC, no overlap"]["step_ms"],
+        "overlap_speedup": by_label["mHC, no overlap"]["step_ms"] / by_label["mHC, overlap"]["step_ms"],
+    }
+    return result
+
+
+def print_table(results):
+    print(f"\n{'size':10} {'variant':26} {'step ms':>9} {'vs plain':>9} {'idle':>6} "
+          f"{'exposed comm ms':>16} {'MB/step':>9} {'comm hidden':>12}")
+    for result in results["sizes"]:
+        for v in result["variants"]:
+            hidden = f"{v['comm_hidden']:.0%}" if "comm_hidden" in v else ""
+            print(f"{result['size']:10} {v['variant']:26} {v['step_ms']:9.2f} {v['vs_plain']:9.3f} "
+                  f"{v['idle_share']:6.0%} {v['exposed_comm_ms']:16.2f} {v['bytes_per_step'] / 2**20:9.1f} "
+                  f"{hidden:>12}")
+        t = result["targets"]
+        print(f"{result['size']:10} single GPU: plain {result['single_gpu_plain_ms']:.2f} ms, mHC "
+              f"{result['single_gpu_mhc_ms']:.2f} ms, overhead {result['single_gpu_overhead']:.3f}; "
+              f"pipeline overhead with overlap {t['pipeline_overhead_overlap']:.3f} "
+              f"(ratio within 1.2x: {t['ratio_within_1.2x_single_gpu']}, excess within 1.2x: "
+              f"{t['excess_within_1.2x_single_gpu']}); overlap faster: "
+              f"{t['overlap_faster_than_no_overlap']} ({t['overlap_speedup']:.3f}x); transfer alone "
+              f"{result['mhc_transfer_ms_per_step']:.2f} ms/step mHC, {result['plain_transfer_ms_per_step']:.2f} plain")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--smoke", action="store_true", help="tiny model (CPU check of the script)")
+    parser.add_argument("--sizes", nargs="*", default=None, help=f"of {list(SIZES)}")
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default="bench/out")
+    parser.add_argument("--budget-s", type=float, default=1e9,
+                        help="start no further size after this many seconds (device time limits)")
+    args = parser.parse_args()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if world != 2:
+        raise SystemExit("bench/pipeline.py runs 2 stages on 2 ranks: torchrun --nproc-per-node 2")
+    if args.device == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+        dtype = torch.bfloat16
+    else:
+        device, dtype = torch.device("cpu"), torch.float32
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo")
+    sizes = SMOKE if args.smoke else {k: SIZES[k] for k in (args.sizes or SIZES)}
+    results = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "torch": torch.__version__, "triton": _triton_version(), "dtype": str(dtype),
+        "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST")},
+        "schedule": "1F1B", "stages": 2,
+    }
+    started = time.perf_counter()
+    results["correctness"] = check_correctness(device, dtype, rank, "layers.1")
+    if rank == 0:
+        print("correctness:", results["correctness"], flush=True)
+    results["sizes"], results["skipped_sizes"] = [], []
+    out = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(args.out)
+    for name, size in sizes.items():
+        # decided together (the slowest rank's clock), or one rank would wait alone in a collective
+        if max_over_ranks(time.perf_counter() - started, device) > args.budget_s:
+            results["skipped_sizes"].append(name)
+            continue
+        results["sizes"].append(bench_size(name, size, device, dtype, rank, args))
+        if rank == 0:
+            print(f"{name} done at {time.perf_counter() - started:.0f} s", flush=True)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "pipeline.json").write_text(json.dumps(results, indent=2))
+    if rank == 0:
+        print_table(results)
+        print(f"wrote {out / 'pipeline.json'}; skipped for time: {results['skipped_sizes']}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _triton_version():
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+if __name__ == "__main__":
+    main()
