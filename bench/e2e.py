@@ -173,7 +173,9 @@ def prepare_variant(variant: str, model: nn.Module, ids: torch.Tensor, device: t
 
         options = {"n": N_STREAMS, "recompute": "auto" if variant == "mhc" else False}
         mhc_compile.prepare(model, ids[:, :-1], **options)
-        compiled = torch.compile(model, backend="mhc", options=options)
+        backend = mhc_compile.backend(**options)
+        compiled = torch.compile(model, backend=backend)
+        compiled.mhc_report = backend.report  # read after the first step: what training rewrote
         return model, compiled, time.perf_counter() - start
     naive = NaiveMHCLLaMA(model, device)
     if variant == "naive_whole":
@@ -224,18 +226,24 @@ def run_variant(size_name: str, size: dict, variant: str, device: torch.device) 
     optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-4, fused=device.type == "cuda")
     step = make_step(forward, optimizer, ids, device)
     first_s = timed(step, device)
+    report = getattr(forward, "mhc_report", None)
+    if report is not None and not any(b.status == "rewritten" for b in report.blocks):
+        raise RuntimeError(f"backend=mhc rewrote no block of the training graph: {report.summary()}")
     for _ in range(WARMUP_STEPS - 1):
         timed(step, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = [timed(step, device) for _ in range(size["steps"])]
+    steps = int(os.environ.get("MHC_BENCH_STEPS") or size["steps"])
+    times = [timed(step, device) for _ in range(steps)]
     median = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
 
     kept = forward_kept_bytes(forward, ids, device)
-    torch._dynamo.reset()  # recompile in this process: fresh Dynamo, every cache warm
-    _, forward, again_prepare_s = _recompile(variant, trained, model, ids, device)
-    again_first_s = timed(make_step(forward, optimizer, ids, device), device)
+    again_s = None
+    if not os.environ.get("MHC_BENCH_NO_WARM"):
+        torch._dynamo.reset()  # recompile in this process: fresh Dynamo, every cache warm
+        _, forward, again_prepare_s = _recompile(variant, trained, model, ids, device)
+        again_s = again_prepare_s + timed(make_step(forward, optimizer, ids, device), device) - median
     tokens = size["batch"] * size["seq"]
     result = {
         "size": size_name, "variant": variant, **{k: v for k, v in size.items() if k != "steps"},
@@ -245,13 +253,15 @@ def run_variant(size_name: str, size: dict, variant: str, device: torch.device) 
         "peak_memory_bytes": peak,
         "cold_compile_s": prepare_s + first_s - median, "prepare_s": prepare_s,
         "first_step_s": first_s,
-        "recompile_in_process_s": again_prepare_s + again_first_s - median,
+        "recompile_in_process_s": again_s,
         "parameters": sum(p.numel() for p in trained.parameters()),
         "forward_kept_bytes": kept,
         "stream_dtype": str(_stream_dtype(model, ids, device)).removeprefix("torch."),
     }
     if variant.startswith("mhc"):
         result["mhc_blocks"] = len(model.mhc.blocks)
+        result["blocks_rewritten_in_training"] = sum(
+            b.status == "rewritten" for b in report.blocks)
     if variant == "baseline":
         del trained, forward, optimizer, model, step
         if device.type == "cuda":
@@ -418,7 +428,8 @@ def table(summary: list[dict]) -> str:
         cold = f"{r['cold_compile_s']:.1f}" + (
             f" ({r['cold_compile_ratio']:.2f}x)" if r["variant"] != "baseline" and "cold_compile_ratio" in r else "")
         warm = (f"{r['warm_compile_s']:.1f}" if "warm_compile_s" in r
-                else f"- (same process: {r['recompile_in_process_s']:.1f})")
+                else f"- (same process: {r['recompile_in_process_s']:.1f})"
+                if r.get("recompile_in_process_s") is not None else "-")
         lines.append(
             f"| {r['size']} | {r['variant']} | {r['step_ms_median']:.1f} | {pct('step_overhead')} | "
             f"{floor} | {r['tokens_per_s']:,.0f} | {peak} | {pct('memory_overhead')} | {kept} | {cold} | "
@@ -461,6 +472,10 @@ def driver(args) -> int:
     sizes = list(TINY) if args.tiny else args.sizes
     variants = args.variants + (["naive_whole"] if args.naive_whole else [])
     deadline = time.perf_counter() + args.budget_s
+    if args.no_warm:
+        os.environ["MHC_BENCH_NO_WARM"] = "1"  # the workers skip their in-process recompile too
+    if args.steps:
+        os.environ["MHC_BENCH_STEPS"] = str(args.steps)
     header = {
         "date": date.today().isoformat(), "torch": torch.__version__,
         "python": platform.python_version(), "n": N_STREAMS, "sinkhorn_iters": SINKHORN_ITERS,
@@ -470,7 +485,7 @@ def driver(args) -> int:
     }
     log(f"e2e bench on {header['device']}, torch {header['torch']}, commit {header['commit']}")
     rows: list[dict] = []
-    for kind, size_name, variant in _plan(sizes, variants):
+    for kind, size_name, variant in _plan(sizes, variants, not args.no_warm):
         left = deadline - time.perf_counter()
         limit = min(LIMIT_S[variant] * args.limit_scale, left - 5)
         if kind == "warm":
@@ -508,17 +523,19 @@ def driver(args) -> int:
     return 1 if args.tiny and failed else 0
 
 
-def _plan(sizes: list[str], variants: list[str]) -> list[tuple[str, str, str]]:
+def _plan(sizes: list[str], variants: list[str], warm: bool) -> list[tuple[str, str, str]]:
     """(cold | warm, size, variant) in the order the targets need them: baseline and mhc of every
     size, their warm compiles, then the other variants, so a run cut short answers the targets."""
     first = [v for v in ("baseline", "mhc") if v in variants]
     plan = [("cold", size, v) for size in sizes for v in first]
-    plan += [("warm", size, v) for size in sizes for v in first if v in WARM_VARIANTS]
+    plan += [("warm", size, v) for size in sizes for v in first if v in WARM_VARIANTS and warm]
     plan += [("cold", size, v) for size in sizes for v in variants if v not in first]
     return plan
 
 
 def _commit() -> str:
+    if os.environ.get("MHC_BENCH_COMMIT"):  # a copy of the tree outside its git checkout
+        return os.environ["MHC_BENCH_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, cwd=Path(__file__).parent, check=False).stdout.strip()
@@ -534,6 +551,8 @@ def main() -> int:
     parser.add_argument("--variants", nargs="+", default=ORDER, choices=ORDER)
     parser.add_argument("--naive-whole", action="store_true",
                         help="also compile the hand-written mHC as one model (slow)")
+    parser.add_argument("--no-warm", action="store_true", help="skip the warm-compile runs")
+    parser.add_argument("--steps", type=int, help="timed steps per variant (default per size)")
     parser.add_argument("--budget-s", type=float, default=540, help="wall time for all variants")
     parser.add_argument("--limit-scale", type=float, default=1.0,
                         help="scale every variant's time limit")
