@@ -34,7 +34,8 @@ __version__ = "0.1.0"
 def backend(**options: Any) -> MHCBackend:
     """A configured backend: `torch.compile(model, backend=mhc_compile.backend(n=2))`.
 
-    Options (see MHCOptions): n, sinkhorn_iters, alpha_init, constraint, include, exclude, eager.
+    Options (see MHCOptions): n, sinkhorn_iters, alpha_init, constraint, include, exclude, eager,
+    recompute.
     Its `.report` collects the blocks of every graph it compiled.
     """
     return MHCBackend(MHCOptions.from_kwargs(**options))

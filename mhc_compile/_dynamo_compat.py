@@ -7,9 +7,10 @@ module to fix.
 from __future__ import annotations
 
 import copy
+import itertools
+import re
 import sys
 from pathlib import Path
-import re
 from typing import Any, Callable, Sequence
 
 import torch
@@ -57,13 +58,19 @@ def owner_module(root: str) -> nn.Module | None:
     return owner if isinstance(owner, nn.Module) else None
 
 
-def compile_with_inductor(graph_module: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+def compile_with_inductor(
+    graph_module: fx.GraphModule, example_inputs: Sequence[Any], recompute: str | int | bool = False
+) -> Callable:
     """Inductor's entry point for a Dynamo graph (what backend="inductor" calls): AOT autograd,
     partitioning and code generation. It has no public alias.
 
     Inductor's FX graph cache keys on the graph, not on what our custom ops do: after an upgrade
     of mhc_compile it would serve code compiled against the old ops (stale stride assertions were
     seen). A pass that changes nothing but whose uuid() hashes our sources keys the cache on them.
+
+    `recompute` (MHCOptions.recompute) installs the recompute policy as a joint-graph pass, the
+    only stage that sees forward and backward before the partitioner. Its uuid() holds the
+    setting: the AOT autograd cache keys on the graph's code, not on node tags.
     """
     from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx
@@ -71,6 +78,10 @@ def compile_with_inductor(graph_module: fx.GraphModule, example_inputs: Sequence
     patches = {}
     if config.post_grad_custom_post_pass is None:
         patches["post_grad_custom_post_pass"] = _SourceStamp()
+    if recompute is not False:
+        policy = _RecomputePolicyPass(recompute)
+        user_pass = config.joint_custom_pre_pass
+        patches["joint_custom_pre_pass"] = policy if user_pass is None else _Sequence(user_pass, policy)
     return compile_fx(graph_module, list(example_inputs), config_patches=patches)
 
 
@@ -90,6 +101,36 @@ class _SourceStamp(CustomGraphPass):
 
     def uuid(self) -> bytes:
         return get_hash_for_files(tuple(str(path) for path in _source_files()))
+
+
+class _RecomputePolicyPass(CustomGraphPass):
+    """passes/recompute_policy.py on Inductor's joint graph, keyed on our sources and the setting."""
+
+    def __init__(self, setting: str | int | bool):
+        self.setting = setting
+
+    def __call__(self, graph: fx.Graph) -> None:
+        from mhc_compile.passes.recompute_policy import tag_recompute
+
+        tag_recompute(graph, self.setting)
+
+    def uuid(self) -> bytes:
+        return _SourceStamp().uuid() + repr(("recompute", self.setting)).encode()
+
+
+class _Sequence(CustomGraphPass):
+    """The user's own joint-graph pass, then ours (torch 2.11 takes a single pass there)."""
+
+    def __init__(self, first: Callable, second: CustomGraphPass):
+        self.first, self.second = first, second
+
+    def __call__(self, graph: fx.Graph) -> None:
+        self.first(graph)
+        self.second(graph)
+
+    def uuid(self) -> bytes | None:
+        first = self.first.uuid() if isinstance(self.first, CustomGraphPass) else None
+        return None if first is None else repr(first).encode() + self.second.uuid()
 
 
 def mark_parameter_input(placeholder: fx.Node) -> None:
@@ -126,3 +167,38 @@ def is_compiled_module(module: nn.Module) -> bool:
     from torch._dynamo.eval_frame import OptimizedModule
 
     return isinstance(module, OptimizedModule)
+def checkpoint_region_body(graph_module: fx.GraphModule, node: fx.Node) -> fx.GraphModule | None:
+    """The body of a plain `torch.utils.checkpoint` region that Dynamo made into a call of the
+    `tag_activation_checkpoint` higher-order op, or None (another node, or a region with a
+    context_fn: selective checkpointing decides op by op while AOT autograd traces, which a
+    static copy of the body cannot reproduce). The op and the `_checkpoint_context_fn` key are
+    internal to torch; torch 2.11 and 2.13 spell them the same."""
+    hop = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
+    if hop is None or node.op != "call_function" or node.target is not hop:
+        return None
+    body_node = node.args[0]
+    if not isinstance(body_node, fx.Node) or body_node.op != "get_attr":
+        return None
+    body = getattr(graph_module, body_node.target, None)
+    if not isinstance(body, fx.GraphModule) or "_checkpoint_context_fn" in body.meta:
+        return None
+    return body
+
+
+def is_selective_checkpoint_region(graph_module: fx.GraphModule, node: fx.Node) -> bool:
+    """A `tag_activation_checkpoint` call whose region has a context_fn (left as it is)."""
+    hop = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
+    return (hop is not None and node.op == "call_function" and node.target is hop
+            and checkpoint_region_body(graph_module, node) is None)
+
+
+def new_checkpoint_region_id() -> int:
+    """A fresh ac_graph_id from the counter torch numbers its own checkpoint regions with, so
+    regions inlined by us and regions torch traces itself never share an id."""
+    from torch._higher_order_ops import wrap
+
+    counter = getattr(wrap, "uid", None)
+    return next(counter if counter is not None else _fallback_region_ids)
+
+
+_fallback_region_ids = itertools.count(1)

@@ -20,6 +20,7 @@ from mhc_compile.parameters import MHCParameters, parameters_of
 from mhc_compile.passes import graph_facts
 from mhc_compile.passes.annotate_pipeline import annotate_pipeline
 from mhc_compile.passes.find_residual_blocks import ResidualAnalysis, find_residual_chains
+from mhc_compile.passes.inline_checkpoint import inline_checkpoint_regions
 from mhc_compile.passes.rewrite_mhc import BlockParameterNodes, rewrite_mhc
 from mhc_compile.report import BlockReport, Report, SkipReason
 
@@ -51,6 +52,7 @@ class MHCBackend:
     def __call__(self, graph_module: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         graph_index, self.traced_graphs = self.traced_graphs, self.traced_graphs + 1
         graph_module = _dynamo_compat.copy_graph_module(graph_module)
+        inline_checkpoint_regions(graph_module)  # blocks inside the user's checkpointed layers
         placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
         weights = {n for n, v in zip(placeholders, example_inputs) if isinstance(v, nn.Parameter)}
         analysis = find_residual_chains(graph_module, self.options, weights)
@@ -88,7 +90,8 @@ class MHCBackend:
     def _compile(self, graph_module: fx.GraphModule, example_inputs) -> Callable:
         if self.options.eager:
             return graph_module
-        return _dynamo_compat.compile_with_inductor(graph_module, example_inputs)
+        return _dynamo_compat.compile_with_inductor(
+            graph_module, example_inputs, recompute=self.options.recompute)
 
 
 @dataclass(eq=False)

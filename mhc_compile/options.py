@@ -23,6 +23,12 @@ class MHCOptions:
     include: glob patterns on block module paths (``"layers.*"``); empty means every block.
     exclude: glob patterns on block module paths whose blocks stay plain residuals.
     eager: run the rewritten graph without Inductor (fast tests, bisecting).
+    recompute: which streams backward keeps (paper's recomputation, passes/recompute_policy.py).
+        "auto" (default): keep the streams at the first block of every L_r blocks of a chain, with
+        L_r = round(sqrt(n L / (n + 2))) for a chain of L blocks (the paper's optimum), and rebuild
+        the others in backward from those, the coefficients and F's outputs (which are kept); F is
+        never recomputed. An integer sets L_r (1 keeps every block's streams). False turns it off:
+        every block's streams are kept. Inductor only: the eager path (eager=True) keeps everything.
     """
 
     n: int = 4
@@ -32,6 +38,7 @@ class MHCOptions:
     include: tuple[str, ...] = field(default_factory=tuple)
     exclude: tuple[str, ...] = field(default_factory=tuple)
     eager: bool = False
+    recompute: str | int | bool = "auto"
 
     def __post_init__(self) -> None:
         _require_int("n", self.n, minimum=1)
@@ -49,6 +56,7 @@ class MHCOptions:
             object.__setattr__(self, name, _patterns(name, getattr(self, name)))
         if not isinstance(self.eager, bool):
             raise TypeError(f"mhc option eager must be True or False, got {self.eager!r}")
+        _check_recompute(self.recompute)
 
     @classmethod
     def from_kwargs(cls, options: Mapping[str, Any] | None = None, **kwargs: Any) -> "MHCOptions":
@@ -72,6 +80,17 @@ def _require_int(name: str, value: Any, minimum: int) -> None:
         raise TypeError(f"mhc option {name} must be an integer, got {value!r}")
     if value < minimum:
         raise ValueError(f"mhc option {name} must be >= {minimum}, got {value}")
+
+
+def _check_recompute(value: Any) -> None:
+    if value == "auto" or value is False:
+        return
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return
+    raise ValueError(
+        "mhc option recompute must be 'auto', a group size L_r >= 1 (blocks per kept stream) "
+        f"or False (keep every block's streams), got {value!r}"
+    )
 
 
 def _patterns(name: str, value: Any) -> tuple[str, ...]:

@@ -238,7 +238,9 @@ def _skip_reason(block, owned, options: MHCOptions, order) -> SkipReason | None:
         return SkipReason.SCALAR_SHAPE
     if any(tuple(v.shape) != tuple(skip_value.shape) for v in branch_values):
         return SkipReason.BROADCAST
-    if any(v.dtype != skip_value.dtype for v in branch_values):
+    # Under autocast f(x) is often bf16 while x stays float32: the add promotes to x's dtype,
+    # and so does the post/res mix (it returns the streams' dtype), so only the result must match.
+    if graph_facts.example_value(block.add).dtype != skip_value.dtype:
         return SkipReason.DTYPE_MISMATCH
     if graph_facts.is_inplace(block.add) or (
         block.inner_add is not None and graph_facts.is_inplace(block.inner_add)

@@ -25,6 +25,10 @@ from mhc_compile.passes.find_residual_blocks import ResidualAnalysis, ResidualBl
 
 log = logging.getLogger(__name__)
 
+# What a new node takes from the node it stands for: its module path (reports, pipeline cuts) and
+# the user's activation-checkpoint tags (mHC ops inside a checkpointed region recompute with it).
+_KEPT_META = ("nn_module_stack", "stack_trace", "recompute", "ac_graph_id")
+
 
 @dataclass(frozen=True)
 class BlockParameterNodes:
@@ -102,7 +106,7 @@ def _lift(graph: fx.Graph, node: fx.Node, streams: fx.Node) -> fx.Node:
         kwargs["inplace"] = False
     with graph.inserting_before(node):
         lifted = graph.create_node(node.op, target, (streams, *node.args[1:]), kwargs)
-    lifted.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    lifted.meta.update({k: v for k, v in node.meta.items() if k in _KEPT_META})
     return lifted
 
 
@@ -129,7 +133,7 @@ def _graph_position(graph: fx.Graph):
 def _call(graph: fx.Graph, target, *args, like: fx.Node, role: str | None = None) -> fx.Node:
     """A call_function node that keeps the module path (reports, pipeline cuts) of `like`."""
     node = graph.call_function(target, args)
-    for key in ("nn_module_stack", "stack_trace"):
+    for key in _KEPT_META:
         if key in like.meta:
             node.meta[key] = like.meta[key]
     if role is not None:

@@ -1,0 +1,570 @@
+"""End to end: what mHC costs per training step, in memory and in compile time (issue 4).
+
+    python3 bench/e2e.py --out DIR          # GPU: C=1024 (12 layers, 8 x 1024 tokens) and
+                                            # C=2048 (16 layers, 4 x 2048 tokens)
+    python3 bench/e2e.py --tiny --out DIR   # CPU smoke run of the same code on a tiny model
+
+A LLaMA-style decoder (mhc_compile.examples.LLaMA: RMSNorm, rotary attention through causal SDPA,
+SwiGLU) trains with bf16 autocast and fused AdamW, in these variants:
+
+    baseline          the plain residual model, torch.compile with its defaults
+    mhc               the same unmodified model, torch.compile(backend="mhc"), n=4, recompute "auto"
+    naive_pieces      mHC written by hand in PyTorch with mhc_compile/reference.py's math, one module
+                      per sublayer, each transformer layer compiled on its own (Module.compile)
+    mhc_no_recompute  backend="mhc" with recompute=False (every block's streams kept)
+    naive_whole       the hand-written mHC compiled as one model (only with --naive-whole: the issue
+                      measured it not finishing in 530 s)
+
+Each variant runs in its own process with fresh Inductor and Triton cache directories (so the
+first step's compile is cold) under a hard time limit; the JSON is rewritten after every variant,
+so a run cut short still returns what it measured. Per variant: median step time, tokens/s, peak
+memory (torch.cuda.max_memory_allocated over the timed steps: weights, gradients, AdamW state,
+activations), cold compile (prepare() plus the first step less a median step), and warm compile
+(the same in a new process on the Inductor and Triton caches the cold run filled, for baseline and
+mhc when time is left; every variant also records a recompile after torch._dynamo.reset() in its
+own process, where even the in-memory caches are warm).
+
+The bytes floor: mHC moves about 45C elements per token per sublayer in a training step (forward
+about (3n+2)C, backward about twice that and more, n=4); at the measured copy bandwidth that is the
+least time mHC can add to a step. It is reported for 2-byte elements (the issue's count) and for
+the residual stream's own dtype (float32 here: autocast leaves the embedding output and so the
+residual adds in float32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+N_STREAMS = 4
+SINKHORN_ITERS = 20
+ELEMENTS_PER_TOKEN_PER_SUBLAYER = 45  # times C: mHC's bytes floor in a training step (issue 4)
+VOCAB = 32000
+
+SIZES = {
+    "C1024": dict(width=1024, depth=12, heads=8, batch=8, seq=1024, vocab=VOCAB, steps=15),
+    "C2048": dict(width=2048, depth=16, heads=16, batch=4, seq=2048, vocab=VOCAB, steps=10),
+}
+TINY = {"tiny": dict(width=64, depth=2, heads=4, batch=2, seq=32, vocab=128, steps=3)}
+ORDER = ["baseline", "mhc", "naive_pieces", "mhc_no_recompute"]
+LIMIT_S = {"baseline": 150, "mhc": 200, "naive_pieces": 200, "mhc_no_recompute": 170,
+           "naive_whole": 300}
+WARMUP_STEPS = 3
+WARM_VARIANTS = ("baseline", "mhc")  # warm compiles measured (in a new process) when time is left
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+
+def build_llama(size: dict, device: torch.device, seed: int = 0):
+    from mhc_compile.examples import LLaMA
+
+    torch.manual_seed(seed)
+    model = LLaMA(size["vocab"], size["seq"], size["width"], size["depth"], size["heads"])
+    ids = torch.randint(0, size["vocab"], (size["batch"], size["seq"] + 1),
+                        generator=torch.Generator().manual_seed(seed))
+    return model.to(device), ids.to(device)
+
+
+class NaiveMHCSublayer(nn.Module):
+    """One hand-written mHC sublayer: x_{l+1} = H_res x_l + H_post^T f(H_pre x_l) with the
+    coefficients of mhc_compile/reference.py, as a user would write it without the backend."""
+
+    def __init__(self, f, width: int, position: int, device: torch.device):
+        super().__init__()
+        from mhc_compile.options import MHCOptions
+        from mhc_compile.parameters import MHCBlockParameters
+
+        self.f = f
+        self.hc = MHCBlockParameters(N_STREAMS, width, position, MHCOptions(n=N_STREAMS),
+                                     torch.float32, device)
+
+    def forward(self, streams, *extra):
+        from mhc_compile import reference
+
+        p = self.hc
+        h_pre, h_post, h_res = reference.coefficients(
+            streams, p.phi, p.alpha, p.b_pre, p.b_post, p.b_res, SINKHORN_ITERS)
+        y = self.f(reference.pre_mix(streams, h_pre), *extra)
+        return reference.post_res_mix(streams, y, h_post, h_res)
+
+
+class _Attention(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.norm, self.attention = layer.attention_norm, layer.attention
+
+    def forward(self, x, cos, sin):
+        return self.attention(self.norm(x), cos, sin)
+
+
+class _FeedForward(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.norm, self.feed_forward = layer.ffn_norm, layer.feed_forward
+
+    def forward(self, x, cos, sin):
+        return self.feed_forward(self.norm(x))
+
+
+class NaiveMHCLayer(nn.Module):
+    """A LLaMA layer's two sublayers as hand-written mHC sublayers over [B, S, n, C] streams."""
+
+    def __init__(self, layer, width: int, index: int, device: torch.device):
+        super().__init__()
+        self.attention = NaiveMHCSublayer(_Attention(layer), width, 2 * index, device)
+        self.feed_forward = NaiveMHCSublayer(_FeedForward(layer), width, 2 * index + 1, device)
+
+    def forward(self, streams, cos, sin):
+        return self.feed_forward(self.attention(streams, cos, sin), cos, sin)
+
+
+class NaiveMHCLLaMA(nn.Module):
+    """The benchmark's LLaMA with its residuals replaced by hand-written mHC: streams replicated
+    at the head, averaged at the tail (reference.expand_streams / reduce_streams)."""
+
+    def __init__(self, base, device: torch.device):
+        super().__init__()
+        width = base.tok_embeddings.embedding_dim
+        self.base = base
+        self.layers = nn.ModuleList(
+            NaiveMHCLayer(layer, width, i, device) for i, layer in enumerate(base.layers))
+
+    def forward(self, idx):
+        from mhc_compile import reference
+
+        base, seq = self.base, idx.shape[1]
+        cos, sin = base.cos[:seq], base.sin[:seq]
+        streams = reference.expand_streams(base.tok_embeddings(idx), N_STREAMS)
+        for layer in self.layers:
+            streams = layer(streams, cos, sin)
+        return base.output(base.norm(reference.reduce_streams(streams)))
+
+
+# --- one variant, in its own process --------------------------------------------------------------
+
+
+def prepare_variant(variant: str, model: nn.Module, ids: torch.Tensor, device: torch.device):
+    """(model to train, callable for the forward, seconds spent before the first step)."""
+    start = time.perf_counter()
+    if variant == "baseline":
+        return model, torch.compile(model), time.perf_counter() - start
+    if variant in ("mhc", "mhc_no_recompute"):
+        import mhc_compile
+
+        options = {"n": N_STREAMS, "recompute": "auto" if variant == "mhc" else False}
+        mhc_compile.prepare(model, ids[:, :-1], **options)
+        backend = mhc_compile.backend(**options)
+        compiled = torch.compile(model, backend=backend)
+        compiled.mhc_report = backend.report  # read after the first step: what training rewrote
+        return model, compiled, time.perf_counter() - start
+    naive = NaiveMHCLLaMA(model, device)
+    if variant == "naive_whole":
+        return naive, torch.compile(naive), time.perf_counter() - start
+    # Per piece: every layer compiled on its own. One frame serves all layers (parameters are
+    # graph inputs), but keep Dynamo from giving up on recompiles across the instances.
+    torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+    for layer in naive.layers:
+        layer.compile()
+    return naive, naive, time.perf_counter() - start
+
+
+def make_step(forward, optimizer, ids: torch.Tensor, device: torch.device):
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+
+    def step() -> float:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = forward(inputs)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def timed(step, device: torch.device) -> float:
+    """Seconds for one step, the device drained before and after."""
+    _synchronize(device)
+    start = time.perf_counter()
+    loss = step()
+    _synchronize(device)
+    seconds = time.perf_counter() - start
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"the loss is not finite: {loss.item()}")
+    return seconds
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_variant(size_name: str, size: dict, variant: str, device: torch.device) -> dict:
+    model, ids = build_llama(size, device)
+    trained, forward, prepare_s = prepare_variant(variant, model, ids, device)
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-4, fused=device.type == "cuda")
+    step = make_step(forward, optimizer, ids, device)
+    first_s = timed(step, device)
+    report = getattr(forward, "mhc_report", None)
+    if report is not None and not any(b.status == "rewritten" for b in report.blocks):
+        raise RuntimeError(f"backend=mhc rewrote no block of the training graph: {report.summary()}")
+    for _ in range(WARMUP_STEPS - 1):
+        timed(step, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    steps = int(os.environ.get("MHC_BENCH_STEPS") or size["steps"])
+    times = [timed(step, device) for _ in range(steps)]
+    median = statistics.median(times)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+
+    kept = forward_kept_bytes(forward, ids, device)
+    again_s = None
+    if not os.environ.get("MHC_BENCH_NO_WARM"):
+        torch._dynamo.reset()  # recompile in this process: fresh Dynamo, every cache warm
+        _, forward, again_prepare_s = _recompile(variant, trained, model, ids, device)
+        again_s = again_prepare_s + timed(make_step(forward, optimizer, ids, device), device) - median
+    tokens = size["batch"] * size["seq"]
+    result = {
+        "size": size_name, "variant": variant, **{k: v for k, v in size.items() if k != "steps"},
+        "tokens_per_step": tokens, "steps_timed": len(times),
+        "step_ms_median": 1e3 * median, "step_ms_all": [1e3 * t for t in times],
+        "tokens_per_s": tokens / median,
+        "peak_memory_bytes": peak,
+        "cold_compile_s": prepare_s + first_s - median, "prepare_s": prepare_s,
+        "first_step_s": first_s,
+        "recompile_in_process_s": again_s,
+        "parameters": sum(p.numel() for p in trained.parameters()),
+        "forward_kept_bytes": kept,
+        "stream_dtype": str(_stream_dtype(model, ids, device)).removeprefix("torch."),
+    }
+    if variant.startswith("mhc"):
+        result["mhc_blocks"] = len(model.mhc.blocks)
+        result["blocks_rewritten_in_training"] = sum(
+            b.status == "rewritten" for b in report.blocks)
+    if variant == "baseline":
+        del trained, forward, optimizer, model, step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        result["copy_bandwidth"] = copy_bandwidth(device)
+    return result
+
+
+def forward_kept_bytes(forward, ids, device: torch.device) -> int | None:
+    """Device memory one forward leaves allocated for backward (activations and the logits):
+    explains the peak-memory differences between variants. None on CPU (no allocator stats)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        output = forward(ids[:, :-1])
+    torch.cuda.synchronize()
+    kept = torch.cuda.memory_allocated() - before
+    del output
+    return kept
+
+
+def run_warm(size: dict, variant: str, device: torch.device) -> dict:
+    """A new process on the caches a cold run filled: what restarting a training job costs."""
+    model, ids = build_llama(size, device)
+    trained, forward, prepare_s = prepare_variant(variant, model, ids, device)
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-4, fused=device.type == "cuda")
+    step = make_step(forward, optimizer, ids, device)
+    first_s = timed(step, device)
+    median = statistics.median(timed(step, device) for _ in range(3))
+    return {"warm_compile_s": prepare_s + first_s - median, "warm_prepare_s": prepare_s}
+
+
+def _recompile(variant, trained, model, ids, device):
+    start = time.perf_counter()
+    if variant == "baseline":
+        return trained, torch.compile(trained), time.perf_counter() - start
+    if variant in ("mhc", "mhc_no_recompute"):
+        options = {"n": N_STREAMS, "recompute": "auto" if variant == "mhc" else False}
+        return trained, torch.compile(model, backend="mhc", options=options), \
+            time.perf_counter() - start
+    if variant == "naive_whole":
+        return trained, torch.compile(trained), time.perf_counter() - start
+    for layer in trained.layers:
+        layer.compile()
+    return trained, trained, time.perf_counter() - start
+
+
+def _stream_dtype(model, ids, device) -> torch.dtype:
+    """The residual stream's dtype under autocast: the embedding output's."""
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        return model.tok_embeddings(ids[:1, :2]).dtype
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes read + written per second by a device-to-device copy (2 GiB on CUDA)."""
+    numel = 2**29 if device.type == "cuda" else 2**24
+    source = torch.randn(numel, device=device)
+    target = torch.empty_like(source)
+    for _ in range(3):
+        target.copy_(source)
+    times = []
+    for _ in range(20):
+        _synchronize(device)
+        start = time.perf_counter()
+        target.copy_(source)
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * numel * source.element_size() / statistics.median(times)
+
+
+def worker(args) -> int:
+    size = {**SIZES, **TINY}[args.size]
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    try:
+        if args.warm:
+            result = run_warm(size, args.variant, device)
+        else:
+            result = run_variant(args.size, size, args.variant, device)
+    except Exception as error:  # reported as the variant's result, the other variants go on
+        result = {"size": args.size, "variant": args.variant,
+                  "error": f"{type(error).__name__}: {error}",
+                  "traceback": traceback.format_exc()[-4000:]}
+        log(result["traceback"])
+    Path(args.result).write_text(json.dumps(result))
+    return 0
+
+
+# --- the driver -------------------------------------------------------------------------------------
+
+
+def launch(size_name: str, variant: str, limit_s: float, tiny: bool,
+           caches: str | None = None) -> dict:
+    """Run one variant in a new process; cold on fresh cache folders, warm on `caches`."""
+    warm = caches is not None
+    caches = caches or tempfile.mkdtemp(prefix=f"e2e-{size_name}-{variant}-")
+    result_path = Path(caches) / ("warm.json" if warm else "result.json")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": f"{caches}/inductor",
+           "TRITON_CACHE_DIR": f"{caches}/triton", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, __file__, "--worker", "--size", size_name, "--variant", variant,
+               "--result", str(result_path)] + (["--cpu"] if tiny else []) + \
+        (["--warm"] if warm else [])
+    start = time.perf_counter()
+    try:
+        subprocess.run(command, env=env, timeout=limit_s, check=False)
+    except subprocess.TimeoutExpired:
+        return {"size": size_name, "variant": variant, "timed_out": True, "limit_s": limit_s,
+                "error": f"did not finish in {limit_s:.0f} s (compile and steps)"}
+    if not result_path.exists():
+        return {"size": size_name, "variant": variant, "error": "the worker process died"}
+    result = json.loads(result_path.read_text())
+    result["wall_s"] = time.perf_counter() - start
+    result["caches"] = caches
+    return result
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Overheads against the baseline of the same size, and the bytes floor."""
+    bandwidth = next((r["copy_bandwidth"] for r in rows if r.get("copy_bandwidth")), None)
+    summary = []
+    for row in rows:
+        if "error" in row:
+            summary.append({**row})
+            continue
+        base = next((r for r in rows if r["size"] == row["size"] and r["variant"] == "baseline"
+                     and "error" not in r), None)
+        entry = dict(row)
+        sublayers = 2 * row["depth"]
+        elements = ELEMENTS_PER_TOKEN_PER_SUBLAYER * row["width"] * row["tokens_per_step"] * sublayers
+        stream_bytes = torch.empty((), dtype=getattr(torch, row["stream_dtype"])).element_size()
+        if base is not None:
+            entry["step_overhead"] = row["step_ms_median"] / base["step_ms_median"] - 1
+            if row["peak_memory_bytes"] and base["peak_memory_bytes"]:
+                entry["memory_overhead"] = row["peak_memory_bytes"] / base["peak_memory_bytes"] - 1
+            entry["cold_compile_ratio"] = row["cold_compile_s"] / max(base["cold_compile_s"], 1e-9)
+            if "warm_compile_s" in row and "warm_compile_s" in base:
+                entry["warm_compile_ratio"] = row["warm_compile_s"] / max(base["warm_compile_s"], 1e-9)
+            if bandwidth:
+                for label, nbytes in (("floor_2byte", 2), ("floor_stream_dtype", stream_bytes)):
+                    floor_ms = 1e3 * elements * nbytes / bandwidth
+                    entry[f"{label}_ms"] = floor_ms
+                    entry[f"{label}_overhead"] = floor_ms / base["step_ms_median"]
+        summary.append(entry)
+    return summary
+
+
+def table(summary: list[dict]) -> str:
+    header = ("| size | variant | step ms | overhead | floor (2 B / stream dtype) | tokens/s | "
+              "peak GiB | memory | fwd kept GiB | cold compile s | warm compile s |")
+    lines = [header, "|" + "---|" * 11]
+    for r in summary:
+        if "error" in r:
+            lines.append(f"| {r['size']} | {r['variant']} | {r['error']} |" + " |" * 8)
+            continue
+
+        def pct(key):
+            return f"{100 * r[key]:+.1f}%" if key in r else "-"
+
+        floor = (f"{100 * r['floor_2byte_overhead']:.1f}% / {100 * r['floor_stream_dtype_overhead']:.1f}%"
+                 if "floor_2byte_overhead" in r and r["variant"] != "baseline" else "-")
+        peak = f"{r['peak_memory_bytes'] / 2**30:.2f}" if r["peak_memory_bytes"] else "-"
+        kept = f"{r['forward_kept_bytes'] / 2**30:.2f}" if r.get("forward_kept_bytes") else "-"
+        cold = f"{r['cold_compile_s']:.1f}" + (
+            f" ({r['cold_compile_ratio']:.2f}x)" if r["variant"] != "baseline" and "cold_compile_ratio" in r else "")
+        warm = (f"{r['warm_compile_s']:.1f}" if "warm_compile_s" in r
+                else f"- (same process: {r['recompile_in_process_s']:.1f})"
+                if r.get("recompile_in_process_s") is not None else "-")
+        lines.append(
+            f"| {r['size']} | {r['variant']} | {r['step_ms_median']:.1f} | {pct('step_overhead')} | "
+            f"{floor} | {r['tokens_per_s']:,.0f} | {peak} | {pct('memory_overhead')} | {kept} | {cold} | "
+            f"{warm} |")
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed: no plot")
+        return
+    figure, (steps, memory) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for variant in dict.fromkeys(r["variant"] for r in summary):
+        rows = [r for r in summary if r["variant"] == variant and "error" not in r]
+        if not rows:
+            continue
+        widths = [r["width"] for r in rows]
+        steps.plot(widths, [r["step_ms_median"] for r in rows], marker="o", label=variant)
+        if all(r["peak_memory_bytes"] for r in rows):
+            memory.plot(widths, [r["peak_memory_bytes"] / 2**30 for r in rows], marker="o",
+                        label=variant)
+    steps.set(xlabel="C (model width)", ylabel="median step ms", title="training step")
+    memory.set(xlabel="C (model width)", ylabel="peak GiB", title="peak memory")
+    for axis in (steps, memory):
+        axis.grid(alpha=0.3)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def driver(args) -> int:
+    out = Path(args.out or os.environ.get("OUT") or Path(__file__).parent / "out")
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = list(TINY) if args.tiny else args.sizes
+    variants = args.variants + (["naive_whole"] if args.naive_whole else [])
+    deadline = time.perf_counter() + args.budget_s
+    if args.no_warm:
+        os.environ["MHC_BENCH_NO_WARM"] = "1"  # the workers skip their in-process recompile too
+    if args.steps:
+        os.environ["MHC_BENCH_STEPS"] = str(args.steps)
+    header = {
+        "date": date.today().isoformat(), "torch": torch.__version__,
+        "python": platform.python_version(), "n": N_STREAMS, "sinkhorn_iters": SINKHORN_ITERS,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny
+        else platform.processor() or "cpu",
+        "commit": _commit(),
+    }
+    log(f"e2e bench on {header['device']}, torch {header['torch']}, commit {header['commit']}")
+    rows: list[dict] = []
+    for kind, size_name, variant in _plan(sizes, variants, not args.no_warm):
+        left = deadline - time.perf_counter()
+        limit = min(LIMIT_S[variant] * args.limit_scale, left - 5)
+        if kind == "warm":
+            row = next((r for r in rows if r["size"] == size_name and r["variant"] == variant
+                        and "error" not in r), None)
+            if row is None:
+                continue
+            if limit < 30:
+                row["warm_error"] = "not run: out of time"
+                continue
+            log(f"\n== {size_name} {variant}: warm compile (new process, filled caches)")
+            warm = launch(size_name, variant, limit, args.tiny, caches=row["caches"])
+            row.update({k: v for k, v in warm.items() if k.startswith("warm")}
+                       if "error" not in warm else {"warm_error": warm["error"]})
+            log("-> " + (row.get("warm_error") or f"warm compile {row['warm_compile_s']:.1f} s"))
+        elif limit < 30:
+            rows.append({"size": size_name, "variant": variant, "error": "not run: out of time"})
+        else:
+            log(f"\n== {size_name} {variant} (limit {limit:.0f} s)")
+            rows.append(launch(size_name, variant, limit, args.tiny))
+            row = rows[-1]
+            log("-> " + (row.get("error") or f"{row['step_ms_median']:.1f} ms/step, "
+                                            f"cold compile {row['cold_compile_s']:.1f} s"))
+        (out / "e2e.json").write_text(json.dumps({**header, "rows": summarize(rows)}, indent=1))
+    summary = summarize(rows)
+    bandwidth = next((r["copy_bandwidth"] for r in rows if r.get("copy_bandwidth")), None)
+    log("")
+    if bandwidth:
+        log(f"copy bandwidth {bandwidth / 1e12:.3f} TB/s (device-to-device, read + write)")
+    text = table(summary)
+    log(text)
+    (out / "e2e.md").write_text(text + "\n")
+    plot(summary, out / "e2e.png")
+    failed = [r for r in summary if "error" in r]
+    return 1 if args.tiny and failed else 0
+
+
+def _plan(sizes: list[str], variants: list[str], warm: bool) -> list[tuple[str, str, str]]:
+    """(cold | warm, size, variant) in the order the targets need them: baseline and mhc of every
+    size, their warm compiles, then the other variants, so a run cut short answers the targets."""
+    first = [v for v in ("baseline", "mhc") if v in variants]
+    plan = [("cold", size, v) for size in sizes for v in first]
+    plan += [("warm", size, v) for size in sizes for v in first if v in WARM_VARIANTS and warm]
+    plan += [("cold", size, v) for size in sizes for v in variants if v not in first]
+    return plan
+
+
+def _commit() -> str:
+    if os.environ.get("MHC_BENCH_COMMIT"):  # a copy of the tree outside its git checkout
+        return os.environ["MHC_BENCH_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent, check=False).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="output folder (default $OUT, else bench/out)")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny model")
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--variants", nargs="+", default=ORDER, choices=ORDER)
+    parser.add_argument("--naive-whole", action="store_true",
+                        help="also compile the hand-written mHC as one model (slow)")
+    parser.add_argument("--no-warm", action="store_true", help="skip the warm-compile runs")
+    parser.add_argument("--steps", type=int, help="timed steps per variant (default per size)")
+    parser.add_argument("--budget-s", type=float, default=540, help="wall time for all variants")
+    parser.add_argument("--limit-scale", type=float, default=1.0,
+                        help="scale every variant's time limit")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--size", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--cpu", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    return worker(args) if args.worker else driver(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Recompute policy: which mHC tensors backward keeps and which it rebuilds (mHC paper, 4.3).
+
+n streams multiply a residual chain's saved activations by n: every block's backward ops need its
+input streams x_l [T, n, C]. The paper keeps x_l only at the first block of every L_r blocks, plus
+each block's F output y_l [T, C] and its per-token coefficients (H_pre, H_post, H_res: n^2 + 2n
+floats), and rebuilds the other streams in backward, group by group, with the cheap post/res mix
+x_{l+1} = H_res x_l + H_post^T y_l (Eq. 3). F itself is never recomputed. Saved stream memory is
+least at L_r ~ sqrt(n L / (n + 2)) for a chain of L blocks: L/L_r kept streams of nC against about
+L_r (n + 2)C live while one group is rebuilt.
+
+This pass runs on AOT autograd's joint graph (Inductor's joint_custom_pre_pass, installed by
+`_dynamo_compat.compile_with_inductor`) and steers the min-cut partitioner with the tags that
+selective activation checkpointing uses: node.meta["recompute"] = MUST_RECOMPUTE or MUST_SAVE,
+and one "ac_graph_id" per group. The partitioner then saves only what the tags allow, and its
+`reordering_to_mimic_autograd_engine` rebuilds each group just before that group's backward.
+Nodes that the user's own torch.utils.checkpoint regions tagged keep their tags: the user's
+choice wins inside their regions.
+
+What is recomputed is keyed on op names, here and nowhere else: the outputs of RECOMPUTED_OPS (the
+ops that produce a block's output streams) and the stream-wise ops between blocks (a lifted ReLU
+or norm) are rebuilt; every other mhc:: forward op (coefficients, pre-mix, or a fused
+coefficients + pre-mix op) and F's output are kept.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+from torch.utils.checkpoint import CheckpointPolicy
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "mhc"
+RECOMPUTED_OPS = frozenset({"mhc::post_res_mix"})  # outputs: a block's streams x_{l+1}
+
+# Our groups' ac_graph_ids sit above any id torch gives a user's checkpoint region (a counter
+# from 1), so the partitioner's boundary rule (a recomputed node whose user is recomputed under a
+# larger id is saved instead) keeps a user region's output streams when one of our groups reads
+# them, rather than rebuilding the region early.
+_GROUP_ID_BASE = 1 << 40
+_group_ids = itertools.count(_GROUP_ID_BASE)
+
+
+def group_size(setting: str | int | bool, n: int, blocks: int) -> int | None:
+    """L_r for a chain of `blocks` blocks of n streams; None when the policy is off.
+
+    "auto": the paper's optimum round(sqrt(n L / (n + 2))), at least 1.
+    """
+    if setting is False:
+        return None
+    if setting == "auto" or setting is True:
+        return max(1, round(math.sqrt(n * blocks / (n + 2))))
+    return int(setting)
+
+
+@dataclass
+class StreamChain:
+    """The stream-producing ops of one residual chain in order, and the stream-wise ops that
+    follow each of them before the next block reads the streams."""
+
+    producers: list[fx.Node] = field(default_factory=list)
+    lifted: list[list[fx.Node]] = field(default_factory=list)
+
+
+def tag_recompute(graph: fx.Graph, setting: str | int | bool) -> int:
+    """Tag the joint graph's mHC nodes for the partitioner; returns the number of chains tagged."""
+    if setting is False:
+        return 0
+    forward = _forward_nodes(graph)
+    chains = _stream_chains(graph, forward)
+    for chain in chains:
+        n = chain.producers[0].meta["val"].shape[-2]
+        _tag_chain(chain, group_size(setting, n, len(chain.producers)))
+    for node in forward:
+        if _is_mhc_op(node) and _op_name(node) not in RECOMPUTED_OPS:
+            _tag(node, CheckpointPolicy.MUST_SAVE, None)  # coefficients, pre-mix: never rebuilt
+    log.info("mhc: recompute policy %r tagged %d chains", setting, len(chains))
+    return len(chains)
+
+
+def _tag_chain(chain: StreamChain, group: int) -> None:
+    """Block p's output streams x_{p+1} are kept where p + 1 is a multiple of L_r (the first
+    streams of the next group), rebuilt elsewhere; F's output y_p feeding the rebuild is kept."""
+    ids = [next(_group_ids) for _ in range(math.ceil(len(chain.producers) / group) + 1)]
+    for position, (producer, lifted) in enumerate(zip(chain.producers, chain.lifted)):
+        ends_group = (position + 1) % group == 0
+        policy = CheckpointPolicy.MUST_SAVE if ends_group else CheckpointPolicy.MUST_RECOMPUTE
+        _tag(producer, policy, ids[position // group])
+        # Stream-wise ops after the kept streams are rebuilt from them (cheap), and belong to the
+        # next group, so the partitioner does not save their outputs as a group boundary too.
+        next_group = ids[(position + 1) // group]
+        for node in lifted:
+            _tag(node, CheckpointPolicy.MUST_RECOMPUTE, next_group)
+        _tag(producer.args[1], CheckpointPolicy.MUST_SAVE, None)  # F's output y_p: never rebuilt
+
+
+def _tag(node: fx.Node, policy: CheckpointPolicy, group_id: int | None) -> None:
+    if not isinstance(node, fx.Node) or "recompute" in node.meta:
+        return  # the user's checkpoint region (or an earlier rule) decided already
+    node.meta["recompute"] = policy
+    if group_id is not None:
+        node.meta["ac_graph_id"] = group_id
+
+
+def _stream_chains(graph: fx.Graph, forward: set[fx.Node]) -> list[StreamChain]:
+    """Link each stream-producing op to the previous one whose streams it reads, through
+    stream-wise ops (same shape) only, so that separate chains are never merged."""
+    chain_of: dict[fx.Node, StreamChain] = {}
+    chains: list[StreamChain] = []
+    for node in graph.nodes:
+        if node not in forward or _op_name(node) not in RECOMPUTED_OPS:
+            continue
+        previous, between = _previous_producer(node)
+        chain = chain_of.get(previous)
+        if chain is None or chain.producers[-1] is not previous:
+            chain = StreamChain()
+            chains.append(chain)
+        else:
+            chain.lifted[-1] = between
+        chain.producers.append(node)
+        chain.lifted.append([])
+        chain_of[node] = chain
+    return chains
+
+
+def _previous_producer(node: fx.Node) -> tuple[fx.Node | None, list[fx.Node]]:
+    shape = node.meta["val"].shape
+    between = []
+    current = node.args[0]
+    while isinstance(current, fx.Node) and current.op == "call_function":
+        if _op_name(current) in RECOMPUTED_OPS:
+            return current, between
+        if not _has_shape(current, shape) or not current.args:
+            break
+        between.append(current)
+        current = current.args[0]
+    return None, []
+
+
+def _has_shape(node: fx.Node, shape: torch.Size) -> bool:
+    value = node.meta.get("val")
+    if isinstance(value, (tuple, list)) and value:
+        value = value[0]  # a multi-output op (native_layer_norm): its first output is the streams
+    return isinstance(value, torch.Tensor) and value.shape == shape
+
+
+def _forward_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes of the joint graph that do not depend on a tangent (the forward part)."""
+    backward: set[fx.Node] = set()
+    for node in graph.nodes:
+        tangent = node.op == "placeholder" and "tangents" in str(node.target)
+        if tangent or any(arg in backward for arg in node.all_input_nodes):
+            backward.add(node)
+    return {node for node in graph.nodes if node not in backward}
+
+
+def _is_mhc_op(node: fx.Node) -> bool:
+    return _op_name(node) is not None
+
+
+def _op_name(node: fx.Node) -> str | None:
+    """"mhc::post_res_mix" for a call of an mhc:: op overload, None for anything else."""
+    name = getattr(node.target, "name", None)
+    if node.op != "call_function" or getattr(node.target, "namespace", None) != NAMESPACE:
+        return None
+    return name().split(".")[0] if callable(name) else None
