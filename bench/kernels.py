@@ -1,7 +1,7 @@
 """One mHC sublayer on the GPU: check the Triton kernels, then time them against the alternatives.
 
-The sublayer is coefficients + Sinkhorn + pre-mix + post/res-mix with f = identity, bf16 streams
-[tokens, n, C], fp32 coefficients, sinkhorn_iters = 20. Steps:
+The sublayer is coefficients + Sinkhorn + pre-mix (one op, mhc::coefficients_pre_mix) + post/res-mix
+with f = identity, bf16 streams [tokens, n, C], fp32 coefficients, sinkhorn_iters = 20. Steps:
 
 1. Check: at every benchmark shape, forward and backward through the mhc:: ops (which run the
    kernels on CUDA) against the float64 reference: the output, the intermediates (h_pre, h_post,
@@ -9,7 +9,8 @@ The sublayer is coefficients + Sinkhorn + pre-mix + post/res-mix with f = identi
    every output is compared. Buffers the kernels allocate are poisoned with NaN first.
 2. Time (triton.testing.do_bench, median) forward and forward+backward of:
      ours            the mhc:: ops in eager mode (the Triton kernels)
-     ours+inductor   the same under torch.compile (what backend="mhc" runs: Inductor around the ops)
+     ours+inductor   the same under torch.compile (what backend="mhc" runs: the ops are triton_ops,
+                     so Inductor compiles the kernels and the work around them and launches them)
      naive           reference.sublayer in PyTorch eager
      naive+inductor  reference.sublayer under default torch.compile
      liger           liger_kernel.transformers.mhc.LigerMHC (phi in bf16, its recommended setting)
@@ -38,7 +39,7 @@ import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
 from mhc_compile import ops, reference
-from mhc_compile.templates import coefficients, configs, kernels_active, post_res_mix, pre_mix
+from mhc_compile.templates import coefficients, coefficients_pre_mix, configs, kernels_active, post_res_mix
 
 DEVICE = "cuda"
 ITERS = 20
@@ -73,10 +74,9 @@ def make_inputs(tokens: int, n: int, channels: int, seed: int) -> list[torch.Ten
 
 def sublayer_parts(impl, streams, phi, alpha, b_pre, b_post, b_res) -> dict[str, torch.Tensor]:
     """The sublayer through `impl` (mhc_compile.ops or mhc_compile.reference), f = identity."""
-    h_pre, h_post, h_res = impl.coefficients(
+    h_pre, h_post, h_res, mixed = impl.coefficients_pre_mix(
         streams, phi, alpha, b_pre, b_post, b_res, ITERS, "sinkhorn"
     )
-    mixed = impl.pre_mix(streams, h_pre)
     out = impl.post_res_mix(streams, mixed, h_post, h_res)
     return {"h_pre": h_pre, "h_post": h_post, "h_res": h_res, "mixed": mixed, "out": out}
 
@@ -135,7 +135,12 @@ def check(tokens: int, n: int, channels: int, seed: int) -> dict[str, float]:
     ref_parts["out"].backward(grad_out.double())
     input_names = ["streams", "phi", "alpha", "b_pre", "b_post", "b_res"]
     errors = {name: relative_error(parts[name], ref_parts[name]) for name in parts}
-    errors |= {f"grad_{k}": relative_error(parts[k].grad, ref_parts[k].grad) for k in parts if k != "out"}
+    # h_pre is read inside our coefficients_pre_mix only (the reference's pre-mix reads it outside,
+    # so only there has it a gradient of its own): compared as a value, not as a gradient.
+    errors |= {
+        f"grad_{k}": relative_error(parts[k].grad, ref_parts[k].grad)
+        for k in parts if k not in ("out", "h_pre")
+    }
     errors |= {
         f"grad_{name}": relative_error(t.grad, r.grad)
         for name, t, r in zip(input_names, inputs, ref_inputs)
@@ -156,21 +161,20 @@ def copy_bandwidth() -> float:
 
 def floor_bytes(tokens: int, n: int, channels: int) -> int:
     """Forward floor: (3n+2)C stream elements per token (the issue's count: coefficients fused with
-    the pre-mix read x once and write u; post/res reads x and y and writes x_{l+1})."""
+    the pre-mix read x once and write u; post/res reads x and y and writes x_{l+1}). Our forward
+    moves exactly these through HBM when the fused kernel's second read of x hits L2."""
     return (3 * n + 2) * channels * tokens * STREAM_DTYPE.itemsize
 
 
 def kernel_bytes(tokens: int, n: int, channels: int) -> dict[str, int]:
     """Stream bytes each of our kernels moves (coefficient-sized traffic left out)."""
     per_token = {
-        "projection": n,  # read x (inside coefficients_fwd and coefficients_bwd)
-        "coefficients_fwd": n,  # read x
-        "pre_mix_fwd": n + 1,  # read x, write u
+        "coefficients_pre_mix_fwd": n + 1,  # read x (once from HBM), write u
         "post_res_mix_fwd": 2 * n + 1,  # read x, y; write x'
         "post_res_mix_bwd": 3 * n + 2,  # read dx', x, y; write dx, dy
-        "pre_mix_bwd": 2 * n + 1,  # read du, x; write dx
-        "coefficients_bwd": 3 * n,  # read x twice (projection, then dx), write dx
-        "grad_accumulate_add": 3 * n,  # autograd sums the three dx: read 2, write 1, twice in eager
+        "projection_bwd": n + 1,  # read x and du (step 1 of the fused backward)
+        "coefficients_pre_mix_bwd": 3 * n + 2,  # read x, du twice (projection, then dx); write dx
+        "grad_accumulate_add": 3 * n,  # autograd sums the two ops' dx: read 2, write 1
     }
     return {k: v * channels * tokens * STREAM_DTYPE.itemsize for k, v in per_token.items()}
 
@@ -226,7 +230,12 @@ def time_providers(inputs, channels: int, n: int, skip: set[str]) -> dict[str, d
         sublayers["liger"] = (lambda streams, *_: liger(streams), inputs + list(liger.parameters()))
     results = {}
     for name, (sublayer, leaves) in sublayers.items():
-        results[name] = time_sublayer(sublayer, inputs, grad_out, leaves)
+        try:
+            results[name] = time_sublayer(sublayer, inputs, grad_out, leaves)
+        except Exception as error:  # one provider failing must not lose the others' numbers
+            log(f"  {name:17s} FAILED: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
+            results[name] = {"fwd_ms": float("nan"), "fwd_bwd_ms": float("nan"), "error": repr(error)}
+            continue
         log(f"  {name:17s} fwd {results[name]['fwd_ms']:7.3f} ms   fwd+bwd "
             f"{results[name]['fwd_bwd_ms']:7.3f} ms   (first call {results[name]['first_call_s']:.1f} s)")
     graphed = {
@@ -241,24 +250,21 @@ def time_providers(inputs, channels: int, n: int, skip: set[str]) -> dict[str, d
 
 def time_kernels(inputs) -> dict[str, dict[str, float]]:
     """Median ms of each of our kernels alone (launchers called directly), eager and as a graph."""
-    streams, phi, alpha, b_pre, b_post, b_res = (t.detach() for t in inputs)
-    h_pre, h_post, h_res = coefficients.mhc_coefficients_fwd(
-        streams, phi, alpha, b_pre, b_post, b_res, ITERS, "sinkhorn"
-    )
-    mixed = pre_mix.mhc_pre_mix_fwd(streams, h_pre)
+    streams, phi, alpha, b_pre, b_post, b_res = parameters = [t.detach() for t in inputs]
+    outputs = coefficients_pre_mix.mhc_coefficients_pre_mix_fwd(*parameters, ITERS, "sinkhorn")
+    _, h_post, h_res, mixed = outputs
     grad_streams = torch.randn_like(streams)
-    grads_h = [torch.randn_like(t) for t in (h_pre, h_post, h_res)]
+    grad_outputs = [torch.randn_like(t) for t in outputs]
     calls = {
-        "projection": lambda: coefficients._projection(streams, coefficients._padded_phi(phi)),
-        "coefficients_fwd": lambda: coefficients.mhc_coefficients_fwd(
-            streams, phi, alpha, b_pre, b_post, b_res, ITERS, "sinkhorn"),
-        "pre_mix_fwd": lambda: pre_mix.mhc_pre_mix_fwd(streams, h_pre),
+        "coefficients_pre_mix_fwd": lambda: coefficients_pre_mix.mhc_coefficients_pre_mix_fwd(
+            *parameters, ITERS, "sinkhorn"),
         "post_res_mix_fwd": lambda: post_res_mix.mhc_post_res_mix_fwd(streams, mixed, h_post, h_res),
         "post_res_mix_bwd": lambda: post_res_mix.mhc_post_res_mix_bwd(
             grad_streams, streams, mixed, h_post, h_res),
-        "pre_mix_bwd": lambda: pre_mix.mhc_pre_mix_bwd(mixed, streams, h_pre),
-        "coefficients_bwd": lambda: coefficients.mhc_coefficients_bwd(
-            *grads_h, streams, phi, alpha, b_pre, b_post, b_res, ITERS, "sinkhorn"),
+        "projection_bwd": lambda: coefficients_pre_mix._projection_bwd(
+            streams, coefficients.padded_phi(phi), grad_outputs[3]),
+        "coefficients_pre_mix_bwd": lambda: coefficients_pre_mix.mhc_coefficients_pre_mix_bwd(
+            *grad_outputs, *parameters, ITERS, "sinkhorn"),
         "grad_accumulate_add": lambda: streams + grad_streams,
     }
     return {name: {"ms": bench(call), **split_host_and_gpu(call)} for name, call in calls.items()}
@@ -298,6 +304,30 @@ def summarize(row: dict, copy_bw: float) -> None:
         log(f"  {name:23s} {v['ms']:7.3f} {v['pct_copy']:5.0f}% {v['host_ms']:8.3f} {v['gpu_ms']:7.3f} "
             f"{v['gpu_pct_copy']:8.0f}%")
     log("  autotune: " + "; ".join(f"{k}: {v}" for k, v in row["configs"].items()))
+
+
+def markdown_table(rows: list[dict], copy_bw: float) -> str:
+    """The speed table of bench/RESULTS.md: per shape and provider, forward ms and % of copy
+    bandwidth on the floor bytes, forward+backward ms, and how many times faster ours (eager and
+    under Inductor) is than each provider."""
+    lines = [
+        "| C | provider | fwd ms | % copy | fwd+bwd ms | ours eager faster, fwd / fwd+bwd "
+        "| ours Inductor faster, fwd / fwd+bwd |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        providers = row["providers"]
+        for name, times in providers.items():
+            pct = 100 * row["floor_bytes"] / (times["fwd_ms"] * 1e-3) / copy_bw
+            ratios = [
+                f"{times[key] / providers[mine][key]:.2f}"
+                for mine in ("ours", "ours+inductor") for key in ("fwd_ms", "fwd_bwd_ms")
+            ]
+            lines.append(
+                f"| {row['C']} | {name} | {times['fwd_ms']:.3f} | {pct:.0f}% | {times['fwd_bwd_ms']:.3f} "
+                f"| {ratios[0]} / {ratios[1]} | {ratios[2]} / {ratios[3]} |"
+            )
+    return "\n".join(lines)
 
 
 def plot(rows: list[dict], copy_bw: float, path: Path) -> None:
@@ -399,6 +429,9 @@ def main() -> int:
         (out / "kernels.json").write_text(json.dumps({"copy_bw": copy_bw, "rows": rows}, indent=1))
         del inputs
         torch.cuda.empty_cache()
+    table = markdown_table(rows, copy_bw)
+    (out / "kernels.md").write_text(table + "\n")
+    log("\n" + table)
     plot(rows, copy_bw, out / "kernels.png")
     return 0
 

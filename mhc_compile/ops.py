@@ -1,10 +1,15 @@
-"""The mHC computations as torch.library custom ops: what the rewritten graph calls.
+"""The mHC computations as torch.library ops: what the rewritten graph calls.
 
-Each forward op has a backward op. The default implementations (every device) are the plain-PyTorch
-reference in ``reference.py``; the backward ones differentiate it by recomputing the forward from
-the op's inputs, so nothing but those inputs is saved (the stream ``x_l`` is saved anyway).
-GPU kernels replace an implementation with ``torch.library.register_kernel(op, "cuda")``; the
-graph, the fake implementations and the autograd wiring stay as they are.
+Two forward ops, each with a backward op:
+    mhc::coefficients_pre_mix  H_pre, H_post, H_res (paper Eq. 7-8) and F's input H_pre x_l (Eq. 3),
+                               one op so that the kernel reads the streams once
+    mhc::post_res_mix          x_{l+1} = H_res x_l + H_post^T F(...) (Eq. 3)
+On CUDA (bf16/fp16/fp32 streams, n <= 8) they run the Triton kernels of templates/. They are
+`torch.library.triton_op`s: Inductor traces into them, sees the kernels (through wrap_triton) and
+the small tensor work around them, compiles and launches them itself. Everywhere else (CPU,
+float64, wider n) they call the `*_reference` ops: opaque custom ops whose implementations are
+the plain-PyTorch reference in ``reference.py``, and whose backward differentiates it by
+recomputing the forward from the op's inputs. Either way nothing but the op's inputs is saved.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from mhc_compile import reference
+from mhc_compile import reference, templates
 
 
 def _reference_vjp(
@@ -49,11 +54,36 @@ def _dense_like(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.new_empty(t.shape) for t in tensors)
 
 
-# --- coefficients: RMS, projection, gates, Sinkhorn (paper Eq. 7-8) -------------------------------
+def _kernel_op(name: str) -> Callable:
+    """An op whose body picks the Triton kernels or the reference op: torch.library.triton_op when
+    Triton is installed (Inductor traces the body), else a custom op. The body is also the fake
+    implementation: run on fake tensors it takes the same branch and allocates the same outputs."""
+
+    def define(body: Callable) -> Callable:
+        if templates.triton_available():
+            return torch.library.triton_op(name, body, mutates_args=())
+        op = torch.library.custom_op(name, body, mutates_args=())
+        op.register_fake(body)
+        return op
+
+    return define
 
 
-@torch.library.custom_op("mhc::coefficients", mutates_args=())
-def coefficients(
+def _save_inputs(ctx, inputs, output):
+    ctx.save_for_backward(*(t for t in inputs if isinstance(t, Tensor)))
+    ctx.static_args = tuple(a for a in inputs if not isinstance(a, Tensor))
+
+
+def _dense_grads(grads) -> list[Tensor]:
+    # Autograd may hand stride-0 grads (from .sum()); kernels want them dense.
+    return [g.contiguous() for g in grads]
+
+
+# --- coefficients and pre-mix: RMS, projection, gates, Sinkhorn (Eq. 7-8), then H_pre x_l ---------
+
+
+@torch.library.custom_op("mhc::coefficients_pre_mix_reference", mutates_args=())
+def _coefficients_pre_mix_reference(
     streams: Tensor,
     phi: Tensor,
     alpha: Tensor,
@@ -62,26 +92,46 @@ def coefficients(
     b_res: Tensor,
     sinkhorn_iters: int,
     constraint: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """streams [..., n, C] -> h_pre [..., n], h_post [..., n], h_res [..., n, n] (fp32 or fp64)."""
-    return _dense(
-        *reference.coefficients(streams, phi, alpha, b_pre, b_post, b_res, sinkhorn_iters, constraint)
-    )
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _dense(*reference.coefficients_pre_mix(
+        streams, phi, alpha, b_pre, b_post, b_res, sinkhorn_iters, constraint
+    ))
 
 
-@coefficients.register_fake
+@_coefficients_pre_mix_reference.register_fake
 def _(streams, phi, alpha, b_pre, b_post, b_res, sinkhorn_iters, constraint):
     *lead, n, _ = streams.shape
     dtype = reference.coefficient_dtype(streams.dtype)
     gate = streams.new_empty((*lead, n), dtype=dtype)
-    return gate, torch.empty_like(gate), streams.new_empty((*lead, n, n), dtype=dtype)
+    mixed = streams.new_empty(streams.shape[:-2] + streams.shape[-1:])
+    return gate, torch.empty_like(gate), streams.new_empty((*lead, n, n), dtype=dtype), mixed
 
 
-@torch.library.custom_op("mhc::coefficients_backward", mutates_args=())
-def coefficients_backward(
+@_kernel_op("mhc::coefficients_pre_mix")
+def coefficients_pre_mix(
+    streams: Tensor,
+    phi: Tensor,
+    alpha: Tensor,
+    b_pre: Tensor,
+    b_post: Tensor,
+    b_res: Tensor,
+    sinkhorn_iters: int,
+    constraint: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """streams [..., n, C] -> h_pre [..., n], h_post [..., n], h_res [..., n, n] (fp32, fp64 for
+    fp64 streams) and mixed = H_pre x_l [..., C] in the stream dtype."""
+    args = (streams, phi, alpha, b_pre, b_post, b_res, sinkhorn_iters, constraint)
+    if templates.kernels_apply(streams, args):
+        return templates.launcher("coefficients_pre_mix")(*args)
+    return _coefficients_pre_mix_reference(*args)
+
+
+@torch.library.custom_op("mhc::coefficients_pre_mix_backward_reference", mutates_args=())
+def _coefficients_pre_mix_backward_reference(
     grad_h_pre: Tensor,
     grad_h_post: Tensor,
     grad_h_res: Tensor,
+    grad_mixed: Tensor,
     streams: Tensor,
     phi: Tensor,
     alpha: Tensor,
@@ -91,106 +141,102 @@ def coefficients_backward(
     sinkhorn_iters: int,
     constraint: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Exact gradients of all six inputs; Sinkhorn's iterates are recomputed, never stored."""
-
     def forward(*tensors):
-        return reference.coefficients(*tensors, sinkhorn_iters, constraint)
+        return reference.coefficients_pre_mix(*tensors, sinkhorn_iters, constraint)
 
     return _reference_vjp(
-        forward, (streams, phi, alpha, b_pre, b_post, b_res), (grad_h_pre, grad_h_post, grad_h_res)
+        forward, (streams, phi, alpha, b_pre, b_post, b_res),
+        (grad_h_pre, grad_h_post, grad_h_res, grad_mixed),
     )
 
 
-@coefficients_backward.register_fake
-def _(grad_h_pre, grad_h_post, grad_h_res, streams, phi, alpha, b_pre, b_post, b_res, *_):
+@_coefficients_pre_mix_backward_reference.register_fake
+def _(grad_h_pre, grad_h_post, grad_h_res, grad_mixed, streams, phi, alpha, b_pre, b_post, b_res, *_):
     return _dense_like(streams, phi, alpha, b_pre, b_post, b_res)
 
 
-def _save_inputs(ctx, inputs, output):
-    ctx.save_for_backward(*(t for t in inputs if isinstance(t, Tensor)))
-    ctx.static_args = tuple(a for a in inputs if not isinstance(a, Tensor))
+@_kernel_op("mhc::coefficients_pre_mix_backward")
+def coefficients_pre_mix_backward(
+    grad_h_pre: Tensor,
+    grad_h_post: Tensor,
+    grad_h_res: Tensor,
+    grad_mixed: Tensor,
+    streams: Tensor,
+    phi: Tensor,
+    alpha: Tensor,
+    b_pre: Tensor,
+    b_post: Tensor,
+    b_res: Tensor,
+    sinkhorn_iters: int,
+    constraint: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Exact gradients of streams, phi, alpha, b_pre, b_post, b_res: the pre-mix's and the
+    coefficients' share of grad streams in one tensor; Sinkhorn's iterates recomputed, never stored."""
+    args = (grad_h_pre, grad_h_post, grad_h_res, grad_mixed, streams, phi, alpha, b_pre, b_post,
+            b_res, sinkhorn_iters, constraint)
+    if templates.kernels_apply(streams, args):
+        return templates.launcher("coefficients_pre_mix_backward")(*args)
+    return _coefficients_pre_mix_backward_reference(*args)
 
 
-def _coefficients_grad(ctx, grad_h_pre, grad_h_post, grad_h_res):
-    # Autograd may hand stride-0 grads (from .sum()); kernels want them dense.
-    grads = coefficients_backward(
-        *(g.contiguous() for g in (grad_h_pre, grad_h_post, grad_h_res)),
-        *ctx.saved_tensors,
-        *ctx.static_args,
+def _coefficients_pre_mix_grad(ctx, grad_h_pre, grad_h_post, grad_h_res, grad_mixed):
+    grads = coefficients_pre_mix_backward(
+        *_dense_grads((grad_h_pre, grad_h_post, grad_h_res, grad_mixed)),
+        *ctx.saved_tensors, *ctx.static_args,
     )
     return (*grads, None, None)
 
 
-coefficients.register_autograd(_coefficients_grad, setup_context=_save_inputs)
-
-
-# --- pre-mix: F_pre = H_pre x_l -----------------------------------------------------------------
-
-
-@torch.library.custom_op("mhc::pre_mix", mutates_args=())
-def pre_mix(streams: Tensor, h_pre: Tensor) -> Tensor:
-    """streams [..., n, C], h_pre [..., n] -> [..., C] in the stream dtype."""
-    return reference.pre_mix(streams, h_pre).contiguous()
-
-
-@pre_mix.register_fake
-def _(streams, h_pre):
-    return streams.new_empty(streams.shape[:-2] + streams.shape[-1:])
-
-
-@torch.library.custom_op("mhc::pre_mix_backward", mutates_args=())
-def pre_mix_backward(grad_mixed: Tensor, streams: Tensor, h_pre: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradients of streams and h_pre."""
-    return _reference_vjp(reference.pre_mix, (streams, h_pre), (grad_mixed,))
-
-
-@pre_mix_backward.register_fake
-def _(grad_mixed, streams, h_pre):
-    return _dense_like(streams, h_pre)
-
-
-def _pre_mix_grad(ctx, grad_mixed):
-    return pre_mix_backward(grad_mixed.contiguous(), *ctx.saved_tensors)
-
-
-pre_mix.register_autograd(_pre_mix_grad, setup_context=_save_inputs)
+coefficients_pre_mix.register_autograd(_coefficients_pre_mix_grad, setup_context=_save_inputs)
 
 
 # --- post/res mix: x_{l+1} = H_res x_l + H_post^T y (paper Eq. 3) ---------------------------------
 
 
-@torch.library.custom_op("mhc::post_res_mix", mutates_args=())
-def post_res_mix(streams: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
-    """streams [..., n, C], y [..., C], h_post [..., n], h_res [..., n, n] -> [..., n, C]."""
+@torch.library.custom_op("mhc::post_res_mix_reference", mutates_args=())
+def _post_res_mix_reference(streams: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
     return reference.post_res_mix(streams, y, h_post, h_res).contiguous()
 
 
-@post_res_mix.register_fake
+@_post_res_mix_reference.register_fake
 def _(streams, y, h_post, h_res):
     return streams.new_empty(streams.shape)
 
 
-@torch.library.custom_op("mhc::post_res_mix_backward", mutates_args=())
-def post_res_mix_backward(
+@_kernel_op("mhc::post_res_mix")
+def post_res_mix(streams: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+    """streams [..., n, C], y [..., C], h_post [..., n], h_res [..., n, n] -> [..., n, C]."""
+    args = (streams, y, h_post, h_res)
+    if templates.kernels_apply(streams, args):
+        return templates.launcher("post_res_mix")(*args)
+    return _post_res_mix_reference(*args)
+
+
+@torch.library.custom_op("mhc::post_res_mix_backward_reference", mutates_args=())
+def _post_res_mix_backward_reference(
     grad_out: Tensor, streams: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of streams, y, h_post and h_res."""
     return _reference_vjp(reference.post_res_mix, (streams, y, h_post, h_res), (grad_out,))
 
 
-@post_res_mix_backward.register_fake
+@_post_res_mix_backward_reference.register_fake
 def _(grad_out, streams, y, h_post, h_res):
     return _dense_like(streams, y, h_post, h_res)
 
 
+@_kernel_op("mhc::post_res_mix_backward")
+def post_res_mix_backward(
+    grad_out: Tensor, streams: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of streams, y, h_post and h_res."""
+    args = (grad_out, streams, y, h_post, h_res)
+    if templates.kernels_apply(streams, args):
+        return templates.launcher("post_res_mix_backward")(*args)
+    return _post_res_mix_backward_reference(*args)
+
+
 def _post_res_mix_grad(ctx, grad_out):
-    return post_res_mix_backward(grad_out.contiguous(), *ctx.saved_tensors)
+    return post_res_mix_backward(*_dense_grads((grad_out,)), *ctx.saved_tensors)
 
 
 post_res_mix.register_autograd(_post_res_mix_grad, setup_context=_save_inputs)
-
-
-# GPU kernels (templates/) replace the reference implementations on CUDA.
-from mhc_compile.templates import register_cuda_kernels  # noqa: E402
-
-register_cuda_kernels()

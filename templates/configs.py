@@ -9,7 +9,7 @@ MHC_TRITON_CONFIG forces configs instead of benchmarking (read when the kernels 
 
     default                               every stage's first config, no benchmarking (CI, quick starts)
     BLOCK_C=512,num_warps=4               these values over the first config of every stage that has them
-    pre_mix_fwd:BLOCK_C=512;post_res_mix_bwd:BLOCK_T=2    per stage; the stages not named autotune
+    post_res_mix_fwd:BLOCK_C=512;projection:BLOCK_T=64    per stage; the stages not named autotune
 
 Under TRITON_INTERPRET=1 every stage uses its first config: the interpreter cannot benchmark.
 The first config of every stage is valid for every n in 1..8.
@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from itertools import product
 
+import torch
 import triton
 
 log = logging.getLogger("mhc_compile.templates")
@@ -45,8 +46,19 @@ def padded_streams(n: int) -> int:
 
 
 def padded_phi_columns(n: int) -> int:
-    """The n*n + 2n columns of phi rounded up to a power of two, at least 16 for tl.dot."""
-    return max(16, _next_power_of_2(n * n + 2 * n))
+    """Columns of a projection row: the n*n + 2n of phi, then the sum of squares and the n values
+    <grad_mixed, x_j> of the backward, rounded up to a power of two, at least 16 for tl.dot.
+    (n = 4 and 8 keep the 32 and 128 of phi alone; n = 3 and 7 pay a wider row.)"""
+    return max(16, _next_power_of_2(n * n + 3 * n + 1))
+
+
+# Elements of a mix task's [MIX_T, n, MIX_C] stream tile (MIX_C follows from it, per n).
+MIX_TILE = 8192
+
+
+def mix_channels(mix_tokens: int, n: int) -> int:
+    """MIX_C, the channels a mix task handles per step: MIX_TILE / (MIX_T * padded n)."""
+    return max(16, MIX_TILE // (mix_tokens * padded_streams(n)))
 
 
 def _config(num_warps: int, num_stages: int, **blocks: int) -> triton.Config:
@@ -54,34 +66,40 @@ def _config(num_warps: int, num_stages: int, **blocks: int) -> triton.Config:
 
 
 # The first config of every stage is the default (interpreter, MHC_TRITON_CONFIG=default) and must
-# fit n = 8; the prune function below drops, per n, the configs whose tiles would spill.
+# fit n = 8; the prune function below drops, per n, the configs whose tiles would spill. The lists
+# are short on purpose: every config is compiled once per (n, dtype) when it is tuned.
 _STAGE_CONFIGS: dict[str, list[triton.Config]] = {
-    # Memory-bound pass over the streams; one program projects BLOCK_T tokens over a column range,
-    # and larger BLOCK_T reads phi (from L2) fewer times.
+    # One launch: projection tasks (BLOCK_T tokens x SPLIT columns of the n*C stream values) and
+    # mix tasks (MIX_T tokens: coefficients, Sinkhorn, H_pre x) per chunk of BLOCK_T tokens, the mix
+    # tasks LAG chunks behind, so that they re-read the chunk's streams from L2 (see the kernel).
+    "coefficients_pre_mix_fwd": [
+        _config(8, 3, BLOCK_T=block_t, BLOCK_K=8192 // block_t, SPLIT=split, MIX_T=16, LAG=lag)
+        for block_t, split, lag in product((64, 128), (1024, 512), (2, 8))
+    ],
+    # Backward pass over the streams: projection again, and <grad_mixed, x_j>; larger BLOCK_T reads
+    # phi (from L2) fewer times.
     "projection": [
-        _config(num_warps, num_stages, BLOCK_T=block_t, BLOCK_K=block_k)
-        for block_t, block_k, num_warps, num_stages in product(
-            (32, 64, 128), (64, 128), (4, 8), (3, 4)
-        )
+        _config(num_warps, num_stages, BLOCK_T=block_t, BLOCK_K=64)
+        for block_t, num_warps, num_stages in product((64, 128), (8, 4), (3,))
     ],
-    # Latency-bound coefficient math (gates, Sinkhorn) on BLOCK_T tokens; little memory traffic.
-    "coefficients": [
+    # Latency-bound coefficient backward (gates, Sinkhorn recomputed) on BLOCK_T tokens.
+    "coefficients_bwd": [
         _config(num_warps, 1, BLOCK_T=block_t)
-        for block_t, num_warps in product((16, 32, 64), (4, 2, 8))
+        for block_t, num_warps in product((16, 32, 64), (4, 2))
     ],
-    # Grid over (n*C columns, token splits): g_streams tiles and per-split grad phi partials.
+    # Grid over (n*C columns, token splits): grad streams tiles and per-split grad phi partials.
     "coefficients_bwd_streams": [
         _config(num_warps, 3, BLOCK_T=block_t, BLOCK_NC=block_nc)
-        for block_nc, block_t, num_warps in product((64, 128, 256), (32, 64), (8, 4))
+        for block_nc, block_t, num_warps in product((64, 128), (32, 64), (8, 4))
     ],
-    # Memory-bound mixes: wide channel blocks; several tokens per program only for narrow ones.
+    # Memory-bound mixes: a wide channel block of one token per program (BLOCK_T > 1 pays only for
+    # narrow C, which the kernels support but these configs do not target).
     **{
-        stage: [
-            _config(num_warps, 2, BLOCK_T=block_t, BLOCK_C=block_c)
-            for block_c, block_t, num_warps in product((256, 512, 1024, 2048), (1, 4), (8, 4))
-            if block_t * block_c <= 2048
+        stage: [_config(8, 2, BLOCK_T=1, BLOCK_C=256)] + [
+            _config(num_warps, 2, BLOCK_T=1, BLOCK_C=block_c)
+            for block_c, num_warps in product((512, 1024, 2048), (4, 8))
         ]
-        for stage in ("pre_mix_fwd", "pre_mix_bwd", "post_res_mix_fwd", "post_res_mix_bwd")
+        for stage in ("post_res_mix_fwd", "post_res_mix_bwd")
     },
 }
 STAGES = tuple(_STAGE_CONFIGS)
@@ -93,15 +111,17 @@ def _live_elements(stage: str, config: triton.Config, n: int) -> int:
     blocks, streams = config.kwargs, padded_streams(n)
     if stage == "projection":  # x tile [BLOCK_T, BLOCK_K] and accumulator (phi goes to shared)
         return blocks["BLOCK_T"] * (blocks["BLOCK_K"] + padded_phi_columns(n))
-    if stage == "coefficients":  # the backward's live Sinkhorn iterates and gradients [BLOCK_T, n, n]
+    if stage == "coefficients_pre_mix_fwd":  # the larger of its two tasks
+        projection = blocks["BLOCK_T"] * (blocks["BLOCK_K"] + padded_phi_columns(n))
+        mix = blocks["MIX_T"] * (streams * mix_channels(blocks["MIX_T"], n) + 6 * streams * streams)
+        return max(projection, mix)
+    if stage == "coefficients_bwd":  # the live Sinkhorn iterates and gradients [BLOCK_T, n, n]
         return 6 * blocks["BLOCK_T"] * streams * streams
-    if stage == "coefficients_bwd_streams":  # phi slice / grad phi [BLOCK_NC, columns], x tile
-        return blocks["BLOCK_NC"] * (padded_phi_columns(n) + blocks["BLOCK_T"])
+    if stage == "coefficients_bwd_streams":  # phi slice / grad phi [BLOCK_NC, KP]; x, grad_mixed
+        return blocks["BLOCK_NC"] * (padded_phi_columns(n) + 2 * blocks["BLOCK_T"])
     tile = blocks["BLOCK_T"] * streams * blocks["BLOCK_C"]  # [BLOCK_T, n, BLOCK_C]
-    if stage.startswith("post_res"):
-        # x and the mixed tile; mixing several tokens' n x n matrices at once spills for n = 8.
-        return 2 * tile * (blocks["BLOCK_T"] if streams >= 8 else 1)
-    return tile
+    # x and the mixed tile; mixing several tokens' n x n matrices at once spills for n = 8.
+    return 2 * tile * (blocks["BLOCK_T"] if streams >= 8 else 1)
 
 
 def _prune(stage: str) -> Callable:
@@ -165,25 +185,37 @@ def forced_configs(setting: str | None) -> dict[str, triton.Config]:
 
 _FORCED = forced_configs(os.environ.get(ENV_VAR))
 _TUNED: dict[str, triton.runtime.Autotuner] = {}
+_LAUNCHED_KEYS: dict[str, set[tuple]] = {}  # per kernel, the keys it was launched with eagerly
 
 
-def autotune(stage: str, kernel_name: str, reset_to_zero: list[str] | None = None) -> Callable:
-    """triton.autotune for one kernel of `stage`, keyed on (n, C) and the dtypes.
-
-    One config (forced, or the default under the interpreter) means no benchmarking at all.
-    reset_to_zero names outputs that benchmarking runs would otherwise leave stale.
-    """
+def active_configs(stage: str) -> list[triton.Config]:
+    """The configs `stage` chooses among: the forced one, the first under the interpreter, or all."""
     if stage in _FORCED or INTERPRETING:
-        configs = [_FORCED.get(stage, _STAGE_CONFIGS[stage][0])]
-    else:
-        configs = _STAGE_CONFIGS[stage]
+        return [_FORCED.get(stage, _STAGE_CONFIGS[stage][0])]
+    return _STAGE_CONFIGS[stage]
+
+
+def smallest(kernel_name: str, name: str) -> int:
+    """The smallest value of block parameter `name` among the configs kernel `kernel_name` chooses
+    from: sizes the buffers whose extent depends on the config chosen later, at launch."""
+    return min(config.kwargs[name] for config in _TUNED[kernel_name].configs)
+
+
+def autotune(stage: str, kernel_name: str, restore_value: list[str] | None = None) -> Callable:
+    """triton.autotune for one kernel of `stage`, keyed on (n, C) and the dtypes of the tensors.
+
+    One config (forced, or the default under the interpreter) means no benchmarking at all. The
+    choice is kept in memory and in Triton's cache directory (cache_results), so a later process
+    with the same Triton and kernels reuses it (`mhc-compile autotune` fills that cache).
+    restore_value names buffers whose contents a benchmarking run must not leave changed.
+    """
 
     def decorate(kernel):
         tuned = triton.autotune(
-            configs,
+            active_configs(stage),
             key=["n", "C"],
             prune_configs_by={"early_config_prune": _prune(stage)},
-            reset_to_zero=reset_to_zero,
+            restore_value=restore_value,
             cache_results=True,
         )(kernel)
         _TUNED[kernel_name] = tuned
@@ -192,17 +224,38 @@ def autotune(stage: str, kernel_name: str, reset_to_zero: list[str] | None = Non
     return decorate
 
 
+def _traced(args: tuple) -> bool:
+    """Whether a tracer (Inductor's AOT autograd, make_fx, fake tensors) called: its tensors are
+    subclasses, and the kernel must then go through torch.library.wrap_triton to be seen."""
+    return any(type(a) is not torch.Tensor for a in args if isinstance(a, torch.Tensor))
+
+
 def launch(kernel_name: str, grid, *args, **kwargs) -> None:
-    """Launch an autotuned kernel; log at INFO when this launch had to tune a new key."""
+    """Launch an autotuned kernel. Under a tracer it is wrapped (wrap_triton) so that Inductor
+    compiles and launches it itself; eagerly it runs at once, and a launch that must tune a new
+    (n, C, dtypes) key logs its progress at INFO (what `mhc-compile autotune` prints)."""
     tuned = _TUNED[kernel_name]
-    keys_before, started = len(tuned.cache), time.perf_counter()
+    if _traced(args) and not INTERPRETING:
+        torch.library.wrap_triton(tuned)[grid](*args, **kwargs)
+        return
+    key = (kwargs.get("n"), kwargs.get("C"), *(str(a.dtype) for a in args if isinstance(a, torch.Tensor)))
+    launched = _LAUNCHED_KEYS.setdefault(kernel_name, set())
+    first_time = len(tuned.configs) > 1 and key not in launched
+    if first_time:
+        candidates = len(tuned.early_config_prune(tuned.configs, {}, **kwargs))
+        log.info("autotuning %s for n=%s C=%s %s: timing %d configs", kernel_name, key[0], key[1],
+                 _dtype_names(args), candidates)
+    started = time.perf_counter()
     tuned[grid](*args, **kwargs)
-    if len(tuned.cache) > keys_before:
-        log.info(
-            "autotuned %s for n=%s C=%s in %.1f s: %s",
-            kernel_name, kwargs.get("n"), kwargs.get("C"), time.perf_counter() - started,
-            describe(tuned.best_config),
-        )
+    launched.add(key)
+    if first_time:
+        log.info("autotuned %s for n=%s C=%s in %.1f s: %s", kernel_name, key[0], key[1],
+                 time.perf_counter() - started, describe(tuned.best_config))
+
+
+def _dtype_names(args: tuple) -> str:
+    names = {str(a.dtype).removeprefix("torch.") for a in args if isinstance(a, torch.Tensor)}
+    return "/".join(sorted(names))
 
 
 def describe(config: triton.Config) -> str:

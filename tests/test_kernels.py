@@ -1,4 +1,4 @@
-"""The Triton kernels against the float64 reference: every output and every gradient of the six ops.
+"""The Triton kernels against the float64 reference: every output and every gradient of the ops.
 
 Without a GPU the kernels run eagerly on CPU tensors under Triton's interpreter. Triton decides
 when it is first imported whether its own library (tl.sum, tl.zeros, ...) is interpreted, so
@@ -10,6 +10,8 @@ compares ||kernel - reference|| / ||reference|| against the per-dtype table belo
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -19,14 +21,14 @@ triton_language = pytest.importorskip("triton.language")
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from mhc_compile import ops, reference  # noqa: E402
-from mhc_compile.templates import configs, kernels_active, register_cuda_kernels  # noqa: E402
+from mhc_compile.templates import configs, kernels_active  # noqa: E402
 
 if not ON_GPU and isinstance(triton_language.zeros, JITFunction):
     raise RuntimeError(
         "Triton was imported without TRITON_INTERPRET=1 on a machine without CUDA: run the kernel "
         "tests through pytest from the repository (tests/conftest.py sets it) or set it yourself"
     )
-from mhc_compile.templates import coefficients, post_res_mix, pre_mix  # noqa: E402
+from mhc_compile.templates import coefficients_pre_mix, post_res_mix  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 
@@ -60,7 +62,7 @@ CASES = [
     _case(4, 64, 21, torch.float16, iters=3),
     _case(4, 9, 6, torch.float32, constraint="none", lead=(2,)),
     _case(5, 20, 40, torch.float16, iters=1),
-    _case(2, 300, 9, torch.float32),  # several channel blocks in the mix kernels
+    _case(4, 300, 9, torch.float32),  # several channel blocks, two column splits in the backward
     _case(6, 11, 66, torch.float32, lead=(3,)),  # several token blocks, grad phi splits
     _case(8, 7, 19, torch.float16),
     _case(8, 24, 17, torch.float32, iters=9),
@@ -150,48 +152,105 @@ def _mhc_inputs(n, channels, shape, dtype):
 CASE_ARGS = "n, channels, shape, dtype, iters, constraint"
 
 
-@pytest.mark.parametrize(CASE_ARGS, CASES)
-def test_coefficients(n, channels, shape, dtype, iters, constraint, poisoned):
-    inputs = _mhc_inputs(n, channels, shape, dtype)
-    h = coefficients.mhc_coefficients_fwd(*inputs, iters, constraint)
-    grads_h = [torch.randn_like(t) for t in h]
-    grads = coefficients.mhc_coefficients_bwd(*grads_h, *inputs, iters, constraint)
-
+def _coefficients_pre_mix_reference(iters, constraint):
     def forward(*tensors):
-        return reference.coefficients(*tensors, iters, constraint)
+        return reference.coefficients_pre_mix(*tensors, iters, constraint)
 
-    ref_h, ref_grads = _float64_vjp(forward, inputs, grads_h)
-    _assert_close(["h_pre", "h_post", "h_res"], h, ref_h, dtype)
-    names = ["grad_streams", "grad_phi", "grad_alpha", "grad_b_pre", "grad_b_post", "grad_b_res"]
-    _assert_close(names, grads, ref_grads, dtype)
+    return forward
+
+
+COEFFICIENT_GRADS = ["grad_streams", "grad_phi", "grad_alpha", "grad_b_pre", "grad_b_post", "grad_b_res"]
+
+
+def _check_coefficients_pre_mix(n, channels, shape, dtype, iters, constraint):
+    inputs = _mhc_inputs(n, channels, shape, dtype)
+    outputs = coefficients_pre_mix.mhc_coefficients_pre_mix_fwd(*inputs, iters, constraint)
+    grad_outputs = [torch.randn_like(t) for t in outputs]
+    grads = coefficients_pre_mix.mhc_coefficients_pre_mix_bwd(*grad_outputs, *inputs, iters, constraint)
+    forward = _coefficients_pre_mix_reference(iters, constraint)
+    ref_outputs, ref_grads = _float64_vjp(forward, inputs, grad_outputs)
+    _assert_close(["h_pre", "h_post", "h_res", "mixed"], outputs, ref_outputs, dtype)
+    _assert_close(COEFFICIENT_GRADS, grads, ref_grads, dtype)
+    assert [(t.shape, t.dtype) for t in outputs] == [(t.shape, t.dtype) for t in reference.coefficients_pre_mix(*inputs, iters, constraint)]
     for grad, tensor in zip(grads, inputs, strict=True):
         assert (grad.shape, grad.dtype) == (tensor.shape, tensor.dtype)
-    _assert_alias_free(h, inputs)
-    _assert_alias_free(grads, [*grads_h, *inputs])
-
-
-def _coefficients_for(n, channels, shape, dtype, iters, constraint):
-    streams, *parameters = _mhc_inputs(n, channels, shape, dtype)
-    h = reference.coefficients(streams, *parameters, iters, constraint)
-    return streams, h
+    _assert_alias_free(outputs, inputs)
+    _assert_alias_free(grads, [*grad_outputs, *inputs])
 
 
 @pytest.mark.parametrize(CASE_ARGS, CASES)
-def test_pre_mix(n, channels, shape, dtype, iters, constraint, poisoned):
-    streams, (h_pre, _, _) = _coefficients_for(n, channels, shape, dtype, iters, constraint)
-    mixed = pre_mix.mhc_pre_mix_fwd(streams, h_pre)
-    grad_mixed = torch.randn_like(mixed)
-    grads = pre_mix.mhc_pre_mix_bwd(grad_mixed, streams, h_pre)
-    (ref_mixed,), ref_grads = _float64_vjp(reference.pre_mix, (streams, h_pre), (grad_mixed,))
-    _assert_close(["mixed"], [mixed], [ref_mixed], dtype)
-    _assert_close(["grad_streams", "grad_h_pre"], grads, ref_grads, dtype)
-    assert mixed.dtype == dtype and grads[0].dtype == dtype
-    _assert_alias_free(grads, [grad_mixed, streams, h_pre])
+def test_coefficients_pre_mix(n, channels, shape, dtype, iters, constraint, poisoned):
+    _check_coefficients_pre_mix(n, channels, shape, dtype, iters, constraint)
+
+
+@pytest.fixture
+def small_forward_tasks(monkeypatch):
+    """The fused forward with small tasks (16-token chunks, 32-column projection tasks, two mix
+    tasks per chunk), so that shapes this small still have several chunks and splits."""
+    import triton
+
+    def use(lag):
+        config = triton.Config(dict(BLOCK_T=16, BLOCK_K=16, SPLIT=32, MIX_T=8, LAG=lag), num_warps=4)
+        monkeypatch.setattr(configs._TUNED["mhc_coefficients_pre_mix_fwd"], "configs", [config])
+
+    return use
+
+
+@pytest.mark.parametrize("lag", [0, 1, 8], ids=["lag0", "lag1", "lag8"])
+@pytest.mark.parametrize(
+    CASE_ARGS,
+    [_case(4, 33, 37, torch.float32), _case(3, 20, 40, torch.float16, iters=5, lead=(2,))],
+)
+def test_forward_with_several_chunks_and_splits(
+    n, channels, shape, dtype, iters, constraint, lag, poisoned, small_forward_tasks
+):
+    small_forward_tasks(lag)
+    inputs = _mhc_inputs(n, channels, shape, dtype)
+    outputs = coefficients_pre_mix.mhc_coefficients_pre_mix_fwd(*inputs, iters, constraint)
+    ref_outputs = reference.coefficients_pre_mix(*(t.double() for t in inputs), iters, constraint)
+    _assert_close(["h_pre", "h_post", "h_res", "mixed"], outputs, ref_outputs, dtype)
+
+
+def _schedule(tickets, chunks, splits, mix_tasks, lag):
+    """(is_mix, chunk, index) of every ticket, from the kernel's own scheduled_task."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def schedule_kernel(out_ptr, chunks, splits, MIX_TASKS: tl.constexpr, LAG: tl.constexpr):
+        ticket = tl.program_id(0)
+        is_mix, chunk, index = coefficients_pre_mix.scheduled_task(ticket, chunks, splits, MIX_TASKS, LAG)
+        tl.store(out_ptr + ticket * 3, is_mix.to(tl.int32))
+        tl.store(out_ptr + ticket * 3 + 1, chunk)
+        tl.store(out_ptr + ticket * 3 + 2, index)
+
+    out = torch.full((tickets, 3), -1, dtype=torch.int32, device=DEVICE)
+    schedule_kernel[(tickets,)](out, chunks, splits, MIX_TASKS=mix_tasks, LAG=lag)
+    return [tuple(row) for row in out.tolist()]
+
+
+@pytest.mark.parametrize("chunks, splits, mix_tasks, lag", [
+    (1, 1, 1, 0), (5, 3, 2, 0), (5, 3, 2, 1), (5, 3, 2, 4), (3, 4, 4, 8), (7, 1, 8, 2),
+])
+def test_schedule_runs_every_task_once_and_mixes_after_their_projections(chunks, splits, mix_tasks, lag):
+    tickets = chunks * (splits + mix_tasks)
+    tasks = _schedule(tickets, chunks, splits, mix_tasks, lag)
+    expected = {(0, c, i) for c in range(chunks) for i in range(splits)}
+    expected |= {(1, c, i) for c in range(chunks) for i in range(mix_tasks)}
+    assert sorted(tasks) == sorted(expected)  # each exactly once, nothing else
+    last_projection = {c: max(t for t, task in enumerate(tasks) if task[:2] == (0, c)) for c in range(chunks)}
+    for ticket, (is_mix, chunk, _) in enumerate(tasks):
+        if is_mix:
+            assert ticket > last_projection[chunk], "a mix task would wait on a later ticket"
+            # The projections of LAG more chunks run ahead of a chunk's mixes (fewer at the end).
+            projections_before = sum(1 for task in tasks[:ticket] if task[0] == 0)
+            assert projections_before == min(chunks, chunk + 1 + lag) * splits
 
 
 @pytest.mark.parametrize(CASE_ARGS, CASES)
 def test_post_res_mix(n, channels, shape, dtype, iters, constraint, poisoned):
-    streams, (_, h_post, h_res) = _coefficients_for(n, channels, shape, dtype, iters, constraint)
+    streams, *parameters = _mhc_inputs(n, channels, shape, dtype)
+    _, h_post, h_res = reference.coefficients(streams, *parameters, iters, constraint)
     y = torch.randn(*shape, channels, device=DEVICE).to(dtype)
     out = post_res_mix.mhc_post_res_mix_fwd(streams, y, h_post, h_res)
     grad_out = torch.randn_like(out)
@@ -204,11 +263,13 @@ def test_post_res_mix(n, channels, shape, dtype, iters, constraint, poisoned):
 
 
 def test_backward_is_deterministic(poisoned):
-    """grad phi is reduced per split and summed in a fixed order: two runs agree bit for bit."""
+    """grad phi and the parameter gradients are reduced per split and summed in a fixed order:
+    two runs agree bit for bit."""
     inputs = _mhc_inputs(4, 33, (37,), torch.float32)
-    grads_h = [torch.randn_like(t) for t in coefficients.mhc_coefficients_fwd(*inputs, 20, "sinkhorn")]
-    first = coefficients.mhc_coefficients_bwd(*grads_h, *inputs, 20, "sinkhorn")
-    second = coefficients.mhc_coefficients_bwd(*grads_h, *inputs, 20, "sinkhorn")
+    outputs = coefficients_pre_mix.mhc_coefficients_pre_mix_fwd(*inputs, 20, "sinkhorn")
+    grad_outputs = [torch.randn_like(t) for t in outputs]
+    first = coefficients_pre_mix.mhc_coefficients_pre_mix_bwd(*grad_outputs, *inputs, 20, "sinkhorn")
+    second = coefficients_pre_mix.mhc_coefficients_pre_mix_bwd(*grad_outputs, *inputs, 20, "sinkhorn")
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
@@ -220,12 +281,12 @@ def test_forced_configs():
     default = configs.forced_configs("default")
     assert set(default) == set(configs.STAGES)
     everywhere = configs.forced_configs("BLOCK_C=128,num_warps=2")
-    assert everywhere["pre_mix_fwd"].kwargs["BLOCK_C"] == 128
-    assert everywhere["coefficients"].num_warps == 2
-    assert "BLOCK_C" not in everywhere["coefficients"].kwargs
+    assert everywhere["post_res_mix_fwd"].kwargs["BLOCK_C"] == 128
+    assert everywhere["coefficients_bwd"].num_warps == 2
+    assert "BLOCK_C" not in everywhere["coefficients_bwd"].kwargs
     one = configs.forced_configs("post_res_mix_bwd:BLOCK_T=2,num_stages=3")
     assert set(one) == {"post_res_mix_bwd"} and one["post_res_mix_bwd"].kwargs["BLOCK_T"] == 2
-    for wrong in ("BLOCK_Q=1", "nonexistent:BLOCK_C=1", "coefficients:BLOCK_C=64", "BLOCK_C"):
+    for wrong in ("BLOCK_Q=1", "nonexistent:BLOCK_C=1", "coefficients_bwd:BLOCK_C=64", "BLOCK_C"):
         with pytest.raises(ValueError, match=configs.ENV_VAR):
             configs.forced_configs(wrong)
 
@@ -242,26 +303,58 @@ def test_first_configs_fit_every_n():
 
 
 def test_cpu_keeps_the_reference():
-    register_cuda_kernels()
     assert not kernels_active("cpu")
-    streams, phi, alpha, b_pre, b_post, b_res = (t.cpu() for t in _mhc_inputs(2, 8, (3,), torch.float32))
-    h = ops.coefficients(streams, phi, alpha, b_pre, b_post, b_res, 20, "sinkhorn")
-    expected = reference.coefficients(streams, phi, alpha, b_pre, b_post, b_res, 20, "sinkhorn")
-    assert all(torch.equal(a, b) for a, b in zip(h, expected))
+    inputs = [t.cpu() for t in _mhc_inputs(2, 8, (3,), torch.float32)]
+    outputs = ops.coefficients_pre_mix(*inputs, 20, "sinkhorn")
+    expected = reference.coefficients_pre_mix(*inputs, 20, "sinkhorn")
+    assert all(torch.equal(a, b) for a, b in zip(outputs, expected, strict=True))
+
+
+def test_ops_dispatch_to_the_kernels_with_autograd(monkeypatch, poisoned):
+    """The ops' kernel branch and their autograd wiring, eagerly: on CPU under the interpreter
+    (kernels forced on for CPU tensors), on CUDA as they are. Sublayer output and every input
+    gradient against the float64 reference."""
+    from mhc_compile import templates
+
+    if not ON_GPU:
+        monkeypatch.setattr(templates, "kernels_active", lambda device: True)
+    used, launcher = [], templates.launcher
+    monkeypatch.setattr(templates, "launcher", lambda name: used.append(name) or launcher(name))
+    inputs = [t.requires_grad_() for t in _mhc_inputs(3, 40, (2, 9), torch.float32)]
+    out = _sublayer_through_ops(*inputs, 20)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+
+    def forward(*tensors):
+        return reference.sublayer(*tensors, lambda u: u, 20)
+
+    (ref_out,), ref_grads = _float64_vjp(forward, inputs, (grad_out,))
+    _assert_close(["out"], [out], [ref_out], torch.float32)
+    _assert_close(COEFFICIENT_GRADS, grads, ref_grads, torch.float32)
+    assert sorted(set(used)) == sorted(templates._LAUNCHERS), "an op did not run its kernel"
 
 
 cuda_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+# Every kernel of a sublayer's forward and backward.
+KERNELS = {
+    "_mhc_coefficients_pre_mix_fwd_kernel", "_mhc_post_res_mix_fwd_kernel",
+    "_mhc_post_res_mix_bwd_kernel", "_mhc_projection_kernel", "_mhc_coefficients_bwd_kernel",
+    "_mhc_coefficients_bwd_streams_kernel",
+}
 
 
 def _sublayer_through_ops(streams, phi, alpha, b_pre, b_post, b_res, iters):
-    h_pre, h_post, h_res = ops.coefficients(streams, phi, alpha, b_pre, b_post, b_res, iters, "sinkhorn")
-    return ops.post_res_mix(streams, ops.pre_mix(streams, h_pre), h_post, h_res)
+    _, h_post, h_res, mixed = ops.coefficients_pre_mix(
+        streams, phi, alpha, b_pre, b_post, b_res, iters, "sinkhorn"
+    )
+    return ops.post_res_mix(streams, mixed, h_post, h_res)
 
 
 @cuda_only
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_ops_run_the_kernels_on_cuda(compiled):
-    register_cuda_kernels()
+    """The ops launch every kernel, eagerly and under Inductor (which launches them itself, since
+    the ops are triton_ops), and the sublayer matches the float64 reference."""
     assert kernels_active("cuda")
     inputs = [t.requires_grad_() for t in _mhc_inputs(4, 96, (2, 33), torch.bfloat16)]
     sublayer = _sublayer_through_ops
@@ -273,22 +366,32 @@ def test_ops_run_the_kernels_on_cuda(compiled):
         grad_out = torch.randn_like(out)
         grads = torch.autograd.grad(out, inputs, grad_out)
         torch.cuda.synchronize()
-    launched = {e.name for e in profile.events() if e.name.startswith("_mhc_")}
-    assert len(launched) == 8, f"expected all eight mHC kernels on CUDA, profiler saw {sorted(launched)}"
+    # Inductor may suffix a user kernel's name with an index.
+    launched = {re.sub(r"_\d+$", "", e.name) for e in profile.events() if e.name.startswith("_mhc_")}
+    assert launched == KERNELS, f"profiler saw {sorted(launched)}"
 
     def forward(*tensors):
         return reference.sublayer(*tensors, lambda u: u, 20)
 
     (ref_out,), ref_grads = _float64_vjp(forward, inputs, (grad_out,))
     _assert_close(["out"], [out], [ref_out], torch.bfloat16)
-    names = ["grad_streams", "grad_phi", "grad_alpha", "grad_b_pre", "grad_b_post", "grad_b_res"]
-    _assert_close(names, grads, ref_grads, torch.bfloat16)
+    _assert_close(COEFFICIENT_GRADS, grads, ref_grads, torch.bfloat16)
 
 
 @cuda_only
 def test_float64_on_cuda_falls_back_to_the_reference():
-    register_cuda_kernels()
-    streams, phi, alpha, b_pre, b_post, b_res = (t.double() for t in _mhc_inputs(2, 8, (3,), torch.float32))
-    h = ops.coefficients(streams, phi, alpha, b_pre, b_post, b_res, 20, "sinkhorn")
-    expected = reference.coefficients(streams, phi, alpha, b_pre, b_post, b_res, 20, "sinkhorn")
-    assert all(torch.equal(a, b) for a, b in zip(h, expected))
+    inputs = [t.double() for t in _mhc_inputs(2, 8, (3,), torch.float32)]
+    outputs = ops.coefficients_pre_mix(*inputs, 20, "sinkhorn")
+    expected = reference.coefficients_pre_mix(*inputs, 20, "sinkhorn")
+    assert all(torch.equal(a, b) for a, b in zip(outputs, expected, strict=True))
+
+
+@cuda_only
+def test_cli_autotune_prints_the_chosen_configs(capsys):
+    from mhc_compile import cli
+
+    assert cli.main(["autotune", "--C", "96", "--tokens", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "n=4 C=96 bf16, 64 tokens:" in out
+    for kernel in configs._TUNED:
+        assert kernel in out, f"{kernel} missing from the chosen configs:\n{out}"
