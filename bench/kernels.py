@@ -20,6 +20,11 @@ with f = identity, bf16 streams [tokens, n, C], fp32 coefficients, sinkhorn_iter
    kernels.png under $OUT (or bench/out).
 
     python bench/kernels.py [--tokens 16384] [--channels 1024 2048 4096] [--n 4] [--check-only]
+                            [--warm-only]
+
+--warm-only runs steps 1 and every provider once per shape, timing nothing: it fills Triton's and
+Inductor's on-disk caches (autotune choices, compiled graphs), so that a later timing run in the
+same environment spends its time timing.
 """
 
 from __future__ import annotations
@@ -193,8 +198,9 @@ def bench_graph(fn, grad_to_none=None) -> float:
         return float("nan")
 
 
-def time_sublayer(sublayer, inputs, grad_out, leaves) -> dict[str, float]:
-    """Median ms of the forward (no autograd) and of forward + backward of `sublayer(*inputs)`."""
+def time_sublayer(sublayer, inputs, grad_out, leaves, timed: bool = True) -> dict[str, float]:
+    """Median ms of the forward (no autograd) and of forward + backward of `sublayer(*inputs)`
+    (with timed=False only the first calls: compiling and autotuning)."""
 
     def forward():
         with torch.no_grad():
@@ -206,14 +212,20 @@ def time_sublayer(sublayer, inputs, grad_out, leaves) -> dict[str, float]:
     started = time.perf_counter()
     forward(), forward_backward()  # compile and autotune outside the timing
     torch.cuda.synchronize()
+    if not timed:
+        return {"fwd_ms": float("nan"), "fwd_bwd_ms": float("nan"),
+                "first_call_s": time.perf_counter() - started}
     times = {"fwd_ms": bench(forward), "fwd_bwd_ms": bench(forward_backward, grad_to_none=leaves)}
     times["first_call_s"] = time.perf_counter() - started
     return times
 
 
-def time_providers(inputs, channels: int, n: int, skip: set[str]) -> dict[str, dict[str, float]]:
+def time_providers(
+    inputs, channels: int, n: int, skip: set[str], timed: bool = True
+) -> dict[str, dict[str, float]]:
     """Forward and forward+backward median ms of every provider on the same inputs; "ours" also
-    replayed as a CUDA graph (no host overhead: what torch.compile(mode="reduce-overhead") gets)."""
+    replayed as a CUDA graph (no host overhead: what torch.compile(mode="reduce-overhead") gets).
+    With timed=False every provider only runs once (compiles, autotunes)."""
     grad_out = torch.randn_like(inputs[0])
     torch._dynamo.reset()
     sublayers = {
@@ -231,13 +243,15 @@ def time_providers(inputs, channels: int, n: int, skip: set[str]) -> dict[str, d
     results = {}
     for name, (sublayer, leaves) in sublayers.items():
         try:
-            results[name] = time_sublayer(sublayer, inputs, grad_out, leaves)
+            results[name] = time_sublayer(sublayer, inputs, grad_out, leaves, timed)
         except Exception as error:  # one provider failing must not lose the others' numbers
             log(f"  {name:17s} FAILED: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
             results[name] = {"fwd_ms": float("nan"), "fwd_bwd_ms": float("nan"), "error": repr(error)}
             continue
         log(f"  {name:17s} fwd {results[name]['fwd_ms']:7.3f} ms   fwd+bwd "
             f"{results[name]['fwd_bwd_ms']:7.3f} ms   (first call {results[name]['first_call_s']:.1f} s)")
+    if not timed:
+        return results
     graphed = {
         "fwd_ms": bench_graph(lambda: ours(*[t.detach() for t in inputs])),
         "fwd_bwd_ms": bench_graph(lambda: ours(*inputs).backward(grad_out), grad_to_none=inputs),
@@ -366,6 +380,8 @@ def main() -> int:
     parser.add_argument("--channels", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--check-only", action="store_true")
+    parser.add_argument("--warm-only", action="store_true",
+                        help="check, then run every provider once per shape (fill the caches), no timing")
     parser.add_argument("--skip", nargs="*", default=[], choices=PROVIDERS[1:])
     args = parser.parse_args()
     logging.basicConfig(format="%(name)s: %(message)s")
@@ -401,6 +417,13 @@ def main() -> int:
         torch.cuda.empty_cache()
     if failures or args.check_only:
         return 1 if failures else 0
+    if args.warm_only:
+        for seed, channels in enumerate(args.channels):
+            log(f"\nwarming C={channels}")
+            time_providers(make_inputs(args.tokens, args.n, channels, 100 + seed), channels, args.n,
+                           skip, timed=False)
+            torch.cuda.empty_cache()
+        return 0
 
     copy_bw = copy_bandwidth()
     log(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (2 GiB device-to-device, read + write)")

@@ -35,7 +35,7 @@ RMS_EPS = tl.constexpr(reference.RMS_EPS)
 
 
 @triton.jit
-def _dot_fp32_operand(a, b_fp32, acc):
+def dot_fp32_operand(a, b_fp32, acc):
     """acc + a @ b_fp32 for `a` as stored (bf16, fp16 or fp32) and an fp32 `b`.
 
     16-bit `a` stays in its dtype (tensor cores read it as loaded): b is split into b_hi + b_lo in
@@ -62,6 +62,7 @@ def project_columns(
     columns = tl.arange(0, KP)
     sumsq = tl.zeros((BLOCK_T,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_T, KP), dtype=tl.float32)
+    grad_h_pre = tl.zeros((BLOCK_T, KP), dtype=tl.float32)
     rows = tokens[:, None] * (n * C)
     for offset in range(first, last, BLOCK_K):
         k = offset + tl.arange(0, BLOCK_K)
@@ -72,16 +73,20 @@ def project_columns(
         sumsq += tl.sum(x_fp32 * x_fp32, axis=1)
         # Padded phi rows [KP] are contiguous and need no column mask: 16-byte loads, from L2.
         phi = tl.load(phi_ptr + k[:, None] * KP + columns[None, :], mask=k_valid[:, None], other=0.0)
-        acc = _dot_fp32_operand(x, phi, acc)
+        acc = dot_fp32_operand(x, phi, acc)
         if GRAD_MIXED:
-            # <grad_mixed, x_j>: products summed per stream j = k // C by a one-hot product into
-            # column K + 1 + j (tensor cores, fp32-accurate through tf32x3).
-            grad_mixed = tl.load(
-                grad_mixed_ptr + tokens[:, None] * C + (k % C)[None, :], mask=tile_mask, other=0.0
-            )
-            one_hot = ((k // C)[:, None] + (K + 1) == columns[None, :]).to(tl.float32)
-            acc = tl.dot(x_fp32 * grad_mixed.to(tl.float32), one_hot, acc, input_precision="tf32x3")
-    return tl.where(columns[None, :] == K, sumsq[:, None], acc)
+            # <grad_mixed, x_j> for each stream j this tile touches (one, or two where it crosses
+            # a stream boundary; more only for C < BLOCK_K): grad_mixed at channel k - j*C.
+            last_k = tl.minimum(offset + BLOCK_K, last) - 1
+            for j in range(offset // C, last_k // C + 1):
+                in_stream = (k >= j * C) & (k < (j + 1) * C)
+                grad_mixed = tl.load(
+                    grad_mixed_ptr + tokens[:, None] * C + (k - j * C)[None, :],
+                    mask=tile_mask & in_stream[None, :], other=0.0,
+                )
+                partial = tl.sum(x_fp32 * grad_mixed.to(tl.float32), axis=1)
+                grad_h_pre += tl.where(columns[None, :] == K + 1 + j, partial[:, None], 0.0)
+    return tl.where(columns[None, :] == K, sumsq[:, None], acc + grad_h_pre)
 
 
 @triton.jit

@@ -34,13 +34,21 @@ import torch
 import triton
 import triton.language as tl
 
-from mhc_compile.templates import coefficients as coef
 from mhc_compile.templates import configs
+
+# Kernels call helpers by their plain names, and no local variable takes a helper's name: under
+# torch.compile Inductor copies the source of the JIT functions a kernel names (co_names), not of
+# module attributes (coefficients.sinkhorn) nor of names a local shadows.
+from mhc_compile.templates.coefficients import (
+    dot_fp32_operand, fp32, gate_columns, gate_offsets, gate_parameters, is_sinkhorn, layout,
+    multiprocessors, padded_phi, project_columns, res_columns, res_logits, res_matrix, res_offsets,
+    rms_of, sinkhorn, sinkhorn_bwd, sinkhorn_segment, sum_splits,
+)
 from mhc_compile.templates.tiles import channel_tile, per_token, stream_tile, token_block, token_rows
 
-# A mix task gives up waiting after this many polls (seconds): only a bug can get there, and its
-# outputs are then NaN instead of a hang.
-_MAX_POLLS = tl.constexpr(1 << 24)
+# A mix task gives up waiting after this many polls (about a second; a real wait lasts one
+# projection task, microseconds): only a bug gets there, and its outputs are then NaN, not a hang.
+_MAX_POLLS = tl.constexpr(1 << 20)
 # Elements of a mix task's [MIX_T, NP, MIX_C] stream tile; MIX_C follows from it.
 _MIX_TILE = tl.constexpr(configs.MIX_TILE)
 # Splits (of columns in the backward projection, of tokens in grad phi) aim at this many programs
@@ -98,7 +106,7 @@ def _projection_task(
     tokens, token_valid = token_block(chunk, T, BLOCK_T)
     first = split * SPLIT
     last = tl.minimum(first + SPLIT, n * C)
-    row = coef.project_columns(
+    row = project_columns(
         streams_ptr, phi_ptr, streams_ptr, tokens, token_valid, first, last, C,
         n, KP, BLOCK_T, BLOCK_K, False,
     )
@@ -125,33 +133,33 @@ def _mix_task(
 
     # r and the gates: H_pre = sigmoid(alpha_pre h_pre / r + b_pre), H_post = 2 sigmoid(...)
     sumsq_column = tl.arange(0, 1) + K
-    sumsq = tl.sum(coef.sum_splits(
+    sumsq = tl.sum(sum_splits(
         partial_ptr, tokens, token_valid, T, splits, sumsq_column, sumsq_column >= 0, KP), axis=1)
-    rms = coef.rms_of(sumsq, C, n)
-    gate_cols, gate_valid = coef.gate_columns(n, GATES)
-    proj_gates = coef.sum_splits(partial_ptr, tokens, token_valid, T, splits, gate_cols, gate_valid, KP)
-    alpha, bias, scale = coef.gate_parameters(alpha_ptr, b_pre_ptr, b_post_ptr, n, GATES)
+    rms = rms_of(sumsq, C, n)
+    gate_cols, gate_valid = gate_columns(n, GATES)
+    proj_gates = sum_splits(partial_ptr, tokens, token_valid, T, splits, gate_cols, gate_valid, KP)
+    alpha, bias, scale = gate_parameters(alpha_ptr, b_pre_ptr, b_post_ptr, n, GATES)
     gates = scale[None, :] * tl.sigmoid(alpha[None, :] * (proj_gates / rms[:, None]) + bias[None, :])
     gates += poison
-    pre_offsets, pre_mask, post_offsets, post_mask = coef.gate_offsets(tokens, token_valid, n, GATES)
+    pre_offsets, pre_mask, post_offsets, post_mask = gate_offsets(tokens, token_valid, n, GATES)
     tl.store(h_pre_ptr + pre_offsets, gates, mask=pre_mask)
     tl.store(h_post_ptr + post_offsets, gates, mask=post_mask)
 
     # H_res = SinkhornKnopp(alpha_res mat(h_res) / r + b_res), or the raw logits without constraint
-    res_cols, res_valid = coef.res_columns(n, NP)
-    proj_res = coef.sum_splits(partial_ptr, tokens, token_valid, T, splits, res_cols, res_valid, KP)
-    logits, _ = coef.res_logits(proj_res, rms, alpha_ptr, b_res_ptr, n, NP)
+    res_cols, res_valid = res_columns(n, NP)
+    proj_res = sum_splits(partial_ptr, tokens, token_valid, T, splits, res_cols, res_valid, KP)
+    logits, _ = res_logits(proj_res, rms, alpha_ptr, b_res_ptr, n, NP)
     if SINKHORN:
-        log_m, valid = coef.res_matrix(logits, n, NP, MIX_T)
-        h_res = tl.reshape(tl.exp(coef.sinkhorn(log_m, valid, sinkhorn_iters)), (MIX_T, NP * NP))
+        log_m, valid = res_matrix(logits, n, NP, MIX_T)
+        h_res = tl.reshape(tl.exp(sinkhorn(log_m, valid, sinkhorn_iters)), (MIX_T, NP * NP))
     else:
         h_res = logits
-    offsets, mask = coef.res_offsets(tokens, token_valid, n, NP)
+    offsets, mask = res_offsets(tokens, token_valid, n, NP)
     tl.store(h_res_ptr + offsets, h_res + poison, mask=mask)
 
     # u = sum_j H_pre[j] x_j: the same gates, in the [MIX_T, NP] layout of a stream tile.
     streams = tl.arange(0, NP)
-    pre = coef.sum_splits(partial_ptr, tokens, token_valid, T, splits, streams, streams < n, KP)
+    pre = sum_splits(partial_ptr, tokens, token_valid, T, splits, streams, streams < n, KP)
     b_pre = tl.load(b_pre_ptr + streams, mask=streams < n, other=0.0)
     h_pre = tl.sigmoid(tl.load(alpha_ptr) * (pre / rms[:, None]) + b_pre[None, :])
     h_pre = tl.where((streams < n)[None, :], h_pre, 0.0) + poison
@@ -230,10 +238,10 @@ def mhc_coefficients_pre_mix_fwd(
         return (chunks * (splits + meta["BLOCK_T"] // meta["MIX_T"]),)
 
     configs.launch(
-        kernel, grid, x, coef.padded_phi(phi),
-        *coef.fp32(alpha, b_pre, b_post, b_res), partial, sync, h_pre, h_post, h_res, mixed,
+        kernel, grid, x, padded_phi(phi),
+        *fp32(alpha, b_pre, b_post, b_res), partial, sync, h_pre, h_post, h_res, mixed,
         T=tokens, C=channels, sinkhorn_iters=sinkhorn_iters,
-        SINKHORN=coef.is_sinkhorn(constraint), **coef.layout(n),
+        SINKHORN=is_sinkhorn(constraint), **layout(n),
     )
     lead = streams.shape[:-2]
     return (
@@ -255,7 +263,7 @@ def _mhc_projection_kernel(
     split = tl.program_id(1)
     first = split * columns_per_split
     last = tl.minimum(first + columns_per_split, n * C)
-    row = coef.project_columns(
+    row = project_columns(
         streams_ptr, phi_ptr, grad_mixed_ptr, tokens, token_valid, first, last, C,
         n, KP, BLOCK_T, BLOCK_K, True,
     )
@@ -270,7 +278,7 @@ def _projection_bwd(x: torch.Tensor, phi: torch.Tensor, grad_mixed: torch.Tensor
     n_columns, kp = n * channels, phi.shape[1]
     # Split the columns so that the grid fills the GPU (counted for 64-token blocks), keeping at
     # least 512 columns per split so the partials stay a few % of the stream bytes.
-    wanted = triton.cdiv(_PROGRAMS_PER_SM * coef.multiprocessors(x.device), triton.cdiv(tokens, 64))
+    wanted = triton.cdiv(_PROGRAMS_PER_SM * multiprocessors(x.device), triton.cdiv(tokens, 64))
     splits = max(1, min(wanted, n_columns // 512))
     columns_per_split = triton.cdiv(triton.cdiv(n_columns, splits), 256) * 256
     splits = triton.cdiv(n_columns, columns_per_split)
@@ -306,23 +314,23 @@ def _mhc_coefficients_bwd_kernel(
     K: tl.constexpr = n * n + 2 * n
     block = tl.program_id(0)
     tokens, token_valid = token_block(block, T, BLOCK_T)
-    gate_cols, gate_valid = coef.gate_columns(n, GATES)
-    proj_gates = coef.sum_splits(partial_ptr, tokens, token_valid, T, splits, gate_cols, gate_valid, KP)
+    gate_cols, gate_valid = gate_columns(n, GATES)
+    proj_gates = sum_splits(partial_ptr, tokens, token_valid, T, splits, gate_cols, gate_valid, KP)
     # Column K: sum of squares; K + 1 + j: <grad_mixed, x_j> (read in the packed gate layout, pre
     # entries k < n only).
-    sumsq = tl.sum(coef.sum_splits(
+    sumsq = tl.sum(sum_splits(
         partial_ptr, tokens, token_valid, T, splits, tl.arange(0, 1) + K, tl.arange(0, 1) >= 0, KP,
     ), axis=1)
-    grad_h_pre_mix = coef.sum_splits(
+    grad_h_pre_mix = sum_splits(
         partial_ptr, tokens, token_valid, T, splits, gate_cols + K + 1, gate_cols < n, KP
     )
-    rms = coef.rms_of(sumsq, C, n)
+    rms = rms_of(sumsq, C, n)
 
     # Gates: d/dz of scale * sigmoid(z) is scale * s (1 - s); tokens past T load zero gradients.
-    alpha, bias, scale = coef.gate_parameters(alpha_ptr, b_pre_ptr, b_post_ptr, n, GATES)
+    alpha, bias, scale = gate_parameters(alpha_ptr, b_pre_ptr, b_post_ptr, n, GATES)
     h_gates = proj_gates / rms[:, None]
     sig = tl.sigmoid(alpha[None, :] * h_gates + bias[None, :])
-    pre_offsets, pre_mask, post_offsets, post_mask = coef.gate_offsets(tokens, token_valid, n, GATES)
+    pre_offsets, pre_mask, post_offsets, post_mask = gate_offsets(tokens, token_valid, n, GATES)
     # H_pre is read by the pre-mix (grad <grad_mixed, x_j>) and may be an output read elsewhere.
     grad_gates = tl.load(grad_h_pre_ptr + pre_offsets, mask=pre_mask, other=0.0) + tl.load(
         grad_h_post_ptr + post_offsets, mask=post_mask, other=0.0
@@ -330,17 +338,17 @@ def _mhc_coefficients_bwd_kernel(
     grad_gate_logits = grad_gates * scale[None, :] * sig * (1.0 - sig)
 
     # H_res: through Sinkhorn (recomputed on chip), or the identity without constraint.
-    res_cols, res_valid = coef.res_columns(n, NP)
-    proj_res = coef.sum_splits(partial_ptr, tokens, token_valid, T, splits, res_cols, res_valid, KP)
-    logits, h_res_raw = coef.res_logits(proj_res, rms, alpha_ptr, b_res_ptr, n, NP)
-    res_offsets, res_mask = coef.res_offsets(tokens, token_valid, n, NP)
-    grad_h_res = tl.load(grad_h_res_ptr + res_offsets, mask=res_mask, other=0.0)
+    res_cols, res_valid = res_columns(n, NP)
+    proj_res = sum_splits(partial_ptr, tokens, token_valid, T, splits, res_cols, res_valid, KP)
+    logits, h_res_raw = res_logits(proj_res, rms, alpha_ptr, b_res_ptr, n, NP)
+    res_index, res_mask = res_offsets(tokens, token_valid, n, NP)
+    grad_h_res = tl.load(grad_h_res_ptr + res_index, mask=res_mask, other=0.0)
     if SINKHORN:
-        log_m, valid = coef.res_matrix(logits, n, NP, BLOCK_T)
-        h_res = tl.exp(coef.sinkhorn(log_m, valid, sinkhorn_iters))
+        log_m, valid = res_matrix(logits, n, NP, BLOCK_T)
+        h_res = tl.exp(sinkhorn(log_m, valid, sinkhorn_iters))
         # H_res = exp(final log iterate): the gradient w.r.t. that iterate is grad * H_res.
         grad_log = tl.reshape(grad_h_res, (BLOCK_T, NP, NP)) * h_res
-        grad_logits = coef.sinkhorn_bwd(log_m, valid, grad_log, sinkhorn_iters, sinkhorn_segment)
+        grad_logits = sinkhorn_bwd(log_m, valid, grad_log, sinkhorn_iters, sinkhorn_segment)
         grad_res_logits = tl.reshape(grad_logits, (BLOCK_T, NP * NP))
     else:
         grad_res_logits = grad_h_res
@@ -396,9 +404,10 @@ def _mhc_coefficients_bwd_streams_kernel(
     phi_t = tl.trans(
         tl.load(phi_ptr + columns[:, None] * KP + k[None, :], mask=column_valid[:, None], other=0.0)
     )
-    # Row K + 1 + j of a step-2 row holds H_pre_j: picks H_pre of each column's stream j = col // C.
-    pick_h_pre = (k[:, None] == (columns // C)[None, :] + (K + 1)).to(tl.float32)
-    pick_sumsq = (k == K)[None, :]
+    # Column K + 1 + j of a step-2 row holds H_pre_j: this program's columns belong to streams
+    # j = col // C, at channels col % C of grad_mixed.
+    h_pre_column = K + 1 + columns // C
+    channel = columns % C
     grad_phi = tl.zeros((BLOCK_NC, KP), dtype=tl.float32)
     split = tl.program_id(1)
     first = split.to(tl.int64) * tokens_per_split
@@ -410,18 +419,18 @@ def _mhc_coefficients_bwd_streams_kernel(
         x_mask = token_valid[:, None] & column_valid[None, :]
         x = tl.load(streams_ptr + x_offsets, mask=x_mask, other=0.0)
         grad_mixed = tl.load(
-            grad_mixed_ptr + tokens[:, None] * C + (columns % C)[None, :], mask=x_mask, other=0.0
+            grad_mixed_ptr + tokens[:, None] * C + channel[None, :], mask=x_mask, other=0.0
         )
-        grad_proj = tl.load(
-            grad_proj_ptr + tokens[:, None] * KP + k[None, :], mask=token_valid[:, None], other=0.0
-        )
-        grad_sumsq = tl.sum(tl.where(pick_sumsq, grad_proj, 0.0), axis=1)
-        h_pre = tl.dot(grad_proj, pick_h_pre, input_precision="tf32x3")
+        grad_row = grad_proj_ptr + tokens * KP
+        grad_proj = tl.load(grad_row[:, None] + k[None, :], mask=token_valid[:, None], other=0.0)
+        grad_sumsq = tl.load(grad_row + K, mask=token_valid, other=0.0)
+        # A gather within rows just loaded (L1): H_pre of each column's stream, per token.
+        h_pre = tl.load(grad_row[:, None] + h_pre_column[None, :], mask=x_mask, other=0.0)
         # The stream gradient is rounded to the stream dtype: tf32 is accurate enough for phi's term.
         grad_x = tl.dot(grad_proj, phi_t, input_precision="tf32")
         grad_x += 2.0 * grad_sumsq[:, None] * x.to(tl.float32) + h_pre * grad_mixed.to(tl.float32)
         tl.store(grad_streams_ptr + x_offsets, grad_x.to(grad_streams_ptr.dtype.element_ty), mask=x_mask)
-        grad_phi = coef._dot_fp32_operand(tl.trans(x), grad_proj, grad_phi)
+        grad_phi = dot_fp32_operand(tl.trans(x), grad_proj, grad_phi)
     # Only the K real columns of grad phi are kept: [splits, n*C, K].
     tl.store(
         grad_phi_partial_ptr + split.to(tl.int64) * (nC * K) + columns[:, None] * K + k[None, :],
@@ -432,7 +441,7 @@ def _mhc_coefficients_bwd_streams_kernel(
 def _token_splits(tokens: int, columns: int, device: torch.device) -> int:
     """How many token ranges grad phi is reduced over: enough programs to fill the GPU, counted for
     128-column blocks, and at least 512 tokens per range so the partials stay small."""
-    wanted = triton.cdiv(_PROGRAMS_PER_SM * coef.multiprocessors(device) * 128, max(columns, 1))
+    wanted = triton.cdiv(_PROGRAMS_PER_SM * multiprocessors(device) * 128, max(columns, 1))
     return max(1, min(wanted, triton.cdiv(tokens, 512)))
 
 
@@ -455,7 +464,7 @@ def mhc_coefficients_pre_mix_bwd(
     x = token_rows(streams)
     tokens, n, channels = x.shape
     n_columns, n_phi = n * channels, n * n + 2 * n
-    phi_padded = coef.padded_phi(phi)
+    phi_padded = padded_phi(phi)
     kp = phi_padded.shape[1]
     device = x.device
     grad_mixed = grad_mixed.contiguous().view(tokens, channels)
@@ -474,10 +483,10 @@ def mhc_coefficients_pre_mix_bwd(
     configs.launch(
         "mhc_coefficients_bwd", token_grid,
         per_token(grad_h_pre, 1), per_token(grad_h_post, 1), per_token(grad_h_res, 2),
-        partial, *coef.fp32(alpha, b_pre, b_post, b_res), grad_proj, grad_bias_partial,
+        partial, *fp32(alpha, b_pre, b_post, b_res), grad_proj, grad_bias_partial,
         grad_alpha_partial, T=tokens, C=channels, splits=partial.shape[0],
-        sinkhorn_iters=sinkhorn_iters, sinkhorn_segment=coef.sinkhorn_segment(sinkhorn_iters),
-        SINKHORN=coef.is_sinkhorn(constraint), **coef.layout(n),
+        sinkhorn_iters=sinkhorn_iters, sinkhorn_segment=sinkhorn_segment(sinkhorn_iters),
+        SINKHORN=is_sinkhorn(constraint), **layout(n),
     )
 
     splits = _token_splits(tokens, n_columns, device)

@@ -53,12 +53,12 @@ def padded_phi_columns(n: int) -> int:
 
 
 # Elements of a mix task's [MIX_T, n, MIX_C] stream tile (MIX_C follows from it, per n).
-MIX_TILE = 8192
+MIX_TILE = 4096
 
 
 def mix_channels(mix_tokens: int, n: int) -> int:
     """MIX_C, the channels a mix task handles per step: MIX_TILE / (MIX_T * padded n)."""
-    return max(16, MIX_TILE // (mix_tokens * padded_streams(n)))
+    return MIX_TILE // (mix_tokens * padded_streams(n))
 
 
 def _config(num_warps: int, num_stages: int, **blocks: int) -> triton.Config:
@@ -72,15 +72,17 @@ _STAGE_CONFIGS: dict[str, list[triton.Config]] = {
     # One launch: projection tasks (BLOCK_T tokens x SPLIT columns of the n*C stream values) and
     # mix tasks (MIX_T tokens: coefficients, Sinkhorn, H_pre x) per chunk of BLOCK_T tokens, the mix
     # tasks LAG chunks behind, so that they re-read the chunk's streams from L2 (see the kernel).
+    # (Registers from ptxas for sm_90, n = 4: 128 per thread at BLOCK_T=64, two programs of 8 warps
+    # per SM; 254 at BLOCK_T=128, one: fewer phi reads from L2 against less latency hiding.)
     "coefficients_pre_mix_fwd": [
-        _config(8, 3, BLOCK_T=block_t, BLOCK_K=8192 // block_t, SPLIT=split, MIX_T=16, LAG=lag)
+        _config(8, 3, BLOCK_T=block_t, BLOCK_K=64, SPLIT=split, MIX_T=16, LAG=lag)
         for block_t, split, lag in product((64, 128), (1024, 512), (2, 8))
     ],
     # Backward pass over the streams: projection again, and <grad_mixed, x_j>; larger BLOCK_T reads
     # phi (from L2) fewer times.
-    "projection": [
-        _config(num_warps, num_stages, BLOCK_T=block_t, BLOCK_K=64)
-        for block_t, num_warps, num_stages in product((64, 128), (8, 4), (3,))
+    "projection": [  # (BLOCK_T=128 with BLOCK_K=64 spills for n = 4)
+        _config(8, 3, BLOCK_T=block_t, BLOCK_K=block_k)
+        for block_t, block_k in ((64, 32), (64, 64), (128, 32))
     ],
     # Latency-bound coefficient backward (gates, Sinkhorn recomputed) on BLOCK_T tokens.
     "coefficients_bwd": [
@@ -90,7 +92,7 @@ _STAGE_CONFIGS: dict[str, list[triton.Config]] = {
     # Grid over (n*C columns, token splits): grad streams tiles and per-split grad phi partials.
     "coefficients_bwd_streams": [
         _config(num_warps, 3, BLOCK_T=block_t, BLOCK_NC=block_nc)
-        for block_nc, block_t, num_warps in product((64, 128), (32, 64), (8, 4))
+        for block_nc, block_t, num_warps in product((64, 128), (16, 32), (8, 4))
     ],
     # Memory-bound mixes: a wide channel block of one token per program (BLOCK_T > 1 pays only for
     # narrow C, which the kernels support but these configs do not target).

@@ -273,6 +273,43 @@ def test_backward_is_deterministic(poisoned):
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+def _jit_functions(module):
+    """The @triton.jit functions defined in `module`'s source, as AST nodes."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(module))
+    return [
+        node for node in tree.body if isinstance(node, ast.FunctionDef)
+        and any(ast.unparse(d).startswith("triton.jit") for d in node.decorator_list)
+    ]
+
+
+def test_kernels_name_their_helpers_plainly_for_inductor():
+    """Under torch.compile Inductor compiles these kernels itself from a copy of their source plus
+    the JIT functions they name (by plain name, in co_names): a helper reached as module.attr,
+    or whose name a local variable shadows, is missing from that copy (NameError on the GPU)."""
+    import ast
+    import types
+
+    from mhc_compile.templates import coefficients, tiles
+
+    modules = (coefficients, coefficients_pre_mix, post_res_mix, tiles)
+    helper_names = {node.name for module in modules for node in _jit_functions(module)}
+    for module in modules:
+        helpers = helper_names & set(vars(module))  # the helpers this module's kernels can name
+        for function in _jit_functions(module):
+            body = ast.Module(body=function.body, type_ignores=[])  # not the decorators
+            for node in ast.walk(body):
+                if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                    assert node.id not in helpers, f"{function.name}: local {node.id} shadows a helper"
+                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                    bound = vars(module).get(node.value.id)
+                    assert not isinstance(bound, types.ModuleType) or node.value.id in ("tl", "triton"), (
+                        f"{function.name} calls {node.value.id}.{node.attr}: import it by name"
+                    )
+
+
 # --- configs ----------------------------------------------------------------------------------------
 
 
