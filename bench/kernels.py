@@ -44,7 +44,9 @@ import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
 from mhc_compile import ops, reference
-from mhc_compile.templates import coefficients, coefficients_pre_mix, configs, kernels_active, post_res_mix
+from mhc_compile.templates import (
+    coefficients, coefficients_pre_mix, configs, kernels_active, post_res_mix, pre_mix,
+)
 
 DEVICE = "cuda"
 ITERS = 20
@@ -174,11 +176,15 @@ def floor_bytes(tokens: int, n: int, channels: int) -> int:
 def kernel_bytes(tokens: int, n: int, channels: int) -> dict[str, int]:
     """Stream bytes each of our kernels moves (coefficient-sized traffic left out)."""
     per_token = {
-        "coefficients_pre_mix_fwd": n + 1,  # read x (once from HBM), write u
+        "projection": n,  # read x (inside the coefficients' forward and backward)
+        "coefficients_fwd": n,  # read x
+        "pre_mix_fwd": n + 1,  # read x, write u
+        "coefficients_pre_mix_fwd": 2 * n + 1,  # the op: the two above
         "post_res_mix_fwd": 2 * n + 1,  # read x, y; write x'
         "post_res_mix_bwd": 3 * n + 2,  # read dx', x, y; write dx, dy
-        "projection_bwd": n + 1,  # read x and du (step 1 of the fused backward)
-        "coefficients_pre_mix_bwd": 3 * n + 2,  # read x, du twice (projection, then dx); write dx
+        "pre_mix_bwd": 2 * n + 1,  # read du, x; write its share of dx
+        "coefficients_bwd": 4 * n,  # read x twice, the pre-mix's dx; write dx
+        "coefficients_pre_mix_bwd": 6 * n + 1,  # the op: the two above
         "grad_accumulate_add": 3 * n,  # autograd sums the two ops' dx: read 2, write 1
     }
     return {k: v * channels * tokens * STREAM_DTYPE.itemsize for k, v in per_token.items()}
@@ -266,19 +272,23 @@ def time_kernels(inputs) -> dict[str, dict[str, float]]:
     """Median ms of each of our kernels alone (launchers called directly), eager and as a graph."""
     streams, phi, alpha, b_pre, b_post, b_res = parameters = [t.detach() for t in inputs]
     outputs = coefficients_pre_mix.mhc_coefficients_pre_mix_fwd(*parameters, ITERS, "sinkhorn")
-    _, h_post, h_res, mixed = outputs
+    h_pre, h_post, h_res, mixed = outputs
     grad_streams = torch.randn_like(streams)
     grad_outputs = [torch.randn_like(t) for t in outputs]
     calls = {
+        "projection": lambda: coefficients._projection(streams, coefficients._padded_phi(phi)),
+        "coefficients_fwd": lambda: coefficients.mhc_coefficients_fwd(*parameters, ITERS, "sinkhorn"),
+        "pre_mix_fwd": lambda: pre_mix.mhc_pre_mix_fwd(streams, h_pre),
         "coefficients_pre_mix_fwd": lambda: coefficients_pre_mix.mhc_coefficients_pre_mix_fwd(
             *parameters, ITERS, "sinkhorn"),
         "post_res_mix_fwd": lambda: post_res_mix.mhc_post_res_mix_fwd(streams, mixed, h_post, h_res),
         "post_res_mix_bwd": lambda: post_res_mix.mhc_post_res_mix_bwd(
             grad_streams, streams, mixed, h_post, h_res),
-        "projection_bwd": lambda: coefficients_pre_mix._projection_bwd(
-            streams, coefficients.padded_phi(phi), grad_outputs[3]),
+        "pre_mix_bwd": lambda: pre_mix.mhc_pre_mix_bwd(mixed, streams, h_pre),
+        "coefficients_bwd": lambda: coefficients.mhc_coefficients_bwd(
+            *grad_outputs[:3], *parameters, ITERS, "sinkhorn", accumulate=grad_streams),
         "coefficients_pre_mix_bwd": lambda: coefficients_pre_mix.mhc_coefficients_pre_mix_bwd(
-            *grad_outputs, *parameters, ITERS, "sinkhorn"),
+            *grad_outputs, h_pre, *parameters, ITERS, "sinkhorn"),
         "grad_accumulate_add": lambda: streams + grad_streams,
     }
     return {name: {"ms": bench(call), **split_host_and_gpu(call)} for name, call in calls.items()}

@@ -1,8 +1,9 @@
 """Triton kernels for the mHC ops and their autotune configs (installed as mhc_compile.templates).
 
-One module per op: `coefficients_pre_mix` (RMS, projection, gates, Sinkhorn and the pre-mix,
-forward and backward) and `post_res_mix`; `coefficients` holds the coefficient math they share,
-`configs` the autotune configs (MHC_TRITON_CONFIG forces one) and `tiles` the addressing.
+One module per kernel stage: `coefficients` (RMS, projection, gates, Sinkhorn, forward and
+backward), `pre_mix` and `post_res_mix`; `coefficients_pre_mix` composes the first two into the
+op mhc::coefficients_pre_mix; `configs` holds the autotune configs (MHC_TRITON_CONFIG forces one)
+and `tiles` the addressing.
 
 The mhc:: ops (mhc_compile/ops.py) call `launcher(name)` when `kernels_apply(...)`: CUDA tensors
 of a kernel dtype with n <= 8; the CPU and everything else keep the PyTorch reference. The kernel

@@ -1,19 +1,25 @@
-"""Coefficient math shared by the kernels of mhc::coefficients_pre_mix (paper Eq. 7-8).
+"""Coefficient kernels: RMS, projection, gates and Sinkhorn-Knopp, and their backward.
 
-Device functions, no kernels:
-  projection  one pass over a range of the n*C stream values of a block of tokens: v @ phi on
-              tensor cores (bf16/fp16 streams as stored against phi split in two 16-bit halves,
-              finer than the paper's tf32; fp32 streams in tf32) and the sum of squares; in the
-              backward also <grad_mixed, x_j>, the gradient of H_pre through the pre-mix;
-  gates       alpha, bias, sigmoid and 2*sigmoid on the summed projection divided by the RMS (the
-              norm is divided after the matmul);
-  Sinkhorn    t_max iterations in log space in registers, and its exact backward, which recomputes
-              the iterates on chip instead of storing them.
+The work splits into a memory-bound part and a latency-bound part, each its own kernel so that each
+gets the block sizes, warps and occupancy that suit it:
+  projection  one pass over the n*C stream values of a block of tokens, split over column ranges:
+              sums of squares and v @ phi on tensor cores (bf16/fp16 streams as stored against phi
+              split in two 16-bit halves, finer than the paper's tf32; fp32 streams exactly, on the
+              FMA units), written as per-split partials [splits, T, KP] (a few % of the stream
+              bytes);
+  forward     per token block: sum the partials, divide by the RMS (after the matmul), then alpha,
+              bias, sigmoid, 2*sigmoid and the Sinkhorn iterations in registers;
+  backward    the projection again (recomputed, not saved), then per token block the gradient of
+              the gates and of Sinkhorn (iterates recomputed on chip, `_sinkhorn_bwd`) w.r.t. the
+              projection [T, n*n+2n] and the sum of squares [T], with per-block partial sums for
+              alpha and the biases; last, per (n*C column block, token split), grad streams =
+              grad_proj @ phi^T + 2 grad_sumsq x + `accumulate` (the pre-mix's share, so that the
+              op writes one grad streams) and grad phi partials x^T @ grad_proj.
+Every reduction across programs writes partials that are summed afterwards in a fixed order: no
+atomics, deterministic. Saved between forward and backward: nothing but the op's inputs.
 
-A projection row has KP = configs.padded_phi_columns(n) fp32 columns: phi's K = n*n + 2n, then the
-sum of squares (column K), then <grad_mixed, x_j> (columns K+1 .. K+n, backward only); the rest 0.
 Register layouts of the coefficient math: gates [GATES] (entry k is phi column k: H_pre for k < n,
-H_post for n <= k < 2n) and H_res [NP * NP] (entry (i, j) is phi column 2n + i*n + j), padded to
+H_post for n <= k < 2n) and H_res [NP, NP] (entry (i, j) is phi column 2n + i*n + j), padded to
 powers of two and masked; Sinkhorn runs on [BLOCK_T, NP, NP] with padded entries at -inf.
 """
 
@@ -27,92 +33,113 @@ import triton.language as tl
 
 from mhc_compile import reference
 from mhc_compile.templates import configs
+from mhc_compile.templates.tiles import per_token, token_block, token_rows
 
-RMS_EPS = tl.constexpr(reference.RMS_EPS)
+_RMS_EPS = tl.constexpr(reference.RMS_EPS)
+# Splits (of columns in the projection, of tokens in grad phi) aim at this many programs per SM.
+_PROGRAMS_PER_SM = 4
 
 
-# --- projection: v @ phi and the sum of squares  (mHC Eq. 7; the RMS divides later) --------------
+# --- projection: sum of squares and v @ phi  (mHC Eq. 7; the RMS divides later) -------------------
 
 
 @triton.jit
-def dot_fp32_operand(a, b_fp32, acc):
+def _dot_fp32_operand(a, b_fp32, acc):
     """acc + a @ b_fp32 for `a` as stored (bf16, fp16 or fp32) and an fp32 `b`.
 
     16-bit `a` stays in its dtype (tensor cores read it as loaded): b is split into b_hi + b_lo in
-    that dtype, two products, about 16 bits of b kept (more than tf32's 10). fp32 `a` takes tf32,
-    as the paper does.
+    that dtype, two products, about 16 bits of b kept (more than tf32's 10). fp32 `a` (fp32 models,
+    rare in training) is multiplied exactly in fp32 on the FMA units: the tf32 tensor-core product
+    of a 64-row block gave errors of 4e-2 on an H100 (GPU run of 2026-11-23), never seen with the
+    16-bit path.
     """
     if a.dtype == tl.float32:
-        return tl.dot(a, b_fp32, acc, input_precision="tf32")
+        return tl.dot(a, b_fp32, acc, input_precision="ieee")
     b_hi = b_fp32.to(a.dtype)
     b_lo = (b_fp32 - b_hi.to(tl.float32)).to(a.dtype)
     return tl.dot(a, b_lo, tl.dot(a, b_hi, acc))
 
 
+@configs.autotune("projection", "mhc_projection")
 @triton.jit
-def project_columns(
-    streams_ptr, phi_ptr, grad_mixed_ptr, tokens, token_valid, first, last, C,
+def _mhc_projection_kernel(
+    streams_ptr, phi_ptr, proj_ptr, sumsq_ptr, T, C, columns_per_split,
     n: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-    GRAD_MIXED: tl.constexpr,
 ):
-    """One projection row [BLOCK_T, KP] over the stream values [first, last) of `tokens` (of the
-    n*C per token): v @ phi in columns < K, the sum of squares in column K and, with GRAD_MIXED,
-    <grad_mixed, x_j> over those values in column K + 1 + j (the rest of the row is 0)."""
-    K: tl.constexpr = n * n + 2 * n
-    columns = tl.arange(0, KP)
+    tokens, token_valid = token_block(tl.program_id(0), T, BLOCK_T)
+    split = tl.program_id(1)
+    first = split * columns_per_split
+    last = tl.minimum(first + columns_per_split, n * C)
+    phi_columns = tl.arange(0, KP)
     sumsq = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_T, KP), dtype=tl.float32)
-    grad_h_pre = tl.zeros((BLOCK_T, KP), dtype=tl.float32)
+    proj = tl.zeros((BLOCK_T, KP), dtype=tl.float32)
     rows = tokens[:, None] * (n * C)
-    for offset in range(first, last, BLOCK_K):
-        k = offset + tl.arange(0, BLOCK_K)
+    for offset in range(0, columns_per_split, BLOCK_K):
+        k = first + offset + tl.arange(0, BLOCK_K)
         k_valid = k < last
-        tile_mask = token_valid[:, None] & k_valid[None, :]
-        x = tl.load(streams_ptr + rows + k[None, :], mask=tile_mask, other=0.0)
+        x = tl.load(
+            streams_ptr + rows + k[None, :], mask=token_valid[:, None] & k_valid[None, :], other=0.0
+        )
         x_fp32 = x.to(tl.float32)
         sumsq += tl.sum(x_fp32 * x_fp32, axis=1)
         # Padded phi rows [KP] are contiguous and need no column mask: 16-byte loads, from L2.
-        phi = tl.load(phi_ptr + k[:, None] * KP + columns[None, :], mask=k_valid[:, None], other=0.0)
-        acc = dot_fp32_operand(x, phi, acc)
-        if GRAD_MIXED:
-            # <grad_mixed, x_j> for each stream j this tile touches (one, or two where it crosses
-            # a stream boundary; more only for C < BLOCK_K): grad_mixed at channel k - j*C.
-            last_k = tl.minimum(offset + BLOCK_K, last) - 1
-            for j in range(offset // C, last_k // C + 1):
-                in_stream = (k >= j * C) & (k < (j + 1) * C)
-                grad_mixed = tl.load(
-                    grad_mixed_ptr + tokens[:, None] * C + (k - j * C)[None, :],
-                    mask=tile_mask & in_stream[None, :], other=0.0,
-                )
-                partial = tl.sum(x_fp32 * grad_mixed.to(tl.float32), axis=1)
-                grad_h_pre += tl.where(columns[None, :] == K + 1 + j, partial[:, None], 0.0)
-    return tl.where(columns[None, :] == K, sumsq[:, None], acc + grad_h_pre)
+        phi = tl.load(phi_ptr + k[:, None] * KP + phi_columns[None, :], mask=k_valid[:, None], other=0.0)
+        proj = _dot_fp32_operand(x, phi, proj)
+    partial_row = split.to(tl.int64) * T + tokens
+    tl.store(sumsq_ptr + partial_row, sumsq, mask=token_valid)
+    tl.store(proj_ptr + partial_row[:, None] * KP + phi_columns[None, :], proj, mask=token_valid[:, None])
 
 
-@triton.jit
-def sum_splits(partial_ptr, tokens, token_valid, T, splits, columns, column_valid, KP: tl.constexpr):
-    """Columns `columns` of the projection partials [splits, T, KP], summed over the splits in a
-    fixed order (deterministic): [BLOCK_T, len(columns)]."""
-    mask = token_valid[:, None] & column_valid[None, :]
-    total = tl.load(partial_ptr + tokens[:, None] * KP + columns[None, :], mask=mask, other=0.0)
-    for split in range(1, splits):
-        row = split * T + tokens
-        total += tl.load(partial_ptr + row[:, None] * KP + columns[None, :], mask=mask, other=0.0)
-    return total
+def _padded_phi(phi: torch.Tensor) -> torch.Tensor:
+    """phi [n*C, n*n+2n] as fp32 [n*C, KP], zero columns appended: rows of a power-of-two length
+    load as whole 16-byte vectors."""
+    n_phi = phi.shape[1]
+    n = math.isqrt(n_phi + 1) - 1  # n*n + 2n = (n+1)^2 - 1
+    return torch.nn.functional.pad(phi.float(), (0, configs.padded_phi_columns(n) - n_phi))
+
+
+def _projection(x: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, n, C], padded phi [n*C, KP] fp32 -> per-split partials of v @ phi [splits, T, KP] and
+    of the sums of squares [splits, T], fp32."""
+    tokens, n, channels = x.shape
+    n_columns, kp = n * channels, phi.shape[1]
+    # Split the columns so that the grid fills the GPU (counted for 64-token blocks), keeping at
+    # least 512 columns per split so the partials stay a few % of the stream bytes.
+    wanted = triton.cdiv(_PROGRAMS_PER_SM * _multiprocessors(x.device), triton.cdiv(tokens, 64))
+    splits = max(1, min(wanted, n_columns // 512))
+    columns_per_split = triton.cdiv(triton.cdiv(n_columns, splits), 256) * 256
+    splits = triton.cdiv(n_columns, columns_per_split)
+    proj = torch.empty((splits, tokens, kp), dtype=torch.float32, device=x.device)
+    sumsq = torch.empty((splits, tokens), dtype=torch.float32, device=x.device)
+
+    def grid(meta):
+        return triton.cdiv(tokens, meta["BLOCK_T"]), splits
+
+    configs.launch(
+        "mhc_projection", grid, x, phi, proj, sumsq, T=tokens, C=channels,
+        columns_per_split=columns_per_split, n=n, KP=kp,
+    )
+    return proj, sumsq
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the interpreter: keep grids small
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # --- coefficient math: packed layouts, gates --------------------------------------------------------
 
 
 @triton.jit
-def gate_columns(n: tl.constexpr, GATES: tl.constexpr):
+def _gate_columns(n: tl.constexpr, GATES: tl.constexpr):
     """phi column of each packed gate entry [GATES] (pre: k < n, post: n <= k < 2n), and validity."""
     columns = tl.arange(0, GATES)
     return columns, columns < 2 * n
 
 
 @triton.jit
-def res_columns(n: tl.constexpr, NP: tl.constexpr):
+def _res_columns(n: tl.constexpr, NP: tl.constexpr):
     """phi column of each packed H_res entry [NP * NP] (entry (i, j) -> 2n + i*n + j), and validity."""
     entry = tl.arange(0, NP * NP)
     rows, cols = entry // NP, entry % NP
@@ -120,7 +147,7 @@ def res_columns(n: tl.constexpr, NP: tl.constexpr):
 
 
 @triton.jit
-def gate_offsets(tokens, token_valid, n: tl.constexpr, GATES: tl.constexpr):
+def _gate_offsets(tokens, token_valid, n: tl.constexpr, GATES: tl.constexpr):
     """Where packed gate entries live in h_pre / h_post [T, n] (or their gradients)."""
     k = tl.arange(0, GATES)[None, :]
     pre_mask = token_valid[:, None] & (k < n)
@@ -129,15 +156,32 @@ def gate_offsets(tokens, token_valid, n: tl.constexpr, GATES: tl.constexpr):
 
 
 @triton.jit
-def res_offsets(tokens, token_valid, n: tl.constexpr, NP: tl.constexpr):
-    """Where packed H_res entries live in h_res [T, n, n] (or its gradient), and their mask."""
-    columns, valid = res_columns(n, NP)
-    offsets = tokens[:, None] * (n * n) + (columns - 2 * n)[None, :]
-    return offsets, token_valid[:, None] & valid[None, :]
+def _load_projection(
+    proj_ptr, sumsq_ptr, tokens, token_valid, T, splits,
+    n: tl.constexpr, KP: tl.constexpr, GATES: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """The projection's partials [splits, T, KP] summed over splits: sums of squares [BLOCK_T], gates
+    [BLOCK_T, GATES] and H_res logits [BLOCK_T, NP * NP] in the packed layouts (before the RMS)."""
+    gate_cols, gate_valid = _gate_columns(n, GATES)
+    res_cols, res_valid = _res_columns(n, NP)
+    sumsq = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    proj_gates = tl.zeros((BLOCK_T, GATES), dtype=tl.float32)
+    proj_res = tl.zeros((BLOCK_T, NP * NP), dtype=tl.float32)
+    for split in range(splits):
+        row = split * T + tokens
+        sumsq += tl.load(sumsq_ptr + row, mask=token_valid, other=0.0)
+        proj_row = proj_ptr + row[:, None] * KP
+        proj_gates += tl.load(
+            proj_row + gate_cols[None, :], mask=token_valid[:, None] & gate_valid[None, :], other=0.0
+        )
+        proj_res += tl.load(
+            proj_row + res_cols[None, :], mask=token_valid[:, None] & res_valid[None, :], other=0.0
+        )
+    return sumsq, proj_gates, proj_res
 
 
 @triton.jit
-def gate_parameters(alpha_ptr, b_pre_ptr, b_post_ptr, n: tl.constexpr, GATES: tl.constexpr):
+def _gate_parameters(alpha_ptr, b_pre_ptr, b_post_ptr, n: tl.constexpr, GATES: tl.constexpr):
     """Per packed gate entry [GATES]: alpha (pre or post), bias, and the output scale (1 or 2)."""
     k = tl.arange(0, GATES)
     is_pre = k < n
@@ -147,21 +191,6 @@ def gate_parameters(alpha_ptr, b_pre_ptr, b_post_ptr, n: tl.constexpr, GATES: tl
         b_post_ptr + (k - n), mask=is_post, other=0.0
     )
     return alpha, bias, tl.where(is_pre, 1.0, 2.0)
-
-
-@triton.jit
-def rms_of(sumsq, C, n: tl.constexpr):
-    """r = sqrt(mean of squares over the n*C values + eps), from their sum."""
-    return tl.sqrt(sumsq / (n * C) + RMS_EPS)
-
-
-@triton.jit
-def res_logits(proj_res, rms, alpha_ptr, b_res_ptr, n: tl.constexpr, NP: tl.constexpr):
-    """alpha_res * mat(h_res) / r + b_res in the packed layout [BLOCK_T, NP * NP], and h_res / r."""
-    columns, valid = res_columns(n, NP)
-    b_res = tl.load(b_res_ptr + (columns - 2 * n), mask=valid, other=0.0)
-    h_res_raw = proj_res / rms[:, None]
-    return tl.load(alpha_ptr + 2) * h_res_raw + b_res[None, :], h_res_raw
 
 
 # --- Sinkhorn-Knopp in log space (mHC Eq. 8: t_max iterations, columns then rows) -----------------
@@ -178,21 +207,12 @@ def _normalize(log_m, valid, axis: tl.constexpr):
 
 
 @triton.jit
-def sinkhorn(log_m, valid, iters):
+def _sinkhorn(log_m, valid, iters):
     """`iters` iterations on [BLOCK_T, NP, NP] log matrices: columns (axis 1), then rows (axis 2)."""
     for _ in range(iters):
         log_m = _normalize(log_m, valid, 1)
         log_m = _normalize(log_m, valid, 2)
     return log_m
-
-
-@triton.jit
-def res_matrix(logits, n: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Packed logits [BLOCK_T, NP * NP] as log matrices [BLOCK_T, NP, NP] (padding -inf) and the
-    mask of real entries [1, NP, NP]."""
-    _, valid = res_columns(n, NP)
-    valid = tl.reshape(valid, (1, NP, NP))
-    return tl.where(valid, tl.reshape(logits, (BLOCK_T, NP, NP)), float("-inf")), valid
 
 
 @triton.jit
@@ -208,7 +228,7 @@ def _sinkhorn_iteration_bwd(log_m, valid, grad):
 
 
 @triton.jit
-def sinkhorn_bwd(logits, valid, grad, iters, segment):
+def _sinkhorn_bwd(logits, valid, grad, iters, segment):
     """Exact gradient w.r.t. the logits, given `grad` w.r.t. the final log iterate.
 
     Reverse mode with the iterates recomputed on chip instead of stored: the iterations form
@@ -220,39 +240,61 @@ def sinkhorn_bwd(logits, valid, grad, iters, segment):
     num_segments = (iters + segment - 1) // segment
     for done in range(num_segments):
         first = (num_segments - 1 - done) * segment
-        segment_start = sinkhorn(logits, valid, first)
+        segment_start = _sinkhorn(logits, valid, first)
         length = tl.minimum(segment, iters - first)
         for back in range(length):
-            log_m = sinkhorn(segment_start, valid, length - 1 - back)
+            log_m = _sinkhorn(segment_start, valid, length - 1 - back)
             grad = _sinkhorn_iteration_bwd(log_m, valid, grad)
     return grad
 
 
-def sinkhorn_segment(iters: int) -> int:
-    """Segment length of the Sinkhorn backward's recomputation: about sqrt(iters)."""
-    return max(1, math.ceil(math.sqrt(iters)))
+# --- forward: H_pre, H_post, H_res per token (mHC Eq. 7-8) ----------------------------------------
 
 
-# --- host side ------------------------------------------------------------------------------------
+@configs.autotune("coefficients", "mhc_coefficients_fwd")
+@triton.jit
+def _mhc_coefficients_fwd_kernel(
+    proj_ptr, sumsq_ptr, alpha_ptr, b_pre_ptr, b_post_ptr, b_res_ptr,
+    h_pre_ptr, h_post_ptr, h_res_ptr, T, C, splits, sinkhorn_iters,
+    n: tl.constexpr, KP: tl.constexpr, GATES: tl.constexpr, NP: tl.constexpr,
+    SINKHORN: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    tokens, token_valid = token_block(tl.program_id(0), T, BLOCK_T)
+    sumsq, proj_gates, proj_res = _load_projection(
+        proj_ptr, sumsq_ptr, tokens, token_valid, T, splits, n, KP, GATES, NP, BLOCK_T
+    )
+    rms = tl.sqrt(sumsq / (n * C) + _RMS_EPS)
+
+    # H_pre = sigmoid(alpha_pre h_pre / r + b_pre), H_post = 2 sigmoid(alpha_post h_post / r + b_post)
+    alpha, bias, scale = _gate_parameters(alpha_ptr, b_pre_ptr, b_post_ptr, n, GATES)
+    gates = scale[None, :] * tl.sigmoid(alpha[None, :] * (proj_gates / rms[:, None]) + bias[None, :])
+    pre_offsets, pre_mask, post_offsets, post_mask = _gate_offsets(tokens, token_valid, n, GATES)
+    tl.store(h_pre_ptr + pre_offsets, gates, mask=pre_mask)
+    tl.store(h_post_ptr + post_offsets, gates, mask=post_mask)
+
+    # H_res = SinkhornKnopp(alpha_res mat(h_res) / r + b_res), or the raw logits without constraint
+    res_cols, res_valid = _res_columns(n, NP)
+    b_res = tl.load(b_res_ptr + (res_cols - 2 * n), mask=res_valid, other=0.0)
+    logits = tl.load(alpha_ptr + 2) * (proj_res / rms[:, None]) + b_res[None, :]
+    if SINKHORN:
+        valid = tl.reshape(res_valid, (1, NP, NP))
+        log_m = tl.where(valid, tl.reshape(logits, (BLOCK_T, NP, NP)), float("-inf"))
+        h_res = tl.reshape(tl.exp(_sinkhorn(log_m, valid, sinkhorn_iters)), (BLOCK_T, NP * NP))
+    else:
+        h_res = logits
+    res_offsets = tokens[:, None] * (n * n) + (res_cols - 2 * n)[None, :]
+    tl.store(h_res_ptr + res_offsets, h_res, mask=token_valid[:, None] & res_valid[None, :])
 
 
-def padded_phi(phi: torch.Tensor) -> torch.Tensor:
-    """phi [n*C, n*n+2n] as fp32 [n*C, KP], zero columns appended: rows of a power-of-two length
-    load as whole 16-byte vectors, and the extra columns of a projection row get no phi term."""
-    n_phi = phi.shape[1]
-    n = math.isqrt(n_phi + 1) - 1  # n*n + 2n = (n+1)^2 - 1
-    return torch.nn.functional.pad(phi.float(), (0, configs.padded_phi_columns(n) - n_phi))
-
-
-def layout(n: int) -> dict[str, int]:
-    """The layout constexprs for n streams: projection row width, packed gates and H_res."""
+def _layout(n: int) -> dict[str, int]:
+    """The layout constexprs for n streams: padded projection columns, packed gates and H_res."""
     return dict(
         n=n, KP=configs.padded_phi_columns(n), GATES=triton.next_power_of_2(2 * n),
         NP=configs.padded_streams(n),
     )
 
 
-def is_sinkhorn(constraint: str) -> bool:
+def _is_sinkhorn(constraint: str) -> bool:
     if constraint not in reference.CONSTRAINTS:
         raise ValueError(
             f"mhc coefficients: constraint must be one of {reference.CONSTRAINTS}, got {constraint!r}"
@@ -260,12 +302,251 @@ def is_sinkhorn(constraint: str) -> bool:
     return constraint == "sinkhorn"
 
 
-def fp32(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Small parameters (alpha, biases) as contiguous fp32, as the kernels read them."""
+def _fp32(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.contiguous().float() for t in tensors]
 
 
-def multiprocessors(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1  # the interpreter: keep grids small
-    return torch.cuda.get_device_properties(device).multi_processor_count
+def mhc_coefficients_fwd(
+    streams: torch.Tensor,
+    phi: torch.Tensor,
+    alpha: torch.Tensor,
+    b_pre: torch.Tensor,
+    b_post: torch.Tensor,
+    b_res: torch.Tensor,
+    sinkhorn_iters: int,
+    constraint: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """streams [..., n, C] (bf16/fp16/fp32), phi [n*C, n*n+2n], alpha [3], b_pre [n], b_post [n],
+    b_res [n, n] -> h_pre [..., n], h_post [..., n], h_res [..., n, n], all fp32."""
+    x = token_rows(streams)
+    tokens, n, channels = x.shape
+    gate_parameters = _fp32(alpha, b_pre, b_post, b_res)
+    proj, sumsq = _projection(x, _padded_phi(phi))
+    h_pre = torch.empty((tokens, n), dtype=torch.float32, device=x.device)
+    h_post = torch.empty_like(h_pre)
+    h_res = torch.empty((tokens, n, n), dtype=torch.float32, device=x.device)
+
+    def grid(meta):
+        return (triton.cdiv(tokens, meta["BLOCK_T"]),)
+
+    configs.launch(
+        "mhc_coefficients_fwd", grid, proj, sumsq, *gate_parameters, h_pre, h_post, h_res,
+        T=tokens, C=channels, splits=proj.shape[0], sinkhorn_iters=sinkhorn_iters,
+        SINKHORN=_is_sinkhorn(constraint), **_layout(n),
+    )
+    lead = streams.shape[:-2]
+    return h_pre.view(*lead, n), h_post.view(*lead, n), h_res.view(*lead, n, n)
+
+
+# --- backward, step 2: per token block, d(projection), d(sum of squares), parameter partials -------
+
+
+@configs.autotune(
+    "coefficients", "mhc_coefficients_bwd",
+    # Configs write different partial rows (BLOCK_T differs): keep them 0 across benchmarking.
+    restore_value=["grad_bias_partial_ptr", "grad_alpha_partial_ptr"],
+)
+@triton.jit
+def _mhc_coefficients_bwd_kernel(
+    grad_h_pre_ptr, grad_h_post_ptr, grad_h_res_ptr,
+    proj_ptr, sumsq_ptr, alpha_ptr, b_pre_ptr, b_post_ptr, b_res_ptr,
+    grad_proj_ptr, grad_sumsq_ptr, grad_bias_partial_ptr, grad_alpha_partial_ptr,
+    T, C, splits, sinkhorn_iters, sinkhorn_segment,
+    n: tl.constexpr, KP: tl.constexpr, GATES: tl.constexpr, NP: tl.constexpr,
+    SINKHORN: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    block = tl.program_id(0)
+    tokens, token_valid = token_block(block, T, BLOCK_T)
+    sumsq, proj_gates, proj_res = _load_projection(
+        proj_ptr, sumsq_ptr, tokens, token_valid, T, splits, n, KP, GATES, NP, BLOCK_T
+    )
+    rms = tl.sqrt(sumsq / (n * C) + _RMS_EPS)
+
+    # Gates: d/dz of scale * sigmoid(z) is scale * s (1 - s); tokens past T load zero gradients.
+    alpha, bias, scale = _gate_parameters(alpha_ptr, b_pre_ptr, b_post_ptr, n, GATES)
+    h_gates = proj_gates / rms[:, None]
+    sig = tl.sigmoid(alpha[None, :] * h_gates + bias[None, :])
+    pre_offsets, pre_mask, post_offsets, post_mask = _gate_offsets(tokens, token_valid, n, GATES)
+    grad_gates = tl.load(grad_h_pre_ptr + pre_offsets, mask=pre_mask, other=0.0) + tl.load(
+        grad_h_post_ptr + post_offsets, mask=post_mask, other=0.0
+    )
+    grad_gate_logits = grad_gates * scale[None, :] * sig * (1.0 - sig)
+
+    # H_res: through Sinkhorn (recomputed on chip), or the identity without constraint.
+    res_cols, res_valid = _res_columns(n, NP)
+    b_res = tl.load(b_res_ptr + (res_cols - 2 * n), mask=res_valid, other=0.0)
+    alpha_res = tl.load(alpha_ptr + 2)
+    h_res_raw = proj_res / rms[:, None]
+    res_offsets = tokens[:, None] * (n * n) + (res_cols - 2 * n)[None, :]
+    res_mask = token_valid[:, None] & res_valid[None, :]
+    grad_h_res = tl.load(grad_h_res_ptr + res_offsets, mask=res_mask, other=0.0)
+    if SINKHORN:
+        valid = tl.reshape(res_valid, (1, NP, NP))
+        logits = alpha_res * h_res_raw + b_res[None, :]
+        log_m = tl.where(valid, tl.reshape(logits, (BLOCK_T, NP, NP)), float("-inf"))
+        h_res = tl.exp(_sinkhorn(log_m, valid, sinkhorn_iters))
+        # H_res = exp(final log iterate): the gradient w.r.t. that iterate is grad * H_res.
+        grad_log = tl.reshape(grad_h_res, (BLOCK_T, NP, NP)) * h_res
+        grad_logits = _sinkhorn_bwd(log_m, valid, grad_log, sinkhorn_iters, sinkhorn_segment)
+        grad_res_logits = tl.reshape(grad_logits, (BLOCK_T, NP * NP))
+    else:
+        grad_res_logits = grad_h_res
+
+    # This block's share of d alpha and d bias; summed over blocks on the host (deterministic).
+    gate_cols, gate_valid = _gate_columns(n, GATES)
+    partial_row = grad_bias_partial_ptr + block * KP
+    tl.store(partial_row + gate_cols, tl.sum(grad_gate_logits, axis=0), mask=gate_valid)
+    tl.store(partial_row + res_cols, tl.sum(grad_res_logits, axis=0), mask=res_valid)
+    is_pre = (gate_cols < n)[None, :]
+    grad_alpha_pre = tl.sum(tl.where(is_pre, grad_gate_logits * h_gates, 0.0))
+    grad_alpha_post = tl.sum(tl.where(is_pre, 0.0, grad_gate_logits * h_gates))
+    grad_alpha_res = tl.sum(grad_res_logits * h_res_raw)
+    which = tl.arange(0, 4)
+    grad_alpha = tl.where(
+        which == 0, grad_alpha_pre, tl.where(which == 1, grad_alpha_post, grad_alpha_res)
+    )
+    tl.store(grad_alpha_partial_ptr + block * 3 + which, grad_alpha, mask=which < 3)
+
+    # h = proj / r and r = sqrt(sumsq / nC + eps): d proj = d h / r, d sumsq = d r / (2 r nC),
+    # d r = -sum(d h * h) / r.
+    grad_h_gates = grad_gate_logits * alpha[None, :]
+    grad_h_res_raw = grad_res_logits * alpha_res
+    grad_rms = -(tl.sum(grad_h_gates * h_gates, axis=1) + tl.sum(grad_h_res_raw * h_res_raw, axis=1)) / rms
+    grad_sumsq = grad_rms / (2.0 * rms * (n * C))
+    tl.store(grad_sumsq_ptr + tokens, grad_sumsq, mask=token_valid)
+    # Rows of KP: gates and H_res fill columns [0, K), the padding gets zeros.
+    proj_row = grad_proj_ptr + tokens[:, None] * KP
+    gate_mask = token_valid[:, None] & gate_valid[None, :]
+    tl.store(proj_row + gate_cols[None, :], grad_h_gates / rms[:, None], mask=gate_mask)
+    tl.store(proj_row + res_cols[None, :], grad_h_res_raw / rms[:, None], mask=res_mask)
+    padding = tl.arange(0, KP)[None, :]
+    padding_mask = token_valid[:, None] & (padding >= n * n + 2 * n)
+    tl.store(proj_row + padding, tl.zeros((BLOCK_T, KP), tl.float32), mask=padding_mask)
+
+
+# --- backward, step 3: d streams = d proj @ phi^T + 2 d sumsq x + accumulate;  d phi = x^T d proj --
+
+
+@configs.autotune("coefficients_bwd_streams", "mhc_coefficients_bwd_streams")
+@triton.jit
+def _mhc_coefficients_bwd_streams_kernel(
+    streams_ptr, phi_ptr, grad_proj_ptr, grad_sumsq_ptr, accumulate_ptr, grad_streams_ptr,
+    grad_phi_partial_ptr, T, C, tokens_per_split,
+    n: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_NC: tl.constexpr,
+):
+    K: tl.constexpr = n * n + 2 * n
+    nC = n * C
+    columns = tl.program_id(0) * BLOCK_NC + tl.arange(0, BLOCK_NC)
+    column_valid = columns < nC
+    k = tl.arange(0, KP)
+    # This program's slice of the padded phi [n*C, KP] stays on chip for its whole token range.
+    phi_t = tl.trans(
+        tl.load(phi_ptr + columns[:, None] * KP + k[None, :], mask=column_valid[:, None], other=0.0)
+    )
+    grad_phi = tl.zeros((BLOCK_NC, KP), dtype=tl.float32)
+    split = tl.program_id(1)
+    first = split.to(tl.int64) * tokens_per_split
+    last = tl.minimum(first + tokens_per_split, T)
+    for offset in range(0, tokens_per_split, BLOCK_T):
+        tokens = first + offset + tl.arange(0, BLOCK_T)
+        token_valid = tokens < last
+        x_offsets = tokens[:, None] * nC + columns[None, :]
+        x_mask = token_valid[:, None] & column_valid[None, :]
+        x = tl.load(streams_ptr + x_offsets, mask=x_mask, other=0.0)
+        grad_proj = tl.load(
+            grad_proj_ptr + tokens[:, None] * KP + k[None, :], mask=token_valid[:, None], other=0.0
+        )
+        grad_sumsq = tl.load(grad_sumsq_ptr + tokens, mask=token_valid, other=0.0)
+        # The stream gradient is rounded to the stream dtype: tf32 is accurate enough here.
+        grad_x = tl.dot(grad_proj, phi_t, input_precision="tf32")
+        grad_x += 2.0 * grad_sumsq[:, None] * x.to(tl.float32)
+        # The other share of grad streams (the pre-mix's), added here: one tensor written, no add.
+        grad_x += tl.load(accumulate_ptr + x_offsets, mask=x_mask, other=0.0).to(tl.float32)
+        tl.store(grad_streams_ptr + x_offsets, grad_x.to(grad_streams_ptr.dtype.element_ty), mask=x_mask)
+        grad_phi = _dot_fp32_operand(tl.trans(x), grad_proj, grad_phi)
+    # Only the K real columns of grad phi are kept: [splits, n*C, K].
+    tl.store(
+        grad_phi_partial_ptr + split.to(tl.int64) * (nC * K) + columns[:, None] * K + k[None, :],
+        grad_phi, mask=column_valid[:, None] & (k < K)[None, :],
+    )
+
+
+def _token_splits(tokens: int, columns: int, device: torch.device) -> int:
+    """How many token ranges grad phi is reduced over: enough programs to fill the GPU, counted for
+    128-column blocks, and at least 512 tokens per range so the partials stay small."""
+    wanted = triton.cdiv(_PROGRAMS_PER_SM * _multiprocessors(device) * 128, max(columns, 1))
+    return max(1, min(wanted, triton.cdiv(tokens, 512)))
+
+
+def mhc_coefficients_bwd(
+    grad_h_pre: torch.Tensor,
+    grad_h_post: torch.Tensor,
+    grad_h_res: torch.Tensor,
+    streams: torch.Tensor,
+    phi: torch.Tensor,
+    alpha: torch.Tensor,
+    b_pre: torch.Tensor,
+    b_post: torch.Tensor,
+    b_res: torch.Tensor,
+    sinkhorn_iters: int,
+    constraint: str,
+    accumulate: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """Gradients of (streams, phi, alpha, b_pre, b_post, b_res), each in its input's dtype and shape,
+    from grad_h_pre [..., n], grad_h_post [..., n], grad_h_res [..., n, n]; `accumulate` [..., n, C]
+    (another gradient of the streams) is added into grad streams."""
+    x = token_rows(streams)
+    tokens, n, channels = x.shape
+    n_columns, n_phi = n * channels, n * n + 2 * n
+    phi_padded = _padded_phi(phi)
+    gate_parameters = _fp32(alpha, b_pre, b_post, b_res)
+    device = x.device
+
+    # Step 1: the projection again (recomputed from the streams, not saved by the forward).
+    proj, sumsq = _projection(x, phi_padded)
+
+    # Step 2: gradients of the projection and of the sums of squares, parameter partials.
+    grad_proj = torch.empty((tokens, phi_padded.shape[1]), dtype=torch.float32, device=device)
+    grad_sumsq = torch.empty((tokens,), dtype=torch.float32, device=device)
+    # One row per token block of the smallest BLOCK_T; rows of unused blocks stay 0.
+    blocks = triton.cdiv(tokens, configs.smallest("mhc_coefficients_bwd", "BLOCK_T"))
+    grad_bias_partial = torch.zeros((blocks, phi_padded.shape[1]), dtype=torch.float32, device=device)
+    grad_alpha_partial = torch.zeros((blocks, 3), dtype=torch.float32, device=device)
+
+    def token_grid(meta):
+        return (triton.cdiv(tokens, meta["BLOCK_T"]),)
+
+    configs.launch(
+        "mhc_coefficients_bwd", token_grid,
+        per_token(grad_h_pre, 1), per_token(grad_h_post, 1), per_token(grad_h_res, 2),
+        proj, sumsq, *gate_parameters, grad_proj, grad_sumsq, grad_bias_partial, grad_alpha_partial,
+        T=tokens, C=channels, splits=proj.shape[0], sinkhorn_iters=sinkhorn_iters,
+        sinkhorn_segment=max(1, math.ceil(math.sqrt(sinkhorn_iters))),
+        SINKHORN=_is_sinkhorn(constraint), **_layout(n),
+    )
+
+    # Step 3: grad streams, and grad phi per token split.
+    splits = _token_splits(tokens, n_columns, device)
+    grad_streams = torch.empty_like(x)
+    grad_phi_partial = torch.empty((splits, n_columns, n_phi), dtype=torch.float32, device=device)
+
+    def column_grid(meta):
+        return triton.cdiv(n_columns, meta["BLOCK_NC"]), splits
+
+    configs.launch(
+        "mhc_coefficients_bwd_streams", column_grid, x, phi_padded, grad_proj, grad_sumsq,
+        token_rows(accumulate), grad_streams, grad_phi_partial, T=tokens, C=channels,
+        tokens_per_split=triton.cdiv(tokens, splits), n=n, KP=phi_padded.shape[1],
+    )
+    # Each gradient is its own tensor: a custom op's outputs may not alias one another.
+    return (
+        grad_streams.view(streams.shape),
+        grad_phi_partial.sum(dim=0).to(phi.dtype),
+        grad_alpha_partial.sum(dim=0).view(alpha.shape).to(alpha.dtype),
+        *(
+            grad_bias_partial[:, columns].sum(dim=0).view(bias.shape).to(bias.dtype)
+            for columns, bias in (
+                (slice(0, n), b_pre), (slice(n, 2 * n), b_post), (slice(2 * n, n_phi), b_res)
+            )
+        ),
+    )

@@ -9,7 +9,7 @@ MHC_TRITON_CONFIG forces configs instead of benchmarking (read when the kernels 
 
     default                               every stage's first config, no benchmarking (CI, quick starts)
     BLOCK_C=512,num_warps=4               these values over the first config of every stage that has them
-    post_res_mix_fwd:BLOCK_C=512;projection:BLOCK_T=64    per stage; the stages not named autotune
+    pre_mix_fwd:BLOCK_C=512;post_res_mix_bwd:BLOCK_T=2    per stage; the stages not named autotune
 
 Under TRITON_INTERPRET=1 every stage uses its first config: the interpreter cannot benchmark.
 The first config of every stage is valid for every n in 1..8.
@@ -46,19 +46,8 @@ def padded_streams(n: int) -> int:
 
 
 def padded_phi_columns(n: int) -> int:
-    """Columns of a projection row: the n*n + 2n of phi, then the sum of squares and the n values
-    <grad_mixed, x_j> of the backward, rounded up to a power of two, at least 16 for tl.dot.
-    (n = 4 and 8 keep the 32 and 128 of phi alone; n = 3 and 7 pay a wider row.)"""
-    return max(16, _next_power_of_2(n * n + 3 * n + 1))
-
-
-# Elements of a mix task's [MIX_T, n, MIX_C] stream tile (MIX_C follows from it, per n).
-MIX_TILE = 4096
-
-
-def mix_channels(mix_tokens: int, n: int) -> int:
-    """MIX_C, the channels a mix task handles per step: MIX_TILE / (MIX_T * padded n)."""
-    return MIX_TILE // (mix_tokens * padded_streams(n))
+    """The n*n + 2n columns of phi rounded up to a power of two, at least 16 for tl.dot."""
+    return max(16, _next_power_of_2(n * n + 2 * n))
 
 
 def _config(num_warps: int, num_stages: int, **blocks: int) -> triton.Config:
@@ -66,42 +55,34 @@ def _config(num_warps: int, num_stages: int, **blocks: int) -> triton.Config:
 
 
 # The first config of every stage is the default (interpreter, MHC_TRITON_CONFIG=default) and must
-# fit n = 8; the prune function below drops, per n, the configs whose tiles would spill. The lists
-# are short on purpose: every config is compiled once per (n, dtype) when it is tuned.
+# fit n = 8; the prune function below drops, per n, the configs whose tiles would spill.
 _STAGE_CONFIGS: dict[str, list[triton.Config]] = {
-    # One launch: projection tasks (BLOCK_T tokens x SPLIT columns of the n*C stream values) and
-    # mix tasks (MIX_T tokens: coefficients, Sinkhorn, H_pre x) per chunk of BLOCK_T tokens, the mix
-    # tasks LAG chunks behind, so that they re-read the chunk's streams from L2 (see the kernel).
-    # (Registers from ptxas for sm_90, n = 4: 128 per thread at BLOCK_T=64, two programs of 8 warps
-    # per SM; 254 at BLOCK_T=128, one: fewer phi reads from L2 against less latency hiding.)
-    "coefficients_pre_mix_fwd": [
-        _config(8, 3, BLOCK_T=block_t, BLOCK_K=64, SPLIT=split, MIX_T=16, LAG=lag)
-        for block_t, split, lag in product((64, 128), (1024, 512), (2, 8))
+    # Memory-bound pass over the streams; one program projects BLOCK_T tokens over a column range,
+    # and larger BLOCK_T reads phi (from L2) fewer times.
+    "projection": [
+        _config(num_warps, num_stages, BLOCK_T=block_t, BLOCK_K=block_k)
+        for block_t, block_k, num_warps, num_stages in product(
+            (32, 64, 128), (64, 128), (4, 8), (3, 4)
+        )
     ],
-    # Backward pass over the streams: projection again, and <grad_mixed, x_j>; larger BLOCK_T reads
-    # phi (from L2) fewer times.
-    "projection": [  # (BLOCK_T=128 with BLOCK_K=64 spills for n = 4)
-        _config(8, 3, BLOCK_T=block_t, BLOCK_K=block_k)
-        for block_t, block_k in ((64, 32), (64, 64), (128, 32))
-    ],
-    # Latency-bound coefficient backward (gates, Sinkhorn recomputed) on BLOCK_T tokens.
-    "coefficients_bwd": [
+    # Latency-bound coefficient math (gates, Sinkhorn) on BLOCK_T tokens; little memory traffic.
+    "coefficients": [
         _config(num_warps, 1, BLOCK_T=block_t)
-        for block_t, num_warps in product((16, 32, 64), (4, 2))
+        for block_t, num_warps in product((16, 32, 64), (4, 2, 8))
     ],
-    # Grid over (n*C columns, token splits): grad streams tiles and per-split grad phi partials.
+    # Grid over (n*C columns, token splits): g_streams tiles and per-split grad phi partials.
     "coefficients_bwd_streams": [
         _config(num_warps, 3, BLOCK_T=block_t, BLOCK_NC=block_nc)
-        for block_nc, block_t, num_warps in product((64, 128), (16, 32), (8, 4))
+        for block_nc, block_t, num_warps in product((64, 128, 256), (32, 64), (8, 4))
     ],
-    # Memory-bound mixes: a wide channel block of one token per program (BLOCK_T > 1 pays only for
-    # narrow C, which the kernels support but these configs do not target).
+    # Memory-bound mixes: wide channel blocks; several tokens per program only for narrow ones.
     **{
-        stage: [_config(8, 2, BLOCK_T=1, BLOCK_C=256)] + [
-            _config(num_warps, 2, BLOCK_T=1, BLOCK_C=block_c)
-            for block_c, num_warps in product((512, 1024, 2048), (4, 8))
+        stage: [
+            _config(num_warps, 2, BLOCK_T=block_t, BLOCK_C=block_c)
+            for block_c, block_t, num_warps in product((256, 512, 1024, 2048), (1, 4), (8, 4))
+            if block_t * block_c <= 2048
         ]
-        for stage in ("post_res_mix_fwd", "post_res_mix_bwd")
+        for stage in ("pre_mix_fwd", "pre_mix_bwd", "post_res_mix_fwd", "post_res_mix_bwd")
     },
 }
 STAGES = tuple(_STAGE_CONFIGS)
@@ -113,17 +94,15 @@ def _live_elements(stage: str, config: triton.Config, n: int) -> int:
     blocks, streams = config.kwargs, padded_streams(n)
     if stage == "projection":  # x tile [BLOCK_T, BLOCK_K] and accumulator (phi goes to shared)
         return blocks["BLOCK_T"] * (blocks["BLOCK_K"] + padded_phi_columns(n))
-    if stage == "coefficients_pre_mix_fwd":  # the larger of its two tasks
-        projection = blocks["BLOCK_T"] * (blocks["BLOCK_K"] + padded_phi_columns(n))
-        mix = blocks["MIX_T"] * (streams * mix_channels(blocks["MIX_T"], n) + 6 * streams * streams)
-        return max(projection, mix)
-    if stage == "coefficients_bwd":  # the live Sinkhorn iterates and gradients [BLOCK_T, n, n]
+    if stage == "coefficients":  # the backward's live Sinkhorn iterates and gradients [BLOCK_T, n, n]
         return 6 * blocks["BLOCK_T"] * streams * streams
-    if stage == "coefficients_bwd_streams":  # phi slice / grad phi [BLOCK_NC, KP]; x, grad_mixed
-        return blocks["BLOCK_NC"] * (padded_phi_columns(n) + 2 * blocks["BLOCK_T"])
+    if stage == "coefficients_bwd_streams":  # phi slice / grad phi [BLOCK_NC, columns], x tile
+        return blocks["BLOCK_NC"] * (padded_phi_columns(n) + blocks["BLOCK_T"])
     tile = blocks["BLOCK_T"] * streams * blocks["BLOCK_C"]  # [BLOCK_T, n, BLOCK_C]
-    # x and the mixed tile; mixing several tokens' n x n matrices at once spills for n = 8.
-    return 2 * tile * (blocks["BLOCK_T"] if streams >= 8 else 1)
+    if stage.startswith("post_res"):
+        # x and the mixed tile; mixing several tokens' n x n matrices at once spills for n = 8.
+        return 2 * tile * (blocks["BLOCK_T"] if streams >= 8 else 1)
+    return tile
 
 
 def _prune(stage: str) -> Callable:
@@ -245,7 +224,7 @@ def launch(kernel_name: str, grid, *args, **kwargs) -> None:
     first_time = len(tuned.configs) > 1 and key not in launched
     if first_time:
         candidates = len(tuned.early_config_prune(tuned.configs, {}, **kwargs))
-        log.info("autotuning %s for n=%s C=%s %s: timing %d configs", kernel_name, key[0], key[1],
+        log.info("autotuning %s for n=%s C=%s %s: %d configs", kernel_name, key[0], key[1],
                  _dtype_names(args), candidates)
     started = time.perf_counter()
     tuned[grid](*args, **kwargs)
