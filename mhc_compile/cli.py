@@ -1,4 +1,5 @@
-"""`mhc-compile`: report which residual blocks are rewritten, and train a built-in example."""
+"""`mhc-compile`: report which residual blocks are rewritten, train a built-in example, and
+autotune the Triton kernels for the shapes a model will run."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -180,6 +182,47 @@ def byte_batches(vocab_size: int, batch: int, seq: int, seed: int = 0):
         yield window[:, :-1], window[:, 1:]
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def command_autotune(args: argparse.Namespace) -> int:
+    """Time every kernel config for each (n, C, dtype) and keep the fastest (memory and Triton's
+    cache directory, reused by later processes), printing the progress and the choices."""
+    import logging
+
+    from mhc_compile import templates
+
+    if not templates.kernels_active("cuda"):
+        triton = "installed" if templates.triton_available() else "missing"
+        raise UsageError(
+            "autotune needs a CUDA GPU and Triton: kernels are tuned by timing them on the GPU they "
+            f"will run on (torch.cuda.is_available() is {torch.cuda.is_available()}, Triton {triton})"
+        )
+    if not 1 <= args.n <= templates.MAX_STREAMS:
+        raise UsageError(f"autotune: the kernels take 1 <= n <= {templates.MAX_STREAMS}, got {args.n}")
+    from mhc_compile.templates import configs
+    progress = logging.getLogger("mhc_compile.templates")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("  %(message)s"))
+    progress.addHandler(handler)
+    progress.setLevel(logging.INFO)
+    forced = configs.forced_configs(os.environ.get(configs.ENV_VAR))
+    if forced:
+        print(f"{configs.ENV_VAR} forces the configs of {', '.join(sorted(forced))}: not timed")
+    try:
+        for channels in args.C:
+            print(f"n={args.n} C={channels} {args.dtype}, {args.tokens} tokens:")
+            started = time.perf_counter()
+            chosen = templates.tune_sublayer(args.n, channels, args.tokens, DTYPES[args.dtype],
+                                             args.sinkhorn_iters)
+            print(f"  done in {time.perf_counter() - started:.1f} s; chosen:")
+            for kernel, config in sorted(chosen.items()):
+                print(f"    {kernel:32s} {config}")
+    finally:
+        progress.removeHandler(handler)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mhc_compile.examples import EXAMPLES
 
@@ -215,6 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=3e-3)
     train.add_argument("--eager", action="store_true", help="run the rewritten graph without Inductor")
     train.set_defaults(run=command_train)
+    autotune = commands.add_parser("autotune", help="time the Triton kernels' configs on this GPU "
+                                   "for the given shapes and keep the fastest (needs CUDA)")
+    autotune.add_argument("--n", type=int, default=4, help="number of residual streams (default 4)")
+    autotune.add_argument("--C", type=int, nargs="+", default=[1024, 2048, 4096], metavar="C",
+                          help="channel widths (default 1024 2048 4096)")
+    autotune.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="stream dtype")
+    autotune.add_argument("--tokens", type=int, default=16384, help="tokens per call (default 16384)")
+    autotune.add_argument("--sinkhorn-iters", type=int, default=20)
+    autotune.set_defaults(run=command_autotune)
     return parser
 
 

@@ -30,7 +30,11 @@ MHC_OPS = ("coefficients", "pre_mix", "post_res_mix")
 
 
 def mhc_op_flops_per_token(op: str, n: int, channels: int, sinkhorn_iters: int) -> int:
-    """Forward flops per token of one mhc:: op (`op` is its name: one of MHC_OPS)."""
+    """Forward flops per token of one mhc:: op (`op` is its name: one of MHC_OPS, or the graph's
+    fused coefficients_pre_mix)."""
+    if op == "coefficients_pre_mix":
+        return sum(mhc_op_flops_per_token(part, n, channels, sinkhorn_iters)
+                   for part in ("coefficients", "pre_mix"))
     if op == "coefficients":  # RMS, projection v @ phi, gates, Sinkhorn in log space
         rms = 2 * n * channels
         projection = 2 * n * channels * coefficient_count(n)

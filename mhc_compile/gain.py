@@ -13,7 +13,7 @@ Choices where the paper is terse:
   the tokens of a sequence, as we read its caption) and as the max over tokens (the worst token). The product runs per token: the token's own H_res at every block.
 - The coefficients are those the model computes: the rewritten graph runs once (eager, without
   Inductor; the mhc:: ops, so the GPU kernels on CUDA) with a tap after every block's
-  mhc::coefficients op, on the real streams of the batch. Nothing is re-derived.
+  mhc::coefficients_pre_mix op, on the real streams of the batch. Nothing is re-derived.
 - A chain is the unit: its streams are reduced at its tail, so no product crosses a chain's end
   (a graph break ends a chain). A chain that runs several times in one forward (a compiled frame
   Dynamo reuses for several module instances) gives one ChainGain per run.
@@ -207,8 +207,8 @@ class _Tapped(NamedTuple):
 
 
 class _CoefficientTaps:
-    """A backend `instrument`: after every block's mhc::coefficients node, a call that keeps the
-    op's outputs. It runs in the eager rewritten graph only (never under Inductor)."""
+    """A backend `instrument`: after every block's mhc::coefficients_pre_mix node, a call that
+    keeps the op's coefficients. It runs in the eager rewritten graph only (never under Inductor)."""
 
     def __init__(self):
         self.records: list[_Tapped] = []
@@ -221,7 +221,7 @@ class _CoefficientTaps:
         }
         graph = graph_module.graph
         for node in list(graph.nodes):
-            if node.meta.get("mhc_role") != "coefficients":  # set by rewrite_mhc
+            if node.meta.get("mhc_role") != "coefficients_pre_mix":  # set by rewrite_mhc
                 continue
             phi = next(arg for arg in node.args if arg in site_of)
             with graph.inserting_after(node):
@@ -236,8 +236,9 @@ class _CoefficientTaps:
     def _tap(self, graph_index: int, chain: int, position: int, key: str) -> Callable:
         records = self.records
 
-        def mhc_gain_tap(coefficients):
-            records.append(_Tapped(graph_index, chain, position, key, *coefficients))
+        def mhc_gain_tap(outputs):
+            h_pre, h_post, h_res, _mixed = outputs
+            records.append(_Tapped(graph_index, chain, position, key, h_pre, h_post, h_res))
 
         return mhc_gain_tap
 

@@ -1,10 +1,15 @@
-"""The mHC computations as torch.library custom ops: what the rewritten graph calls.
+"""The mHC computations as torch.library ops: what the rewritten graph calls.
 
-Each forward op has a backward op. The default implementations (every device) are the plain-PyTorch
-reference in ``reference.py``; the backward ones differentiate it by recomputing the forward from
-the op's inputs, so nothing but those inputs is saved (the stream ``x_l`` is saved anyway).
-GPU kernels replace an implementation with ``torch.library.register_kernel(op, "cuda")``; the
-graph, the fake implementations and the autograd wiring stay as they are.
+Two forward ops, each with a backward op:
+    mhc::coefficients_pre_mix  H_pre, H_post, H_res (paper Eq. 7-8) and F's input H_pre x_l (Eq. 3)
+    mhc::post_res_mix          x_{l+1} = H_res x_l + H_post^T F(...) (Eq. 3)
+Each is a `torch.library.triton_op`: on CUDA (bf16/fp16/fp32 streams, n <= 8, static shapes)
+its body launches the Triton kernels of templates/ through wrap_triton, so Inductor traces into it,
+compiles the kernels and the small tensor work around them and launches them from its own code.
+Everything else goes to the op's `*_opaque` twin, a custom op Inductor does not trace: the
+plain-PyTorch reference of ``reference.py`` (CPU, float64, n > 8; its backward differentiates the
+reference by recomputing the forward) and the same kernels on CUDA when shapes are symbolic.
+Saved for the backward: the op's inputs, and H_pre [..., n] of coefficients_pre_mix.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from mhc_compile import reference
+from mhc_compile import reference, templates
 
 
 def _reference_vjp(
@@ -49,11 +54,60 @@ def _dense_like(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.new_empty(t.shape) for t in tensors)
 
 
-# --- coefficients: RMS, projection, gates, Sinkhorn (paper Eq. 7-8) -------------------------------
+def _opaque(name: str, launcher: str, streams_at: int) -> Callable:
+    """A custom op Inductor treats as opaque: the reference on every device, the Triton kernels on
+    CUDA where they apply (`launcher`: templates.launcher's name; the streams are argument
+    `streams_at`)."""
+
+    def define(reference_impl: Callable) -> Callable:
+        op = torch.library.custom_op(name, reference_impl, mutates_args=())
+
+        def on_cuda(*args):
+            if templates.kernels_apply(args[streams_at], args):
+                return templates.launcher(launcher)(*args)
+            return reference_impl(*args)
+
+        torch.library.register_kernel(op, "cuda", on_cuda)
+        return op
+
+    return define
 
 
-@torch.library.custom_op("mhc::coefficients", mutates_args=())
-def coefficients(
+def _traced_op(name: str) -> Callable:
+    """The public op: torch.library.triton_op when Triton is installed, else a custom op. Its body
+    is its own fake implementation (run on fake tensors it takes the same branch)."""
+
+    def define(body: Callable) -> Callable:
+        if templates.triton_available():
+            return torch.library.triton_op(name, body, mutates_args=())
+        op = torch.library.custom_op(name, body, mutates_args=())
+        op.register_fake(body)
+        return op
+
+    return define
+
+
+def _kernels_traced(streams: Tensor, args: tuple) -> bool:
+    """Whether the public op's body launches the kernels itself (Inductor then sees them): they
+    apply, and no size is symbolic. With dynamic shapes, torch 2.11's Inductor failed on the traced
+    kernels' glue (a guard on a symbol without source at a recompile; GPU run of 2026-11-23), so
+    symbolic shapes take the opaque op, which runs the same kernels."""
+    if not templates.kernels_apply(streams, args):
+        return False
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    return not any(isinstance(size, torch.SymInt) for t in tensors for size in t.shape)
+
+
+def _dense_grads(grads) -> list[Tensor]:
+    # Autograd may hand stride-0 grads (from .sum()); kernels want them dense.
+    return [g.contiguous() for g in grads]
+
+
+# --- coefficients and pre-mix: RMS, projection, gates, Sinkhorn (Eq. 7-8), then H_pre x_l ---------
+
+
+@_opaque("mhc::coefficients_pre_mix_opaque", "coefficients_pre_mix", streams_at=0)
+def coefficients_pre_mix_opaque(
     streams: Tensor,
     phi: Tensor,
     alpha: Tensor,
@@ -62,26 +116,47 @@ def coefficients(
     b_res: Tensor,
     sinkhorn_iters: int,
     constraint: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """streams [..., n, C] -> h_pre [..., n], h_post [..., n], h_res [..., n, n] (fp32 or fp64)."""
-    return _dense(
-        *reference.coefficients(streams, phi, alpha, b_pre, b_post, b_res, sinkhorn_iters, constraint)
-    )
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _dense(*reference.coefficients_pre_mix(
+        streams, phi, alpha, b_pre, b_post, b_res, sinkhorn_iters, constraint
+    ))
 
 
-@coefficients.register_fake
+@coefficients_pre_mix_opaque.register_fake
 def _(streams, phi, alpha, b_pre, b_post, b_res, sinkhorn_iters, constraint):
     *lead, n, _ = streams.shape
     dtype = reference.coefficient_dtype(streams.dtype)
     gate = streams.new_empty((*lead, n), dtype=dtype)
-    return gate, torch.empty_like(gate), streams.new_empty((*lead, n, n), dtype=dtype)
+    mixed = streams.new_empty(streams.shape[:-2] + streams.shape[-1:])
+    return gate, torch.empty_like(gate), streams.new_empty((*lead, n, n), dtype=dtype), mixed
 
 
-@torch.library.custom_op("mhc::coefficients_backward", mutates_args=())
-def coefficients_backward(
+@_traced_op("mhc::coefficients_pre_mix")
+def coefficients_pre_mix(
+    streams: Tensor,
+    phi: Tensor,
+    alpha: Tensor,
+    b_pre: Tensor,
+    b_post: Tensor,
+    b_res: Tensor,
+    sinkhorn_iters: int,
+    constraint: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """streams [..., n, C] -> h_pre [..., n], h_post [..., n], h_res [..., n, n] (fp32, fp64 for
+    fp64 streams) and mixed = H_pre x_l [..., C] in the stream dtype."""
+    args = (streams, phi, alpha, b_pre, b_post, b_res, sinkhorn_iters, constraint)
+    if _kernels_traced(streams, args):
+        return templates.launcher("coefficients_pre_mix")(*args)
+    return coefficients_pre_mix_opaque(*args)
+
+
+@_opaque("mhc::coefficients_pre_mix_backward_opaque", "coefficients_pre_mix_backward", streams_at=5)
+def coefficients_pre_mix_backward_opaque(
     grad_h_pre: Tensor,
     grad_h_post: Tensor,
     grad_h_res: Tensor,
+    grad_mixed: Tensor,
+    h_pre: Tensor,
     streams: Tensor,
     phi: Tensor,
     alpha: Tensor,
@@ -91,106 +166,117 @@ def coefficients_backward(
     sinkhorn_iters: int,
     constraint: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Exact gradients of all six inputs; Sinkhorn's iterates are recomputed, never stored."""
-
     def forward(*tensors):
-        return reference.coefficients(*tensors, sinkhorn_iters, constraint)
+        return reference.coefficients_pre_mix(*tensors, sinkhorn_iters, constraint)
 
+    # h_pre (the forward's, saved for the kernels) is recomputed here with the rest.
     return _reference_vjp(
-        forward, (streams, phi, alpha, b_pre, b_post, b_res), (grad_h_pre, grad_h_post, grad_h_res)
+        forward, (streams, phi, alpha, b_pre, b_post, b_res),
+        (grad_h_pre, grad_h_post, grad_h_res, grad_mixed),
     )
 
 
-@coefficients_backward.register_fake
-def _(grad_h_pre, grad_h_post, grad_h_res, streams, phi, alpha, b_pre, b_post, b_res, *_):
+@coefficients_pre_mix_backward_opaque.register_fake
+def _(grad_h_pre, grad_h_post, grad_h_res, grad_mixed, h_pre, streams, phi, alpha, b_pre, b_post,
+      b_res, *_):
     return _dense_like(streams, phi, alpha, b_pre, b_post, b_res)
 
 
-def _save_inputs(ctx, inputs, output):
-    ctx.save_for_backward(*(t for t in inputs if isinstance(t, Tensor)))
+@_traced_op("mhc::coefficients_pre_mix_backward")
+def coefficients_pre_mix_backward(
+    grad_h_pre: Tensor,
+    grad_h_post: Tensor,
+    grad_h_res: Tensor,
+    grad_mixed: Tensor,
+    h_pre: Tensor,
+    streams: Tensor,
+    phi: Tensor,
+    alpha: Tensor,
+    b_pre: Tensor,
+    b_post: Tensor,
+    b_res: Tensor,
+    sinkhorn_iters: int,
+    constraint: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Exact gradients of streams, phi, alpha, b_pre, b_post, b_res from those of the four outputs;
+    h_pre [..., n] is the forward's. The pre-mix's and the coefficients' shares of grad streams
+    come as one tensor; Sinkhorn's iterates are recomputed, never stored."""
+    args = (grad_h_pre, grad_h_post, grad_h_res, grad_mixed, h_pre, streams, phi, alpha, b_pre,
+            b_post, b_res, sinkhorn_iters, constraint)
+    if _kernels_traced(streams, args):
+        return templates.launcher("coefficients_pre_mix_backward")(*args)
+    return coefficients_pre_mix_backward_opaque(*args)
+
+
+def _save_inputs_and_h_pre(ctx, inputs, output):
+    ctx.save_for_backward(output[0], *(t for t in inputs if isinstance(t, Tensor)))
     ctx.static_args = tuple(a for a in inputs if not isinstance(a, Tensor))
 
 
-def _coefficients_grad(ctx, grad_h_pre, grad_h_post, grad_h_res):
-    # Autograd may hand stride-0 grads (from .sum()); kernels want them dense.
-    grads = coefficients_backward(
-        *(g.contiguous() for g in (grad_h_pre, grad_h_post, grad_h_res)),
-        *ctx.saved_tensors,
-        *ctx.static_args,
+def _coefficients_pre_mix_grad(ctx, grad_h_pre, grad_h_post, grad_h_res, grad_mixed):
+    grads = coefficients_pre_mix_backward(
+        *_dense_grads((grad_h_pre, grad_h_post, grad_h_res, grad_mixed)),
+        *ctx.saved_tensors, *ctx.static_args,
     )
     return (*grads, None, None)
 
 
-coefficients.register_autograd(_coefficients_grad, setup_context=_save_inputs)
-
-
-# --- pre-mix: F_pre = H_pre x_l -----------------------------------------------------------------
-
-
-@torch.library.custom_op("mhc::pre_mix", mutates_args=())
-def pre_mix(streams: Tensor, h_pre: Tensor) -> Tensor:
-    """streams [..., n, C], h_pre [..., n] -> [..., C] in the stream dtype."""
-    return reference.pre_mix(streams, h_pre).contiguous()
-
-
-@pre_mix.register_fake
-def _(streams, h_pre):
-    return streams.new_empty(streams.shape[:-2] + streams.shape[-1:])
-
-
-@torch.library.custom_op("mhc::pre_mix_backward", mutates_args=())
-def pre_mix_backward(grad_mixed: Tensor, streams: Tensor, h_pre: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradients of streams and h_pre."""
-    return _reference_vjp(reference.pre_mix, (streams, h_pre), (grad_mixed,))
-
-
-@pre_mix_backward.register_fake
-def _(grad_mixed, streams, h_pre):
-    return _dense_like(streams, h_pre)
-
-
-def _pre_mix_grad(ctx, grad_mixed):
-    return pre_mix_backward(grad_mixed.contiguous(), *ctx.saved_tensors)
-
-
-pre_mix.register_autograd(_pre_mix_grad, setup_context=_save_inputs)
+coefficients_pre_mix.register_autograd(
+    _coefficients_pre_mix_grad, setup_context=_save_inputs_and_h_pre
+)
 
 
 # --- post/res mix: x_{l+1} = H_res x_l + H_post^T y (paper Eq. 3) ---------------------------------
 
 
-@torch.library.custom_op("mhc::post_res_mix", mutates_args=())
-def post_res_mix(streams: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
-    """streams [..., n, C], y [..., C], h_post [..., n], h_res [..., n, n] -> [..., n, C]."""
+@_opaque("mhc::post_res_mix_opaque", "post_res_mix", streams_at=0)
+def post_res_mix_opaque(streams: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
     return reference.post_res_mix(streams, y, h_post, h_res).contiguous()
 
 
-@post_res_mix.register_fake
+@post_res_mix_opaque.register_fake
 def _(streams, y, h_post, h_res):
     return streams.new_empty(streams.shape)
 
 
-@torch.library.custom_op("mhc::post_res_mix_backward", mutates_args=())
-def post_res_mix_backward(
+@_traced_op("mhc::post_res_mix")
+def post_res_mix(streams: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+    """streams [..., n, C], y [..., C], h_post [..., n], h_res [..., n, n] -> [..., n, C]."""
+    args = (streams, y, h_post, h_res)
+    if _kernels_traced(streams, args):
+        return templates.launcher("post_res_mix")(*args)
+    return post_res_mix_opaque(*args)
+
+
+@_opaque("mhc::post_res_mix_backward_opaque", "post_res_mix_backward", streams_at=1)
+def post_res_mix_backward_opaque(
     grad_out: Tensor, streams: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of streams, y, h_post and h_res."""
     return _reference_vjp(reference.post_res_mix, (streams, y, h_post, h_res), (grad_out,))
 
 
-@post_res_mix_backward.register_fake
+@post_res_mix_backward_opaque.register_fake
 def _(grad_out, streams, y, h_post, h_res):
     return _dense_like(streams, y, h_post, h_res)
 
 
+@_traced_op("mhc::post_res_mix_backward")
+def post_res_mix_backward(
+    grad_out: Tensor, streams: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of streams, y, h_post and h_res."""
+    args = (grad_out, streams, y, h_post, h_res)
+    if _kernels_traced(streams, args):
+        return templates.launcher("post_res_mix_backward")(*args)
+    return post_res_mix_backward_opaque(*args)
+
+
+def _save_inputs(ctx, inputs, output):
+    ctx.save_for_backward(*(t for t in inputs if isinstance(t, Tensor)))
+
+
 def _post_res_mix_grad(ctx, grad_out):
-    return post_res_mix_backward(grad_out.contiguous(), *ctx.saved_tensors)
+    return post_res_mix_backward(*_dense_grads((grad_out,)), *ctx.saved_tensors)
 
 
 post_res_mix.register_autograd(_post_res_mix_grad, setup_context=_save_inputs)
-
-
-# GPU kernels (templates/) replace the reference implementations on CUDA.
-from mhc_compile.templates import register_cuda_kernels  # noqa: E402
-
-register_cuda_kernels()

@@ -75,6 +75,24 @@ def pre_mix(streams: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     return mixed.to(streams.dtype)
 
 
+def coefficients_pre_mix(
+    streams: torch.Tensor,
+    phi: torch.Tensor,
+    alpha: torch.Tensor,
+    b_pre: torch.Tensor,
+    b_post: torch.Tensor,
+    b_res: torch.Tensor,
+    sinkhorn_iters: int,
+    constraint: str = "sinkhorn",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The coefficients, then F's input: h_pre [..., n], h_post [..., n], h_res [..., n, n] and
+    mixed = H_pre x_l [..., C]. One op in the graph, so that a kernel reads the streams once."""
+    h_pre, h_post, h_res = coefficients(
+        streams, phi, alpha, b_pre, b_post, b_res, sinkhorn_iters, constraint
+    )
+    return h_pre, h_post, h_res, pre_mix(streams, h_pre)
+
+
 def post_res_mix(
     streams: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor
 ) -> torch.Tensor:
@@ -97,7 +115,7 @@ def reduce_streams(streams: torch.Tensor) -> torch.Tensor:
 
 def sublayer(streams, phi, alpha, b_pre, b_post, b_res, f, sinkhorn_iters, constraint="sinkhorn"):
     """One whole mHC sublayer: coefficients, pre-mix, f, post/res mix. Used by tests and benchmarks."""
-    h_pre, h_post, h_res = coefficients(
+    _, h_post, h_res, mixed = coefficients_pre_mix(
         streams, phi, alpha, b_pre, b_post, b_res, sinkhorn_iters, constraint
     )
-    return post_res_mix(streams, f(pre_mix(streams, h_pre)), h_post, h_res)
+    return post_res_mix(streams, f(mixed), h_post, h_res)

@@ -99,7 +99,7 @@ def annotate_pipeline(
     graph = graph_module.graph
     nodes = list(graph.nodes)
     position = {node: index for index, node in enumerate(nodes)}
-    firsts = [node for node in nodes if node.meta.get("mhc_role") == "coefficients"]
+    firsts = [node for node in nodes if node.meta.get("mhc_role") == "coefficients_pre_mix"]
     blocks_by_first = _blocks_by_first(analysis, firsts)
     annotation = PipelineAnnotation()
     starts = [position[first] for first in firsts] + [len(nodes)]
@@ -235,7 +235,7 @@ _VIEW_METHODS = {"view", "reshape", "transpose", "permute", "expand", "unsqueeze
 _VIEW_FUNCTIONS = {operator.getitem, torch.transpose, torch.reshape, torch.flatten, torch.unsqueeze,
                    torch.squeeze, torch.permute, stream_layout.enter_streams,
                    stream_layout.to_channels_last, stream_layout.from_channels_last}
-_MHC_OPS = {"coefficients", "pre_mix", "post_res_mix"}
+_MHC_OPS = {"coefficients_pre_mix", "post_res_mix"}  # the roles rewrite_mhc gives its op calls
 
 
 def _node_cost(node: fx.Node, options: MHCOptions) -> BlockCost:
@@ -262,8 +262,9 @@ def _mhc_op_cost(node: fx.Node, role: str, options: MHCOptions) -> BlockCost:
     tokens = value.numel() // channels
     n = options.n
     flops = tokens * costs.mhc_op_flops_per_token(role, n, channels, options.sinkhorn_iters)
-    stream_elements = {"coefficients": n * channels, "pre_mix": (n + 1) * channels,
-                       "post_res_mix": (2 * n + 1) * channels}[role]  # paper Table 2, fused
+    # Paper Table 2, fused: coefficients read nC, pre-mix reads nC and writes C.
+    stream_elements = {"coefficients_pre_mix": (2 * n + 1) * channels,
+                       "post_res_mix": (2 * n + 1) * channels}[role]
     moved = tokens * stream_elements * value.element_size()
     return BlockCost(flops, moved, costs.roofline_cost(flops, moved))
 

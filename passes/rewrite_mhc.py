@@ -2,8 +2,8 @@
 
 For a chain of blocks x_{k+1} = x_k + f_k(x_k):
     streams = replicate(x_0)                                   (chain head)
-    h_pre, h_post, h_res = mhc::coefficients(streams, params)  (paper Eq. 7-8)
-    f_k reads mhc::pre_mix(streams, h_pre) instead of x_k
+    _, h_post, h_res, mixed = mhc::coefficients_pre_mix(streams, params)  (paper Eq. 7-8, 3)
+    f_k reads mixed = H_pre x_k instead of x_k
     streams = mhc::post_res_mix(streams, f_k(...), h_post, h_res)  (paper Eq. 3)
 and every other reader of an x_k (the chain's output, hidden states returned on the side) reads
 the mean of the streams. The ops carry their own autograd, so this runs before AOT autograd.
@@ -74,15 +74,14 @@ def _rewrite_block(graph, block: ResidualBlock, streams, params: BlockParameterN
     channel_dim = block.channel_dim
     with graph.inserting_before(block.body[0]):
         coefficients = _call(
-            graph, torch.ops.mhc.coefficients.default, streams, params.phi, params.alpha,
+            graph, torch.ops.mhc.coefficients_pre_mix.default, streams, params.phi, params.alpha,
             params.b_pre, params.b_post, params.b_res, options.sinkhorn_iters, options.constraint,
-            like=block.add, role="coefficients",
+            like=block.add, role="coefficients_pre_mix",
         )
-        h_pre, h_post, h_res = (
-            _call(graph, operator.getitem, coefficients, i, like=block.add) for i in range(3)
+        # Output 0, h_pre, is only read inside the op (by the pre-mix).
+        h_post, h_res, mixed = (
+            _call(graph, operator.getitem, coefficients, i, like=block.add) for i in (1, 2, 3)
         )
-        mixed = _call(graph, torch.ops.mhc.pre_mix.default, streams, h_pre, like=block.add,
-                      role="pre_mix")
         block_input = _call(graph, stream_layout.from_channels_last, mixed, channel_dim,
                             like=block.add)
     for node in block.body:

@@ -1,18 +1,20 @@
 """Triton kernels for the mHC ops and their autotune configs (installed as mhc_compile.templates).
 
-One module per op stage: `coefficients` (RMS + projection + gates + Sinkhorn, forward and backward),
-`pre_mix`, `post_res_mix`; `configs` holds the autotune configs (MHC_TRITON_CONFIG forces one) and
-`tiles` the addressing they share.
+One module per kernel stage: `coefficients` (RMS, projection, gates, Sinkhorn, forward and
+backward), `pre_mix` and `post_res_mix`; `coefficients_pre_mix` composes the first two into the
+op mhc::coefficients_pre_mix; `configs` holds the autotune configs (MHC_TRITON_CONFIG forces one)
+and `tiles` the addressing.
 
-`register_cuda_kernels()` makes the six mhc:: ops run these kernels on CUDA tensors (the CPU and
-every other device keep the PyTorch reference). The kernel modules are imported on the first CUDA
-call, not at registration: Triton decides when a kernel module is imported whether its kernels are
-interpreted (TRITON_INTERPRET), so tests can still choose after importing mhc_compile. They are
-opaque custom ops to Inductor (it does not fuse into them), the same as the reference ops.
+The mhc:: ops (mhc_compile/ops.py) call `launcher(name)` when `kernels_apply(...)`: CUDA tensors
+of a kernel dtype with n <= 8; the CPU and everything else keep the PyTorch reference. The kernel
+modules are imported on the first CUDA call, not here: Triton decides when a kernel module is
+imported whether its kernels are interpreted (TRITON_INTERPRET), so tests can still choose after
+importing mhc_compile.
 
 How to tell the kernels are used: `kernels_active("cuda")`, a DEBUG line from the logger
-"mhc_compile.templates" at registration and at the first launch of each op, and INFO lines
-whenever a kernel is autotuned for a new (n, C, dtype).
+"mhc_compile.templates" at the first launch of each op, INFO lines whenever a kernel is autotuned
+for a new (n, C, dtype) (`mhc-compile autotune` prints them), and the kernels' names (`_mhc_...`)
+in a profile.
 """
 
 from __future__ import annotations
@@ -31,17 +33,14 @@ log = logging.getLogger("mhc_compile.templates")
 MAX_STREAMS = 8
 STREAM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
-# op -> (kernel module, launcher, position of the `streams` argument)
-_LAUNCHERS: dict[str, tuple[str, str, int]] = {
-    "mhc::coefficients": ("coefficients", "mhc_coefficients_fwd", 0),
-    "mhc::coefficients_backward": ("coefficients", "mhc_coefficients_bwd", 3),
-    "mhc::pre_mix": ("pre_mix", "mhc_pre_mix_fwd", 0),
-    "mhc::pre_mix_backward": ("pre_mix", "mhc_pre_mix_bwd", 1),
-    "mhc::post_res_mix": ("post_res_mix", "mhc_post_res_mix_fwd", 0),
-    "mhc::post_res_mix_backward": ("post_res_mix", "mhc_post_res_mix_bwd", 1),
+# launcher name -> (kernel module, function)
+_LAUNCHERS: dict[str, tuple[str, str]] = {
+    "coefficients_pre_mix": ("coefficients_pre_mix", "mhc_coefficients_pre_mix_fwd"),
+    "coefficients_pre_mix_backward": ("coefficients_pre_mix", "mhc_coefficients_pre_mix_bwd"),
+    "post_res_mix": ("post_res_mix", "mhc_post_res_mix_fwd"),
+    "post_res_mix_backward": ("post_res_mix", "mhc_post_res_mix_bwd"),
 }
-
-_registered = False
+_loaded: dict[str, Callable] = {}
 
 
 def triton_available() -> bool:
@@ -51,51 +50,52 @@ def triton_available() -> bool:
 
 def kernels_active(device: torch.device | str) -> bool:
     """Whether the mhc:: ops run the Triton kernels for tensors on `device`."""
-    return _registered and torch.device(device).type == "cuda" and torch.cuda.is_available()
+    return torch.device(device).type == "cuda" and torch.cuda.is_available() and triton_available()
 
 
-def _supported(streams: torch.Tensor, args: tuple) -> bool:
-    """Non-empty streams of a kernel dtype with n <= MAX_STREAMS, and no float64 coefficients."""
+def kernels_apply(streams: torch.Tensor, args: tuple) -> bool:
+    """Whether the kernels take these op arguments: CUDA, non-empty streams of a kernel dtype with
+    n <= MAX_STREAMS, and no float64 coefficients (those keep the reference)."""
     return (
-        streams.numel() > 0
+        kernels_active(streams.device)
+        and streams.numel() > 0
         and streams.shape[-2] <= MAX_STREAMS
         and all(a.dtype in STREAM_DTYPES for a in args if isinstance(a, torch.Tensor))
     )
 
 
-def _cuda_kernel(
-    op_name: str, module: str, launcher: str, streams_at: int, fallback: Callable
-) -> Callable:
-    """The CUDA implementation of `op_name`: the Triton launcher, imported on first use."""
-    loaded: list[Callable] = []
-
-    def run(*args):
-        if not _supported(args[streams_at], args):
-            return fallback(*args)
-        if not loaded:
-            loaded.append(getattr(importlib.import_module(f"{__name__}.{module}"), launcher))
-            log.debug("%s: first launch of Triton kernel %s.%s", op_name, module, launcher)
-        return loaded[0](*args)
-
-    return run
+def launcher(name: str) -> Callable:
+    """The Triton launcher of op `name` ("coefficients_pre_mix", ...), imported on first use."""
+    if name not in _loaded:
+        module, function = _LAUNCHERS[name]
+        _loaded[name] = getattr(importlib.import_module(f"{__name__}.{module}"), function)
+        log.debug("mhc::%s: first launch of Triton kernel %s.%s", name, module, function)
+    return _loaded[name]
 
 
-def register_cuda_kernels() -> None:
-    """Make the mhc:: ops use the Triton kernels on CUDA tensors; a no-op without Triton."""
-    global _registered
-    if _registered:
-        return
-    if not triton_available():
-        log.debug("Triton is not installed: the mhc:: ops keep the PyTorch reference on CUDA")
-        return
+def tune_sublayer(
+    n: int, channels: int, tokens: int, dtype: torch.dtype, sinkhorn_iters: int = 20
+) -> dict[str, str]:
+    """Autotune every kernel of one sublayer (forward and backward, f = identity) for streams
+    [tokens, n, C] of `dtype` on the current CUDA device; returns the config each kernel chose.
+
+    Progress goes to the "mhc_compile.templates" logger at INFO. Choices are kept in memory and in
+    Triton's cache directory, so later processes reuse them.
+    """
     from mhc_compile import ops
 
-    for op_name, (module, launcher, streams_at) in _LAUNCHERS.items():
-        # CustomOpDef._init_fn is the op's default (reference) implementation: the one private
-        # PyTorch attribute we touch, and the same one torch.library itself calls for an op whose
-        # device kernel is disabled. Unsupported inputs fall back to it.
-        fallback = getattr(ops, op_name.split("::")[1])._init_fn
-        kernel = _cuda_kernel(op_name, module, launcher, streams_at, fallback)
-        torch.library.register_kernel(op_name, "cuda", kernel)
-    _registered = True
-    log.debug("registered Triton kernels on CUDA for %s", ", ".join(_LAUNCHERS))
+    device = torch.device("cuda")
+    streams = torch.randn(tokens, n, channels, device=device).to(dtype).requires_grad_()
+    phi = (torch.randn(n * channels, n * n + 2 * n, device=device) / (n * channels) ** 0.5)
+    parameters = [phi, torch.rand(3, device=device) + 0.5, *(torch.randn(s, device=device)
+                  for s in ((n,), (n,), (n, n)))]
+    parameters = [p.requires_grad_() for p in parameters]
+    _, h_post, h_res, mixed = ops.coefficients_pre_mix(
+        streams, *parameters, sinkhorn_iters, "sinkhorn"
+    )
+    out = ops.post_res_mix(streams, mixed, h_post, h_res)
+    out.backward(torch.randn_like(out))
+    torch.cuda.synchronize()
+    from mhc_compile.templates import configs
+
+    return configs.chosen_configs()

@@ -4,15 +4,17 @@ The work splits into a memory-bound part and a latency-bound part, each its own 
 gets the block sizes, warps and occupancy that suit it:
   projection  one pass over the n*C stream values of a block of tokens, split over column ranges:
               sums of squares and v @ phi on tensor cores (bf16/fp16 streams as stored against phi
-              split in two 16-bit halves, finer than the paper's tf32; fp32 streams in tf32), written
-              as per-split partials [splits, T, KP] (a few % of the stream bytes);
+              split in two 16-bit halves, finer than the paper's tf32; fp32 streams exactly, on the
+              FMA units), written as per-split partials [splits, T, KP] (a few % of the stream
+              bytes);
   forward     per token block: sum the partials, divide by the RMS (after the matmul), then alpha,
               bias, sigmoid, 2*sigmoid and the Sinkhorn iterations in registers;
   backward    the projection again (recomputed, not saved), then per token block the gradient of
               the gates and of Sinkhorn (iterates recomputed on chip, `_sinkhorn_bwd`) w.r.t. the
               projection [T, n*n+2n] and the sum of squares [T], with per-block partial sums for
               alpha and the biases; last, per (n*C column block, token split), grad streams =
-              grad_proj @ phi^T + 2 grad_sumsq x and grad phi partials x^T @ grad_proj.
+              grad_proj @ phi^T + 2 grad_sumsq x + `accumulate` (the pre-mix's share, so that the
+              op writes one grad streams) and grad phi partials x^T @ grad_proj.
 Every reduction across programs writes partials that are summed afterwards in a fixed order: no
 atomics, deterministic. Saved between forward and backward: nothing but the op's inputs.
 
@@ -36,8 +38,6 @@ from mhc_compile.templates.tiles import per_token, token_block, token_rows
 _RMS_EPS = tl.constexpr(reference.RMS_EPS)
 # Splits (of columns in the projection, of tokens in grad phi) aim at this many programs per SM.
 _PROGRAMS_PER_SM = 4
-# Smallest BLOCK_T of the "coefficients" configs: sizes the per-block partial sums.
-_MIN_BLOCK_T = 16
 
 
 # --- projection: sum of squares and v @ phi  (mHC Eq. 7; the RMS divides later) -------------------
@@ -48,11 +48,13 @@ def _dot_fp32_operand(a, b_fp32, acc):
     """acc + a @ b_fp32 for `a` as stored (bf16, fp16 or fp32) and an fp32 `b`.
 
     16-bit `a` stays in its dtype (tensor cores read it as loaded): b is split into b_hi + b_lo in
-    that dtype, two products, about 16 bits of b kept (more than tf32's 10). fp32 `a` takes tf32,
-    as the paper does.
+    that dtype, two products, about 16 bits of b kept (more than tf32's 10). fp32 `a` (fp32 models,
+    rare in training) is multiplied exactly in fp32 on the FMA units: the tf32 tensor-core product
+    of a 64-row block gave errors of 4e-2 on an H100 (GPU run of 2026-11-23), never seen with the
+    16-bit path.
     """
     if a.dtype == tl.float32:
-        return tl.dot(a, b_fp32, acc, input_precision="tf32")
+        return tl.dot(a, b_fp32, acc, input_precision="ieee")
     b_hi = b_fp32.to(a.dtype)
     b_lo = (b_fp32 - b_hi.to(tl.float32)).to(a.dtype)
     return tl.dot(a, b_lo, tl.dot(a, b_hi, acc))
@@ -341,8 +343,8 @@ def mhc_coefficients_fwd(
 
 @configs.autotune(
     "coefficients", "mhc_coefficients_bwd",
-    # Configs write different partial rows (BLOCK_T differs): zero them around benchmarking.
-    reset_to_zero=["grad_bias_partial_ptr", "grad_alpha_partial_ptr"],
+    # Configs write different partial rows (BLOCK_T differs): keep them 0 across benchmarking.
+    restore_value=["grad_bias_partial_ptr", "grad_alpha_partial_ptr"],
 )
 @triton.jit
 def _mhc_coefficients_bwd_kernel(
@@ -422,14 +424,14 @@ def _mhc_coefficients_bwd_kernel(
     tl.store(proj_row + padding, tl.zeros((BLOCK_T, KP), tl.float32), mask=padding_mask)
 
 
-# --- backward, step 3: d streams = d proj @ phi^T + 2 d sumsq x;  d phi = x^T @ d proj -----------
+# --- backward, step 3: d streams = d proj @ phi^T + 2 d sumsq x + accumulate;  d phi = x^T d proj --
 
 
 @configs.autotune("coefficients_bwd_streams", "mhc_coefficients_bwd_streams")
 @triton.jit
 def _mhc_coefficients_bwd_streams_kernel(
-    streams_ptr, phi_ptr, grad_proj_ptr, grad_sumsq_ptr, grad_streams_ptr, grad_phi_partial_ptr,
-    T, C, tokens_per_split,
+    streams_ptr, phi_ptr, grad_proj_ptr, grad_sumsq_ptr, accumulate_ptr, grad_streams_ptr,
+    grad_phi_partial_ptr, T, C, tokens_per_split,
     n: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_NC: tl.constexpr,
 ):
     K: tl.constexpr = n * n + 2 * n
@@ -458,6 +460,8 @@ def _mhc_coefficients_bwd_streams_kernel(
         # The stream gradient is rounded to the stream dtype: tf32 is accurate enough here.
         grad_x = tl.dot(grad_proj, phi_t, input_precision="tf32")
         grad_x += 2.0 * grad_sumsq[:, None] * x.to(tl.float32)
+        # The other share of grad streams (the pre-mix's), added here: one tensor written, no add.
+        grad_x += tl.load(accumulate_ptr + x_offsets, mask=x_mask, other=0.0).to(tl.float32)
         tl.store(grad_streams_ptr + x_offsets, grad_x.to(grad_streams_ptr.dtype.element_ty), mask=x_mask)
         grad_phi = _dot_fp32_operand(tl.trans(x), grad_proj, grad_phi)
     # Only the K real columns of grad phi are kept: [splits, n*C, K].
@@ -486,9 +490,11 @@ def mhc_coefficients_bwd(
     b_res: torch.Tensor,
     sinkhorn_iters: int,
     constraint: str,
+    accumulate: torch.Tensor,
 ) -> tuple[torch.Tensor, ...]:
     """Gradients of (streams, phi, alpha, b_pre, b_post, b_res), each in its input's dtype and shape,
-    from grad_h_pre [..., n], grad_h_post [..., n], grad_h_res [..., n, n]."""
+    from grad_h_pre [..., n], grad_h_post [..., n], grad_h_res [..., n, n]; `accumulate` [..., n, C]
+    (another gradient of the streams) is added into grad streams."""
     x = token_rows(streams)
     tokens, n, channels = x.shape
     n_columns, n_phi = n * channels, n * n + 2 * n
@@ -503,7 +509,7 @@ def mhc_coefficients_bwd(
     grad_proj = torch.empty((tokens, phi_padded.shape[1]), dtype=torch.float32, device=device)
     grad_sumsq = torch.empty((tokens,), dtype=torch.float32, device=device)
     # One row per token block of the smallest BLOCK_T; rows of unused blocks stay 0.
-    blocks = triton.cdiv(tokens, _MIN_BLOCK_T)
+    blocks = triton.cdiv(tokens, configs.smallest("mhc_coefficients_bwd", "BLOCK_T"))
     grad_bias_partial = torch.zeros((blocks, phi_padded.shape[1]), dtype=torch.float32, device=device)
     grad_alpha_partial = torch.zeros((blocks, 3), dtype=torch.float32, device=device)
 
@@ -529,7 +535,7 @@ def mhc_coefficients_bwd(
 
     configs.launch(
         "mhc_coefficients_bwd_streams", column_grid, x, phi_padded, grad_proj, grad_sumsq,
-        grad_streams, grad_phi_partial, T=tokens, C=channels,
+        token_rows(accumulate), grad_streams, grad_phi_partial, T=tokens, C=channels,
         tokens_per_split=triton.cdiv(tokens, splits), n=n, KP=phi_padded.shape[1],
     )
     # Each gradient is its own tensor: a custom op's outputs may not alias one another.

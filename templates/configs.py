@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from itertools import product
 
+import torch
 import triton
 
 log = logging.getLogger("mhc_compile.templates")
@@ -165,25 +166,37 @@ def forced_configs(setting: str | None) -> dict[str, triton.Config]:
 
 _FORCED = forced_configs(os.environ.get(ENV_VAR))
 _TUNED: dict[str, triton.runtime.Autotuner] = {}
+_LAUNCHED_KEYS: dict[str, set[tuple]] = {}  # per kernel, the keys it was launched with eagerly
 
 
-def autotune(stage: str, kernel_name: str, reset_to_zero: list[str] | None = None) -> Callable:
-    """triton.autotune for one kernel of `stage`, keyed on (n, C) and the dtypes.
-
-    One config (forced, or the default under the interpreter) means no benchmarking at all.
-    reset_to_zero names outputs that benchmarking runs would otherwise leave stale.
-    """
+def active_configs(stage: str) -> list[triton.Config]:
+    """The configs `stage` chooses among: the forced one, the first under the interpreter, or all."""
     if stage in _FORCED or INTERPRETING:
-        configs = [_FORCED.get(stage, _STAGE_CONFIGS[stage][0])]
-    else:
-        configs = _STAGE_CONFIGS[stage]
+        return [_FORCED.get(stage, _STAGE_CONFIGS[stage][0])]
+    return _STAGE_CONFIGS[stage]
+
+
+def smallest(kernel_name: str, name: str) -> int:
+    """The smallest value of block parameter `name` among the configs kernel `kernel_name` chooses
+    from: sizes the buffers whose extent depends on the config chosen later, at launch."""
+    return min(config.kwargs[name] for config in _TUNED[kernel_name].configs)
+
+
+def autotune(stage: str, kernel_name: str, restore_value: list[str] | None = None) -> Callable:
+    """triton.autotune for one kernel of `stage`, keyed on (n, C) and the dtypes of the tensors.
+
+    One config (forced, or the default under the interpreter) means no benchmarking at all. The
+    choice is kept in memory and in Triton's cache directory (cache_results), so a later process
+    with the same Triton and kernels reuses it (`mhc-compile autotune` fills that cache).
+    restore_value names buffers whose contents a benchmarking run must not leave changed.
+    """
 
     def decorate(kernel):
         tuned = triton.autotune(
-            configs,
+            active_configs(stage),
             key=["n", "C"],
             prune_configs_by={"early_config_prune": _prune(stage)},
-            reset_to_zero=reset_to_zero,
+            restore_value=restore_value,
             cache_results=True,
         )(kernel)
         _TUNED[kernel_name] = tuned
@@ -192,17 +205,38 @@ def autotune(stage: str, kernel_name: str, reset_to_zero: list[str] | None = Non
     return decorate
 
 
+def _traced(args: tuple) -> bool:
+    """Whether a tracer (Inductor's AOT autograd, make_fx, fake tensors) called: its tensors are
+    subclasses, and the kernel must then go through torch.library.wrap_triton to be seen."""
+    return any(type(a) is not torch.Tensor for a in args if isinstance(a, torch.Tensor))
+
+
 def launch(kernel_name: str, grid, *args, **kwargs) -> None:
-    """Launch an autotuned kernel; log at INFO when this launch had to tune a new key."""
+    """Launch an autotuned kernel. Under a tracer it is wrapped (wrap_triton) so that Inductor
+    compiles and launches it itself; eagerly it runs at once, and a launch that must tune a new
+    (n, C, dtypes) key logs its progress at INFO (what `mhc-compile autotune` prints)."""
     tuned = _TUNED[kernel_name]
-    keys_before, started = len(tuned.cache), time.perf_counter()
+    if _traced(args) and not INTERPRETING:
+        torch.library.wrap_triton(tuned)[grid](*args, **kwargs)
+        return
+    key = (kwargs.get("n"), kwargs.get("C"), *(str(a.dtype) for a in args if isinstance(a, torch.Tensor)))
+    launched = _LAUNCHED_KEYS.setdefault(kernel_name, set())
+    first_time = len(tuned.configs) > 1 and key not in launched
+    if first_time:
+        candidates = len(tuned.early_config_prune(tuned.configs, {}, **kwargs))
+        log.info("autotuning %s for n=%s C=%s %s: %d configs", kernel_name, key[0], key[1],
+                 _dtype_names(args), candidates)
+    started = time.perf_counter()
     tuned[grid](*args, **kwargs)
-    if len(tuned.cache) > keys_before:
-        log.info(
-            "autotuned %s for n=%s C=%s in %.1f s: %s",
-            kernel_name, kwargs.get("n"), kwargs.get("C"), time.perf_counter() - started,
-            describe(tuned.best_config),
-        )
+    launched.add(key)
+    if first_time:
+        log.info("autotuned %s for n=%s C=%s in %.1f s: %s", kernel_name, key[0], key[1],
+                 time.perf_counter() - started, describe(tuned.best_config))
+
+
+def _dtype_names(args: tuple) -> str:
+    names = {str(a.dtype).removeprefix("torch.") for a in args if isinstance(a, torch.Tensor)}
+    return "/".join(sorted(names))
 
 
 def describe(config: triton.Config) -> str:

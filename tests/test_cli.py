@@ -1,9 +1,12 @@
 """`mhc-compile` as a user runs it."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 import textwrap
+
+import torch
 
 from mhc_compile import cli
 
@@ -58,3 +61,13 @@ def test_bad_targets_and_options_are_clear_errors(tmp_path, capsys):
 def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "mhc_compile.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "report" in result.stdout and "train" in result.stdout
+
+
+def test_autotune_without_cuda_is_a_clear_error(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["autotune", "--C", "1024"]) == 2
+    triton = "installed" if importlib.util.find_spec("triton") else "missing"
+    assert capsys.readouterr().err == (
+        "mhc-compile: error: autotune needs a CUDA GPU and Triton: kernels are tuned by timing them "
+        f"on the GPU they will run on (torch.cuda.is_available() is False, Triton {triton})\n"
+    )

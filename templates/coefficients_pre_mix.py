@@ -1,0 +1,60 @@
+"""mhc::coefficients_pre_mix on CUDA: the coefficients (paper Eq. 7-8) and F's input H_pre x_l
+(Eq. 3) by the kernels of `coefficients` and `pre_mix`, and the backward with one grad streams.
+
+Forward: projection, coefficient math with Sinkhorn, then the pre-mix, which reads the streams a
+second time (a one-launch design that re-read them from L2 was measured slower: bench/RESULTS.md,
+run 4). Backward: the pre-mix backward first (it yields <grad_mixed, x_j>, the gradient of H_pre
+through the pre-mix, and its share of grad streams), then the coefficient backward with the total
+grad H_pre, whose last kernel adds the pre-mix's share while writing grad streams: the op returns
+one grad streams, written once, instead of two that autograd would add.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mhc_compile.templates.coefficients import mhc_coefficients_bwd, mhc_coefficients_fwd
+from mhc_compile.templates.pre_mix import mhc_pre_mix_bwd, mhc_pre_mix_fwd
+
+
+def mhc_coefficients_pre_mix_fwd(
+    streams: torch.Tensor,
+    phi: torch.Tensor,
+    alpha: torch.Tensor,
+    b_pre: torch.Tensor,
+    b_post: torch.Tensor,
+    b_res: torch.Tensor,
+    sinkhorn_iters: int,
+    constraint: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """streams [..., n, C] (bf16/fp16/fp32), phi [n*C, n*n+2n], alpha [3], b_pre [n], b_post [n],
+    b_res [n, n] -> h_pre [..., n], h_post [..., n], h_res [..., n, n] (fp32) and mixed [..., C]
+    in the stream dtype."""
+    h_pre, h_post, h_res = mhc_coefficients_fwd(
+        streams, phi, alpha, b_pre, b_post, b_res, sinkhorn_iters, constraint
+    )
+    return h_pre, h_post, h_res, mhc_pre_mix_fwd(streams, h_pre)
+
+
+def mhc_coefficients_pre_mix_bwd(
+    grad_h_pre: torch.Tensor,
+    grad_h_post: torch.Tensor,
+    grad_h_res: torch.Tensor,
+    grad_mixed: torch.Tensor,
+    h_pre: torch.Tensor,
+    streams: torch.Tensor,
+    phi: torch.Tensor,
+    alpha: torch.Tensor,
+    b_pre: torch.Tensor,
+    b_post: torch.Tensor,
+    b_res: torch.Tensor,
+    sinkhorn_iters: int,
+    constraint: str,
+) -> tuple[torch.Tensor, ...]:
+    """Gradients of (streams, phi, alpha, b_pre, b_post, b_res) from the gradients of the four
+    outputs; h_pre [..., n] is the forward's (saved, so the pre-mix backward can run first)."""
+    grad_streams_pre_mix, grad_h_pre_mix = mhc_pre_mix_bwd(grad_mixed, streams, h_pre)
+    return mhc_coefficients_bwd(
+        grad_h_pre + grad_h_pre_mix, grad_h_post, grad_h_res, streams, phi, alpha, b_pre, b_post,
+        b_res, sinkhorn_iters, constraint, accumulate=grad_streams_pre_mix,
+    )
