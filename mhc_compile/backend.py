@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from mhc_compile import _dynamo_compat, costs, reference
+from mhc_compile import _dynamo_compat, costs, ops, reference
 from mhc_compile.options import MHCOptions
 from mhc_compile.parameters import MHCParameters, parameters_of
 from mhc_compile.passes import graph_facts
@@ -90,8 +90,10 @@ class MHCBackend:
     def _compile(self, graph_module: fx.GraphModule, example_inputs) -> Callable:
         if self.options.eager:
             return graph_module
-        return _dynamo_compat.compile_with_inductor(
-            graph_module, example_inputs, recompute=self.options.recompute)
+        # AOT autograd traces the joint graph inside this call; the recompute policy tags whole ops.
+        with ops.keep_ops_whole(self.options.recompute is not False):
+            return _dynamo_compat.compile_with_inductor(
+                graph_module, example_inputs, recompute=self.options.recompute)
 
 
 @dataclass(eq=False)

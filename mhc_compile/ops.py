@@ -14,7 +14,9 @@ Saved for the backward: the op's inputs, and H_pre [..., n] of coefficients_pre_
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+import contextvars
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -87,12 +89,30 @@ def _traced_op(name: str) -> Callable:
     return define
 
 
+_ops_kept_whole = contextvars.ContextVar("mhc_ops_kept_whole", default=False)
+
+
+@contextlib.contextmanager
+def keep_ops_whole(enabled: bool = True) -> Iterator[None]:
+    """While tracing inside this context, every public op calls its opaque twin, so the traced
+    graph holds one node per op. The recompute policy (passes/recompute_policy.py) needs that: it
+    finds a block's output streams by op name in the joint graph and tags whole ops for the
+    partitioner, while a traced triton_op is decomposed by AOT autograd into its kernels and glue.
+    The twins run the same kernels; only Inductor's view into them is lost."""
+    token = _ops_kept_whole.set(enabled)
+    try:
+        yield
+    finally:
+        _ops_kept_whole.reset(token)
+
+
 def _kernels_traced(streams: Tensor, args: tuple) -> bool:
     """Whether the public op's body launches the kernels itself (Inductor then sees them): they
-    apply, and no size is symbolic. With dynamic shapes, torch 2.11's Inductor failed on the traced
-    kernels' glue (a guard on a symbol without source at a recompile; GPU run of 2026-11-23), so
-    symbolic shapes take the opaque op, which runs the same kernels."""
-    if not templates.kernels_apply(streams, args):
+    apply, no size is symbolic, and no `keep_ops_whole` is active. With dynamic shapes, torch
+    2.11's Inductor failed on the traced kernels' glue (a guard on a symbol without source at a
+    recompile; GPU run of 2026-11-23), so symbolic shapes take the opaque op, which runs the same
+    kernels."""
+    if _ops_kept_whole.get() or not templates.kernels_apply(streams, args):
         return False
     tensors = [a for a in args if isinstance(a, Tensor)]
     return not any(isinstance(size, torch.SymInt) for t in tensors for size in t.shape)

@@ -36,6 +36,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 log = logging.getLogger(__name__)
 
 NAMESPACE = "mhc"
+OPAQUE_SUFFIX = "_opaque"  # mhc_compile.ops: the twin of each public op that Inductor keeps whole
 RECOMPUTED_OPS = frozenset({"mhc::post_res_mix"})  # outputs: a block's streams x_{l+1}
 
 # Our groups' ac_graph_ids sit above any id torch gives a user's checkpoint region (a counter
@@ -164,8 +165,10 @@ def _is_mhc_op(node: fx.Node) -> bool:
 
 
 def _op_name(node: fx.Node) -> str | None:
-    """"mhc::post_res_mix" for a call of an mhc:: op overload, None for anything else."""
+    """"mhc::post_res_mix" for a call of an mhc:: op overload, None for anything else. The joint
+    graph holds the public ops' opaque twins (the backend traces under ops.keep_ops_whole), named
+    here by their public op."""
     name = getattr(node.target, "name", None)
     if node.op != "call_function" or getattr(node.target, "namespace", None) != NAMESPACE:
         return None
-    return name().split(".")[0] if callable(name) else None
+    return name().split(".")[0].removesuffix(OPAQUE_SUFFIX) if callable(name) else None

@@ -59,6 +59,22 @@ def test_auto_group_size_is_the_papers_optimum(n, blocks):
 # --- the policy under Inductor ----------------------------------------------------------------------
 
 
+def test_ops_trace_as_their_opaque_twins_while_kept_whole(monkeypatch):
+    """Where the kernels apply (CUDA, static shapes) a public op's body launches them and AOT
+    autograd decomposes the op into kernels and glue; the backend compiles under keep_ops_whole
+    so the policy finds whole ops in the joint graph."""
+    from mhc_compile import ops, templates
+
+    monkeypatch.setattr(templates, "kernels_apply", lambda streams, args: True)
+    streams = torch.randn(2, N, WIDTH)
+    assert ops._kernels_traced(streams, (streams,))
+    with ops.keep_ops_whole():
+        assert not ops._kernels_traced(streams, (streams,))
+        with ops.keep_ops_whole(False):
+            assert ops._kernels_traced(streams, (streams,))
+    assert ops._kernels_traced(streams, (streams,))
+
+
 class _GraphRecorder(CustomGraphPass):
     """Keeps every post-grad graph Inductor compiles (forward, then backward)."""
 
@@ -85,8 +101,10 @@ def _saved_shapes(compiled, args):
 
 
 def _mhc_ops(graph, name):
-    return [node for node in graph.nodes
-            if getattr(node.target, "namespace", None) == "mhc" and node.target.name() == name]
+    """Calls of op `name` in a compiled graph: the backend compiles under ops.keep_ops_whole, so
+    Inductor's graphs hold each op's opaque twin."""
+    return [node for node in graph.nodes if getattr(node.target, "namespace", None) == "mhc"
+            and node.target.name() == f"{name}_opaque"]
 
 
 def _most_streams_alive(graph):
@@ -98,14 +116,15 @@ def _most_streams_alive(graph):
                default=0)
 
 
-def _perturbed_llama():
+def _perturbed_llama(device="cpu"):
     """A prepared LLaMA whose mHC parameters are random, so every stream differs."""
     model, args = llama(seed=0, batch=BATCH, seq=SEQ, width=WIDTH, depth=DEPTH, vocab=VOCAB)
+    model, args = model.to(device), tuple(arg.to(device) for arg in args)
     mhc_compile.prepare(model, *args, n=N)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for parameter in model.mhc.parameters():
-            parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
+            parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator).to(device))
     return model, args
 
 
@@ -114,10 +133,16 @@ def _loss(logits, args):
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
 
 
-@pytest.mark.parametrize("recompute, kept", [(False, BLOCKS - 1), ("auto", 3), (3, 2)],
-                         ids=["off", "auto", "L_r=3"])
-def test_backward_keeps_one_stream_per_group_and_rebuilds_groups_in_turn(recompute, kept):
-    model, args = _perturbed_llama()
+# On CUDA the ops' bodies would trace into the Triton kernels; the policy must still see whole ops.
+_ON_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("device, recompute, kept", [
+    ("cpu", False, BLOCKS - 1), ("cpu", "auto", 3), ("cpu", 3, 2),
+    pytest.param("cuda", "auto", 3, marks=_ON_CUDA),
+], ids=["off", "auto", "L_r=3", "auto-cuda"])
+def test_backward_keeps_one_stream_per_group_and_rebuilds_groups_in_turn(device, recompute, kept):
+    model, args = _perturbed_llama(device)
     reference_model = copy.deepcopy(model)
     torch._dynamo.reset()
     recorder = _GraphRecorder()
