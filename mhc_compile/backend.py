@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from mhc_compile import _dynamo_compat, costs, ops, reference
+from mhc_compile import _dynamo_compat, costs, ops, reference, templates
 from mhc_compile.options import MHCOptions
 from mhc_compile.parameters import MHCParameters, parameters_of
 from mhc_compile.passes import graph_facts
@@ -227,6 +227,7 @@ def _block_reports(analysis: ResidualAnalysis, graph_index: int, options: MHCOpt
                 options.n, channels, value.element_size()) if rewritten and fixed else 0,
             extra_flops_per_token=costs.extra_flops_per_token(
                 options.n, channels, options.sinkhorn_iters) if rewritten and fixed else 0,
+            ops=templates.implementation(value.device, value.dtype, options.n) if rewritten else "",
         )
 
 

@@ -43,6 +43,7 @@ class BlockReport:
     params_added: int
     extra_bytes_per_token: int  # forward, unfused (paper Table 2) minus the plain residual add
     extra_flops_per_token: int  # forward: projection, Sinkhorn, mixes
+    ops: str = ""  # what the mhc:: ops run: "triton kernels" or "reference (why)"; "" when skipped
 
 
 @dataclass
@@ -81,14 +82,14 @@ class Report:
 
     def __rich__(self):
         table = rich_table(self.summary(), ("path", "f", "status", "chain", "shape", "contains",
-                                            "params", "+B/tok", "+flop/tok", "reason"))
+                                            "params", "+B/tok", "+flop/tok", "ops", "reason"))
         for block in self.blocks:
             chain = "" if block.chain is None else f"g{block.graph}.c{block.chain}[{block.position}]"
             table.add_row(
                 block.path or "<root>", block.key, block.status, chain,
                 "x".join(map(str, block.shape)) + f" {block.dtype}", ", ".join(block.contains),
                 f"{block.params_added:,}", f"{block.extra_bytes_per_token:,}",
-                f"{block.extra_flops_per_token:,}", block.reason,
+                f"{block.extra_flops_per_token:,}", block.ops, block.reason,
             )
         return table
 

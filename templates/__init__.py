@@ -11,7 +11,7 @@ modules are imported on the first CUDA call, not here: Triton decides when a ker
 imported whether its kernels are interpreted (TRITON_INTERPRET), so tests can still choose after
 importing mhc_compile.
 
-How to tell the kernels are used: `kernels_active("cuda")`, a DEBUG line from the logger
+How to tell the kernels are used: the report's "ops" column (per rewritten block), a DEBUG line from the logger
 "mhc_compile.templates" at the first launch of each op, INFO lines whenever a kernel is autotuned
 for a new (n, C, dtype) (`mhc-compile autotune` prints them), and the kernels' names (`_mhc_...`)
 in a profile.
@@ -48,6 +48,23 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+KERNELS = "triton kernels"
+
+
+def implementation(device: torch.device | str, dtype: torch.dtype, n: int) -> str:
+    """What the mhc:: ops run for streams of this device, dtype and n: KERNELS, or "reference"
+    and why (the report shows it per block)."""
+    device = torch.device(device)
+    if not kernels_active(device):
+        missing_triton = device.type == "cuda" and not triton_available()
+        return f"reference ({'Triton not installed' if missing_triton else device.type})"
+    if n > MAX_STREAMS:
+        return f"reference (n > {MAX_STREAMS})"
+    if dtype not in STREAM_DTYPES:
+        return f"reference ({str(dtype).removeprefix('torch.')})"
+    return KERNELS
+
+
 def kernels_active(device: torch.device | str) -> bool:
     """Whether the mhc:: ops run the Triton kernels for tensors on `device`."""
     return torch.device(device).type == "cuda" and torch.cuda.is_available() and triton_available()
@@ -57,9 +74,8 @@ def kernels_apply(streams: torch.Tensor, args: tuple) -> bool:
     """Whether the kernels take these op arguments: CUDA, non-empty streams of a kernel dtype with
     n <= MAX_STREAMS, and no float64 coefficients (those keep the reference)."""
     return (
-        kernels_active(streams.device)
+        implementation(streams.device, streams.dtype, streams.shape[-2]) == KERNELS
         and streams.numel() > 0
-        and streams.shape[-2] <= MAX_STREAMS
         and all(a.dtype in STREAM_DTYPES for a in args if isinstance(a, torch.Tensor))
     )
 

@@ -286,3 +286,30 @@ def test_prepare_past_the_recompile_limit_fails_loudly():
             mhc_compile.prepare(model, *args)
     assert not hasattr(model, "mhc")
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dtype, n, kernels_on, expected", [
+    (torch.float32, 4, False, "reference (cpu)"),
+    (torch.float32, 4, True, "triton kernels"),
+    (torch.float32, 9, True, "reference (n > 8)"),
+    (torch.float64, 4, True, "reference (float64)"),
+])
+def test_report_says_what_the_mhc_ops_run(monkeypatch, dtype, n, kernels_on, expected):
+    """The report's `ops` column is how a user tells the Triton kernels will run (kernels forced
+    on for CPU tensors stand in for a CUDA machine)."""
+    from mhc_compile import templates
+
+    monkeypatch.setattr(templates, "kernels_active", lambda device: kernels_on)
+    model = MLPResidual().to(dtype)
+    torch._dynamo.reset()
+    report = mhc_compile.report(model, torch.randn(2, 5, 8, dtype=dtype), n=n)
+    assert [block.ops for block in report.blocks] == [expected] * 3
+    assert expected in _rendered(report)
+
+
+def _rendered(report):
+    import io
+
+    buffer = io.StringIO()
+    report.print(file=buffer)
+    return buffer.getvalue()
