@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import platform
@@ -225,7 +226,9 @@ def run_variant(size_name: str, size: dict, variant: str, device: torch.device) 
     trained, forward, prepare_s = prepare_variant(variant, model, ids, device)
     optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-4, fused=device.type == "cuda")
     step = make_step(forward, optimizer, ids, device)
+    log(f"   prepared in {prepare_s:.1f} s")
     first_s = timed(step, device)
+    log(f"   first step in {first_s:.1f} s")
     report = getattr(forward, "mhc_report", None)
     if report is not None and not any(b.status == "rewritten" for b in report.blocks):
         raise RuntimeError(f"backend=mhc rewrote no block of the training graph: {report.summary()}")
@@ -239,6 +242,7 @@ def run_variant(size_name: str, size: dict, variant: str, device: torch.device) 
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
 
     kept = forward_kept_bytes(forward, ids, device)
+    profiled = profile_steps(step, device) if os.environ.get("MHC_BENCH_PROFILE") else None
     again_s = None
     if not os.environ.get("MHC_BENCH_NO_WARM"):
         torch._dynamo.reset()  # recompile in this process: fresh Dynamo, every cache warm
@@ -258,6 +262,8 @@ def run_variant(size_name: str, size: dict, variant: str, device: torch.device) 
         "forward_kept_bytes": kept,
         "stream_dtype": str(_stream_dtype(model, ids, device)).removeprefix("torch."),
     }
+    if profiled is not None:
+        result["profile"] = profiled
     if variant.startswith("mhc"):
         result["mhc_blocks"] = len(model.mhc.blocks)
         result["blocks_rewritten_in_training"] = sum(
@@ -294,6 +300,57 @@ def run_warm(size: dict, variant: str, device: torch.device) -> dict:
     first_s = timed(step, device)
     median = statistics.median(timed(step, device) for _ in range(3))
     return {"warm_compile_s": prepare_s + first_s - median, "warm_prepare_s": prepare_s}
+
+
+# Kernel families by name, first match wins: where the GPU time of a step goes.
+KERNEL_FAMILIES = (
+    ("mhc kernels", ("_mhc",)),
+    ("matmul", ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas")),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("inductor triton", ("triton_",)),
+    ("optimizer", ("adam", "multi_tensor")),
+)
+
+
+def profile_steps(step, device: torch.device, steps: int = 2) -> dict | None:
+    """GPU time per step by kernel family and the busiest kernels (torch.profiler): shows whether
+    a step waits on the GPU or on the host (busy ms against the median step) and which kernels
+    hold the time. None on CPU."""
+    if device.type != "cuda":
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = {}
+    for event in profiler.events():
+        if event.device_type == DeviceType.CUDA:
+            kernels.setdefault(event.name, []).append(event.time_range.elapsed_us() / 1e3)
+    families: dict[str, float] = {}
+    for name, times in kernels.items():
+        family = next((f for f, keys in KERNEL_FAMILIES
+                       if any(k in name.lower() for k in keys)), "other")
+        families[family] = families.get(family, 0.0) + sum(times) / steps
+    busiest = sorted(kernels.items(), key=lambda item: -sum(item[1]))[:25]
+    return {
+        "gpu_busy_ms_per_step": sum(families.values()),
+        "launches_per_step": sum(len(t) for t in kernels.values()) / steps,
+        "families_ms_per_step": dict(sorted(families.items(), key=lambda item: -item[1])),
+        "busiest": [{"name": name[:120], "ms_per_step": sum(t) / steps, "calls_per_step":
+                     len(t) / steps} for name, t in busiest],
+    }
+
+
+def profile_text(profiled: dict) -> str:
+    families = ", ".join(f"{name} {ms:.2f}" for name, ms in profiled["families_ms_per_step"].items())
+    lines = [f"   GPU busy {profiled['gpu_busy_ms_per_step']:.2f} ms/step, "
+             f"{profiled['launches_per_step']:.0f} launches/step: {families}"]
+    lines += [f"   {k['ms_per_step']:7.3f} ms {k['calls_per_step']:5.0f}x {k['name']}"
+              for k in profiled["busiest"][:15]]
+    return "\n".join(lines)
 
 
 def _recompile(variant, trained, model, ids, device):
@@ -337,6 +394,8 @@ def copy_bandwidth(device: torch.device) -> float:
 def worker(args) -> int:
     size = {**SIZES, **TINY}[args.size]
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    logging.basicConfig(format="   %(relativeCreated)8.0f ms %(name)s: %(message)s")
+    logging.getLogger("mhc_compile.templates").setLevel(logging.INFO)  # autotuning progress
     try:
         if args.warm:
             result = run_warm(size, args.variant, device)
@@ -476,6 +535,8 @@ def driver(args) -> int:
         os.environ["MHC_BENCH_NO_WARM"] = "1"  # the workers skip their in-process recompile too
     if args.steps:
         os.environ["MHC_BENCH_STEPS"] = str(args.steps)
+    if args.profile:
+        os.environ["MHC_BENCH_PROFILE"] = "1"
     header = {
         "date": date.today().isoformat(), "torch": torch.__version__,
         "python": platform.python_version(), "n": N_STREAMS, "sinkhorn_iters": SINKHORN_ITERS,
@@ -509,6 +570,8 @@ def driver(args) -> int:
             row = rows[-1]
             log("-> " + (row.get("error") or f"{row['step_ms_median']:.1f} ms/step, "
                                             f"cold compile {row['cold_compile_s']:.1f} s"))
+            if row.get("profile"):
+                log(profile_text(row["profile"]))
         (out / "e2e.json").write_text(json.dumps({**header, "rows": summarize(rows)}, indent=1))
     summary = summarize(rows)
     bandwidth = next((r["copy_bandwidth"] for r in rows if r.get("copy_bandwidth")), None)
@@ -553,6 +616,8 @@ def main() -> int:
                         help="also compile the hand-written mHC as one model (slow)")
     parser.add_argument("--no-warm", action="store_true", help="skip the warm-compile runs")
     parser.add_argument("--steps", type=int, help="timed steps per variant (default per size)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile two steps per variant: GPU ms by kernel family (JSON, log)")
     parser.add_argument("--budget-s", type=float, default=540, help="wall time for all variants")
     parser.add_argument("--limit-scale", type=float, default=1.0,
                         help="scale every variant's time limit")

@@ -21,7 +21,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from itertools import product
 
 import torch
 import triton
@@ -55,35 +54,34 @@ def _config(num_warps: int, num_stages: int, **blocks: int) -> triton.Config:
 
 
 # The first config of every stage is the default (interpreter, MHC_TRITON_CONFIG=default) and must
-# fit n = 8; the prune function below drops, per n, the configs whose tiles would spill.
+# fit n = 8; the prune function below drops, per n, the configs whose tiles would spill. The others
+# are the choices full sweeps made on an H100 (bench/RESULTS.md, kernel run 3) over block sizes
+# 16..2048, warps 2..8 and stages 3..4: each stage keeps four candidates, because every candidate
+# costs a Triton compile at a cold start and a cold start must stay close to Inductor's own.
+_MIX_CONFIGS = [  # (BLOCK_C, BLOCK_T, warps): memory-bound mixes over wide channel blocks
+    _config(num_warps, 2, BLOCK_T=block_t, BLOCK_C=block_c)
+    for block_c, block_t, num_warps in ((256, 1, 8), (1024, 1, 4), (2048, 1, 8), (512, 4, 4))
+]
 _STAGE_CONFIGS: dict[str, list[triton.Config]] = {
     # Memory-bound pass over the streams; one program projects BLOCK_T tokens over a column range,
     # and larger BLOCK_T reads phi (from L2) fewer times.
     "projection": [
         _config(num_warps, num_stages, BLOCK_T=block_t, BLOCK_K=block_k)
-        for block_t, block_k, num_warps, num_stages in product(
-            (32, 64, 128), (64, 128), (4, 8), (3, 4)
-        )
+        for block_t, block_k, num_warps, num_stages in (
+            (32, 64, 4, 3), (128, 64, 8, 3), (64, 64, 8, 3), (64, 128, 8, 4))
     ],
     # Latency-bound coefficient math (gates, Sinkhorn) on BLOCK_T tokens; little memory traffic.
     "coefficients": [
         _config(num_warps, 1, BLOCK_T=block_t)
-        for block_t, num_warps in product((16, 32, 64), (4, 2, 8))
+        for block_t, num_warps in ((16, 4), (32, 4), (64, 8), (32, 2))
     ],
     # Grid over (n*C columns, token splits): g_streams tiles and per-split grad phi partials.
     "coefficients_bwd_streams": [
         _config(num_warps, 3, BLOCK_T=block_t, BLOCK_NC=block_nc)
-        for block_nc, block_t, num_warps in product((64, 128, 256), (32, 64), (8, 4))
+        for block_nc, block_t, num_warps in ((64, 32, 8), (64, 64, 8), (64, 64, 4), (128, 32, 8))
     ],
-    # Memory-bound mixes: wide channel blocks; several tokens per program only for narrow ones.
-    **{
-        stage: [
-            _config(num_warps, 2, BLOCK_T=block_t, BLOCK_C=block_c)
-            for block_c, block_t, num_warps in product((256, 512, 1024, 2048), (1, 4), (8, 4))
-            if block_t * block_c <= 2048
-        ]
-        for stage in ("pre_mix_fwd", "pre_mix_bwd", "post_res_mix_fwd", "post_res_mix_bwd")
-    },
+    **{stage: _MIX_CONFIGS
+       for stage in ("pre_mix_fwd", "pre_mix_bwd", "post_res_mix_fwd", "post_res_mix_bwd")},
 }
 STAGES = tuple(_STAGE_CONFIGS)
 
@@ -205,10 +203,17 @@ def autotune(stage: str, kernel_name: str, restore_value: list[str] | None = Non
     return decorate
 
 
+# What eager callers pass: a kernel argument may be the user's parameter itself (`.float()` and
+# `.contiguous()` return it unchanged).
+_EAGER_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def _traced(args: tuple) -> bool:
     """Whether a tracer (Inductor's AOT autograd, make_fx, fake tensors) called: its tensors are
-    subclasses, and the kernel must then go through torch.library.wrap_triton to be seen."""
-    return any(type(a) is not torch.Tensor for a in args if isinstance(a, torch.Tensor))
+    subclasses (FakeTensor, FunctionalTensor), and the kernel must then go through
+    torch.library.wrap_triton to be seen. An eager launch must not take that path: its dense
+    implementation re-benchmarks an autotuned kernel at every call."""
+    return any(type(a) not in _EAGER_TENSOR_TYPES for a in args if isinstance(a, torch.Tensor))
 
 
 def launch(kernel_name: str, grid, *args, **kwargs) -> None:

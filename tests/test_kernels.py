@@ -279,6 +279,19 @@ def test_first_configs_fit_every_n():
             assert first in configs._prune(stage)(configs._STAGE_CONFIGS[stage], {"n": n, "C": 4096})
 
 
+def test_eager_launches_skip_the_tracing_path():
+    """Only a tracer's tensors send a launch through wrap_triton (whose eager implementation
+    re-benchmarked every autotuned call: 21 s a training step on the H100); the user's
+    parameters, which reach the kernels unchanged, launch directly."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    plain, parameter = torch.zeros(2), torch.nn.Parameter(torch.zeros(2))
+    assert not configs._traced((plain, parameter, 3, "sinkhorn"))
+    with FakeTensorMode() as fake_mode:
+        fake = fake_mode.from_tensor(plain)
+    assert configs._traced((plain, fake))
+
+
 # --- dispatch through the mhc:: ops (CUDA only) -----------------------------------------------------
 
 
