@@ -12,6 +12,9 @@ SwiGLU) trains with bf16 autocast and fused AdamW, in these variants:
     naive_pieces      mHC written by hand in PyTorch with mhc_compile/reference.py's math, one module
                       per sublayer, each transformer layer compiled on its own (Module.compile)
     mhc_no_recompute  backend="mhc" with recompute=False (every block's streams kept)
+    mhc_bf16          backend="mhc" with stream_dtype="bfloat16": the streams in bf16 (the
+                      paper's storage; autocast leaves the residual, and so default streams, fp32)
+    mhc_bf16_graphs   the same with cudagraphs=True (Inductor's CUDA graphs: no host launch cost)
     naive_whole       the hand-written mHC compiled as one model (only with --naive-whole: the issue
                       measured it not finishing in 530 s)
 
@@ -27,8 +30,8 @@ own process, where even the in-memory caches are warm).
 The bytes floor: mHC moves about 45C elements per token per sublayer in a training step (forward
 about (3n+2)C, backward about twice that and more, n=4); at the measured copy bandwidth that is the
 least time mHC can add to a step. It is reported for 2-byte elements (the issue's count) and for
-the residual stream's own dtype (float32 here: autocast leaves the embedding output and so the
-residual adds in float32).
+the dtype the variant stores its streams in: the residual's own by default (float32 here: autocast
+leaves the embedding output and so the residual adds in float32), bf16 for the mhc_bf16 variants.
 """
 
 from __future__ import annotations
@@ -62,9 +65,16 @@ SIZES = {
     "C2048": dict(width=2048, depth=16, heads=16, batch=4, seq=2048, vocab=VOCAB, steps=10),
 }
 TINY = {"tiny": dict(width=64, depth=2, heads=4, batch=2, seq=32, vocab=128, steps=3)}
-ORDER = ["baseline", "mhc", "naive_pieces", "mhc_no_recompute"]
+ORDER = ["baseline", "mhc", "naive_pieces", "mhc_no_recompute", "mhc_bf16", "mhc_bf16_graphs"]
 LIMIT_S = {"baseline": 150, "mhc": 200, "naive_pieces": 200, "mhc_no_recompute": 170,
-           "naive_whole": 300}
+           "mhc_bf16": 170, "mhc_bf16_graphs": 170, "naive_whole": 300}
+# backend="mhc" options of each mHC variant
+MHC_VARIANTS = {
+    "mhc": {},
+    "mhc_no_recompute": {"recompute": False},
+    "mhc_bf16": {"stream_dtype": "bfloat16"},
+    "mhc_bf16_graphs": {"stream_dtype": "bfloat16", "cudagraphs": True},
+}
 WARMUP_STEPS = 3
 WARM_VARIANTS = ("baseline", "mhc")  # warm compiles measured (in a new process) when time is left
 
@@ -169,10 +179,10 @@ def prepare_variant(variant: str, model: nn.Module, ids: torch.Tensor, device: t
     start = time.perf_counter()
     if variant == "baseline":
         return model, torch.compile(model), time.perf_counter() - start
-    if variant in ("mhc", "mhc_no_recompute"):
+    if variant in MHC_VARIANTS:
         import mhc_compile
 
-        options = {"n": N_STREAMS, "recompute": "auto" if variant == "mhc" else False}
+        options = {"n": N_STREAMS, **MHC_VARIANTS[variant]}
         mhc_compile.prepare(model, ids[:, :-1], **options)
         backend = mhc_compile.backend(**options)
         compiled = torch.compile(model, backend=backend)
@@ -260,7 +270,8 @@ def run_variant(size_name: str, size: dict, variant: str, device: torch.device) 
         "recompile_in_process_s": again_s,
         "parameters": sum(p.numel() for p in trained.parameters()),
         "forward_kept_bytes": kept,
-        "stream_dtype": str(_stream_dtype(model, ids, device)).removeprefix("torch."),
+        "stream_dtype": MHC_VARIANTS.get(variant, {}).get("stream_dtype")
+        or str(_residual_dtype(model, ids, device)).removeprefix("torch."),
     }
     if profiled is not None:
         result["profile"] = profiled
@@ -326,9 +337,10 @@ def profile_steps(step, device: torch.device, steps: int = 2) -> dict | None:
             step()
         torch.cuda.synchronize()
     kernels: dict[str, list[float]] = {}
+    host: dict[str, list[float]] = {}  # CPU-side events: runtime calls and operators
     for event in profiler.events():
-        if event.device_type == DeviceType.CUDA:
-            kernels.setdefault(event.name, []).append(event.time_range.elapsed_us() / 1e3)
+        by_name = kernels if event.device_type == DeviceType.CUDA else host
+        by_name.setdefault(event.name, []).append(event.time_range.elapsed_us() / 1e3)
     families: dict[str, float] = {}
     for name, times in kernels.items():
         family = next((f for f, keys in KERNEL_FAMILIES
@@ -341,6 +353,14 @@ def profile_steps(step, device: torch.device, steps: int = 2) -> dict | None:
         "families_ms_per_step": dict(sorted(families.items(), key=lambda item: -item[1])),
         "busiest": [{"name": name[:120], "ms_per_step": sum(t) / steps, "calls_per_step":
                      len(t) / steps} for name, t in busiest],
+        # Why the GPU may wait on the host: allocator calls that synchronise and explicit syncs.
+        "runtime_calls_per_step": {
+            name: {"calls": len(t) / steps, "ms": sum(t) / steps} for name, t in host.items()
+            if name.startswith(("cudaMalloc", "cudaFree", "cudaStreamSynchronize",
+                                "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"))
+        },
+        "host_ops_per_step": {name: len(t) / steps for name, t in sorted(
+            host.items(), key=lambda item: -len(item[1]))[:15]},
     }
 
 
@@ -350,6 +370,9 @@ def profile_text(profiled: dict) -> str:
              f"{profiled['launches_per_step']:.0f} launches/step: {families}"]
     lines += [f"   {k['ms_per_step']:7.3f} ms {k['calls_per_step']:5.0f}x {k['name']}"
               for k in profiled["busiest"][:15]]
+    lines.append("   runtime calls/step: " + ", ".join(
+        f"{name} {c['calls']:.0f}x {c['ms']:.2f} ms"
+        for name, c in profiled["runtime_calls_per_step"].items()))
     return "\n".join(lines)
 
 
@@ -357,8 +380,8 @@ def _recompile(variant, trained, model, ids, device):
     start = time.perf_counter()
     if variant == "baseline":
         return trained, torch.compile(trained), time.perf_counter() - start
-    if variant in ("mhc", "mhc_no_recompute"):
-        options = {"n": N_STREAMS, "recompute": "auto" if variant == "mhc" else False}
+    if variant in MHC_VARIANTS:
+        options = {"n": N_STREAMS, **MHC_VARIANTS[variant]}
         return trained, torch.compile(model, backend="mhc", options=options), \
             time.perf_counter() - start
     if variant == "naive_whole":
@@ -368,7 +391,7 @@ def _recompile(variant, trained, model, ids, device):
     return trained, trained, time.perf_counter() - start
 
 
-def _stream_dtype(model, ids, device) -> torch.dtype:
+def _residual_dtype(model, ids, device) -> torch.dtype:
     """The residual stream's dtype under autocast: the embedding output's."""
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
         return model.tok_embeddings(ids[:1, :2]).dtype

@@ -59,7 +59,8 @@ def owner_module(root: str) -> nn.Module | None:
 
 
 def compile_with_inductor(
-    graph_module: fx.GraphModule, example_inputs: Sequence[Any], recompute: str | int | bool = False
+    graph_module: fx.GraphModule, example_inputs: Sequence[Any], recompute: str | int | bool = False,
+    cudagraphs: bool = False,
 ) -> Callable:
     """Inductor's entry point for a Dynamo graph (what backend="inductor" calls): AOT autograd,
     partitioning and code generation. It has no public alias.
@@ -71,6 +72,9 @@ def compile_with_inductor(
     `recompute` (MHCOptions.recompute) installs the recompute policy as a joint-graph pass, the
     only stage that sees forward and backward before the partitioner. Its uuid() holds the
     setting: the AOT autograd cache keys on the graph's code, not on node tags.
+
+    `cudagraphs` turns on Inductor's cudagraph trees for this graph (what mode="reduce-overhead"
+    sets through the same config key).
     """
     from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx
@@ -82,6 +86,8 @@ def compile_with_inductor(
         policy = _RecomputePolicyPass(recompute)
         user_pass = config.joint_custom_pre_pass
         patches["joint_custom_pre_pass"] = policy if user_pass is None else _Sequence(user_pass, policy)
+    if cudagraphs:
+        patches["triton.cudagraphs"] = True
     return compile_fx(graph_module, list(example_inputs), config_patches=patches)
 
 

@@ -93,7 +93,8 @@ class MHCBackend:
         # AOT autograd traces the joint graph inside this call; the recompute policy tags whole ops.
         with ops.keep_ops_whole(self.options.recompute is not False):
             return _dynamo_compat.compile_with_inductor(
-                graph_module, example_inputs, recompute=self.options.recompute)
+                graph_module, example_inputs, recompute=self.options.recompute,
+                cudagraphs=self.options.cudagraphs)
 
 
 @dataclass(eq=False)
@@ -224,11 +225,18 @@ def _block_reports(analysis: ResidualAnalysis, graph_index: int, options: MHCOpt
             contains=graph_facts.kinds_of(block.body, block.add.graph.owning_module),
             params_added=costs.parameter_count(options.n, channels) if rewritten else 0,
             extra_bytes_per_token=costs.extra_bytes_per_token(
-                options.n, channels, value.element_size()) if rewritten and fixed else 0,
+                options.n, channels, _element_size(options.streams_dtype_for(value.dtype)))
+            if rewritten and fixed else 0,
             extra_flops_per_token=costs.extra_flops_per_token(
                 options.n, channels, options.sinkhorn_iters) if rewritten and fixed else 0,
-            ops=templates.implementation(value.device, value.dtype, options.n) if rewritten else "",
+            ops=templates.implementation(
+                value.device, options.streams_dtype_for(value.dtype), options.n)
+            if rewritten else "",
         )
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def mhc_backend(

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+import torch
+
 from mhc_compile.reference import CONSTRAINTS
 
 
@@ -29,6 +31,17 @@ class MHCOptions:
         the others in backward from those, the coefficients and F's outputs (which are kept); F is
         never recomputed. An integer sets L_r (1 keeps every block's streams). False turns it off:
         every block's streams are kept. Inductor only: the eager path (eager=True) keeps everything.
+    stream_dtype: dtype of the n streams between blocks: None (default) keeps the residual's own
+        dtype, so the rewrite is exact at init; "bfloat16" or "float16" store them in half
+        precision, as the paper does, halving what the mHC kernels move (under autocast the
+        residual is float32). F still reads and writes its usual dtype; the chain's outputs come
+        back in the residual's dtype. At init the model then agrees with the original to the
+        rounding of the streams.
+    cudagraphs: replay the compiled graphs as CUDA graphs (Inductor's cudagraph trees, as
+        torch.compile's mode="reduce-overhead" does): removes the host cost of launching the mHC
+        kernels, which bounds a step at small widths. Inductor's rules apply: a step's outputs are
+        overwritten by the next replay unless cloned; CPU graphs ignore it. (Its GPU test,
+        tests/test_gpu.py::test_cudagraphs_replay_the_same_training, awaits a GPU run.)
     """
 
     n: int = 4
@@ -39,6 +52,8 @@ class MHCOptions:
     exclude: tuple[str, ...] = field(default_factory=tuple)
     eager: bool = False
     recompute: str | int | bool = "auto"
+    stream_dtype: str | None = None
+    cudagraphs: bool = False
 
     def __post_init__(self) -> None:
         _require_int("n", self.n, minimum=1)
@@ -54,9 +69,15 @@ class MHCOptions:
             )
         for name in ("include", "exclude"):
             object.__setattr__(self, name, _patterns(name, getattr(self, name)))
-        if not isinstance(self.eager, bool):
-            raise TypeError(f"mhc option eager must be True or False, got {self.eager!r}")
+        for name in ("eager", "cudagraphs"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"mhc option {name} must be True or False, got {getattr(self, name)!r}")
         _check_recompute(self.recompute)
+        object.__setattr__(self, "stream_dtype", _stream_dtype_name(self.stream_dtype))
+
+    def streams_dtype_for(self, residual_dtype: torch.dtype) -> torch.dtype:
+        """The dtype the streams of a residual of `residual_dtype` are stored in."""
+        return residual_dtype if self.stream_dtype is None else getattr(torch, self.stream_dtype)
 
     @classmethod
     def from_kwargs(cls, options: Mapping[str, Any] | None = None, **kwargs: Any) -> "MHCOptions":
@@ -91,6 +112,22 @@ def _check_recompute(value: Any) -> None:
         "mhc option recompute must be 'auto', a group size L_r >= 1 (blocks per kept stream) "
         f"or False (keep every block's streams), got {value!r}"
     )
+
+
+STREAM_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _stream_dtype_name(value: Any) -> str | None:
+    """None, or the name of a supported stream dtype (given as a name or a torch.dtype)."""
+    if value is None:
+        return None
+    name = str(value).removeprefix("torch.") if isinstance(value, (str, torch.dtype)) else None
+    if name not in STREAM_DTYPES:
+        raise ValueError(
+            f"mhc option stream_dtype must be None (the residual's dtype) or one of "
+            f"{', '.join(map(repr, STREAM_DTYPES))}, got {value!r}"
+        )
+    return name
 
 
 def _patterns(name: str, value: Any) -> tuple[str, ...]:

@@ -204,12 +204,18 @@ def _is_parameter(node: fx.Node) -> bool:
     return node.op == "placeholder" and isinstance(graph_facts.example_value(node), torch.nn.Parameter)
 
 
-def _chain_value(node: fx.Node):
-    """The [..., C] value (channels last) whose streams `node` reads: the chain head's input.
-    Every mhc:: op and every lifted link op takes the streams as its first argument."""
+def _chain_head(node: fx.Node) -> fx.Node:
+    """The enter_streams node of the chain whose streams `node` reads. Every mhc:: op and every
+    lifted link op takes the streams as its first argument."""
     head = node
     while head.target is not stream_layout.enter_streams:
         head = head.args[0]
+    return head
+
+
+def _chain_value(node: fx.Node):
+    """The [..., C] value (channels last) whose streams `node` reads: the chain head's input."""
+    head = _chain_head(node)
     value = graph_facts.example_value(head.args[0])
     if not _is_static(value):
         return None
@@ -217,10 +223,17 @@ def _chain_value(node: fx.Node):
     return value if channel_dim in (-1, value.dim() - 1) else value.movedim(channel_dim, -1)
 
 
+def _stream_element_size(node: fx.Node, value: torch.Tensor) -> int:
+    """Bytes per stream element: the chain head's stream dtype (MHCOptions.stream_dtype)."""
+    head = _chain_head(node)
+    dtype = head.args[3] if len(head.args) > 3 and head.args[3] is not None else value.dtype
+    return torch.empty((), dtype=dtype).element_size()
+
+
 def _stream_bytes(streams: fx.Node, n: int) -> int:
     """Bytes of the [..., n, C] streams a cut sends, for the traced batch."""
     value = _chain_value(streams)
-    return 0 if value is None else value.numel() * n * value.element_size()
+    return 0 if value is None else value.numel() * n * _stream_element_size(streams, value)
 
 
 # --- cost of one node -----------------------------------------------------------------------------
@@ -234,7 +247,8 @@ _VIEW_METHODS = {"view", "reshape", "transpose", "permute", "expand", "unsqueeze
                  "chunk", "split", "size", "dim", "flatten", "unflatten", "t"}
 _VIEW_FUNCTIONS = {operator.getitem, torch.transpose, torch.reshape, torch.flatten, torch.unsqueeze,
                    torch.squeeze, torch.permute, stream_layout.enter_streams,
-                   stream_layout.to_channels_last, stream_layout.from_channels_last}
+                   stream_layout.to_channels_last, stream_layout.from_channels_last,
+                   stream_layout.read_streams}
 _MHC_OPS = {"coefficients_pre_mix", "post_res_mix"}  # the roles rewrite_mhc gives its op calls
 
 
@@ -265,7 +279,7 @@ def _mhc_op_cost(node: fx.Node, role: str, options: MHCOptions) -> BlockCost:
     # Paper Table 2, fused: coefficients read nC, pre-mix reads nC and writes C.
     stream_elements = {"coefficients_pre_mix": (2 * n + 1) * channels,
                        "post_res_mix": (2 * n + 1) * channels}[role]
-    moved = tokens * stream_elements * value.element_size()
+    moved = tokens * stream_elements * _stream_element_size(node.args[0], value)
     return BlockCost(flops, moved, costs.roofline_cost(flops, moved))
 
 

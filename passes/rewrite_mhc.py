@@ -57,9 +57,11 @@ def rewrite_mhc(
 
 def _rewrite_chain(graph: fx.Graph, chain: ResidualChain, parameters, options: MHCOptions) -> None:
     channel_dim = chain.blocks[0].channel_dim
+    residual_dtype = chain.blocks[0].value.dtype
     with graph.inserting_before(chain.blocks[0].body[0]):
         streams = _call(graph, stream_layout.enter_streams, chain.blocks[0].skip, options.n,
-                        channel_dim, like=chain.blocks[0].add)
+                        channel_dim, options.streams_dtype_for(residual_dtype),
+                        like=chain.blocks[0].add)
     stream_of: dict[fx.Node, fx.Node] = {}
     for index, block in enumerate(chain.blocks):
         if index:
@@ -67,7 +69,7 @@ def _rewrite_chain(graph: fx.Graph, chain: ResidualChain, parameters, options: M
         stream_of[block.add] = _rewrite_block(graph, block, streams, parameters[block], options)
         for link_node in chain.links[index] if index < len(chain.links) else []:
             stream_of[link_node] = _lift(graph, link_node, stream_of[link_node.args[0]])
-    _reduce_other_readers(graph, chain, stream_of, channel_dim)
+    _reduce_other_readers(graph, chain, stream_of, channel_dim, residual_dtype)
 
 
 def _rewrite_block(graph, block: ResidualBlock, streams, params: BlockParameterNodes, options):
@@ -82,8 +84,8 @@ def _rewrite_block(graph, block: ResidualBlock, streams, params: BlockParameterN
         h_post, h_res, mixed = (
             _call(graph, operator.getitem, coefficients, i, like=block.add) for i in (1, 2, 3)
         )
-        block_input = _call(graph, stream_layout.from_channels_last, mixed, channel_dim,
-                            like=block.add)
+        block_input = _call(graph, stream_layout.read_streams, mixed, channel_dim,
+                            block.value.dtype, like=block.add)
     for node in block.body:
         node.replace_input_with(block.skip, block_input)
     with graph.inserting_before(block.add):
@@ -109,7 +111,8 @@ def _lift(graph: fx.Graph, node: fx.Node, streams: fx.Node) -> fx.Node:
     return lifted
 
 
-def _reduce_other_readers(graph, chain: ResidualChain, stream_of, channel_dim: int) -> None:
+def _reduce_other_readers(graph, chain: ResidualChain, stream_of, channel_dim: int,
+                          residual_dtype: torch.dtype) -> None:
     """Readers of an x_k outside the chain get the streams' mean; the originals are then erased."""
     replaced = set(stream_of) | {b.inner_add for b in chain.blocks if b.inner_add is not None}
     for original, streams in stream_of.items():
@@ -117,7 +120,8 @@ def _reduce_other_readers(graph, chain: ResidualChain, stream_of, channel_dim: i
         if not readers:
             continue
         with graph.inserting_before(original):
-            reduced = _call(graph, stream_layout.leave_streams, streams, channel_dim, like=original)
+            reduced = _call(graph, stream_layout.leave_streams, streams, channel_dim,
+                            residual_dtype, like=original)
         for reader in readers:
             reader.replace_input_with(original, reduced)
     for node in sorted(replaced, key=_graph_position(graph), reverse=True):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mhc_compile
-from mhc_compile import SkipReason, reference
+from mhc_compile import SkipReason, costs, reference
 from zoo import ZOO
 
 
@@ -173,6 +173,12 @@ def test_invalid_options_fail_at_once_with_the_name():
         mhc_compile.backend(n=2.5)
     with pytest.raises(ValueError, match=re.escape("mhc option constraint must be one of 'sinkhorn', 'none', got 'ortho'")):
         mhc_compile.backend(constraint="ortho")
+    with pytest.raises(ValueError, match=re.escape(
+            "mhc option stream_dtype must be None (the residual's dtype) or one of 'bfloat16', "
+            "'float16', 'float32', got 'bf16'")):
+        mhc_compile.backend(stream_dtype="bf16")
+    with pytest.raises(TypeError, match=re.escape("mhc option cudagraphs must be True or False, got 'yes'")):
+        mhc_compile.backend(cudagraphs="yes")
     with pytest.raises(TypeError, match=re.escape("unknown mhc option(s) 'streams'; valid options are: alpha_init, ")):
         mhc_compile.backend(streams=4)
     # torch.compile hands a string backend its options at the first call, inside Dynamo.
@@ -313,3 +319,61 @@ def _rendered(report):
     buffer = io.StringIO()
     report.print(file=buffer)
     return buffer.getvalue()
+
+
+@pytest.mark.parametrize("stream_dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_streams_between_float32_blocks(monkeypatch, stream_dtype):
+    """stream_dtype stores the streams in half precision while F reads and the model returns
+    float32: at init the output agrees with the plain model to the streams' rounding, gradients
+    reach the mHC parameters, and the report counts 2-byte stream elements."""
+    seen = {"streams": set(), "f_input": set()}
+    post_res_mix = reference.post_res_mix
+    monkeypatch.setattr(reference, "post_res_mix", lambda streams, *rest: (
+        seen["streams"].add(streams.dtype) or post_res_mix(streams, *rest)))
+    torch.manual_seed(1)
+    model, x = MLPResidual(width=16), torch.randn(3, 7, 16)
+    for norm in model.norms:
+        norm.register_forward_pre_hook(lambda module, args: seen["f_input"].add(args[0].dtype))
+    expected = model(x)
+    name = str(stream_dtype).removeprefix("torch.")
+    out = _compile(model, stream_dtype=name)(x)
+    assert out.dtype == torch.float32
+    assert seen == {"streams": {stream_dtype}, "f_input": {torch.float32}}
+    rounding = torch.finfo(stream_dtype).eps
+    torch.testing.assert_close(out, expected, rtol=4 * rounding, atol=4 * rounding)
+    out.square().sum().backward()
+    grads = {name: p.grad for name, p in model.mhc.named_parameters()}
+    assert all(g is not None and g.isfinite().all() for g in grads.values())
+    # alpha's gradient is 0 at init (phi = 0 projects to 0); phi's and the biases' are not.
+    assert all(g.abs().sum() > 0 for name, g in grads.items() if not name.endswith("alpha"))
+
+    def bytes_per_token(**options):
+        torch._dynamo.reset()
+        return [b.extra_bytes_per_token for b in mhc_compile.report(model, x, **options).blocks]
+
+    assert bytes_per_token() == [costs.extra_bytes_per_token(4, 16, 4)] * 3
+    assert bytes_per_token(stream_dtype=name) == [costs.extra_bytes_per_token(4, 16, 2)] * 3
+
+
+@pytest.mark.parametrize("cudagraphs", [False, True])
+def test_cudagraphs_option_reaches_inductor(monkeypatch, cudagraphs):
+    """cudagraphs=True compiles with Inductor's cudagraph trees (its "triton.cudagraphs" config,
+    what mode="reduce-overhead" sets); the default leaves Inductor's setting alone. The GPU run is
+    tests/test_gpu.py::test_cudagraphs_replay_the_same_training."""
+    import torch._inductor.compile_fx as compile_fx_module
+
+    patches = []
+
+    def compile_fx(graph_module, example_inputs, config_patches=None):
+        patches.append(config_patches or {})
+        return graph_module.forward
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", compile_fx)
+    torch.manual_seed(0)
+    model, x = MLPResidual(), torch.randn(2, 5, 8)
+    expected = model(x)
+    torch._dynamo.reset()
+    out = torch.compile(model, backend=mhc_compile.backend(cudagraphs=cudagraphs))(x)
+    torch.testing.assert_close(out, expected)
+    assert patches and all(("triton.cudagraphs" in p) == cudagraphs for p in patches)
+    assert all(p["triton.cudagraphs"] for p in patches if "triton.cudagraphs" in p)

@@ -186,19 +186,35 @@ def test_coefficients_pre_mix(n, channels, shape, dtype, iters, constraint, pois
     _check_coefficients_pre_mix(n, channels, shape, dtype, iters, constraint)
 
 
-@pytest.mark.parametrize(CASE_ARGS, CASES)
-def test_post_res_mix(n, channels, shape, dtype, iters, constraint, poisoned):
+def _check_post_res_mix(n, channels, shape, dtype, iters, constraint, y_dtype):
     streams, *parameters = _mhc_inputs(n, channels, shape, dtype)
     _, h_post, h_res = reference.coefficients(streams, *parameters, iters, constraint)
-    y = torch.randn(*shape, channels, device=DEVICE).to(dtype)
+    y = torch.randn(*shape, channels, device=DEVICE).to(y_dtype)
     out = post_res_mix.mhc_post_res_mix_fwd(streams, y, h_post, h_res)
     grad_out = torch.randn_like(out)
     grads = post_res_mix.mhc_post_res_mix_bwd(grad_out, streams, y, h_post, h_res)
     inputs = (streams, y, h_post, h_res)
     (ref_out,), ref_grads = _float64_vjp(reference.post_res_mix, inputs, (grad_out,))
-    _assert_close(["out"], [out], [ref_out], dtype)
-    _assert_close(["grad_streams", "grad_y", "grad_h_post", "grad_h_res"], grads, ref_grads, dtype)
+    coarser = max(dtype, y_dtype, key=TOLERANCE.get)
+    _assert_close(["out"], [out], [ref_out], coarser)
+    _assert_close(["grad_streams", "grad_y", "grad_h_post", "grad_h_res"], grads, ref_grads, coarser)
+    grad_dtypes = [grad.dtype for grad in grads]
+    assert out.dtype == dtype
+    assert grad_dtypes == [tensor.dtype for tensor in inputs]
     _assert_alias_free(grads, [grad_out, *inputs])
+
+
+@pytest.mark.parametrize(CASE_ARGS, CASES)
+def test_post_res_mix(n, channels, shape, dtype, iters, constraint, poisoned):
+    _check_post_res_mix(n, channels, shape, dtype, iters, constraint, y_dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype, y_dtype", [
+    (torch.bfloat16, torch.float32),  # stream_dtype="bfloat16" in a float32 model
+    (torch.float32, torch.bfloat16),  # float32 residual, F under bf16 autocast
+])
+def test_post_res_mix_with_f_output_in_another_dtype(dtype, y_dtype, poisoned):
+    _check_post_res_mix(4, 40, (2, 9), dtype, 20, "sinkhorn", y_dtype=y_dtype)
 
 
 def test_backward_is_deterministic(poisoned):
