@@ -474,7 +474,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         entry = dict(row)
         sublayers = 2 * row["depth"]
         elements = ELEMENTS_PER_TOKEN_PER_SUBLAYER * row["width"] * row["tokens_per_step"] * sublayers
-        stream_bytes = torch.empty((), dtype=getattr(torch, row["stream_dtype"])).element_size()
+        stream_bytes = getattr(torch, row["stream_dtype"]).itemsize
         if base is not None:
             entry["step_overhead"] = row["step_ms_median"] / base["step_ms_median"] - 1
             if row["peak_memory_bytes"] and base["peak_memory_bytes"]:

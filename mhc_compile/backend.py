@@ -225,7 +225,7 @@ def _block_reports(analysis: ResidualAnalysis, graph_index: int, options: MHCOpt
             contains=graph_facts.kinds_of(block.body, block.add.graph.owning_module),
             params_added=costs.parameter_count(options.n, channels) if rewritten else 0,
             extra_bytes_per_token=costs.extra_bytes_per_token(
-                options.n, channels, _element_size(options.streams_dtype_for(value.dtype)))
+                options.n, channels, options.streams_dtype_for(value.dtype).itemsize)
             if rewritten and fixed else 0,
             extra_flops_per_token=costs.extra_flops_per_token(
                 options.n, channels, options.sinkhorn_iters) if rewritten and fixed else 0,
@@ -233,10 +233,6 @@ def _block_reports(analysis: ResidualAnalysis, graph_index: int, options: MHCOpt
                 value.device, options.streams_dtype_for(value.dtype), options.n)
             if rewritten else "",
         )
-
-
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def mhc_backend(

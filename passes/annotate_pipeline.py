@@ -223,17 +223,15 @@ def _chain_value(node: fx.Node):
     return value if channel_dim in (-1, value.dim() - 1) else value.movedim(channel_dim, -1)
 
 
-def _stream_element_size(node: fx.Node, value: torch.Tensor) -> int:
-    """Bytes per stream element: the chain head's stream dtype (MHCOptions.stream_dtype)."""
-    head = _chain_head(node)
-    dtype = head.args[3] if len(head.args) > 3 and head.args[3] is not None else value.dtype
-    return torch.empty((), dtype=dtype).element_size()
+def _stream_element_size(node: fx.Node) -> int:
+    """Bytes per stream element: the dtype the chain head stores the streams in (its args[3])."""
+    return _chain_head(node).args[3].itemsize
 
 
 def _stream_bytes(streams: fx.Node, n: int) -> int:
     """Bytes of the [..., n, C] streams a cut sends, for the traced batch."""
     value = _chain_value(streams)
-    return 0 if value is None else value.numel() * n * _stream_element_size(streams, value)
+    return 0 if value is None else value.numel() * n * _stream_element_size(streams)
 
 
 # --- cost of one node -----------------------------------------------------------------------------
@@ -279,7 +277,7 @@ def _mhc_op_cost(node: fx.Node, role: str, options: MHCOptions) -> BlockCost:
     # Paper Table 2, fused: coefficients read nC, pre-mix reads nC and writes C.
     stream_elements = {"coefficients_pre_mix": (2 * n + 1) * channels,
                        "post_res_mix": (2 * n + 1) * channels}[role]
-    moved = tokens * stream_elements * _stream_element_size(node.args[0], value)
+    moved = tokens * stream_elements * _stream_element_size(node.args[0])
     return BlockCost(flops, moved, costs.roofline_cost(flops, moved))
 
 

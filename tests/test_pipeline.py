@@ -77,6 +77,9 @@ def test_annotation_marks_blocks_cuts_costs_and_overlappable_mixes():
     assert [cut.pass_through for cut in annotation.cuts] == [("cos", "sin"), ("cos", "sin"), ()]
     tokens, width, n = 2 * 16, 128, 4
     assert {cut.stream_bytes for cut in annotation.cuts} == {tokens * n * width * 4}
+    torch._dynamo.reset()
+    half = capture(model, (ids,), MHCOptions(stream_dtype="bfloat16")).annotation
+    assert {cut.stream_bytes for cut in half.cuts} == {tokens * n * width * 2}
     mixes = [node for node in graph.nodes if node.meta.get("mhc_overlap")]
     assert [node.name for node in mixes] == [b.post_res_mix for b in annotation.blocks]
     assert all(node.target is torch.ops.mhc.post_res_mix.default for node in mixes)
