@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from mhc_compile.options import MHCOptions
+from mhc_compile.options import STREAM_DTYPES, MHCOptions
 from mhc_compile.reference import CONSTRAINTS
 
 
@@ -69,7 +69,8 @@ def _example(name: str) -> tuple[torch.nn.Module, tuple]:
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     options = {"n": args.n, "sinkhorn_iters": args.sinkhorn_iters, "constraint": args.constraint,
-               "include": tuple(args.include), "exclude": tuple(args.exclude)}
+               "include": tuple(args.include), "exclude": tuple(args.exclude),
+               "stream_dtype": args.stream_dtype}
     try:
         MHCOptions.from_kwargs(**options)  # fail before any tracing
     except (TypeError, ValueError) as error:
@@ -236,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only rewrite blocks whose module path matches (repeatable)")
     common.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                         help="keep blocks whose module path matches as plain residuals (repeatable)")
+    common.add_argument("--stream-dtype", choices=STREAM_DTYPES,
+                        help="store the streams in this dtype (default: the residual's)")
     report = commands.add_parser("report", parents=[common],
                                  help="which residual blocks are rewritten or skipped, and why")
     report.add_argument("target", nargs="?", help="pkg.module:factory or file.py:factory, "

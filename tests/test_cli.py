@@ -19,6 +19,20 @@ def test_report_example_gpt_prints_the_table(capsys, tmp_path):
     assert len(blocks) == 8 and {b["status"] for b in blocks} == {"rewritten"}
 
 
+def test_report_counts_the_bytes_of_the_chosen_stream_dtype(tmp_path):
+    """--stream-dtype bfloat16 on the float32 example: 2-byte stream elements in the estimate."""
+    from mhc_compile import costs
+
+    for flags, element_bytes in (([], 4), (["--stream-dtype", "bfloat16"], 2)):
+        path = tmp_path / f"{element_bytes}.json"
+        assert cli.main(["report", "--example", "gpt", "--json", str(path), *flags]) == 0
+        blocks = json.loads(path.read_text())["blocks"]
+        assert blocks and all(
+            b["extra_bytes_per_token"] == costs.extra_bytes_per_token(4, b["shape"][-1], element_bytes)
+            for b in blocks
+        )
+
+
 def test_report_file_factory(tmp_path, capsys):
     target = tmp_path / "mymodel.py"
     target.write_text(textwrap.dedent('''
