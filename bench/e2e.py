@@ -174,6 +174,10 @@ class NaiveMHCLLaMA(nn.Module):
 # --- one variant, in its own process --------------------------------------------------------------
 
 
+def _mhc_options(variant: str) -> dict:
+    return {"n": N_STREAMS, **MHC_VARIANTS[variant]}
+
+
 def prepare_variant(variant: str, model: nn.Module, ids: torch.Tensor, device: torch.device):
     """(model to train, callable for the forward, seconds spent before the first step)."""
     start = time.perf_counter()
@@ -182,7 +186,7 @@ def prepare_variant(variant: str, model: nn.Module, ids: torch.Tensor, device: t
     if variant in MHC_VARIANTS:
         import mhc_compile
 
-        options = {"n": N_STREAMS, **MHC_VARIANTS[variant]}
+        options = _mhc_options(variant)
         mhc_compile.prepare(model, ids[:, :-1], **options)
         backend = mhc_compile.backend(**options)
         compiled = torch.compile(model, backend=backend)
@@ -381,8 +385,7 @@ def _recompile(variant, trained, model, ids, device):
     if variant == "baseline":
         return trained, torch.compile(trained), time.perf_counter() - start
     if variant in MHC_VARIANTS:
-        options = {"n": N_STREAMS, **MHC_VARIANTS[variant]}
-        return trained, torch.compile(model, backend="mhc", options=options), \
+        return trained, torch.compile(model, backend="mhc", options=_mhc_options(variant)), \
             time.perf_counter() - start
     if variant == "naive_whole":
         return trained, torch.compile(trained), time.perf_counter() - start

@@ -211,6 +211,7 @@ def _block_reports(analysis: ResidualAnalysis, graph_index: int, options: MHCOpt
         rewritten = chain is not None and block.skip_reason is None
         channels = value.shape[block.channel_dim] if value.dim() else 1
         fixed = isinstance(channels, int)
+        streams_dtype = options.streams_dtype_for(value.dtype)
         yield BlockReport(
             path=block.path,
             key=block.key,
@@ -225,12 +226,12 @@ def _block_reports(analysis: ResidualAnalysis, graph_index: int, options: MHCOpt
             contains=graph_facts.kinds_of(block.body, block.add.graph.owning_module),
             params_added=costs.parameter_count(options.n, channels) if rewritten else 0,
             extra_bytes_per_token=costs.extra_bytes_per_token(
-                options.n, channels, options.streams_dtype_for(value.dtype).itemsize)
+                options.n, channels, streams_dtype.itemsize)
             if rewritten and fixed else 0,
             extra_flops_per_token=costs.extra_flops_per_token(
                 options.n, channels, options.sinkhorn_iters) if rewritten and fixed else 0,
             ops=templates.implementation(
-                value.device, options.streams_dtype_for(value.dtype), options.n)
+                value.device, streams_dtype, options.n)
             if rewritten else "",
         )
 

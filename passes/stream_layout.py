@@ -12,17 +12,14 @@ import torch
 from mhc_compile import reference
 
 
-def enter_streams(x: torch.Tensor, n: int, channel_dim: int,
-                  dtype: torch.dtype | None = None) -> torch.Tensor:
-    """x [..., C, ...] -> n equal streams [..., n, C], stored in `dtype` (None: x's)."""
-    return reference.expand_streams(to_channels_last(x, channel_dim).to(dtype or x.dtype), n)
+def enter_streams(x: torch.Tensor, n: int, channel_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """x [..., C, ...] -> n equal streams [..., n, C], stored in the streams' `dtype`."""
+    return reference.expand_streams(to_channels_last(x, channel_dim).to(dtype), n)
 
 
-def leave_streams(streams: torch.Tensor, channel_dim: int,
-                  dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The streams' mean, back in the residual's layout and `dtype` (None: the streams')."""
-    reduced = reference.reduce_streams(streams)
-    return from_channels_last(reduced.to(dtype or reduced.dtype), channel_dim)
+def leave_streams(streams: torch.Tensor, channel_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """The streams' mean, back in the residual's layout and `dtype`."""
+    return from_channels_last(reference.reduce_streams(streams).to(dtype), channel_dim)
 
 
 def read_streams(mixed: torch.Tensor, channel_dim: int, dtype: torch.dtype) -> torch.Tensor:

@@ -54,10 +54,13 @@ def _config(num_warps: int, num_stages: int, **blocks: int) -> triton.Config:
 
 
 # The first config of every stage is the default (interpreter, MHC_TRITON_CONFIG=default) and must
-# fit n = 8; the prune function below drops, per n, the configs whose tiles would spill. The others
-# are the choices full sweeps made on an H100 (bench/RESULTS.md, kernel run 3) over block sizes
-# 16..2048, warps 2..8 and stages 3..4: each stage keeps four candidates, because every candidate
-# costs a Triton compile at a cold start and a cold start must stay close to Inductor's own.
+# fit n = 8; the prune function below drops, per n, the configs whose tiles would spill. Each stage
+# keeps four candidates, because every candidate costs a Triton compile at a cold start and a cold
+# start must stay close to Inductor's own. Among them are the choices that full sweeps on an H100
+# made at C = 1024..4096 (bench/RESULTS.md, kernel run 3: block sizes 16..2048, warps 2..8, stages
+# 3..4), e.g. projection (128, 64, 8 warps, 3 stages) and mixes (1024, 1, 4 warps) and
+# (2048, 1, 8 warps). The others are neighbours of those choices, plus a mix for narrow C where one
+# token's row is too short to keep a program busy (512 channels, 4 tokens, 4 warps).
 _MIX_CONFIGS = [  # (BLOCK_C, BLOCK_T, warps): memory-bound mixes over wide channel blocks
     _config(num_warps, 2, BLOCK_T=block_t, BLOCK_C=block_c)
     for block_c, block_t, num_warps in ((256, 1, 8), (1024, 1, 4), (2048, 1, 8), (512, 4, 4))
