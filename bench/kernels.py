@@ -9,8 +9,13 @@ with f = identity, bf16 streams [tokens, n, C], fp32 coefficients, sinkhorn_iter
    every output is compared. Buffers the kernels allocate are poisoned with NaN first.
 2. Time (triton.testing.do_bench, median) forward and forward+backward of:
      ours            the mhc:: ops in eager mode (the Triton kernels)
-     ours+inductor   the same under torch.compile (what backend="mhc" runs: the ops are triton_ops,
-                     so Inductor compiles the kernels and the work around them and launches them)
+     ours+inductor   the same under torch.compile (what backend="mhc" runs with recompute off: the
+                     ops are triton_ops, so Inductor compiles the kernels and the work around them
+                     and launches them)
+     ours+whole-ops  the same with the ops kept whole (what backend="mhc" runs for training with the
+                     recompute policy on, the default): Inductor calls our ops, and the post-grad
+                     fold (passes/fuse_grad_streams.py) hands post/res's grad streams to the
+                     coefficient backward instead of leaving autograd's add
      naive           reference.sublayer in PyTorch eager
      naive+inductor  reference.sublayer under default torch.compile
      liger           liger_kernel.transformers.mhc.LigerMHC (phi in bf16, its recommended setting)
@@ -43,7 +48,7 @@ import torch
 import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
-from mhc_compile import ops, reference
+from mhc_compile import _dynamo_compat, ops, reference
 from mhc_compile.templates import (
     coefficients, coefficients_pre_mix, configs, kernels_active, post_res_mix, pre_mix,
 )
@@ -54,7 +59,7 @@ STREAM_DTYPE = torch.bfloat16
 # ||ours - float64 reference|| / ||reference|| allowed for bf16 streams (one bf16 rounding, 2^-8,
 # of each stream-dtype output; tf32 projection for the coefficients).
 TOLERANCE = 1e-2
-PROVIDERS = ("ours", "ours+inductor", "naive", "naive+inductor", "liger")
+PROVIDERS = ("ours", "ours+inductor", "ours+whole-ops", "naive", "naive+inductor", "liger")
 
 
 def log(message: str) -> None:
@@ -90,6 +95,12 @@ def sublayer_parts(impl, streams, phi, alpha, b_pre, b_post, b_res) -> dict[str,
 
 def ours(*inputs):
     return sublayer_parts(ops, *inputs)["out"]
+
+
+def whole_ops_inductor(graph_module, example_inputs):
+    """Inductor as backend="mhc" runs it under the recompute policy: the ops traced whole."""
+    with ops.keep_ops_whole():
+        return _dynamo_compat.compile_with_inductor(graph_module, example_inputs)
 
 
 def naive(*inputs):
@@ -185,6 +196,7 @@ def kernel_bytes(tokens: int, n: int, channels: int) -> dict[str, int]:
         "pre_mix_bwd": 2 * n + 1,  # read du, x; write its share of dx
         "coefficients_bwd": 4 * n,  # read x twice, the pre-mix's dx; write dx
         "coefficients_pre_mix_bwd": 6 * n + 1,  # the op: the two above
+        "coefficients_pre_mix_bwd+acc": 7 * n + 1,  # + read post/res's dx (the fold)
         "grad_accumulate_add": 3 * n,  # autograd sums the two ops' dx: read 2, write 1
     }
     return {k: v * channels * tokens * STREAM_DTYPE.itemsize for k, v in per_token.items()}
@@ -237,6 +249,7 @@ def time_providers(
     sublayers = {
         "ours": (ours, inputs),
         "ours+inductor": (torch.compile(ours), inputs),
+        "ours+whole-ops": (torch.compile(ours, backend=whole_ops_inductor), inputs),
         "naive": (naive, inputs),
         "naive+inductor": (torch.compile(naive), inputs),
     }
@@ -291,6 +304,9 @@ def time_kernels(inputs) -> dict[str, dict[str, float]]:
             *grad_outputs[:3], *parameters, ITERS, "sinkhorn", accumulate=grad_streams),
         "coefficients_pre_mix_bwd": lambda: coefficients_pre_mix.mhc_coefficients_pre_mix_bwd(
             *grad_outputs, h_pre, *parameters, ITERS, "sinkhorn"),
+        "coefficients_pre_mix_bwd+acc": lambda: (
+            coefficients_pre_mix.mhc_coefficients_pre_mix_bwd(
+                *grad_outputs, h_pre, *parameters, ITERS, "sinkhorn", grad_streams)),
         "grad_accumulate_add": lambda: streams + grad_streams,
     }
     return {name: {"ms": bench(call), **split_host_and_gpu(call)} for name, call in calls.items()}
@@ -324,34 +340,36 @@ def summarize(row: dict, copy_bw: float) -> None:
         log(f"  {name:17s} {times['fwd_ms']:8.3f} {gbps:7.0f} {100 * gbps * 1e9 / copy_bw:5.1f}% "
             f"{times['fwd_bwd_ms']:11.3f} {times['fwd_ms'] / mine['fwd_ms']:10.2f} "
             f"{times['fwd_bwd_ms'] / mine['fwd_bwd_ms']:10.2f}")
-    log(f"  {'our kernels alone':23s} {'ms':>7s} {'%copy':>6s} {'host ms':>8s} {'GPU ms':>7s} "
+    log(f"  {'our kernels alone':28s} {'ms':>7s} {'%copy':>6s} {'host ms':>8s} {'GPU ms':>7s} "
         f"{'GPU %copy':>9s}")
     for name, v in row["kernels"].items():
-        log(f"  {name:23s} {v['ms']:7.3f} {v['pct_copy']:5.0f}% {v['host_ms']:8.3f} {v['gpu_ms']:7.3f} "
+        log(f"  {name:28s} {v['ms']:7.3f} {v['pct_copy']:5.0f}% {v['host_ms']:8.3f} {v['gpu_ms']:7.3f} "
             f"{v['gpu_pct_copy']:8.0f}%")
     log("  autotune: " + "; ".join(f"{k}: {v}" for k, v in row["configs"].items()))
 
 
 def markdown_table(rows: list[dict], copy_bw: float) -> str:
     """The speed table of bench/RESULTS.md: per shape and provider, forward ms and % of copy
-    bandwidth on the floor bytes, forward+backward ms, and how many times faster ours (eager and
-    under Inductor) is than each provider."""
+    bandwidth on the floor bytes, forward+backward ms, and how many times faster ours (eager,
+    under Inductor, and under Inductor with the ops whole) is than each provider."""
+    mine = ("ours", "ours+inductor", "ours+whole-ops")
     lines = [
-        "| C | provider | fwd ms | % copy | fwd+bwd ms | ours eager faster, fwd / fwd+bwd "
-        "| ours Inductor faster, fwd / fwd+bwd |",
-        "|---|---|---|---|---|---|---|",
+        "| C | provider | fwd ms | % copy | fwd+bwd ms | "
+        + " | ".join(f"{name} faster, fwd / fwd+bwd" for name in mine) + " |",
+        "|---|---|---|---|---|" + "---|" * len(mine),
     ]
     for row in rows:
         providers = row["providers"]
         for name, times in providers.items():
             pct = 100 * row["floor_bytes"] / (times["fwd_ms"] * 1e-3) / copy_bw
             ratios = [
-                f"{times[key] / providers[mine][key]:.2f}" if mine in providers else "-"
-                for mine in ("ours", "ours+inductor") for key in ("fwd_ms", "fwd_bwd_ms")
+                " / ".join(f"{times[key] / providers[ours][key]:.2f}"
+                           for key in ("fwd_ms", "fwd_bwd_ms")) if ours in providers else "-"
+                for ours in mine
             ]
             lines.append(
                 f"| {row['C']} | {name} | {times['fwd_ms']:.3f} | {pct:.0f}% | {times['fwd_bwd_ms']:.3f} "
-                f"| {ratios[0]} / {ratios[1]} | {ratios[2]} / {ratios[3]} |"
+                f"| {' | '.join(ratios)} |"
             )
     return "\n".join(lines)
 

@@ -65,9 +65,10 @@ def compile_with_inductor(
     """Inductor's entry point for a Dynamo graph (what backend="inductor" calls): AOT autograd,
     partitioning and code generation. It has no public alias.
 
+    passes/fuse_grad_streams.py runs as the post-grad custom pass (after the user's own, if set).
     Inductor's FX graph cache keys on the graph, not on what our custom ops do: after an upgrade
     of mhc_compile it would serve code compiled against the old ops (stale stride assertions were
-    seen). A pass that changes nothing but whose uuid() hashes our sources keys the cache on them.
+    seen). The pass's uuid() hashes our sources, which keys the cache on them.
 
     `recompute` (MHCOptions.recompute) installs the recompute policy as a joint-graph pass, the
     only stage that sees forward and backward before the partitioner. Its uuid() holds the
@@ -79,9 +80,10 @@ def compile_with_inductor(
     from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx
 
-    patches = {}
-    if config.post_grad_custom_post_pass is None:
-        patches["post_grad_custom_post_pass"] = _SourceStamp()
+    fuse = _FuseGradStreamsPass()
+    user_post_grad = config.post_grad_custom_post_pass
+    patches = {"post_grad_custom_post_pass":
+               fuse if user_post_grad is None else _Sequence(user_post_grad, fuse)}
     if recompute is not False:
         policy = _RecomputePolicyPass(recompute)
         user_pass = config.joint_custom_pre_pass
@@ -99,14 +101,20 @@ def _source_files() -> list[Path]:
     return sorted(path for folder in folders for path in folder.glob("*.py"))
 
 
-class _SourceStamp(CustomGraphPass):
-    """A no-op post-grad pass whose uuid() is the hash of mhc_compile's sources (cache key)."""
+def _sources_hash() -> bytes:
+    return get_hash_for_files(tuple(str(path) for path in _source_files()))
+
+
+class _FuseGradStreamsPass(CustomGraphPass):
+    """passes/fuse_grad_streams.py on Inductor's post-grad graphs, keyed on our sources."""
 
     def __call__(self, graph: fx.Graph) -> None:
-        return None
+        from mhc_compile.passes.fuse_grad_streams import fuse_grad_streams
+
+        fuse_grad_streams(graph)
 
     def uuid(self) -> bytes:
-        return get_hash_for_files(tuple(str(path) for path in _source_files()))
+        return _sources_hash()
 
 
 class _RecomputePolicyPass(CustomGraphPass):
@@ -121,11 +129,11 @@ class _RecomputePolicyPass(CustomGraphPass):
         tag_recompute(graph, self.setting)
 
     def uuid(self) -> bytes:
-        return _SourceStamp().uuid() + repr(("recompute", self.setting)).encode()
+        return _sources_hash() + repr(("recompute", self.setting)).encode()
 
 
 class _Sequence(CustomGraphPass):
-    """The user's own joint-graph pass, then ours (torch 2.11 takes a single pass there)."""
+    """The user's own graph pass, then ours (torch 2.11 takes a single pass per stage)."""
 
     def __init__(self, first: Callable, second: CustomGraphPass):
         self.first, self.second = first, second
@@ -137,6 +145,17 @@ class _Sequence(CustomGraphPass):
     def uuid(self) -> bytes | None:
         first = self.first.uuid() if isinstance(self.first, CustomGraphPass) else None
         return None if first is None else repr(first).encode() + self.second.uuid()
+
+
+def append_argument(node: fx.Node, argument: fx.Node) -> None:
+    """Give a custom-op call in a post-grad graph one more positional argument. Inductor lowers
+    such a call against the example inputs it recorded at trace time, in the private
+    node.meta["eager_input_vals"] (it zips them with the arguments, so they must match in number):
+    the new argument's example value joins them."""
+    node.args = (*node.args, argument)
+    if "eager_input_vals" in node.meta:
+        example_args, example_kwargs = node.meta["eager_input_vals"]
+        node.meta["eager_input_vals"] = ((*example_args, argument.meta["val"]), example_kwargs)
 
 
 def mark_parameter_input(placeholder: fx.Node) -> None:

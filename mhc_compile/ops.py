@@ -185,20 +185,24 @@ def coefficients_pre_mix_backward_opaque(
     b_res: Tensor,
     sinkhorn_iters: int,
     constraint: str,
+    accumulate: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     def forward(*tensors):
         return reference.coefficients_pre_mix(*tensors, sinkhorn_iters, constraint)
 
     # h_pre (the forward's, saved for the kernels) is recomputed here with the rest.
-    return _reference_vjp(
+    grad_streams, *grad_parameters = _reference_vjp(
         forward, (streams, phi, alpha, b_pre, b_post, b_res),
         (grad_h_pre, grad_h_post, grad_h_res, grad_mixed),
     )
+    if accumulate is not None:
+        grad_streams = grad_streams + accumulate
+    return grad_streams, *grad_parameters
 
 
 @coefficients_pre_mix_backward_opaque.register_fake
 def _(grad_h_pre, grad_h_post, grad_h_res, grad_mixed, h_pre, streams, phi, alpha, b_pre, b_post,
-      b_res, *_):
+      b_res, *_, **__):
     return _dense_like(streams, phi, alpha, b_pre, b_post, b_res)
 
 
@@ -217,12 +221,15 @@ def coefficients_pre_mix_backward(
     b_res: Tensor,
     sinkhorn_iters: int,
     constraint: str,
+    accumulate: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Exact gradients of streams, phi, alpha, b_pre, b_post, b_res from those of the four outputs;
     h_pre [..., n] is the forward's. The pre-mix's and the coefficients' shares of grad streams
-    come as one tensor; Sinkhorn's iterates are recomputed, never stored."""
+    come as one tensor, with `accumulate` [..., n, C] added when given: the streams' gradient from
+    their other reader, which passes/fuse_grad_streams.py hands over in compiled backward graphs so
+    that no separate add is left. Sinkhorn's iterates are recomputed, never stored."""
     args = (grad_h_pre, grad_h_post, grad_h_res, grad_mixed, h_pre, streams, phi, alpha, b_pre,
-            b_post, b_res, sinkhorn_iters, constraint)
+            b_post, b_res, sinkhorn_iters, constraint, accumulate)
     if _kernels_traced(streams, args):
         return templates.launcher("coefficients_pre_mix_backward")(*args)
     return coefficients_pre_mix_backward_opaque(*args)

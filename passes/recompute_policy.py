@@ -78,7 +78,7 @@ def tag_recompute(graph: fx.Graph, setting: str | int | bool) -> int:
         n = chain.producers[0].meta["val"].shape[-2]
         _tag_chain(chain, group_size(setting, n, len(chain.producers)))
     for node in forward:
-        if _is_mhc_op(node) and _op_name(node) not in RECOMPUTED_OPS:
+        if _is_mhc_op(node) and op_name(node) not in RECOMPUTED_OPS:
             _tag(node, CheckpointPolicy.MUST_SAVE, None)  # coefficients, pre-mix: never rebuilt
     log.info("mhc: recompute policy %r tagged %d chains", setting, len(chains))
     return len(chains)
@@ -114,7 +114,7 @@ def _stream_chains(graph: fx.Graph, forward: set[fx.Node]) -> list[StreamChain]:
     chain_of: dict[fx.Node, StreamChain] = {}
     chains: list[StreamChain] = []
     for node in graph.nodes:
-        if node not in forward or _op_name(node) not in RECOMPUTED_OPS:
+        if node not in forward or op_name(node) not in RECOMPUTED_OPS:
             continue
         previous, between = _previous_producer(node)
         chain = chain_of.get(previous)
@@ -134,7 +134,7 @@ def _previous_producer(node: fx.Node) -> tuple[fx.Node | None, list[fx.Node]]:
     between = []
     current = node.args[0]
     while isinstance(current, fx.Node) and current.op == "call_function":
-        if _op_name(current) in RECOMPUTED_OPS:
+        if op_name(current) in RECOMPUTED_OPS:
             return current, between
         if not _has_shape(current, shape) or not current.args:
             break
@@ -161,10 +161,10 @@ def _forward_nodes(graph: fx.Graph) -> set[fx.Node]:
 
 
 def _is_mhc_op(node: fx.Node) -> bool:
-    return _op_name(node) is not None
+    return op_name(node) is not None
 
 
-def _op_name(node: fx.Node) -> str | None:
+def op_name(node: fx.Node) -> str | None:
     """"mhc::post_res_mix" for a call of an mhc:: op overload, None for anything else. The joint
     graph holds the public ops' opaque twins (the backend traces under ops.keep_ops_whole), named
     here by their public op."""

@@ -6,7 +6,9 @@ second time (a one-launch design that re-read them from L2 was measured slower: 
 run 4). Backward: the pre-mix backward first (it yields <grad_mixed, x_j>, the gradient of H_pre
 through the pre-mix, and its share of grad streams), then the coefficient backward with the total
 grad H_pre, whose last kernel adds the pre-mix's share while writing grad streams: the op returns
-one grad streams, written once, instead of two that autograd would add.
+one grad streams, written once, instead of two that autograd would add. `accumulate`, the streams'
+gradient from the post/res mix (passes/fuse_grad_streams.py hands it over in compiled backward
+graphs), joins in the pre-mix backward, so the block's whole grad streams is written by this op.
 """
 
 from __future__ import annotations
@@ -50,10 +52,12 @@ def mhc_coefficients_pre_mix_bwd(
     b_res: torch.Tensor,
     sinkhorn_iters: int,
     constraint: str,
+    accumulate: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Gradients of (streams, phi, alpha, b_pre, b_post, b_res) from the gradients of the four
-    outputs; h_pre [..., n] is the forward's (saved, so the pre-mix backward can run first)."""
-    grad_streams_pre_mix, grad_h_pre_mix = mhc_pre_mix_bwd(grad_mixed, streams, h_pre)
+    outputs, `accumulate` [..., n, C] added to grad streams when given; h_pre [..., n] is the
+    forward's (saved, so the pre-mix backward can run first)."""
+    grad_streams_pre_mix, grad_h_pre_mix = mhc_pre_mix_bwd(grad_mixed, streams, h_pre, accumulate)
     return mhc_coefficients_bwd(
         grad_h_pre + grad_h_pre_mix, grad_h_post, grad_h_res, streams, phi, alpha, b_pre, b_post,
         b_res, sinkhorn_iters, constraint, accumulate=grad_streams_pre_mix,

@@ -1,7 +1,9 @@
 """Pre-mix kernels: F_pre = H_pre x_l, the input of the wrapped sublayer, and its backward.
 
 Both kernels are memory-bound: the forward reads n*C and writes C per token; the backward reads
-n*C + C and writes n*C. Nothing is saved between them but the op's inputs.
+n*C + C and writes n*C, and with `accumulate` (the streams' gradient from their other reader, the
+post/res mix) reads n*C more instead of leaving autograd a separate add. Nothing is saved between
+them but the op's inputs.
 """
 
 from __future__ import annotations
@@ -52,14 +54,15 @@ def mhc_pre_mix_fwd(streams: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     return mixed.view(*streams.shape[:-2], channels)
 
 
-# --- backward: dx_j = h_pre_j du,  dh_pre_j = <du, x_j> over C ------------------------------------
+# --- backward: dx_j = h_pre_j du (+ accumulate),  dh_pre_j = <du, x_j> over C ---------------------
 
 
 @configs.autotune("pre_mix_bwd", "mhc_pre_mix_bwd")
 @triton.jit
 def _mhc_pre_mix_bwd_kernel(
-    grad_mixed_ptr, streams_ptr, h_pre_ptr, grad_streams_ptr, grad_h_pre_ptr, T, C,
-    n: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    grad_mixed_ptr, streams_ptr, h_pre_ptr, accumulate_ptr, grad_streams_ptr, grad_h_pre_ptr, T, C,
+    n: tl.constexpr, NP: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     # Each program owns its tokens and walks all of C, so dh_pre is summed in registers in a fixed
     # order: deterministic, no atomics, no second pass.
@@ -74,6 +77,8 @@ def _mhc_pre_mix_bwd_kernel(
         x_offsets, x_mask = stream_tile(tokens, token_valid, channels, C, n, NP)
         x = tl.load(streams_ptr + x_offsets, mask=x_mask, other=0.0).to(tl.float32)
         grad_x = h_pre[:, :, None] * grad_mixed[:, None, :]
+        if ACCUMULATE:
+            grad_x += tl.load(accumulate_ptr + x_offsets, mask=x_mask, other=0.0).to(tl.float32)
         tl.store(
             grad_streams_ptr + x_offsets,
             grad_x.to(grad_streams_ptr.dtype.element_ty),
@@ -84,9 +89,11 @@ def _mhc_pre_mix_bwd_kernel(
 
 
 def mhc_pre_mix_bwd(
-    grad_mixed: torch.Tensor, streams: torch.Tensor, h_pre: torch.Tensor
+    grad_mixed: torch.Tensor, streams: torch.Tensor, h_pre: torch.Tensor,
+    accumulate: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """grad_mixed [..., C] -> (grad streams [..., n, C] stream dtype, grad h_pre [..., n] h_pre dtype)."""
+    """grad_mixed [..., C] -> (grad streams [..., n, C] stream dtype, plus `accumulate` [..., n, C]
+    when given; grad h_pre [..., n] h_pre dtype)."""
     x = token_rows(streams)
     tokens, n, channels = x.shape
     grad_streams = torch.empty_like(x)
@@ -97,7 +104,10 @@ def mhc_pre_mix_bwd(
 
     configs.launch(
         "mhc_pre_mix_bwd", grid, grad_mixed.contiguous().view(tokens, channels), x,
-        per_token(h_pre, 1), grad_streams, grad_h_pre, T=tokens, C=channels,
-        n=n, NP=configs.padded_streams(n),
+        per_token(h_pre, 1),
+        # Without `accumulate` the kernel never reads its pointer: the streams stand in.
+        x if accumulate is None else token_rows(accumulate),
+        grad_streams, grad_h_pre, T=tokens, C=channels,
+        n=n, NP=configs.padded_streams(n), ACCUMULATE=accumulate is not None,
     )
     return grad_streams.view(streams.shape), grad_h_pre.view(h_pre.shape).to(h_pre.dtype)

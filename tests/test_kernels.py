@@ -163,27 +163,44 @@ def _coefficients_pre_mix_reference(iters, constraint):
 COEFFICIENT_GRADS = ["grad_streams", "grad_phi", "grad_alpha", "grad_b_pre", "grad_b_post", "grad_b_res"]
 
 
-def _check_coefficients_pre_mix(n, channels, shape, dtype, iters, constraint):
+def _check_coefficients_pre_mix(n, channels, shape, dtype, iters, constraint, accumulated=False):
+    """`accumulated`: the backward also gets the streams' gradient from their other reader."""
     inputs = _mhc_inputs(n, channels, shape, dtype)
     outputs = coefficients_pre_mix.mhc_coefficients_pre_mix_fwd(*inputs, iters, constraint)
     grad_outputs = [torch.randn_like(t) for t in outputs]
+    accumulate = torch.randn_like(inputs[0]) if accumulated else None
     grads = coefficients_pre_mix.mhc_coefficients_pre_mix_bwd(
-        *grad_outputs, outputs[0], *inputs, iters, constraint
+        *grad_outputs, outputs[0], *inputs, iters, constraint, accumulate
     )
     forward = _coefficients_pre_mix_reference(iters, constraint)
     ref_outputs, ref_grads = _float64_vjp(forward, inputs, grad_outputs)
+    if accumulated:
+        ref_grads = (ref_grads[0] + accumulate.double().cpu(), *ref_grads[1:])
     _assert_close(["h_pre", "h_post", "h_res", "mixed"], outputs, ref_outputs, dtype)
     _assert_close(COEFFICIENT_GRADS, grads, ref_grads, dtype)
     assert [(t.shape, t.dtype) for t in outputs] == [(t.shape, t.dtype) for t in reference.coefficients_pre_mix(*inputs, iters, constraint)]
     for grad, tensor in zip(grads, inputs, strict=True):
         assert (grad.shape, grad.dtype) == (tensor.shape, tensor.dtype)
     _assert_alias_free(outputs, inputs)
-    _assert_alias_free(grads, [*grad_outputs, *inputs])
+    _assert_alias_free(grads, [*grad_outputs, *inputs, *([accumulate] if accumulated else [])])
 
 
 @pytest.mark.parametrize(CASE_ARGS, CASES)
 def test_coefficients_pre_mix(n, channels, shape, dtype, iters, constraint, poisoned):
     _check_coefficients_pre_mix(n, channels, shape, dtype, iters, constraint)
+
+
+ACCUMULATE_CASES = [
+    _case(4, 33, 37, torch.float32), _case(2, 33, 37, torch.float16),
+    _case(8, 7, 19, torch.float16, lead=(2,)),
+    *([_case(4, 1024, 300, torch.bfloat16)] if ON_GPU else []),
+]
+
+
+@pytest.mark.parametrize(CASE_ARGS, ACCUMULATE_CASES)
+def test_coefficients_pre_mix_backward_adds_the_other_grad_streams(
+        n, channels, shape, dtype, iters, constraint, poisoned):
+    _check_coefficients_pre_mix(n, channels, shape, dtype, iters, constraint, accumulated=True)
 
 
 def _check_post_res_mix(n, channels, shape, dtype, iters, constraint, y_dtype):

@@ -100,10 +100,11 @@ def _saved_shapes(compiled, args):
     return output, collections.Counter(shapes)
 
 
-def _mhc_ops(graph, name):
-    """Calls of op `name` in a compiled graph: the backend compiles under ops.keep_ops_whole, so
-    Inductor's graphs hold each op's opaque twin."""
-    return [node for node in graph.nodes if getattr(node.target, "namespace", None) == "mhc"
+def _mhc_ops(nodes, name):
+    """Calls of op `name` among `nodes` (a compiled graph's): the backend compiles under
+    ops.keep_ops_whole, so Inductor's graphs hold each op's opaque twin."""
+    nodes = nodes.nodes if isinstance(nodes, torch.fx.Graph) else nodes
+    return [node for node in nodes if node.op == "call_function" and getattr(node.target, "namespace", None) == "mhc"
             and node.target.name() == f"{name}_opaque"]
 
 
@@ -158,6 +159,14 @@ def test_backward_keeps_one_stream_per_group_and_rebuilds_groups_in_turn(device,
     # F is never recomputed: its saved activations are the same with the policy on or off.
     assert saved[HIDDEN] == 3 * DEPTH
     rebuilt = len(_mhc_ops(backward, "mhc::post_res_mix"))
+    # passes/fuse_grad_streams.py: every block's coefficient backward receives the post/res
+    # mix's grad streams (the first block's too: its streams expand the embedding output, which
+    # needs a gradient), so no add of the two is left.
+    accumulating = [node for node in _mhc_ops(backward, "mhc::coefficients_pre_mix_backward")
+                    if len(node.args) == 14]
+    assert len(accumulating) == BLOCKS
+    assert all(_mhc_ops([node.args[13].args[0]], "mhc::post_res_mix_backward")
+               for node in accumulating)
     if recompute is False:
         assert rebuilt == 0
     else:

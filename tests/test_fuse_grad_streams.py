@@ -1,0 +1,89 @@
+"""passes/fuse_grad_streams.py on hand-built post-grad graphs: which adds it folds into the
+coefficient backward and which it must leave (end to end under Inductor: tests/test_recompute.py)."""
+
+import operator
+
+import pytest
+import torch
+from torch import fx
+
+from mhc_compile import ops, reference  # noqa: F401  (registers the mhc:: ops)
+from mhc_compile.passes.fuse_grad_streams import fuse_grad_streams
+
+N, C, TOKENS = 4, 8, 6
+BACKWARD = torch.ops.mhc.coefficients_pre_mix_backward_opaque.default
+STREAMS_SHAPE = (TOKENS, N, C)
+# Example values of the backward's inputs, in schema order (the grads of h_pre, h_post, h_res and
+# mixed, then h_pre, streams and the five parameters).
+INPUT_SHAPES = [(TOKENS, N), (TOKENS, N), (TOKENS, N, N), (TOKENS, C), (TOKENS, N), STREAMS_SHAPE,
+                (N * C, N * N + 2 * N), (3,), (N,), (N,), (N, N)]
+
+
+def _placeholder(graph, name, shape, dtype=torch.float32):
+    node = graph.placeholder(name)
+    node.meta["val"] = torch.empty(shape, dtype=dtype)
+    return node
+
+
+def _backward_graph(other_shape=STREAMS_SHAPE, other_dtype=torch.float32, other_after=False,
+                    alpha=None, second_reader=False):
+    """inputs -> coefficient backward -> add(its grad streams, other) -> output."""
+    graph = fx.Graph()
+    inputs = [_placeholder(graph, f"input_{i}", shape) for i, shape in enumerate(INPUT_SHAPES)]
+    other_source = _placeholder(graph, "other", other_shape, other_dtype)
+    backward = graph.call_function(BACKWARD, (*inputs, 20, "sinkhorn"))
+    grad_streams = graph.call_function(operator.getitem, (backward, 0))
+    grad_streams.meta["val"] = torch.empty(STREAMS_SHAPE)
+    other = other_source
+    if other_after:  # computed after the backward: the backward cannot read it where it stands
+        other = graph.call_function(torch.ops.aten.neg.default, (other_source,))
+        other.meta["val"] = other_source.meta["val"]
+    kwargs = {} if alpha is None else {"alpha": alpha}
+    add = graph.call_function(torch.ops.aten.add.Tensor, (grad_streams, other), kwargs)
+    add.meta["val"] = torch.empty(STREAMS_SHAPE)
+    outputs = [add, grad_streams] if second_reader else [add]
+    graph.output(outputs)
+    return graph, backward
+
+
+def test_folds_the_add_into_the_backward():
+    graph, backward = _backward_graph()
+    assert fuse_grad_streams(graph) == 1
+    assert backward.args[-1].name == "other" and len(backward.args) == 14
+    assert not [node for node in graph.nodes if node.target is torch.ops.aten.add.Tensor]
+    (output,) = graph.output_node().args[0]
+    assert output.target is operator.getitem and output.args == (backward, 0)
+    graph.lint()
+
+
+@pytest.mark.parametrize("case", [
+    dict(other_after=True), dict(alpha=2), dict(second_reader=True),
+    dict(other_shape=(1, N, C)), dict(other_dtype=torch.float16),
+], ids=["other-computed-later", "alpha", "grad-streams-read-elsewhere", "broadcast", "dtype"])
+def test_leaves_adds_it_cannot_fold_exactly(case):
+    graph, backward = _backward_graph(**case)
+    before = [(node.name, node.args, dict(node.kwargs)) for node in graph.nodes]
+    assert fuse_grad_streams(graph) == 0
+    assert [(node.name, node.args, dict(node.kwargs)) for node in graph.nodes] == before
+    assert len(backward.args) == 13
+
+
+def test_reference_backward_adds_the_accumulated_grad_streams():
+    """The CPU op (the plain-PyTorch reference) with `accumulate`, against float64 autograd."""
+    generator = torch.Generator().manual_seed(3)
+    streams = torch.randn(2, 5, N, C, generator=generator)
+    phi = torch.randn(N * C, N * N + 2 * N, generator=generator) / (N * C) ** 0.5
+    parameters = [phi, torch.rand(3, generator=generator) + 0.5,
+                  *(torch.randn(s, generator=generator) for s in ((N,), (N,), (N, N)))]
+    outputs = ops.coefficients_pre_mix(streams, *parameters, 20, "sinkhorn")
+    grad_outputs = [torch.randn(t.shape, generator=generator) for t in outputs]
+    accumulate = torch.randn(streams.shape, generator=generator)
+    grads = ops.coefficients_pre_mix_backward(*grad_outputs, outputs[0], streams, *parameters, 20,
+                                              "sinkhorn", accumulate)
+
+    inputs = [t.double().requires_grad_() for t in (streams, *parameters)]
+    expected = torch.autograd.grad(reference.coefficients_pre_mix(*inputs, 20, "sinkhorn"), inputs,
+                                   [g.double() for g in grad_outputs])
+    expected = (expected[0] + accumulate.double(), *expected[1:])
+    for grad, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(grad.double(), want, rtol=1e-4, atol=1e-5)
