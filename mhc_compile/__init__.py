@@ -44,12 +44,15 @@ def backend(**options: Any) -> MHCBackend:
 def prepare(model: nn.Module, *example_args: Any, **options: Any) -> Report:
     """Do the first compilation's work now, so optimizers, checkpoint loading and FSDP come after.
 
-    Runs `model(*example_args)` once through the mhc backend (without Inductor) under no_grad,
+    Traces `model(*example_args)` once through the mhc backend under no_grad, which creates the
+    parameters, and runs the traced graph unchanged (the mHC ops would compute the same at init,
+    and would autotune their kernels for these arguments' dtypes, which autocast may change),
     restoring buffers (BatchNorm statistics) and the RNG state afterwards, so the model's state
     is as before except for the new `model.mhc` parameters. Returns the report of that trace.
     """
     options = MHCOptions.from_kwargs(**options).replace(eager=True)
-    return _trace(model, example_args, MHCBackend(options, top_module=model, warn_late=False))
+    return _trace(model, example_args,
+                  MHCBackend(options, top_module=model, warn_late=False, run_unchanged=True))
 
 
 def report(model: nn.Module, *example_args: Any, **options: Any) -> Report:

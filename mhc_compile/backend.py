@@ -31,6 +31,10 @@ class MHCBackend:
     """A configured backend. Each call compiles one Dynamo graph and adds its blocks to `report`.
 
     analyze_only: find and report blocks, create nothing, run the graph unchanged (for `report`).
+    run_unchanged: rewrite (creating the parameters, raising what a compile would raise) but run
+        the graph as Dynamo traced it (for `prepare`): at init its outputs are the rewritten
+        graph's, and no mHC kernel is launched, so nothing is autotuned for dtypes that training
+        (under autocast, say) may not use.
     warn_late: warn when parameters appear after a compiled step of the model ran (off in
         `prepare`, whose purpose is creating them; a graph break runs graph 1 before graph 2).
     instrument: called as `instrument(graph_module, graph_index, chains, parameter_nodes)` on
@@ -40,9 +44,10 @@ class MHCBackend:
 
     def __init__(self, options: MHCOptions, analyze_only: bool = False,
                  top_module: nn.Module | None = None, warn_late: bool = True,
-                 instrument: Callable | None = None):
+                 instrument: Callable | None = None, run_unchanged: bool = False):
         self.options = options
         self.analyze_only = analyze_only
+        self.run_unchanged = run_unchanged
         self.warn_late = warn_late
         self.top_module = top_module  # where instances of a reused frame's owner are found
         self.instrument = instrument
@@ -51,6 +56,7 @@ class MHCBackend:
 
     def __call__(self, graph_module: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         graph_index, self.traced_graphs = self.traced_graphs, self.traced_graphs + 1
+        traced = graph_module
         graph_module = _dynamo_compat.copy_graph_module(graph_module)
         inline_checkpoint_regions(graph_module)  # blocks inside the user's checkpointed layers
         placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
@@ -70,10 +76,12 @@ class MHCBackend:
         annotate_pipeline(graph_module, analysis, self.options)
         if self.instrument is not None:
             self.instrument(graph_module, graph_index, analysis.chains, nodes)
-        compiled = self._compile(graph_module, [*parameters, *example_inputs])
-
+        compiled = (_ignoring_parameters(traced) if self.run_unchanged
+                    else self._compile(graph_module, [*parameters, *example_inputs]))
         bound = WeakIdKeyDictionary()  # first owner's store -> (stores, flat parameters)
 
+        # One frame may serve several instances of its module: each call binds the calling
+        # instance's parameters, creating them at that instance's first call.
         def run_rewritten(*args):
             stores = [owner.store_for(args) for owner in owners.values()]
             cached = bound.get(stores[0])
@@ -95,6 +103,16 @@ class MHCBackend:
             return _dynamo_compat.compile_with_inductor(
                 graph_module, example_inputs, recompute=self.options.recompute,
                 cudagraphs=self.options.cudagraphs)
+
+
+def _ignoring_parameters(traced: fx.GraphModule) -> Callable:
+    """The graph as Dynamo traced it, called like the rewritten one (mHC parameters first)."""
+    count = sum(node.op == "placeholder" for node in traced.graph.nodes)
+
+    def run(*args):
+        return traced(*args[len(args) - count:])
+
+    return run
 
 
 @dataclass(eq=False)

@@ -236,6 +236,29 @@ def test_prepare_keeps_buffers_and_rng_state():
         assert torch.equal(residual.state_dict()[key], value), key
 
 
+def test_prepare_creates_parameters_without_running_the_mhc_ops(monkeypatch):
+    """prepare's run is the traced graph unchanged: no mHC op runs (on a GPU, none autotunes for
+    the example's dtypes); the compiled model then runs them with the parameters prepare made."""
+    from mhc_compile import reference
+
+    calls = []
+
+    def counted(name):
+        original = getattr(reference, name)
+        monkeypatch.setattr(reference, name, lambda *args: calls.append(name) or original(*args))
+
+    counted("coefficients_pre_mix")
+    counted("post_res_mix")
+    torch.manual_seed(0)
+    model, x = MLPResidual(depth=3), torch.randn(2, 5, 8)
+    report = mhc_compile.prepare(model, x)
+    assert len(report.rewritten) == 3 and not calls
+    created = list(model.mhc.parameters())
+    _compile(model)(x)
+    assert calls.count("coefficients_pre_mix") == 3 and calls.count("post_res_mix") == 3
+    assert list(model.mhc.parameters()) == created
+
+
 class _ConvResidual(nn.Module):
     def __init__(self, body):
         super().__init__()
