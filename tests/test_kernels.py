@@ -10,6 +10,7 @@ compares ||kernel - reference|| / ||reference|| against the per-dtype table belo
 
 from __future__ import annotations
 
+import logging
 import re
 
 import pytest
@@ -302,6 +303,55 @@ def test_forced_configs():
     for wrong in ("BLOCK_Q=1", "nonexistent:BLOCK_C=1", "coefficients:BLOCK_C=64", "BLOCK_C"):
         with pytest.raises(ValueError, match=configs.ENV_VAR):
             configs.forced_configs(wrong)
+
+
+def test_a_new_key_compiles_its_candidates_in_parallel_first():
+    """Before the autotuner's serial benchmarking loop, every surviving candidate is compiled
+    (JIT warmup) with the launch's own arguments, inside Triton's AsyncCompileMode, so the
+    compiles go to a thread pool; the mode is left again afterwards."""
+    from triton.runtime._async_compile import active_mode
+
+    warmed = []
+
+    class Kernel:
+        def warmup(self, *args, grid, **kwargs):
+            warmed.append((args, grid, kwargs, active_mode.get() is not None))
+
+    class Tuned:
+        fn = Kernel()
+
+    candidates = [configs._config(4, 3, BLOCK_T=16), configs._config(8, 2, BLOCK_T=64)]
+    streams = torch.randn(3, 4, 5)
+    configs._compile_in_parallel(Tuned(), candidates, "grid", (streams, 3), {"n": 4, "C": 5})
+    assert [(args[1], grid, in_mode) for args, grid, _, in_mode in warmed] == [(3, "grid", True)] * 2
+    assert all(args[0] is streams for args, *_ in warmed)
+    assert [kwargs for *_, kwargs, _ in warmed] == [
+        {"n": 4, "C": 5, **config.all_kwargs()} for config in candidates]
+    assert active_mode.get() is None
+    warmed.clear()
+    configs._compile_in_parallel(Tuned(), candidates[:1], "grid", (streams, 3), {"n": 4, "C": 5})
+    assert not warmed  # one candidate: the autotuner does not benchmark, nothing to overlap
+
+
+def test_a_failing_parallel_compile_leaves_the_launch_to_compile():
+    class Kernel:
+        def warmup(self, *args, grid, **kwargs):
+            raise RuntimeError("no driver")
+
+    class Tuned:
+        fn = Kernel()
+
+    candidates = [configs._config(4, 3, BLOCK_T=16), configs._config(8, 2, BLOCK_T=64)]
+    messages = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    configs.log.addHandler(handler)
+    try:
+        configs._compile_in_parallel(Tuned(), candidates, "grid", (), {})  # does not raise
+    finally:
+        configs.log.removeHandler(handler)
+    assert messages == ["compiling 2 autotune candidates in parallel failed (RuntimeError: no "
+                        "driver); the autotuner compiles them one by one"]
 
 
 def test_first_configs_fit_every_n():
