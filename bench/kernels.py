@@ -16,6 +16,8 @@ with f = identity, bf16 streams [tokens, n, C], fp32 coefficients, sinkhorn_iter
                      recompute policy on, the default): Inductor calls our ops, and the post-grad
                      fold (passes/fuse_grad_streams.py) hands post/res's grad streams to the
                      coefficient backward instead of leaving autograd's add
+     ours+whole-ops+graphs   the same with the option cudagraphs=True (Inductor's cudagraph trees:
+                     no host cost per kernel launch)
      naive           reference.sublayer in PyTorch eager
      naive+inductor  reference.sublayer under default torch.compile
      liger           liger_kernel.transformers.mhc.LigerMHC (phi in bf16, its recommended setting)
@@ -35,6 +37,7 @@ same environment spends its time timing.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -59,7 +62,8 @@ STREAM_DTYPE = torch.bfloat16
 # ||ours - float64 reference|| / ||reference|| allowed for bf16 streams (one bf16 rounding, 2^-8,
 # of each stream-dtype output; tf32 projection for the coefficients).
 TOLERANCE = 1e-2
-PROVIDERS = ("ours", "ours+inductor", "ours+whole-ops", "naive", "naive+inductor", "liger")
+PROVIDERS = ("ours", "ours+inductor", "ours+whole-ops", "ours+whole-ops+graphs", "naive",
+             "naive+inductor", "liger")
 
 
 def log(message: str) -> None:
@@ -97,10 +101,11 @@ def ours(*inputs):
     return sublayer_parts(ops, *inputs)["out"]
 
 
-def whole_ops_inductor(graph_module, example_inputs):
+def whole_ops_inductor(graph_module, example_inputs, cudagraphs: bool = False):
     """Inductor as backend="mhc" runs it under the recompute policy: the ops traced whole."""
     with ops.keep_ops_whole():
-        return _dynamo_compat.compile_with_inductor(graph_module, example_inputs)
+        return _dynamo_compat.compile_with_inductor(graph_module, example_inputs,
+                                                    cudagraphs=cudagraphs)
 
 
 def naive(*inputs):
@@ -250,6 +255,9 @@ def time_providers(
         "ours": (ours, inputs),
         "ours+inductor": (torch.compile(ours), inputs),
         "ours+whole-ops": (torch.compile(ours, backend=whole_ops_inductor), inputs),
+        "ours+whole-ops+graphs": (
+            torch.compile(ours, backend=functools.partial(whole_ops_inductor, cudagraphs=True)),
+            inputs),
         "naive": (naive, inputs),
         "naive+inductor": (torch.compile(naive), inputs),
     }
@@ -266,10 +274,10 @@ def time_providers(
         try:
             results[name] = time_sublayer(sublayer, inputs, grad_out, leaves, timed)
         except Exception as error:  # one provider failing must not lose the others' numbers
-            log(f"  {name:17s} FAILED: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
+            log(f"  {name:21s} FAILED: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
             results[name] = {"fwd_ms": float("nan"), "fwd_bwd_ms": float("nan"), "error": repr(error)}
             continue
-        log(f"  {name:17s} fwd {results[name]['fwd_ms']:7.3f} ms   fwd+bwd "
+        log(f"  {name:21s} fwd {results[name]['fwd_ms']:7.3f} ms   fwd+bwd "
             f"{results[name]['fwd_bwd_ms']:7.3f} ms   (first call {results[name]['first_call_s']:.1f} s)")
     if not timed:
         return results
@@ -278,7 +286,7 @@ def time_providers(
         "fwd_bwd_ms": bench_graph(lambda: ours(*inputs).backward(grad_out), grad_to_none=inputs),
     }
     results["ours (CUDA graph)"] = graphed
-    log(f"  {'ours (CUDA graph)':17s} fwd {graphed['fwd_ms']:7.3f} ms   "
+    log(f"  {'ours (CUDA graph)':21s} fwd {graphed['fwd_ms']:7.3f} ms   "
         f"fwd+bwd {graphed['fwd_bwd_ms']:7.3f} ms")
     return results
 
@@ -333,11 +341,11 @@ def summarize(row: dict, copy_bw: float) -> None:
     providers = row["providers"]
     mine = providers["ours"]
     log(f"\nC={row['C']}  floor {floor / 1e6:.0f} MB = {floor / copy_bw * 1e3:.3f} ms at copy bandwidth")
-    log(f"  {'provider':17s} {'fwd ms':>8s} {'GB/s':>7s} {'%copy':>6s} {'fwd+bwd ms':>11s} "
+    log(f"  {'provider':21s} {'fwd ms':>8s} {'GB/s':>7s} {'%copy':>6s} {'fwd+bwd ms':>11s} "
         f"{'ours x fwd':>10s} {'ours x f+b':>10s}")
     for name, times in providers.items():
         gbps = floor / (times["fwd_ms"] * 1e-3) / 1e9
-        log(f"  {name:17s} {times['fwd_ms']:8.3f} {gbps:7.0f} {100 * gbps * 1e9 / copy_bw:5.1f}% "
+        log(f"  {name:21s} {times['fwd_ms']:8.3f} {gbps:7.0f} {100 * gbps * 1e9 / copy_bw:5.1f}% "
             f"{times['fwd_bwd_ms']:11.3f} {times['fwd_ms'] / mine['fwd_ms']:10.2f} "
             f"{times['fwd_bwd_ms'] / mine['fwd_bwd_ms']:10.2f}")
     log(f"  {'our kernels alone':28s} {'ms':>7s} {'%copy':>6s} {'host ms':>8s} {'GPU ms':>7s} "
@@ -352,7 +360,7 @@ def markdown_table(rows: list[dict], copy_bw: float) -> str:
     """The speed table of bench/RESULTS.md: per shape and provider, forward ms and % of copy
     bandwidth on the floor bytes, forward+backward ms, and how many times faster ours (eager,
     under Inductor, and under Inductor with the ops whole) is than each provider."""
-    mine = ("ours", "ours+inductor", "ours+whole-ops")
+    mine = ("ours", "ours+inductor", "ours+whole-ops", "ours+whole-ops+graphs")
     lines = [
         "| C | provider | fwd ms | % copy | fwd+bwd ms | "
         + " | ".join(f"{name} faster, fwd / fwd+bwd" for name in mine) + " |",
