@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import operator
+from dataclasses import dataclass
 
 import torch
 from torch import fx
@@ -29,54 +30,56 @@ COEFFICIENTS_BACKWARD = "mhc::coefficients_pre_mix_backward"
 _ACCUMULATE_AT = 13  # position of `accumulate` in the op's schema (mhc_compile/ops.py)
 
 
+@dataclass
+class GradStreamsAdd:
+    """An add of a coefficient backward's grad streams and another gradient of the same streams."""
+
+    add: fx.Node
+    grad_streams: fx.Node  # getitem 0 of the backward
+    other: fx.Node
+
+
 def fuse_grad_streams(graph: fx.Graph) -> int:
     """Rewrite add(grad streams of a coefficient backward, other) into that backward with
-    `accumulate=other`; returns the number of adds removed."""
+    `accumulate=other`; returns the number of adds removed. The backwards left as they are are
+    logged at DEBUG with the reason."""
     position = {node: index for index, node in enumerate(graph.nodes)}
     fused = 0
-    for add in list(graph.nodes):
-        match = _grad_streams_add(add, position)
-        if match is None:
+    for backward in [node for node in graph.nodes if op_name(node) == COEFFICIENTS_BACKWARD]:
+        found = _grad_streams_add(backward, position)
+        if isinstance(found, str):
+            log.debug("mhc: %s keeps its grad-streams add: %s", backward.name, found)
             continue
-        grad_streams, other = match
-        _dynamo_compat.append_argument(grad_streams.args[0], other)
-        add.replace_all_uses_with(grad_streams)
-        graph.erase_node(add)
+        _dynamo_compat.append_argument(backward, found.other)
+        found.add.replace_all_uses_with(found.grad_streams)
+        graph.erase_node(found.add)
         fused += 1
     if fused:
         log.info("mhc: folded %d grad-streams adds into the coefficient backward", fused)
     return fused
 
 
-def _grad_streams_add(add: fx.Node, position: dict[fx.Node, int]) -> tuple[fx.Node, fx.Node] | None:
-    """(the coefficient backward's grad streams, the other addend) when `add` sums the two and the
-    fold is exact: a plain add of equal shapes and dtypes, the grad streams read by nothing else,
-    the backward without an accumulate yet, and the other addend computed before the backward (so
-    the backward may read it where it stands)."""
-    if add.target is not torch.ops.aten.add.Tensor or add.kwargs or len(add.args) != 2:
-        return None
-    for grad_streams, other in (add.args, add.args[::-1]):
-        if not (isinstance(grad_streams, fx.Node) and isinstance(other, fx.Node)):
-            return None
-        backward = _coefficient_backward_of(grad_streams)
-        if (
-            backward is not None
-            and len(grad_streams.users) == 1
-            and len(backward.args) == _ACCUMULATE_AT
-            and not backward.kwargs
-            and position[other] < position[backward]
-            and _same_tensor_type(grad_streams, other, add)
-        ):
-            return grad_streams, other
-    return None
-
-
-def _coefficient_backward_of(node: fx.Node) -> fx.Node | None:
-    """The coefficient backward whose output 0 (grad streams) `node` is, else None."""
-    if node.op != "call_function" or node.target is not operator.getitem or node.args[1] != 0:
-        return None
-    source = node.args[0]
-    return source if isinstance(source, fx.Node) and op_name(source) == COEFFICIENTS_BACKWARD else None
+def _grad_streams_add(backward: fx.Node, position: dict[fx.Node, int]) -> GradStreamsAdd | str:
+    """The add that `backward`'s grad streams feed when folding it is exact, else why not."""
+    if len(backward.args) != _ACCUMULATE_AT or backward.kwargs:
+        return "it has an accumulate already"
+    grad_streams = [user for user in backward.users
+                    if user.target is operator.getitem and user.args[1] == 0]
+    if len(grad_streams) != 1 or len(grad_streams[0].users) != 1:
+        return "its grad streams are not read by exactly one node"
+    (add,) = grad_streams[0].users
+    if add.target is not torch.ops.aten.add.Tensor:
+        return f"its grad streams are read by {add.target}, not an add"
+    if add.kwargs or len(add.args) != 2:
+        return "its grad streams are added with a scale (alpha)"
+    (other,) = [arg for arg in add.args if arg is not grad_streams[0]] or [None]
+    if not isinstance(other, fx.Node):
+        return "the other addend is not a tensor"
+    if position[other] > position[backward]:
+        return "the other addend is computed after the backward"
+    if not _same_tensor_type(grad_streams[0], other, add):
+        return "the addends differ in shape, dtype or device (a broadcast or a promotion)"
+    return GradStreamsAdd(add, grad_streams[0], other)
 
 
 def _same_tensor_type(*nodes: fx.Node) -> bool:

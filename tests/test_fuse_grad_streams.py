@@ -8,7 +8,7 @@ import torch
 from torch import fx
 
 from mhc_compile import ops, reference  # noqa: F401  (registers the mhc:: ops)
-from mhc_compile.passes.fuse_grad_streams import fuse_grad_streams
+from mhc_compile.passes.fuse_grad_streams import _grad_streams_add, fuse_grad_streams
 
 N, C, TOKENS = 4, 8, 6
 BACKWARD = torch.ops.mhc.coefficients_pre_mix_backward_opaque.default
@@ -56,16 +56,30 @@ def test_folds_the_add_into_the_backward():
     graph.lint()
 
 
-@pytest.mark.parametrize("case", [
-    dict(other_after=True), dict(alpha=2), dict(second_reader=True),
-    dict(other_shape=(1, N, C)), dict(other_dtype=torch.float16),
+@pytest.mark.parametrize("case, reason", [
+    (dict(other_after=True), "the other addend is computed after the backward"),
+    (dict(alpha=2), "its grad streams are added with a scale (alpha)"),
+    (dict(second_reader=True), "its grad streams are not read by exactly one node"),
+    (dict(other_shape=(1, N, C)), "the addends differ in shape, dtype or device (a broadcast or a "
+                                  "promotion)"),
+    (dict(other_dtype=torch.float16), "the addends differ in shape, dtype or device (a broadcast "
+                                      "or a promotion)"),
 ], ids=["other-computed-later", "alpha", "grad-streams-read-elsewhere", "broadcast", "dtype"])
-def test_leaves_adds_it_cannot_fold_exactly(case):
+def test_leaves_adds_it_cannot_fold_exactly(case, reason):
     graph, backward = _backward_graph(**case)
     before = [(node.name, node.args, dict(node.kwargs)) for node in graph.nodes]
+    position = {node: index for index, node in enumerate(graph.nodes)}
+    assert _grad_streams_add(backward, position) == reason
     assert fuse_grad_streams(graph) == 0
     assert [(node.name, node.args, dict(node.kwargs)) for node in graph.nodes] == before
     assert len(backward.args) == 13
+
+
+def test_a_backward_folds_at_most_once():
+    graph, backward = _backward_graph()
+    fuse_grad_streams(graph)
+    position = {node: index for index, node in enumerate(graph.nodes)}
+    assert _grad_streams_add(backward, position) == "it has an accumulate already"
 
 
 def test_reference_backward_adds_the_accumulated_grad_streams():
