@@ -35,7 +35,7 @@ def backend(**options: Any) -> MHCBackend:
     """A configured backend: `torch.compile(model, backend=mhc_compile.backend(n=2))`.
 
     Options (see MHCOptions): n, sinkhorn_iters, alpha_init, constraint, include, exclude, eager,
-    recompute, stream_dtype, cudagraphs.
+    recompute, stream_dtype, cudagraphs, mode.
     Its `.report` collects the blocks of every graph it compiled.
     """
     return MHCBackend(MHCOptions.from_kwargs(**options))

@@ -60,7 +60,7 @@ def owner_module(root: str) -> nn.Module | None:
 
 def compile_with_inductor(
     graph_module: fx.GraphModule, example_inputs: Sequence[Any], recompute: str | int | bool = False,
-    cudagraphs: bool = False,
+    cudagraphs: bool = False, mode: str | None = None,
 ) -> Callable:
     """Inductor's entry point for a Dynamo graph (what backend="inductor" calls): AOT autograd,
     partitioning and code generation. It has no public alias.
@@ -75,14 +75,16 @@ def compile_with_inductor(
     setting: the AOT autograd cache keys on the graph's code, not on node tags.
 
     `cudagraphs` turns on Inductor's cudagraph trees for this graph (what mode="reduce-overhead"
-    sets through the same config key).
+    sets through the same config key). `mode` applies the config of one of torch.compile's modes,
+    read from torch._inductor.list_mode_options (private module; torch.compile's documentation
+    points to it as the list of what each mode sets).
     """
-    from torch._inductor import config
+    from torch._inductor import config, list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
     fuse = _FuseGradStreamsPass()
     user_post_grad = config.post_grad_custom_post_pass
-    patches = {"post_grad_custom_post_pass":
+    patches = {**(list_mode_options(mode) if mode is not None else {}), "post_grad_custom_post_pass":
                fuse if user_post_grad is None else _Sequence(user_post_grad, fuse)}
     if recompute is not False:
         policy = _RecomputePolicyPass(recompute)

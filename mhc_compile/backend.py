@@ -102,7 +102,7 @@ class MHCBackend:
         with ops.keep_ops_whole(self.options.recompute is not False):
             return _dynamo_compat.compile_with_inductor(
                 graph_module, example_inputs, recompute=self.options.recompute,
-                cudagraphs=self.options.cudagraphs)
+                cudagraphs=self.options.cudagraphs, mode=self.options.mode)
 
 
 def _ignoring_parameters(traced: fx.GraphModule) -> Callable:
@@ -260,8 +260,8 @@ def mhc_backend(
     options: Mapping[str, Any] | None = None,
     mode: str | None = None,
 ) -> Callable:
-    """The entry-point backend: `torch.compile(model, backend="mhc", options={"n": 2})`.
-
-    `mode` is accepted for torch.compile's signature and ignored: Inductor runs with its defaults.
-    """
-    return MHCBackend(MHCOptions.from_kwargs(options))(graph_module, example_inputs)
+    """The entry-point backend: `torch.compile(model, backend="mhc", options={"n": 2})`, or
+    `torch.compile(model, backend="mhc", mode="reduce-overhead")`: Inductor runs in that mode
+    (torch.compile passes one of options= and mode=, never both)."""
+    chosen = MHCOptions.from_kwargs(options, **({} if mode is None else {"mode": mode}))
+    return MHCBackend(chosen)(graph_module, example_inputs)

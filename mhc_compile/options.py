@@ -42,6 +42,11 @@ class MHCOptions:
         kernels, which bounds a step at small widths. Inductor's rules apply: a step's outputs are
         overwritten by the next replay unless cloned; CPU graphs ignore it. (Its GPU test,
         tests/test_gpu.py::test_cudagraphs_replay_the_same_training, awaits a GPU run.)
+    mode: Inductor's mode, as torch.compile names it: None or "default", "reduce-overhead" (CUDA
+        graphs, as cudagraphs=True), "max-autotune-no-cudagraphs" or "max-autotune" (Inductor
+        benchmarks its own kernel choices; these do not change how the mHC kernels tune).
+        `torch.compile(model, backend="mhc", mode=...)` sets it (torch.compile takes mode= or
+        options=, not both). "lite" is refused: it turns off the graph passes mHC relies on.
     """
 
     n: int = 4
@@ -54,6 +59,7 @@ class MHCOptions:
     recompute: str | int | bool = "auto"
     stream_dtype: str | None = None
     cudagraphs: bool = False
+    mode: str | None = None
 
     def __post_init__(self) -> None:
         _require_int("n", self.n, minimum=1)
@@ -73,6 +79,7 @@ class MHCOptions:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"mhc option {name} must be True or False, got {getattr(self, name)!r}")
         _check_recompute(self.recompute)
+        _check_mode(self.mode)
         object.__setattr__(self, "stream_dtype", _stream_dtype_name(self.stream_dtype))
 
     def streams_dtype_for(self, residual_dtype: torch.dtype) -> torch.dtype:
@@ -112,6 +119,20 @@ def _check_recompute(value: Any) -> None:
         "mhc option recompute must be 'auto', a group size L_r >= 1 (blocks per kept stream) "
         f"or False (keep every block's streams), got {value!r}"
     )
+
+
+# torch.compile's modes that keep Inductor's graph passes (the recompute policy, the grad-streams
+# fold); "lite" turns them off.
+MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+
+
+def _check_mode(value: Any) -> None:
+    if value is None or value in MODES:
+        return
+    reason = (" (it turns off Inductor's graph passes, which the recompute policy runs in)"
+              if value == "lite" else "")
+    raise ValueError(f"mhc option mode must be None or one of {', '.join(map(repr, MODES))}, "
+                     f"got {value!r}{reason}")
 
 
 STREAM_DTYPES = ("bfloat16", "float16", "float32")

@@ -378,11 +378,20 @@ def test_half_precision_streams_between_float32_blocks(monkeypatch, stream_dtype
     assert bytes_per_token(stream_dtype=name) == [costs.extra_bytes_per_token(4, 16, 2)] * 3
 
 
-@pytest.mark.parametrize("cudagraphs", [False, True])
-def test_cudagraphs_option_reaches_inductor(monkeypatch, cudagraphs):
-    """cudagraphs=True compiles with Inductor's cudagraph trees (its "triton.cudagraphs" config,
-    what mode="reduce-overhead" sets); the default leaves Inductor's setting alone. The GPU run is
-    tests/test_gpu.py::test_cudagraphs_replay_the_same_training."""
+INDUCTOR_KEYS = ("triton.cudagraphs", "max_autotune", "coordinate_descent_tuning")
+
+
+@pytest.mark.parametrize("backend, mode, expected", [
+    (lambda: mhc_compile.backend(), None, {}),
+    (lambda: mhc_compile.backend(cudagraphs=True), None, {"triton.cudagraphs": True}),
+    (lambda: "mhc", "reduce-overhead", {"triton.cudagraphs": True}),
+    (lambda: "mhc", "max-autotune-no-cudagraphs", {"max_autotune": True,
+                                                   "coordinate_descent_tuning": True}),
+], ids=["default", "cudagraphs-option", "mode-reduce-overhead", "mode-max-autotune-no-cudagraphs"])
+def test_inductor_settings_reach_inductor(monkeypatch, backend, mode, expected):
+    """cudagraphs=True compiles with Inductor's cudagraph trees (its "triton.cudagraphs" config);
+    torch.compile's mode= reaches Inductor as that mode's config; the default leaves Inductor's
+    settings alone. The GPU run is tests/test_gpu.py::test_cudagraphs_replay_the_same_training."""
     import torch._inductor.compile_fx as compile_fx_module
 
     patches = []
@@ -394,9 +403,19 @@ def test_cudagraphs_option_reaches_inductor(monkeypatch, cudagraphs):
     monkeypatch.setattr(compile_fx_module, "compile_fx", compile_fx)
     torch.manual_seed(0)
     model, x = MLPResidual(), torch.randn(2, 5, 8)
-    expected = model(x)
+    expected_output = model(x)
     torch._dynamo.reset()
-    out = torch.compile(model, backend=mhc_compile.backend(cudagraphs=cudagraphs))(x)
-    torch.testing.assert_close(out, expected)
-    assert patches and all(("triton.cudagraphs" in p) == cudagraphs for p in patches)
-    assert all(p["triton.cudagraphs"] for p in patches if "triton.cudagraphs" in p)
+    out = torch.compile(model, backend=backend(), **({"mode": mode} if mode else {}))(x)
+    torch.testing.assert_close(out, expected_output)
+    assert patches
+    for patch in patches:
+        assert {key: patch[key] for key in INDUCTOR_KEYS if key in patch} == expected
+        assert "post_grad_custom_post_pass" in patch
+
+
+def test_mode_lite_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match=re.escape(
+            "mhc option mode must be None or one of 'default', 'reduce-overhead', "
+            "'max-autotune-no-cudagraphs', 'max-autotune', got 'lite' (it turns off Inductor's "
+            "graph passes, which the recompute policy runs in)")):
+        mhc_compile.backend(mode="lite")
