@@ -11,7 +11,10 @@ compares ||kernel - reference|| / ||reference|| against the per-dtype table belo
 from __future__ import annotations
 
 import logging
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -493,3 +496,20 @@ def test_cli_autotune_prints_the_chosen_configs(capsys):
     assert "n=4 C=96 bf16, 64 tokens:" in out
     for kernel in configs._TUNED:
         assert kernel in out, f"{kernel} missing from the chosen configs:\n{out}"
+
+
+@cuda_only
+def test_autotuning_every_candidate_compiles_them_in_parallel(tmp_path):
+    """A fresh process with nothing forced and an empty Triton cache: every kernel of a sublayer
+    tunes among its candidates, whose compiles go through the thread pool first. A failure of that
+    path would be logged ("... in parallel failed") and is a defect here."""
+    assert len(configs._TUNED) == 8  # the kernel modules were imported above
+    env = {key: value for key, value in os.environ.items() if key != configs.ENV_VAR}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "mhc_compile.cli", "autotune", "--C", "96", "--tokens", "256"],
+        env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "in parallel failed" not in done.stdout + done.stderr
+    for kernel in configs._TUNED:
+        assert f"autotuned {kernel} for n=4 C=96" in done.stdout, done.stdout
