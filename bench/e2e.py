@@ -15,6 +15,8 @@ SwiGLU) trains with bf16 autocast and fused AdamW, in these variants:
     mhc_bf16          backend="mhc" with stream_dtype="bfloat16": the streams in bf16 (the
                       paper's storage; autocast leaves the residual, and so default streams, fp32)
     mhc_bf16_graphs   the same with cudagraphs=True (Inductor's CUDA graphs: no host launch cost)
+    mhc_graphs        backend="mhc" with cudagraphs=True and the default (float32) streams: the two
+                      options' effects apart
     naive_whole       the hand-written mHC compiled as one model (only with --naive-whole: the issue
                       measured it not finishing in 530 s)
 
@@ -65,15 +67,17 @@ SIZES = {
     "C2048": dict(width=2048, depth=16, heads=16, batch=4, seq=2048, vocab=VOCAB, steps=10),
 }
 TINY = {"tiny": dict(width=64, depth=2, heads=4, batch=2, seq=32, vocab=128, steps=3)}
-ORDER = ["baseline", "mhc", "naive_pieces", "mhc_no_recompute", "mhc_bf16", "mhc_bf16_graphs"]
+ORDER = ["baseline", "mhc", "naive_pieces", "mhc_no_recompute", "mhc_bf16", "mhc_bf16_graphs",
+         "mhc_graphs"]
 LIMIT_S = {"baseline": 150, "mhc": 200, "naive_pieces": 200, "mhc_no_recompute": 170,
-           "mhc_bf16": 170, "mhc_bf16_graphs": 170, "naive_whole": 300}
+           "mhc_bf16": 170, "mhc_bf16_graphs": 170, "mhc_graphs": 170, "naive_whole": 300}
 # backend="mhc" options of each mHC variant
 MHC_VARIANTS = {
     "mhc": {},
     "mhc_no_recompute": {"recompute": False},
     "mhc_bf16": {"stream_dtype": "bfloat16"},
     "mhc_bf16_graphs": {"stream_dtype": "bfloat16", "cudagraphs": True},
+    "mhc_graphs": {"cudagraphs": True},
 }
 WARMUP_STEPS = 3
 WARM_VARIANTS = ("baseline", "mhc")  # warm compiles measured (in a new process) when time is left
