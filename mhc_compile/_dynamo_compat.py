@@ -82,10 +82,10 @@ def compile_with_inductor(
     from torch._inductor import config, list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    fuse = _FuseGradStreamsPass()
-    user_post_grad = config.post_grad_custom_post_pass
-    patches = {**(list_mode_options(mode) if mode is not None else {}), "post_grad_custom_post_pass":
-               fuse if user_post_grad is None else _Sequence(user_post_grad, fuse)}
+    patches = dict(list_mode_options(mode)) if mode is not None else {}
+    fuse, user_post_grad = _FuseGradStreamsPass(), config.post_grad_custom_post_pass
+    patches["post_grad_custom_post_pass"] = (
+        fuse if user_post_grad is None else _Sequence(user_post_grad, fuse))
     if recompute is not False:
         policy = _RecomputePolicyPass(recompute)
         user_pass = config.joint_custom_pre_pass

@@ -244,13 +244,11 @@ def _block_reports(analysis: ResidualAnalysis, graph_index: int, options: MHCOpt
             contains=graph_facts.kinds_of(block.body, block.add.graph.owning_module),
             params_added=costs.parameter_count(options.n, channels) if rewritten else 0,
             extra_bytes_per_token=costs.extra_bytes_per_token(
-                options.n, channels, streams_dtype.itemsize)
-            if rewritten and fixed else 0,
+                options.n, channels, streams_dtype.itemsize) if rewritten and fixed else 0,
             extra_flops_per_token=costs.extra_flops_per_token(
                 options.n, channels, options.sinkhorn_iters) if rewritten and fixed else 0,
-            ops=templates.implementation(
-                value.device, streams_dtype, options.n)
-            if rewritten else "",
+            ops=(templates.implementation(value.device, streams_dtype, options.n)
+                 if rewritten else ""),
         )
 
 

@@ -213,9 +213,8 @@ def _chain_head(node: fx.Node) -> fx.Node:
     return head
 
 
-def _chain_value(node: fx.Node):
-    """The [..., C] value (channels last) whose streams `node` reads: the chain head's input."""
-    head = _chain_head(node)
+def _chain_value(head: fx.Node):
+    """The [..., C] value (channels last) a chain head (enter_streams) takes."""
     value = graph_facts.example_value(head.args[0])
     if not _is_static(value):
         return None
@@ -223,15 +222,16 @@ def _chain_value(node: fx.Node):
     return value if channel_dim in (-1, value.dim() - 1) else value.movedim(channel_dim, -1)
 
 
-def _stream_element_size(node: fx.Node) -> int:
-    """Bytes per stream element: the dtype the chain head stores the streams in (its args[3])."""
-    return _chain_head(node).args[3].itemsize
+def _stream_element_size(head: fx.Node) -> int:
+    """Bytes per stream element: the dtype a chain head stores the streams in (its args[3])."""
+    return head.args[3].itemsize
 
 
 def _stream_bytes(streams: fx.Node, n: int) -> int:
     """Bytes of the [..., n, C] streams a cut sends, for the traced batch."""
-    value = _chain_value(streams)
-    return 0 if value is None else value.numel() * n * _stream_element_size(streams)
+    head = _chain_head(streams)
+    value = _chain_value(head)
+    return 0 if value is None else value.numel() * n * _stream_element_size(head)
 
 
 # --- cost of one node -----------------------------------------------------------------------------
@@ -267,7 +267,8 @@ def _node_cost(node: fx.Node, options: MHCOptions) -> BlockCost:
 
 def _mhc_op_cost(node: fx.Node, role: str, options: MHCOptions) -> BlockCost:
     """mhc:: ops carry no example values (inserted by the rewrite); size them from the chain head."""
-    value = _chain_value(node.args[0])
+    head = _chain_head(node.args[0])
+    value = _chain_value(head)
     if value is None:
         return BlockCost()
     channels = value.shape[-1]
@@ -277,7 +278,7 @@ def _mhc_op_cost(node: fx.Node, role: str, options: MHCOptions) -> BlockCost:
     # Paper Table 2, fused: coefficients read nC, pre-mix reads nC and writes C.
     stream_elements = {"coefficients_pre_mix": (2 * n + 1) * channels,
                        "post_res_mix": (2 * n + 1) * channels}[role]
-    moved = tokens * stream_elements * _stream_element_size(node.args[0])
+    moved = tokens * stream_elements * _stream_element_size(head)
     return BlockCost(flops, moved, costs.roofline_cost(flops, moved))
 
 
