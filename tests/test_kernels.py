@@ -389,6 +389,22 @@ def test_cpu_keeps_the_reference():
     assert all(torch.equal(a, b) for a, b in zip(outputs, expected, strict=True))
 
 
+def _check_sublayer_against_float64(sublayer, shape):
+    """`sublayer(*inputs, 20)` on fresh fp32 inputs of (n, C, token shape): output and every input
+    gradient against the float64 reference."""
+    inputs = [t.requires_grad_() for t in _mhc_inputs(*shape, torch.float32)]
+    out = sublayer(*inputs, 20)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+
+    def forward(*tensors):
+        return reference.sublayer(*tensors, lambda u: u, 20)
+
+    (ref_out,), ref_grads = _float64_vjp(forward, inputs, (grad_out,))
+    _assert_close(["out"], [out], [ref_out], torch.float32)
+    _assert_close(COEFFICIENT_GRADS, grads, ref_grads, torch.float32)
+
+
 def test_ops_dispatch_to_the_kernels_with_autograd(monkeypatch, poisoned):
     """The ops' kernel branch and their autograd wiring, eagerly: on CPU under the interpreter
     (kernels forced on for CPU tensors), on CUDA as they are. Sublayer output and every input
@@ -399,40 +415,39 @@ def test_ops_dispatch_to_the_kernels_with_autograd(monkeypatch, poisoned):
         monkeypatch.setattr(templates, "kernels_active", lambda device: True)
     used, launcher = [], templates.launcher
     monkeypatch.setattr(templates, "launcher", lambda name: used.append(name) or launcher(name))
-    inputs = [t.requires_grad_() for t in _mhc_inputs(3, 40, (2, 9), torch.float32)]
-    out = _sublayer_through_ops(*inputs, 20)
-    grad_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, inputs, grad_out)
-
-    def forward(*tensors):
-        return reference.sublayer(*tensors, lambda u: u, 20)
-
-    (ref_out,), ref_grads = _float64_vjp(forward, inputs, (grad_out,))
-    _assert_close(["out"], [out], [ref_out], torch.float32)
-    _assert_close(COEFFICIENT_GRADS, grads, ref_grads, torch.float32)
+    _check_sublayer_against_float64(_sublayer_through_ops, (3, 40, (2, 9)))
     assert sorted(set(used)) == sorted(templates._LAUNCHERS), "an op did not run its kernel"
 
 
 def test_symbolic_shapes_take_the_opaque_op(monkeypatch):
     """With symbolic sizes the ops do not trace their kernels (Inductor on torch 2.11 failed on
-    that glue) but call the *_opaque ops. Kernels forced on for CPU tensors: had the traced branch
-    run, the interpreted kernels would meet fake tensors and fail."""
+    that glue) but call the *_opaque ops: no kernel is launched on fake tensors while tracing. At
+    run time the opaque twins launch the kernels on CUDA and run the reference on CPU. Kernels
+    forced on for CPU tensors, so that a traced branch would be seen there too."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
     from mhc_compile import templates
 
     monkeypatch.setattr(templates, "kernels_active", lambda device: True)
-    used, launcher = [], templates.launcher
-    monkeypatch.setattr(templates, "launcher", lambda name: used.append(name) or launcher(name))
+    launches, launcher = [], templates.launcher
+
+    def recording_launcher(name):
+        launch = launcher(name)
+
+        def recorded(*args):
+            launches.append((name, any(isinstance(a, FakeTensor) for a in args)))
+            return launch(*args)
+
+        return recorded
+
+    monkeypatch.setattr(templates, "launcher", recording_launcher)
     torch._dynamo.reset()
     compiled = torch.compile(_sublayer_through_ops, backend="aot_eager", dynamic=True, fullgraph=True)
-    inputs = [t.requires_grad_() for t in _mhc_inputs(2, 12, (5,), torch.float32)]
-    out = compiled(*inputs, 20)
-    grads = torch.autograd.grad(out.square().sum(), inputs)
-    expected = reference.sublayer(*inputs, lambda u: u, 20)
-    expected_grads = torch.autograd.grad(expected.square().sum(), inputs)
-    torch.testing.assert_close(out, expected)
-    for got, want in zip(grads, expected_grads, strict=True):
-        torch.testing.assert_close(got, want)
-    assert used == [], f"a traced body launched kernels with symbolic shapes: {used}"
+    _check_sublayer_against_float64(compiled, (2, 12, (5,)))
+    traced = [name for name, on_fake_tensors in launches if on_fake_tensors]
+    assert traced == [], f"a traced body launched kernels with symbolic shapes: {traced}"
+    ran = {name for name, _ in launches}
+    assert ran == (set(templates._LAUNCHERS) if ON_GPU else set()), ran
 
 
 cuda_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
