@@ -29,7 +29,7 @@ with f = identity, bf16 streams [tokens, n, C], fp32 coefficients, sinkhorn_iter
    kernels.png under $OUT (or bench/out).
 
     python bench/kernels.py [--tokens 16384] [--channels 1024 2048 4096] [--n 4] [--check-only]
-                            [--warm-only]
+                            [--warm-only] [--host-profile]
 
 --warm-only runs steps 1 and every provider once per shape, timing nothing: it fills Triton's and
 Inductor's on-disk caches (autotune choices, compiled graphs), so that a later timing run in the
@@ -39,11 +39,14 @@ same environment spends its time timing.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import functools
+import io
 import json
 import logging
 import os
 import platform
+import pstats
 import sys
 import time
 from datetime import date
@@ -305,6 +308,37 @@ def time_providers(
     return results
 
 
+def profile_host(inputs, channels: int, out: Path, repeats: int = 50) -> None:
+    """Where the host time of a sublayer's forward + backward goes (bench/RESULTS.md, kernel run 6:
+    about 3 ms per call on the H100's host, 1 ms of GPU work at C=1024): cProfile over `repeats`
+    calls of "ours" and "ours+whole-ops", the GPU not waited for, functions by their own time."""
+    grad_out = torch.randn_like(inputs[0])
+    torch._dynamo.reset()
+    whole_ops = torch.compile(ours, backend=whole_ops_inductor)
+    reports = [_host_profile(name, sublayer, inputs, grad_out, repeats)
+               for name, sublayer in (("ours", ours), ("ours+whole-ops", whole_ops))]
+    (out / f"host_profile_C{channels}.txt").write_text("\n".join(reports))
+
+
+def _host_profile(name: str, sublayer, inputs, grad_out, repeats: int) -> str:
+    def forward_backward():
+        for _ in range(repeats):
+            sublayer(*inputs).backward(grad_out)
+
+    sublayer(*inputs).backward(grad_out)  # compile and autotune outside the profile
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    started = time.perf_counter()
+    profiler.runcall(forward_backward)
+    host_ms = (time.perf_counter() - started) / repeats * 1e3
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+    title = f"== {name}, C={inputs[0].shape[-1]}: {host_ms:.3f} host ms per forward+backward (cProfile on)"
+    log(title)
+    return f"{title}\n{text.getvalue()}"
+
+
 def time_kernels(inputs) -> dict[str, dict[str, float]]:
     """Median ms of each of our kernels alone (launchers called directly), eager and as a graph."""
     streams, phi, alpha, b_pre, b_post, b_res = parameters = [t.detach() for t in inputs]
@@ -435,6 +469,9 @@ def main() -> int:
     parser.add_argument("--warm-only", action="store_true",
                         help="check, then run every provider once per shape (fill the caches), no timing")
     parser.add_argument("--skip", nargs="*", default=[], choices=PROVIDERS[1:])
+    parser.add_argument("--host-profile", action="store_true",
+                        help="check, then profile the host side of ours and ours+whole-ops per shape "
+                             "(cProfile, host_profile_C*.txt), no timing")
     args = parser.parse_args()
     logging.basicConfig(format="%(name)s: %(message)s")
     logging.getLogger("mhc_compile.templates").setLevel(logging.INFO)  # autotuning progress
@@ -469,6 +506,10 @@ def main() -> int:
         torch.cuda.empty_cache()
     if failures or args.check_only:
         return 1 if failures else 0
+    if args.host_profile:
+        for seed, channels in enumerate(args.channels):
+            profile_host(make_inputs(args.tokens, args.n, channels, 100 + seed), channels, out)
+        return 0
     if args.warm_only:
         for seed, channels in enumerate(args.channels):
             log(f"\nwarming C={channels}")
