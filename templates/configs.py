@@ -186,6 +186,15 @@ def smallest(kernel_name: str, name: str) -> int:
     return min(config.kwargs[name] for config in _TUNED[kernel_name].configs)
 
 
+def _time_candidate(kernel_call: Callable, quantiles) -> list[float]:
+    """triton.testing.do_bench with windows of 5 ms warm-up and 25 ms of timing instead of Triton's
+    25 and 100: candidates run 0.03-1 ms, so the median still rests on 25 to 800 runs. With
+    Triton's windows the timing alone took 0.4-0.5 s per kernel of 3-4 candidates on the H100
+    (bench/RESULTS.md, kernel run 6: the shapes whose binaries were compiled already), paid in
+    every cold start's first step for each of the 8 kernels."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
 def autotune(stage: str, kernel_name: str, restore_value: list[str] | None = None) -> Callable:
     """triton.autotune for one kernel of `stage`, keyed on (n, C) and the dtypes of the tensors.
 
@@ -201,6 +210,7 @@ def autotune(stage: str, kernel_name: str, restore_value: list[str] | None = Non
             key=["n", "C"],
             prune_configs_by={"early_config_prune": _prune(stage)},
             restore_value=restore_value,
+            do_bench=_time_candidate,
             cache_results=True,
         )(kernel)
         _TUNED[kernel_name] = tuned

@@ -357,6 +357,18 @@ def test_a_failing_parallel_compile_leaves_the_launch_to_compile():
                         "driver); the autotuner compiles them one by one"]
 
 
+def test_every_kernel_times_its_candidates_with_the_short_windows():
+    """Triton's autotuner times candidates with the benchmark each kernel was given: ours, with the
+    short windows (configs._time_candidate), not Triton's default."""
+    import mhc_compile.templates.coefficients  # noqa: F401 (defines the kernels it tunes)
+    import mhc_compile.templates.post_res_mix  # noqa: F401
+    import mhc_compile.templates.pre_mix  # noqa: F401
+
+    assert {f"_{name}_kernel" for name in configs._TUNED} == KERNELS
+    for name, tuned in configs._TUNED.items():
+        assert tuned.do_bench is configs._time_candidate, name
+
+
 def test_first_configs_fit_every_n():
     """The first config of each stage (interpreter, MHC_TRITON_CONFIG=default) survives pruning."""
     for stage in configs.STAGES:
