@@ -311,7 +311,8 @@ def time_providers(
 def profile_host(inputs, channels: int, out: Path, repeats: int = 50) -> None:
     """Where the host time of a sublayer's forward + backward goes (bench/RESULTS.md, kernel run 6:
     about 3 ms per call on the H100's host, 1 ms of GPU work at C=1024): cProfile over `repeats`
-    calls of "ours" and "ours+whole-ops", the GPU not waited for, functions by their own time."""
+    calls of "ours" and "ours+whole-ops", the GPU not waited for, functions by their own time and
+    by their cumulative time."""
     grad_out = torch.randn_like(inputs[0])
     torch._dynamo.reset()
     whole_ops = torch.compile(ours, backend=whole_ops_inductor)
@@ -333,7 +334,9 @@ def _host_profile(name: str, sublayer, inputs, grad_out, repeats: int) -> str:
     host_ms = (time.perf_counter() - started) / repeats * 1e3
     torch.cuda.synchronize()
     text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumulative").print_stats(40)
     title = f"== {name}, C={inputs[0].shape[-1]}: {host_ms:.3f} host ms per forward+backward (cProfile on)"
     log(title)
     return f"{title}\n{text.getvalue()}"

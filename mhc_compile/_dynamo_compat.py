@@ -7,6 +7,7 @@ the only module to fix.
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import re
 import sys
@@ -243,3 +244,45 @@ def triton_compiles_to(executor) -> Any:
     except ImportError:
         return None
     return None if active_mode.get() is not None else AsyncCompileMode(executor, ignore_errors=True)
+
+
+def triton_value_parameters(jit_function) -> frozenset[str]:
+    """The names of a @triton.jit kernel's constexpr parameters: the compiled binary depends on
+    their values. Triton's KernelParam reads them from the annotations (strings or objects) and
+    has no public accessor; built here from the signature because the interpreter's functions
+    keep no KernelParams."""
+    from triton.runtime.jit import KernelParam
+
+    parameters = inspect.signature(jit_function.fn).parameters.values()
+    return frozenset(
+        parameter.name
+        for number, parameter in enumerate(parameters)
+        if KernelParam(number, parameter, False, False).is_constexpr
+    )
+
+
+def compiled_triton_launcher(autotuner, grid, args: tuple, kwargs: dict) -> Callable:
+    """A launcher of the binary `autotuner` (a triton.autotune'd kernel) has just run for these
+    arguments, called as launcher(grid, args, kwargs) with arguments Triton would specialise the
+    same way (templates/configs.py keys it so).
+
+    Why: Triton's own launch path costs 80-130 us of host time per launch on the H100 machine's host
+    (bench/RESULTS.md, kernel runs 6 and 7): the autotuner's key, the JIT's argument binding and
+    specialisation, its cache key. Inductor avoids the same cost for the kernels it generates by
+    launching their binaries itself. Private Triton (checked against 3.6): JITFunction.warmup
+    returns the CompiledKernel, whose launcher `compiled[grid](*values)` takes every kernel
+    parameter in order, constexprs included, as JITFunction.run passes them."""
+    config = autotuner.best_config
+    jit_function = autotuner.fn
+    compiled = jit_function.warmup(*args, grid=grid, **kwargs, **config.all_kwargs())
+    compiled = compiled.result() if hasattr(compiled, "result") else compiled  # async compile
+    names = jit_function.arg_names
+    defaults = {p.name: p.default for p in jit_function.params if p.has_default}
+
+    def launch(grid, args: tuple, kwargs: dict) -> None:
+        named = {**defaults, **dict(zip(names, args)), **kwargs, **config.kwargs}
+        grid = grid(named) if callable(grid) else grid
+        compiled[(*grid, 1, 1)[:3]](*(named[name] for name in names))
+        autotuner.best_config = config  # what configs.chosen_configs reports
+
+    return launch

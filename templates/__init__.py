@@ -19,6 +19,7 @@ in a profile.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import logging
@@ -43,8 +44,9 @@ _LAUNCHERS: dict[str, tuple[str, str]] = {
 _loaded: dict[str, Callable] = {}
 
 
+@functools.cache
 def triton_available() -> bool:
-    """Whether Triton is installed (checked without importing it)."""
+    """Whether Triton is installed (checked without importing it; once: every op call asks)."""
     return importlib.util.find_spec("triton") is not None
 
 

@@ -105,15 +105,15 @@ def _projection(x: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor, torch
     n_columns, kp = n * channels, phi.shape[1]
     # Split the columns so that the grid fills the GPU (counted for 64-token blocks), keeping at
     # least 512 columns per split so the partials stay a few % of the stream bytes.
-    wanted = triton.cdiv(_PROGRAMS_PER_SM * _multiprocessors(x.device), triton.cdiv(tokens, 64))
+    wanted = configs.ceil_div(_PROGRAMS_PER_SM * _multiprocessors(x.device), configs.ceil_div(tokens, 64))
     splits = max(1, min(wanted, n_columns // 512))
-    columns_per_split = triton.cdiv(triton.cdiv(n_columns, splits), 256) * 256
-    splits = triton.cdiv(n_columns, columns_per_split)
+    columns_per_split = configs.ceil_div(configs.ceil_div(n_columns, splits), 256) * 256
+    splits = configs.ceil_div(n_columns, columns_per_split)
     proj = torch.empty((splits, tokens, kp), dtype=torch.float32, device=x.device)
     sumsq = torch.empty((splits, tokens), dtype=torch.float32, device=x.device)
 
     def grid(meta):
-        return triton.cdiv(tokens, meta["BLOCK_T"]), splits
+        return configs.ceil_div(tokens, meta["BLOCK_T"]), splits
 
     configs.launch(
         "mhc_projection", grid, x, phi, proj, sumsq, T=tokens, C=channels,
@@ -289,7 +289,7 @@ def _mhc_coefficients_fwd_kernel(
 def _layout(n: int) -> dict[str, int]:
     """The layout constexprs for n streams: padded projection columns, packed gates and H_res."""
     return dict(
-        n=n, KP=configs.padded_phi_columns(n), GATES=triton.next_power_of_2(2 * n),
+        n=n, KP=configs.padded_phi_columns(n), GATES=configs.next_power_of_2(2 * n),
         NP=configs.padded_streams(n),
     )
 
@@ -327,7 +327,7 @@ def mhc_coefficients_fwd(
     h_res = torch.empty((tokens, n, n), dtype=torch.float32, device=x.device)
 
     def grid(meta):
-        return (triton.cdiv(tokens, meta["BLOCK_T"]),)
+        return (configs.ceil_div(tokens, meta["BLOCK_T"]),)
 
     configs.launch(
         "mhc_coefficients_fwd", grid, proj, sumsq, *gate_parameters, h_pre, h_post, h_res,
@@ -474,8 +474,8 @@ def _mhc_coefficients_bwd_streams_kernel(
 def _token_splits(tokens: int, columns: int, device: torch.device) -> int:
     """How many token ranges grad phi is reduced over: enough programs to fill the GPU, counted for
     128-column blocks, and at least 512 tokens per range so the partials stay small."""
-    wanted = triton.cdiv(_PROGRAMS_PER_SM * _multiprocessors(device) * 128, max(columns, 1))
-    return max(1, min(wanted, triton.cdiv(tokens, 512)))
+    wanted = configs.ceil_div(_PROGRAMS_PER_SM * _multiprocessors(device) * 128, max(columns, 1))
+    return max(1, min(wanted, configs.ceil_div(tokens, 512)))
 
 
 def mhc_coefficients_bwd(
@@ -509,12 +509,12 @@ def mhc_coefficients_bwd(
     grad_proj = torch.empty((tokens, phi_padded.shape[1]), dtype=torch.float32, device=device)
     grad_sumsq = torch.empty((tokens,), dtype=torch.float32, device=device)
     # One row per token block of the smallest BLOCK_T; rows of unused blocks stay 0.
-    blocks = triton.cdiv(tokens, configs.smallest("mhc_coefficients_bwd", "BLOCK_T"))
+    blocks = configs.ceil_div(tokens, configs.smallest("mhc_coefficients_bwd", "BLOCK_T"))
     grad_bias_partial = torch.zeros((blocks, phi_padded.shape[1]), dtype=torch.float32, device=device)
     grad_alpha_partial = torch.zeros((blocks, 3), dtype=torch.float32, device=device)
 
     def token_grid(meta):
-        return (triton.cdiv(tokens, meta["BLOCK_T"]),)
+        return (configs.ceil_div(tokens, meta["BLOCK_T"]),)
 
     configs.launch(
         "mhc_coefficients_bwd", token_grid,
@@ -531,12 +531,12 @@ def mhc_coefficients_bwd(
     grad_phi_partial = torch.empty((splits, n_columns, n_phi), dtype=torch.float32, device=device)
 
     def column_grid(meta):
-        return triton.cdiv(n_columns, meta["BLOCK_NC"]), splits
+        return configs.ceil_div(n_columns, meta["BLOCK_NC"]), splits
 
     configs.launch(
         "mhc_coefficients_bwd_streams", column_grid, x, phi_padded, grad_proj, grad_sumsq,
         token_rows(accumulate), grad_streams, grad_phi_partial, T=tokens, C=channels,
-        tokens_per_split=triton.cdiv(tokens, splits), n=n, KP=phi_padded.shape[1],
+        tokens_per_split=configs.ceil_div(tokens, splits), n=n, KP=phi_padded.shape[1],
     )
     # Each gradient is its own tensor: a custom op's outputs may not alias one another.
     return (

@@ -38,18 +38,25 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _REGISTERS_PER_THREAD = 64
 
 
-def _next_power_of_2(value: int) -> int:
+# Host-side arithmetic of grids and buffer sizes. Not triton.cdiv / triton.next_power_of_2: in
+# Triton 3.6 those are constexpr functions whose calls cost microseconds each on the host, several
+# per launch.
+def next_power_of_2(value: int) -> int:
     return 1 << max(value - 1, 0).bit_length()
+
+
+def ceil_div(numerator: int, denominator: int) -> int:
+    return -(-numerator // denominator)
 
 
 def padded_streams(n: int) -> int:
     """n rounded up to a power of two: the stream axis of every register tile."""
-    return _next_power_of_2(n)
+    return next_power_of_2(n)
 
 
 def padded_phi_columns(n: int) -> int:
     """The n*n + 2n columns of phi rounded up to a power of two, at least 16 for tl.dot."""
-    return max(16, _next_power_of_2(n * n + 2 * n))
+    return max(16, next_power_of_2(n * n + 2 * n))
 
 
 def _config(num_warps: int, num_stages: int, **blocks: int) -> triton.Config:
@@ -118,7 +125,7 @@ def _prune(stage: str) -> Callable:
             for c in configs
             if _live_elements(stage, c, n) <= _REGISTERS_PER_THREAD * 32 * c.num_warps
             # A block over twice as wide as C only adds masked lanes.
-            and c.kwargs.get("BLOCK_C", 0) <= max(256, 2 * _next_power_of_2(channels))
+            and c.kwargs.get("BLOCK_C", 0) <= max(256, 2 * next_power_of_2(channels))
         ]
         return kept or configs[:1]
 
@@ -171,6 +178,8 @@ def forced_configs(setting: str | None) -> dict[str, triton.Config]:
 _FORCED = forced_configs(os.environ.get(ENV_VAR))
 _TUNED: dict[str, triton.runtime.Autotuner] = {}
 _LAUNCHED_KEYS: dict[str, set[tuple]] = {}  # per kernel, the keys it was launched with eagerly
+_BY_VALUE: dict[str, frozenset[str]] = {}  # per kernel, the arguments its binary depends on by value
+_COMPILED: dict[tuple, Callable] = {}  # launch specialisation -> launcher of the binary it ran
 
 
 def active_configs(stage: str) -> list[triton.Config]:
@@ -214,6 +223,7 @@ def autotune(stage: str, kernel_name: str, restore_value: list[str] | None = Non
             cache_results=True,
         )(kernel)
         _TUNED[kernel_name] = tuned
+        _BY_VALUE[kernel_name] = _dynamo_compat.triton_value_parameters(kernel) | set(tuned.keys)
         return tuned
 
     return decorate
@@ -235,10 +245,16 @@ def _traced(args: tuple) -> bool:
 def launch(kernel_name: str, grid, *args, **kwargs) -> None:
     """Launch an autotuned kernel. Under a tracer it is wrapped (wrap_triton) so that Inductor
     compiles and launches it itself; eagerly it runs at once, and a launch that must tune a new
-    (n, C, dtypes) key logs its progress at INFO (what `mhc-compile autotune` prints)."""
+    (n, C, dtypes) key logs its progress at INFO (what `mhc-compile autotune` prints). Once a
+    binary has run for arguments of one specialisation, later launches of that specialisation call
+    it directly (_COMPILED): Triton's own path costs several times the launch itself in host time."""
     tuned = _TUNED[kernel_name]
     if _traced(args) and not INTERPRETING:
         torch.library.wrap_triton(tuned)[grid](*args, **kwargs)
+        return
+    signature = None if INTERPRETING else _specialisation(kernel_name, args, kwargs)
+    if (compiled := _COMPILED.get(signature)) is not None:
+        compiled(grid, args, kwargs)
         return
     key = (kwargs.get("n"), kwargs.get("C"), *(str(a.dtype) for a in args if isinstance(a, torch.Tensor)))
     launched = _LAUNCHED_KEYS.setdefault(kernel_name, set())
@@ -254,6 +270,32 @@ def launch(kernel_name: str, grid, *args, **kwargs) -> None:
     if first_time:
         log.info("autotuned %s for n=%s C=%s in %.1f s: %s", kernel_name, key[0], key[1],
                  time.perf_counter() - started, describe(tuned.best_config))
+    if signature is not None:
+        _COMPILED[signature] = _dynamo_compat.compiled_triton_launcher(tuned, grid, args, kwargs)
+
+
+def _specialisation(kernel_name: str, args: tuple, kwargs: dict) -> tuple:
+    """What decides which binary (autotune choice and Triton specialisation) a launch runs, on the
+    current device: the value of every autotune key and constexpr, each tensor's dtype and 16-byte
+    alignment, and of other integers whether they equal 1, divide by 16 and fit 32 or 64 bits
+    (Triton specialises on these). Finer than Triton is harmless (one more entry); coarser would
+    run a binary compiled for other arguments."""
+    by_value = _BY_VALUE[kernel_name]
+    names = _TUNED[kernel_name].fn.arg_names
+    return (
+        kernel_name,
+        torch.cuda.current_device(),
+        *(value if name in by_value else _argument_class(value) for name, value in zip(names, args)),
+        *((name, value if name in by_value else _argument_class(value)) for name, value in kwargs.items()),
+    )
+
+
+def _argument_class(value) -> tuple | object:
+    if isinstance(value, torch.Tensor):
+        return value.dtype, value.data_ptr() % 16 == 0
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value == 1, value % 16 == 0, -(2**31) <= value < 2**31, -(2**63) <= value < 2**63
+    return value
 
 
 def _compile_in_parallel(tuned, candidates: list[triton.Config], grid, args: tuple,

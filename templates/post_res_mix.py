@@ -47,7 +47,7 @@ def mhc_post_res_mix_fwd(
     out = torch.empty_like(x)
 
     def grid(meta):
-        return triton.cdiv(tokens, meta["BLOCK_T"]), triton.cdiv(channels, meta["BLOCK_C"])
+        return configs.ceil_div(tokens, meta["BLOCK_T"]), configs.ceil_div(channels, meta["BLOCK_C"])
 
     configs.launch(
         "mhc_post_res_mix_fwd", grid, x, y.contiguous().view(tokens, channels),
@@ -113,7 +113,7 @@ def mhc_post_res_mix_bwd(
     grad_h_res = torch.empty((tokens, n, n), dtype=torch.float32, device=x.device)
 
     def grid(meta):
-        return (triton.cdiv(tokens, meta["BLOCK_T"]),)
+        return (configs.ceil_div(tokens, meta["BLOCK_T"]),)
 
     configs.launch(
         "mhc_post_res_mix_bwd", grid, token_rows(grad_out), x, y.contiguous().view(tokens, channels),

@@ -45,7 +45,7 @@ def mhc_pre_mix_fwd(streams: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     mixed = torch.empty((tokens, channels), dtype=x.dtype, device=x.device)
 
     def grid(meta):
-        return triton.cdiv(tokens, meta["BLOCK_T"]), triton.cdiv(channels, meta["BLOCK_C"])
+        return configs.ceil_div(tokens, meta["BLOCK_T"]), configs.ceil_div(channels, meta["BLOCK_C"])
 
     configs.launch(
         "mhc_pre_mix_fwd", grid, x, gates, mixed, T=tokens, C=channels,
@@ -100,7 +100,7 @@ def mhc_pre_mix_bwd(
     grad_h_pre = torch.empty((tokens, n), dtype=torch.float32, device=x.device)
 
     def grid(meta):
-        return (triton.cdiv(tokens, meta["BLOCK_T"]),)
+        return (configs.ceil_div(tokens, meta["BLOCK_T"]),)
 
     configs.launch(
         "mhc_pre_mix_bwd", grid, grad_mixed.contiguous().view(tokens, channels), x,

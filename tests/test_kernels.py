@@ -390,6 +390,28 @@ def test_eager_launches_skip_the_tracing_path():
     assert configs._traced((plain, fake))
 
 
+def test_launch_specialisation_separates_what_triton_specialises(monkeypatch):
+    """A later launch reuses a binary only for arguments Triton would compile the same way and the
+    autotuner would key the same way: every value of n, C and the constexprs, each tensor's dtype
+    and 16-byte alignment, and whether an integer is 1, divides by 16 or needs 64 bits."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    storage = torch.zeros(4096, dtype=torch.bfloat16)
+
+    def specialisation(tokens=32, channels=96, n=4, dtype=torch.bfloat16, offset=0):
+        streams = storage[offset:].to(dtype)[: tokens * n * channels]
+        return configs._specialisation(
+            "mhc_post_res_mix_fwd", (streams, streams, storage.float(), storage.float(), streams),
+            {"T": tokens, "C": channels, "n": n, "NP": configs.padded_streams(n)})
+
+    reference_case = specialisation()
+    assert specialisation(tokens=48) == reference_case  # both divide by 16: one binary
+    assert specialisation(tokens=33) == specialisation(tokens=35)
+    for other in (specialisation(tokens=33), specialisation(tokens=1), specialisation(tokens=2**31),
+                  specialisation(channels=112), specialisation(n=3), specialisation(offset=1),
+                  specialisation(dtype=torch.float16)):
+        assert other != reference_case
+
+
 # --- dispatch through the mhc:: ops (CUDA only) -----------------------------------------------------
 
 
@@ -504,6 +526,22 @@ def test_ops_run_the_kernels_on_cuda(compiled):
     (ref_out,), ref_grads = _float64_vjp(forward, inputs, (grad_out,))
     _assert_close(["out"], [out], [ref_out], torch.bfloat16)
     _assert_close(COEFFICIENT_GRADS, grads, ref_grads, torch.bfloat16)
+
+
+@cuda_only
+def test_repeated_launches_run_the_compiled_binary(monkeypatch, poisoned):
+    """After one launch through Triton, launches of the same specialisation (here 32 and 48 tokens)
+    call the binary directly: with Triton's launch path made to fail, the post/res kernels still
+    match the float64 reference."""
+    monkeypatch.setattr(configs, "_COMPILED", {})
+    _check_post_res_mix(4, 96, (32,), torch.bfloat16, 20, "sinkhorn", y_dtype=torch.bfloat16)
+
+    def triton_launch_path(*args, **kwargs):
+        raise AssertionError("launched through triton.autotune again")
+
+    for kernel in ("mhc_post_res_mix_fwd", "mhc_post_res_mix_bwd"):
+        monkeypatch.setattr(configs._TUNED[kernel], "run", triton_launch_path)
+    _check_post_res_mix(4, 96, (48,), torch.bfloat16, 20, "sinkhorn", y_dtype=torch.bfloat16)
 
 
 @cuda_only
