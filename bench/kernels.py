@@ -268,10 +268,12 @@ def whole_ops_graphed(inputs) -> tuple:
     compiled = torch.compile(ours, backend=functools.partial(whole_ops_inductor, cudagraphs=True))
 
     def replay(*_):
-        # Each call is a new step: the trees may then reuse the last one's outputs' memory (without
-        # the mark, a forward after a forward + backward raised "accessing tensor output of
-        # CUDAGraphs that has been overwritten", kernel run 7).
+        # Each call is a new step whose backward writes fresh gradients: accumulating into the last
+        # step's, which live in the trees' pool, raised "accessing tensor output of CUDAGraphs that
+        # has been overwritten" (kernel runs 7 and 8: do_bench's first calls keep the gradients).
         torch.compiler.cudagraph_mark_step_begin()
+        for tensor in static_inputs:
+            tensor.grad = None
         return compiled(*static_inputs)
 
     return replay, static_inputs
