@@ -3,6 +3,7 @@
     python3 bench/e2e.py --out DIR          # GPU: C=1024 (12 layers, 8 x 1024 tokens) and
                                             # C=2048 (16 layers, 4 x 2048 tokens)
     python3 bench/e2e.py --tiny --out DIR   # CPU smoke run of the same code on a tiny model
+    python3 bench/e2e.py --merge A.json B.json --out DIR   # one table and plot from several runs
 
 A LLaMA-style decoder (mhc_compile.examples.LLaMA: RMSNorm, rotary attention through causal SDPA,
 SwiGLU) trains with bf16 autocast and fused AdamW, in these variants:
@@ -638,6 +639,26 @@ def _commit() -> str:
         return "unknown"
 
 
+def merge(paths: list[str], out: Path) -> int:
+    """One table and one plot against C from the JSON of several runs (a device call holds one
+    size: 10 minutes). Runs on different devices or commits are refused: their rows do not compare."""
+    runs = [json.loads(Path(path).read_text()) for path in paths]
+    for key in ("device", "commit", "torch"):
+        if len({run.get(key) for run in runs}) > 1:
+            raise SystemExit(f"e2e --merge: the runs differ in {key}: "
+                             + ", ".join(f"{path}: {run.get(key)}" for path, run in zip(paths, runs)))
+    rows = sorted((row for run in runs for row in run["rows"]),
+                  key=lambda row: (row.get("width", 0), ORDER.index(row["variant"])
+                                   if row["variant"] in ORDER else len(ORDER)))
+    out.mkdir(parents=True, exist_ok=True)
+    text = table(rows)
+    log(text)
+    (out / "e2e.md").write_text(text + "\n")
+    (out / "e2e.json").write_text(json.dumps({**runs[0], "rows": rows, "merged_from": paths}, indent=1))
+    plot(rows, out / "e2e.png")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="output folder (default $OUT, else bench/out)")
@@ -653,6 +674,8 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=540, help="wall time for all variants")
     parser.add_argument("--limit-scale", type=float, default=1.0,
                         help="scale every variant's time limit")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="no run: one table and plot from these runs' e2e.json files")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
@@ -660,6 +683,8 @@ def main() -> int:
     parser.add_argument("--cpu", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.merge:
+        return merge(args.merge, Path(args.out or os.environ.get("OUT") or Path(__file__).parent / "out"))
     return worker(args) if args.worker else driver(args)
 
 

@@ -1,0 +1,61 @@
+"""bench/e2e.py --merge: runs of one size per device call joined into one table and plot (CPU)."""
+
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parent.parent / "bench" / "e2e.py"
+
+
+@pytest.fixture(scope="module")
+def e2e():
+    spec = importlib.util.spec_from_file_location("e2e_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def _worker_row(size: str, width: int, variant: str, step_ms: float, peak_gib: float) -> dict:
+    """What a worker returns for one variant (the fields summarize and table read)."""
+    return {"size": size, "width": width, "depth": 2, "variant": variant, "tokens_per_step": 512,
+            "stream_dtype": "bfloat16", "step_ms_median": step_ms, "peak_memory_bytes": peak_gib * 2**30,
+            "cold_compile_s": 10.0, "tokens_per_s": 512 / step_ms * 1e3, "copy_bandwidth": 3e12}
+
+
+def _run_file(e2e, tmp_path: Path, size: str, width: int, device: str = "H100") -> tuple[str, dict]:
+    steps = {"baseline": random.uniform(10, 20), "mhc": random.uniform(20, 30)}
+    rows = [_worker_row(size, width, variant, ms, random.uniform(1, 2) * width / 1024)
+            for variant, ms in reversed(steps.items())]  # mhc first: merge must order them
+    path = tmp_path / f"{size}.json"
+    path.write_text(json.dumps({"device": device, "commit": "abc1234", "torch": "2.11",
+                                "rows": e2e.summarize(rows)}))
+    return str(path), steps
+
+
+def test_merge_joins_the_sizes_in_order_with_their_own_baselines(e2e, tmp_path):
+    small, small_steps = _run_file(e2e, tmp_path, "C1024", 1024)
+    large, large_steps = _run_file(e2e, tmp_path, "C2048", 2048)
+    out = tmp_path / "merged"
+    assert e2e.merge([large, small], out) == 0
+    merged = json.loads((out / "e2e.json").read_text())
+    assert [(r["size"], r["variant"]) for r in merged["rows"]] == [
+        ("C1024", "baseline"), ("C1024", "mhc"), ("C2048", "baseline"), ("C2048", "mhc")]
+    for row, steps in ((merged["rows"][1], small_steps), (merged["rows"][3], large_steps)):
+        assert row["step_overhead"] == pytest.approx(steps["mhc"] / steps["baseline"] - 1)
+    assert merged["merged_from"] == [large, small]
+    assert (out / "e2e.md").read_text().count("\n| C") == 4
+    if importlib.util.find_spec("matplotlib"):
+        assert (out / "e2e.png").stat().st_size > 0
+
+
+def test_merge_refuses_runs_of_different_devices(e2e, tmp_path):
+    h100, _ = _run_file(e2e, tmp_path, "C1024", 1024, device="H100")
+    h200, _ = _run_file(e2e, tmp_path, "C2048", 2048, device="H200")
+    with pytest.raises(SystemExit, match="the runs differ in device"):
+        e2e.merge([h100, h200], tmp_path / "merged")
