@@ -558,8 +558,12 @@ def plot(summary: list[dict], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def _out_dir(args) -> Path:
+    return Path(args.out or os.environ.get("OUT") or Path(__file__).parent / "out")
+
+
 def driver(args) -> int:
-    out = Path(args.out or os.environ.get("OUT") or Path(__file__).parent / "out")
+    out = _out_dir(args)
     out.mkdir(parents=True, exist_ok=True)
     sizes = list(TINY) if args.tiny else args.sizes
     variants = args.variants + (["naive_whole"] if args.naive_whole else [])
@@ -684,7 +688,7 @@ def main() -> int:
     parser.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.merge:
-        return merge(args.merge, Path(args.out or os.environ.get("OUT") or Path(__file__).parent / "out"))
+        return merge(args.merge, _out_dir(args))
     return worker(args) if args.worker else driver(args)
 
 
