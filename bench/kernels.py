@@ -107,7 +107,8 @@ def ours(*inputs):
 
 
 def whole_ops_inductor(graph_module, example_inputs, cudagraphs: bool = False):
-    """Inductor as backend="mhc" runs it under the recompute policy: the ops traced whole."""
+    """Inductor as backend="mhc" runs it: the ops traced whole, the grad-streams fold, then
+    (passes/inline_kernels.py) the kernels handed to Inductor."""
     with ops.keep_ops_whole():
         return _dynamo_compat.compile_with_inductor(graph_module, example_inputs,
                                                     cudagraphs=cudagraphs)

@@ -66,10 +66,11 @@ def compile_with_inductor(
     """Inductor's entry point for a Dynamo graph (what backend="inductor" calls): AOT autograd,
     partitioning and code generation. It has no public alias.
 
-    passes/fuse_grad_streams.py runs as the post-grad custom pass (after the user's own, if set).
-    Inductor's FX graph cache keys on the graph, not on what our custom ops do: after an upgrade
-    of mhc_compile it would serve code compiled against the old ops (stale stride assertions were
-    seen). The pass's uuid() hashes our sources, which keys the cache on them.
+    passes/fuse_grad_streams.py and then passes/inline_kernels.py run as the post-grad custom
+    pass (after the user's own, if set). Inductor's FX graph cache keys on the graph, not on what
+    our custom ops do: after an upgrade of mhc_compile it would serve code compiled against the old
+    ops (stale stride assertions were seen). The pass's uuid() hashes our sources, which keys the
+    cache on them.
 
     `recompute` (MHCOptions.recompute) installs the recompute policy as a joint-graph pass, the
     only stage that sees forward and backward before the partitioner. Its uuid() holds the
@@ -84,9 +85,9 @@ def compile_with_inductor(
     from torch._inductor.compile_fx import compile_fx
 
     patches = dict(list_mode_options(mode)) if mode is not None else {}
-    fuse, user_post_grad = _FuseGradStreamsPass(), config.post_grad_custom_post_pass
+    post_grad, user_post_grad = _PostGradPass(), config.post_grad_custom_post_pass
     patches["post_grad_custom_post_pass"] = (
-        fuse if user_post_grad is None else _Sequence(user_post_grad, fuse))
+        post_grad if user_post_grad is None else _Sequence(user_post_grad, post_grad))
     if recompute is not False:
         policy = _RecomputePolicyPass(recompute)
         user_pass = config.joint_custom_pre_pass
@@ -108,13 +109,16 @@ def _sources_hash() -> bytes:
     return get_hash_for_files(tuple(str(path) for path in _source_files()))
 
 
-class _FuseGradStreamsPass(CustomGraphPass):
-    """passes/fuse_grad_streams.py on Inductor's post-grad graphs, keyed on our sources."""
+class _PostGradPass(CustomGraphPass):
+    """passes/fuse_grad_streams.py, then passes/inline_kernels.py (which needs the fold done: it
+    takes the whole ops apart) on Inductor's post-grad graphs, keyed on our sources."""
 
     def __call__(self, graph: fx.Graph) -> None:
         from mhc_compile.passes.fuse_grad_streams import fuse_grad_streams
+        from mhc_compile.passes.inline_kernels import inline_kernels
 
         fuse_grad_streams(graph)
+        inline_kernels(graph)
 
     def uuid(self) -> bytes:
         return _sources_hash()
@@ -148,6 +152,50 @@ class _Sequence(CustomGraphPass):
     def uuid(self) -> bytes | None:
         first = self.first.uuid() if isinstance(self.first, CustomGraphPass) else None
         return None if first is None else repr(first).encode() + self.second.uuid()
+
+
+def replace_with_functional_trace(node: fx.Node, function: Callable) -> None:
+    """Replace `node`, a custom-op call in an Inductor post-grad graph, by the functional trace of
+    `function(*node.args, **node.kwargs)` on the nodes' example values: what AOT autograd makes of
+    a triton_op's body (wrap_triton launches become triton_kernel_wrapper_functional nodes,
+    allocations and views aten ops), so Inductor lowers it as it lowers a traced triton_op.
+
+    Private because nothing public splices a traced function into a post-grad graph: Inductor's
+    pattern matcher does (Match.replace_by_example, as Inductor's own
+    decompose_triton_kernel_wrapper_functional uses it: example values, meta, multi-output
+    getitems), and the functional trace is FunctionalTensorMode's dispatch_functionalize under
+    make_fx with Inductor's decompositions (the pattern matcher's default trace does not
+    functionalize, and a kernel writing a buffer in place would leave its readers unordered)."""
+    from torch._inductor.pattern_matcher import CallFunctionVarArgs
+    from torch.utils import _pytree as pytree
+
+    match = CallFunctionVarArgs(node.target).match(node)
+    if not match:
+        raise RuntimeError(f"mhc: cannot replace {node.format_node()}: {match}")
+    leaves, spec = pytree.tree_flatten((list(node.args), dict(node.kwargs)))
+    traced_at = [i for i, leaf in enumerate(leaves) if isinstance(leaf, fx.Node)]
+
+    def call(*values):
+        filled = list(leaves)  # constants (ints, strings) stay in the closure, out of the trace
+        for position, value in zip(traced_at, values):
+            filled[position] = value
+        args, kwargs = pytree.tree_unflatten(filled, spec)
+        return function(*args, **kwargs)
+
+    match.replace_by_example(call, [leaves[i] for i in traced_at], trace_fn=_functional_trace)
+
+
+def _functional_trace(function: Callable, example_values: Sequence[Any]) -> fx.GraphModule:
+    from torch._dispatch.python import enable_python_dispatcher
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._subclasses.functional_tensor import dispatch_functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with enable_python_dispatcher():
+        traced = make_fx(dispatch_functionalize(function), select_decomp_table(),
+                         tracing_mode="real")(*example_values)
+    traced.recompile()
+    return traced
 
 
 def append_argument(node: fx.Node, argument: fx.Node) -> None:

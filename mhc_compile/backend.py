@@ -98,8 +98,9 @@ class MHCBackend:
     def _compile(self, graph_module: fx.GraphModule, example_inputs) -> Callable:
         if self.options.eager:
             return graph_module
-        # AOT autograd traces the joint graph inside this call; the recompute policy tags whole ops.
-        with ops.keep_ops_whole(self.options.recompute is not False):
+        # AOT autograd traces the joint graph inside this call: the recompute policy and the
+        # grad-streams fold work on whole ops, and passes/inline_kernels.py then opens them.
+        with ops.keep_ops_whole():
             return _dynamo_compat.compile_with_inductor(
                 graph_module, example_inputs, recompute=self.options.recompute,
                 cudagraphs=self.options.cudagraphs, mode=self.options.mode)

@@ -8,7 +8,9 @@ its body launches the Triton kernels of templates/ through wrap_triton, so Induc
 compiles the kernels and the small tensor work around them and launches them from its own code.
 Everything else goes to the op's `*_opaque` twin, a custom op Inductor does not trace: the
 plain-PyTorch reference of ``reference.py`` (CPU, float64, n > 8; its backward differentiates the
-reference by recomputing the forward) and the same kernels on CUDA when shapes are symbolic.
+reference by recomputing the forward) and the same kernels on CUDA when shapes are symbolic or
+while `keep_ops_whole` is active (the backend's tracing; passes/inline_kernels.py later swaps in
+the kernels for Inductor).
 Saved for the backward: the op's inputs, and H_pre [..., n] of coefficients_pre_mix.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -56,6 +59,19 @@ def _dense_like(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.new_empty(t.shape) for t in tensors)
 
 
+@dataclass(frozen=True)
+class OpaqueKernels:
+    """What an opaque op runs where the kernels apply: templates.launcher(`launcher`), called with
+    the op's arguments; the streams are argument `streams_at`."""
+
+    launcher: str
+    streams_at: int
+
+
+# Each opaque twin's overload -> its kernels (passes/inline_kernels.py hands them to Inductor).
+OPAQUE_KERNELS: dict[torch._ops.OpOverload, OpaqueKernels] = {}
+
+
 def _opaque(name: str, launcher: str, streams_at: int) -> Callable:
     """A custom op Inductor treats as opaque: the reference on every device, the Triton kernels on
     CUDA where they apply (`launcher`: templates.launcher's name; the streams are argument
@@ -63,6 +79,9 @@ def _opaque(name: str, launcher: str, streams_at: int) -> Callable:
 
     def define(reference_impl: Callable) -> Callable:
         op = torch.library.custom_op(name, reference_impl, mutates_args=())
+        namespace, short_name = name.split("::")
+        overload = getattr(getattr(torch.ops, namespace), short_name).default
+        OPAQUE_KERNELS[overload] = OpaqueKernels(launcher, streams_at)
 
         def on_cuda(*args):
             if templates.kernels_apply(args[streams_at], args):
@@ -95,10 +114,12 @@ _ops_kept_whole = contextvars.ContextVar("mhc_ops_kept_whole", default=False)
 @contextlib.contextmanager
 def keep_ops_whole(enabled: bool = True) -> Iterator[None]:
     """While tracing inside this context, every public op calls its opaque twin, so the traced
-    graph holds one node per op. The recompute policy (passes/recompute_policy.py) needs that: it
-    finds a block's output streams by op name in the joint graph and tags whole ops for the
-    partitioner, while a traced triton_op is decomposed by AOT autograd into its kernels and glue.
-    The twins run the same kernels; only Inductor's view into them is lost."""
+    graph holds one node per op. The backend traces this way: the recompute policy
+    (passes/recompute_policy.py) finds a block's output streams by op name in the joint graph and
+    tags whole ops for the partitioner, and passes/fuse_grad_streams.py hands a gradient to a whole
+    backward op, while a traced triton_op is decomposed by AOT autograd into its kernels and glue.
+    After both, passes/inline_kernels.py replaces each twin by that decomposition, so Inductor
+    still compiles and launches the kernels itself."""
     token = _ops_kept_whole.set(enabled)
     try:
         yield
@@ -106,16 +127,21 @@ def keep_ops_whole(enabled: bool = True) -> Iterator[None]:
         _ops_kept_whole.reset(token)
 
 
-def _kernels_traced(streams: Tensor, args: tuple) -> bool:
-    """Whether the public op's body launches the kernels itself (Inductor then sees them): they
-    apply, no size is symbolic, and no `keep_ops_whole` is active. With dynamic shapes, torch
-    2.11's Inductor failed on the traced kernels' glue (a guard on a symbol without source at a
-    recompile; GPU run of 2026-11-23), so symbolic shapes take the opaque op, which runs the same
-    kernels."""
-    if _ops_kept_whole.get() or not templates.kernels_apply(streams, args):
+def kernels_traceable(streams: Tensor, args: Sequence) -> bool:
+    """Whether Inductor may trace the kernels of an op with these arguments (real or fake): they
+    apply and no size is symbolic. With dynamic shapes, torch 2.11's Inductor failed on the traced
+    kernels' glue (a guard on a symbol without source at a recompile; GPU run of 2026-11-23), so
+    symbolic shapes keep the opaque op, which runs the same kernels."""
+    if not templates.kernels_apply(streams, tuple(args)):
         return False
     tensors = [a for a in args if isinstance(a, Tensor)]
     return not any(isinstance(size, torch.SymInt) for t in tensors for size in t.shape)
+
+
+def _kernels_traced(streams: Tensor, args: tuple) -> bool:
+    """Whether the public op's body launches the kernels itself (Inductor then sees them):
+    kernels_traceable, and no `keep_ops_whole` is active."""
+    return not _ops_kept_whole.get() and kernels_traceable(streams, args)
 
 
 def _dense_grads(grads) -> list[Tensor]:

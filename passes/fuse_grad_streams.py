@@ -7,9 +7,10 @@ backward already writes grad streams in one kernel pass; handed the other gradie
 `accumulate` argument, it reads it there and the add disappears (one read instead of three passes).
 
 This runs on Inductor's post-grad graphs (post_grad_custom_post_pass, installed by
-`_dynamo_compat.compile_with_inductor`), where the ops are whole: the opaque twins under the
-recompute policy, or the public ops where Triton is missing. Where AOT autograd traced into the
-kernels (triton_op, recompute off) there is no op node to hand the gradient to, and the add stays.
+`_dynamo_compat.compile_with_inductor`), where the backend's ops are whole: the opaque twins (it
+traces under ops.keep_ops_whole), or the public ops where Triton is missing; passes/inline_kernels.py
+opens them afterwards. Where AOT autograd traced into the kernels (torch.compile of the public ops
+without our backend) there is no op node to hand the gradient to, and the add stays.
 """
 
 from __future__ import annotations

@@ -423,10 +423,10 @@ def test_cpu_keeps_the_reference():
     assert all(torch.equal(a, b) for a, b in zip(outputs, expected, strict=True))
 
 
-def _check_sublayer_against_float64(sublayer, shape):
-    """`sublayer(*inputs, 20)` on fresh fp32 inputs of (n, C, token shape): output and every input
-    gradient against the float64 reference."""
-    inputs = [t.requires_grad_() for t in _mhc_inputs(*shape, torch.float32)]
+def _check_sublayer_against_float64(sublayer, shape, dtype=torch.float32):
+    """`sublayer(*inputs, 20)` on fresh inputs of (n, C, token shape) with streams of `dtype`:
+    output and every input gradient against the float64 reference."""
+    inputs = [t.requires_grad_() for t in _mhc_inputs(*shape, dtype)]
     out = sublayer(*inputs, 20)
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, inputs, grad_out)
@@ -435,8 +435,8 @@ def _check_sublayer_against_float64(sublayer, shape):
         return reference.sublayer(*tensors, lambda u: u, 20)
 
     (ref_out,), ref_grads = _float64_vjp(forward, inputs, (grad_out,))
-    _assert_close(["out"], [out], [ref_out], torch.float32)
-    _assert_close(COEFFICIENT_GRADS, grads, ref_grads, torch.float32)
+    _assert_close(["out"], [out], [ref_out], dtype)
+    _assert_close(COEFFICIENT_GRADS, grads, ref_grads, dtype)
 
 
 def test_ops_dispatch_to_the_kernels_with_autograd(monkeypatch, poisoned):
@@ -526,6 +526,59 @@ def test_ops_run_the_kernels_on_cuda(compiled):
     (ref_out,), ref_grads = _float64_vjp(forward, inputs, (grad_out,))
     _assert_close(["out"], [out], [ref_out], torch.bfloat16)
     _assert_close(COEFFICIENT_GRADS, grads, ref_grads, torch.bfloat16)
+
+
+@cuda_only
+@pytest.mark.parametrize("shape, dtype", [((4, 96, (2, 33)), torch.bfloat16),
+                                          ((3, 50, (37,)), torch.float32)], ids=["bf16", "fp32"])
+def test_backend_hands_the_kernels_to_inductor(monkeypatch, shape, dtype):
+    """Compiled as backend="mhc" compiles (ops traced whole, the grad-streams fold, then
+    passes/inline_kernels.py): no opaque op is left in Inductor's forward and backward graphs,
+    every kernel runs from Inductor's generated code (none through our launchers at run time), and
+    the sublayer matches the float64 reference."""
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    from mhc_compile import _dynamo_compat, templates
+    from mhc_compile.passes import inline_kernels
+
+    graphs, inline = [], inline_kernels.inline_kernels
+
+    def recording_inline(graph):
+        inlined = inline(graph)
+        graphs.append(graph)
+        return inlined
+
+    monkeypatch.setattr(inline_kernels, "inline_kernels", recording_inline)
+    eager_launches, launcher = [], templates.launcher
+
+    def recording_launcher(name):
+        launch = launcher(name)
+
+        def recorded(*args):
+            if not any(isinstance(a, torch._subclasses.FakeTensor) for a in args):
+                eager_launches.append(name)
+            return launch(*args)
+
+        return recorded
+
+    monkeypatch.setattr(templates, "launcher", recording_launcher)
+
+    def backend(graph_module, example_inputs):
+        with ops.keep_ops_whole():
+            return _dynamo_compat.compile_with_inductor(graph_module, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(_sublayer_through_ops, backend=backend, fullgraph=True)
+    with inductor_config.patch(fx_graph_cache=False), \
+            functorch_config.patch(enable_autograd_cache=False):
+        _check_sublayer_against_float64(compiled, shape, dtype)
+    assert len(graphs) == 2, "expected Inductor's forward and backward graphs"
+    for graph in graphs:
+        targets = [node.target for node in graph.nodes if node.op == "call_function"]
+        assert not set(targets) & set(ops.OPAQUE_KERNELS), graph
+        assert torch.ops.higher_order.triton_kernel_wrapper_functional in targets, graph
+    assert eager_launches == [], f"launched by our launchers at run time: {eager_launches}"
 
 
 @cuda_only

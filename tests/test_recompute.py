@@ -16,13 +16,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._functorch import config as functorch_config
 from torch._inductor import config as inductor_config
-from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.utils.checkpoint import checkpoint
 
 import mhc_compile
 from mhc_compile.examples import LLaMA, llama
 from mhc_compile.options import MHCOptions
+from mhc_compile.passes import inline_kernels
 from mhc_compile.passes.recompute_policy import group_size
 
 N, BATCH, SEQ, WIDTH, DEPTH, VOCAB = 4, 4, 32, 64, 4, 96
@@ -75,17 +76,21 @@ def test_ops_trace_as_their_opaque_twins_while_kept_whole(monkeypatch):
     assert ops._kernels_traced(streams, (streams,))
 
 
-class _GraphRecorder(CustomGraphPass):
-    """Keeps every post-grad graph Inductor compiles (forward, then backward)."""
+class _GraphRecorder:
+    """Inductor's post-grad graphs (forward, then backward) as passes/inline_kernels.py receives
+    them, after the grad-streams fold (`graphs`), and as it leaves them (`final`)."""
 
-    def __init__(self):
-        self.graphs = []
+    def __init__(self, monkeypatch):
+        self.graphs, self.final = [], []
+        inline = inline_kernels.inline_kernels
 
-    def __call__(self, graph):
-        self.graphs.append(graph)
+        def record(graph):
+            self.graphs.append(copy.deepcopy(graph))
+            inlined = inline(graph)
+            self.final.append(graph)
+            return inlined
 
-    def uuid(self):
-        return None  # bypasses the FX graph cache: the graphs must be built in this process
+        monkeypatch.setattr(inline_kernels, "inline_kernels", record)
 
 
 def _saved_shapes(compiled, args):
@@ -142,12 +147,15 @@ _ON_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"
     ("cpu", False, BLOCKS - 1), ("cpu", "auto", 3), ("cpu", 3, 2),
     pytest.param("cuda", "auto", 3, marks=_ON_CUDA),
 ], ids=["off", "auto", "L_r=3", "auto-cuda"])
-def test_backward_keeps_one_stream_per_group_and_rebuilds_groups_in_turn(device, recompute, kept):
+def test_backward_keeps_one_stream_per_group_and_rebuilds_groups_in_turn(
+        monkeypatch, device, recompute, kept):
     model, args = _perturbed_llama(device)
     reference_model = copy.deepcopy(model)
     torch._dynamo.reset()
-    recorder = _GraphRecorder()
-    with inductor_config.patch(post_grad_custom_post_pass=recorder):
+    recorder = _GraphRecorder(monkeypatch)
+    # Inductor's and AOT autograd's caches off: the graphs must be built in this process.
+    with inductor_config.patch(fx_graph_cache=False), \
+            functorch_config.patch(enable_autograd_cache=False):
         compiled = torch.compile(model, backend="mhc", options={"n": N, "recompute": recompute})
         output, saved = _saved_shapes(compiled, args)
         _loss(output, args).backward()
@@ -167,6 +175,9 @@ def test_backward_keeps_one_stream_per_group_and_rebuilds_groups_in_turn(device,
     assert len(accumulating) == BLOCKS
     assert all(_mhc_ops([node.args[13].args[0]], "mhc::post_res_mix_backward")
                for node in accumulating)
+    # passes/inline_kernels.py then hands every op's kernels to Inductor where they apply.
+    opaque_left = _mhc_ops(recorder.final[-1], "mhc::coefficients_pre_mix_backward")
+    assert len(opaque_left) == (0 if device == "cuda" else BLOCKS)
     if recompute is False:
         assert rebuilt == 0
     else:
