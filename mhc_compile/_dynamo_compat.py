@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import fx, nn
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch._subclasses.fake_tensor import FakeTensor
 
 _ROOT = re.compile(r"^(L|G)\[['\"]([^'\"]+)['\"]\]$")
 
@@ -94,7 +95,7 @@ def compile_with_inductor(
         patches["joint_custom_pre_pass"] = policy if user_pass is None else _Sequence(user_pass, policy)
     if cudagraphs:
         patches["triton.cudagraphs"] = True
-    return compile_fx(graph_module, list(example_inputs), config_patches=patches)
+    return compile_fx(graph_module, _static_unless_traced(example_inputs), config_patches=patches)
 
 
 def _source_files() -> list[Path]:
@@ -207,6 +208,23 @@ def append_argument(node: fx.Node, argument: fx.Node) -> None:
     if "eager_input_vals" in node.meta:
         example_args, example_kwargs = node.meta["eager_input_vals"]
         node.meta["eager_input_vals"] = ((*example_args, argument.meta["val"]), example_kwargs)
+
+
+def _static_unless_traced(example_inputs: Sequence[Any]) -> list[Any]:
+    """The example inputs with every real tensor Dynamo did not trace (the mHC parameters the
+    backend adds) as a fake tensor of static shape in Dynamo's fake mode. AOT autograd gives such an
+    input symbolic sizes, finding no symbolic context for it in the private
+    TracingContext.tensor_to_context: phi would be [s0, s1], which keeps the ops' kernels from
+    Inductor (passes/inline_kernels.py takes static shapes only) and adds guards nobody needs."""
+    context = torch._guards.TracingContext.try_get()
+    if context is None or context.fake_mode is None:
+        return list(example_inputs)
+    return [
+        context.fake_mode.from_tensor(value, static_shapes=True)
+        if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor)
+        and value not in context.tensor_to_context else value
+        for value in example_inputs
+    ]
 
 
 def mark_parameter_input(placeholder: fx.Node) -> None:

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._functorch import config as functorch_config
+from torch._inductor import config as inductor_config
 from torch.fx.experimental.proxy_tensor import make_fx
 
+import mhc_compile
 from mhc_compile import _dynamo_compat, ops, templates
+from mhc_compile.examples import llama
 from mhc_compile.passes import inline_kernels
 
 N, C, TOKENS = 4, 24, 6
@@ -64,3 +68,22 @@ def test_more_streams_than_the_kernels_take_keep_the_opaque_ops(kernels_on_cpu, 
 def test_cpu_streams_keep_the_opaque_ops(replaced):
     assert inline_kernels.inline_kernels(_graph("fake")) == 0
     assert replaced == []
+
+
+def test_every_op_of_a_static_model_is_handed_over(kernels_on_cpu, replaced):
+    """Through backend="mhc": the mHC parameters the backend adds as graph inputs reach AOT
+    autograd with static shapes (_dynamo_compat._static_unless_traced); with the symbolic sizes AOT
+    autograd gives unseen real inputs, every coefficient op would stay opaque."""
+    model, args = llama(seed=0, batch=2, seq=8, width=32, depth=2, vocab=64)
+    mhc_compile.prepare(model, *args, n=N)
+    torch._dynamo.reset()
+    # Inductor's and AOT autograd's caches off: the graphs must be built in this process.
+    with inductor_config.patch(fx_graph_cache=False), \
+            functorch_config.patch(enable_autograd_cache=False):
+        compiled = torch.compile(model, backend="mhc", options={"n": N})
+        compiled(*args).sum().backward()
+    blocks = len(model.mhc.blocks)
+    assert blocks == 4
+    for launcher in ("coefficients_pre_mix", "coefficients_pre_mix_backward",
+                     "post_res_mix_backward"):
+        assert replaced.count(launcher) == blocks, (launcher, replaced)
