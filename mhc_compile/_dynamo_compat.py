@@ -298,16 +298,6 @@ def new_checkpoint_region_id() -> int:
 _fallback_region_ids = itertools.count(1)
 
 
-def outside_tracing() -> Any:
-    """A context in which tensors are real again while a tracer runs (make_fx with fake and
-    functional tensors): templates/configs.py tunes a kernel there on stand-in tensors of the
-    traced shapes. torch.utils._python_dispatch._disable_current_modes is private; nothing
-    public leaves the active dispatch modes."""
-    from torch.utils._python_dispatch import _disable_current_modes
-
-    return _disable_current_modes()
-
-
 def triton_compiles_to(executor) -> Any:
     """A context in which Triton's JIT compiles (a kernel's `warmup`) are submitted to `executor`
     and all finished on exit; None where this Triton has none, or one is active already.

@@ -12,7 +12,6 @@ MHC_TRITON_CONFIG forces configs instead of benchmarking (read when the kernels 
     pre_mix_fwd:BLOCK_C=512;post_res_mix_bwd:BLOCK_T=2    per stage; the stages not named autotune
 
 Under TRITON_INTERPRET=1 every stage uses its first config: the interpreter cannot benchmark.
-Inductor, where it compiles the kernels (traced ops), receives the one config chosen here.
 The first config of every stage is valid for every n in 1..8.
 """
 
@@ -181,7 +180,6 @@ _TUNED: dict[str, triton.runtime.Autotuner] = {}
 _LAUNCHED_KEYS: dict[str, set[tuple]] = {}  # per kernel, the keys it was launched with eagerly
 _BY_VALUE: dict[str, frozenset[str]] = {}  # per kernel, the arguments its binary depends on by value
 _COMPILED: dict[tuple, Callable] = {}  # launch specialisation -> launcher of the binary it ran
-_CHOSEN_ONLY: dict[tuple[str, str], triton.runtime.Autotuner] = {}  # (kernel, config) -> for Inductor
 
 
 def active_configs(stage: str) -> list[triton.Config]:
@@ -252,7 +250,7 @@ def launch(kernel_name: str, grid, *args, **kwargs) -> None:
     it directly (_COMPILED): Triton's own path costs several times the launch itself in host time."""
     tuned = _TUNED[kernel_name]
     if _traced(args) and not INTERPRETING:
-        torch.library.wrap_triton(_for_inductor(kernel_name, grid, args, kwargs))[grid](*args, **kwargs)
+        torch.library.wrap_triton(tuned)[grid](*args, **kwargs)
         return
     signature = None if INTERPRETING else _specialisation(kernel_name, args, kwargs)
     if (compiled := _COMPILED.get(signature)) is not None:
@@ -274,30 +272,6 @@ def launch(kernel_name: str, grid, *args, **kwargs) -> None:
                  time.perf_counter() - started, describe(tuned.best_config))
     if signature is not None:
         _COMPILED[signature] = _dynamo_compat.compiled_triton_launcher(tuned, grid, args, kwargs)
-
-
-def _for_inductor(kernel_name: str, grid, args: tuple, kwargs: dict) -> triton.runtime.Autotuner:
-    """What a traced launch hands Inductor: an autotuner holding only the config ours chooses for
-    these arguments' (n, C, dtypes). Handed every candidate, Inductor compiles and benchmarks them
-    all for the kernels of each graph it compiles: with the mHC kernels traced, the C=1024 model's
-    cold compile took 104 s against 43 s before (bench/RESULTS.md, e2e run 6). Our choice is made
-    once per key and kept on disk: tuned here, outside the tracer, on zero-filled tensors of the
-    traced shapes when no launch has tuned that key yet."""
-    tuned = _TUNED[kernel_name]
-    if len(tuned.configs) == 1:
-        return tuned
-    with _dynamo_compat.outside_tracing():
-        stand_ins = [
-            torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device).zero_()
-            if isinstance(a, torch.Tensor) else a
-            for a in args
-        ]
-        launch(kernel_name, grid, *stand_ins, **kwargs)
-    chosen = tuned.best_config
-    key = (kernel_name, describe(chosen))
-    if key not in _CHOSEN_ONLY:
-        _CHOSEN_ONLY[key] = triton.autotune([chosen], key=[])(tuned.fn)
-    return _CHOSEN_ONLY[key]
 
 
 def _specialisation(kernel_name: str, args: tuple, kwargs: dict) -> tuple:
