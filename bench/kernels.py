@@ -9,13 +9,12 @@ with f = identity, bf16 streams [tokens, n, C], fp32 coefficients, sinkhorn_iter
    every output is compared. Buffers the kernels allocate are poisoned with NaN first.
 2. Time (triton.testing.do_bench, median) forward and forward+backward of:
      ours            the mhc:: ops in eager mode (the Triton kernels)
-     ours+inductor   the same under torch.compile (what backend="mhc" runs with recompute off: the
-                     ops are triton_ops, so Inductor compiles the kernels and the work around them
-                     and launches them)
-     ours+whole-ops  the same with the ops kept whole (what backend="mhc" runs for training with the
-                     recompute policy on, the default): Inductor calls our ops, and the post-grad
-                     fold (passes/fuse_grad_streams.py) hands post/res's grad streams to the
-                     coefficient backward instead of leaving autograd's add
+     ours+inductor   the same under torch.compile: the ops are triton_ops, so Inductor compiles
+                     the kernels and the work around them and launches them
+     ours+whole-ops  the same as backend="mhc" compiles it (backend.compile_whole_ops): the ops
+                     traced whole, the post-grad fold (passes/fuse_grad_streams.py) handing
+                     post/res's grad streams to the coefficient backward instead of leaving
+                     autograd's add, then the kernels handed to Inductor (passes/inline_kernels.py)
      ours+whole-ops+graphs   the same with the option cudagraphs=True (Inductor's cudagraph trees:
                      no host cost per kernel launch), on its own copy of the inputs marked as
                      static addresses: cudagraph trees copy any other input into the graph's
@@ -56,7 +55,8 @@ import torch
 import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
-from mhc_compile import _dynamo_compat, ops, reference
+from mhc_compile import ops, reference
+from mhc_compile.backend import compile_whole_ops
 from mhc_compile.templates import (
     coefficients, coefficients_pre_mix, configs, kernels_active, post_res_mix, pre_mix,
 )
@@ -109,9 +109,7 @@ def ours(*inputs):
 def whole_ops_inductor(graph_module, example_inputs, cudagraphs: bool = False):
     """Inductor as backend="mhc" runs it: the ops traced whole, the grad-streams fold, then
     (passes/inline_kernels.py) the kernels handed to Inductor."""
-    with ops.keep_ops_whole():
-        return _dynamo_compat.compile_with_inductor(graph_module, example_inputs,
-                                                    cudagraphs=cudagraphs)
+    return compile_whole_ops(graph_module, example_inputs, cudagraphs=cudagraphs)
 
 
 def naive(*inputs):

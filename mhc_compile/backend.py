@@ -98,12 +98,19 @@ class MHCBackend:
     def _compile(self, graph_module: fx.GraphModule, example_inputs) -> Callable:
         if self.options.eager:
             return graph_module
-        # AOT autograd traces the joint graph inside this call: the recompute policy and the
-        # grad-streams fold work on whole ops, and passes/inline_kernels.py then opens them.
-        with ops.keep_ops_whole():
-            return _dynamo_compat.compile_with_inductor(
-                graph_module, example_inputs, recompute=self.options.recompute,
-                cudagraphs=self.options.cudagraphs, mode=self.options.mode)
+        return compile_whole_ops(graph_module, example_inputs, recompute=self.options.recompute,
+                                 cudagraphs=self.options.cudagraphs, mode=self.options.mode)
+
+
+def compile_whole_ops(graph_module: fx.GraphModule, example_inputs, *,
+                      recompute: str | int | bool = False, cudagraphs: bool = False,
+                      mode: str | None = None) -> Callable:
+    """Inductor on a graph that calls the mhc:: ops, as backend="mhc" compiles it: AOT autograd
+    traces the ops whole, so the recompute policy and the grad-streams fold work on whole ops, and
+    passes/inline_kernels.py then opens them for Inductor."""
+    with ops.keep_ops_whole():
+        return _dynamo_compat.compile_with_inductor(
+            graph_module, example_inputs, recompute=recompute, cudagraphs=cudagraphs, mode=mode)
 
 
 def _ignoring_parameters(traced: fx.GraphModule) -> Callable:

@@ -453,32 +453,40 @@ def test_ops_dispatch_to_the_kernels_with_autograd(monkeypatch, poisoned):
     assert sorted(set(used)) == sorted(templates._LAUNCHERS), "an op did not run its kernel"
 
 
-def test_symbolic_shapes_take_the_opaque_op(monkeypatch):
-    """With symbolic sizes the ops do not trace their kernels (Inductor on torch 2.11 failed on
-    that glue) but call the *_opaque ops: no kernel is launched on fake tensors while tracing. At
-    run time the opaque twins launch the kernels on CUDA and run the reference on CPU. Kernels
-    forced on for CPU tensors, so that a traced branch would be seen there too."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
+def _recorded_launches(monkeypatch) -> list[tuple[str, bool]]:
+    """Every call of an op launcher (templates.launcher) from now on: its name, and whether a
+    tracer made it (fake or functional tensors among its arguments) rather than a run."""
     from mhc_compile import templates
 
-    monkeypatch.setattr(templates, "kernels_active", lambda device: True)
     launches, launcher = [], templates.launcher
 
     def recording_launcher(name):
         launch = launcher(name)
 
         def recorded(*args):
-            launches.append((name, any(isinstance(a, FakeTensor) for a in args)))
+            launches.append((name, any(type(a) not in (torch.Tensor, torch.nn.Parameter)
+                                       for a in args if isinstance(a, torch.Tensor))))
             return launch(*args)
 
         return recorded
 
     monkeypatch.setattr(templates, "launcher", recording_launcher)
+    return launches
+
+
+def test_symbolic_shapes_take_the_opaque_op(monkeypatch):
+    """With symbolic sizes the ops do not trace their kernels (Inductor on torch 2.11 failed on
+    that glue) but call the *_opaque ops: no kernel is launched on a tracer's tensors. At
+    run time the opaque twins launch the kernels on CUDA and run the reference on CPU. Kernels
+    forced on for CPU tensors, so that a traced branch would be seen there too."""
+    from mhc_compile import templates
+
+    monkeypatch.setattr(templates, "kernels_active", lambda device: True)
+    launches = _recorded_launches(monkeypatch)
     torch._dynamo.reset()
     compiled = torch.compile(_sublayer_through_ops, backend="aot_eager", dynamic=True, fullgraph=True)
     _check_sublayer_against_float64(compiled, (2, 12, (5,)))
-    traced = [name for name, on_fake_tensors in launches if on_fake_tensors]
+    traced = [name for name, by_tracer in launches if by_tracer]
     assert traced == [], f"a traced body launched kernels with symbolic shapes: {traced}"
     ran = {name for name, _ in launches}
     assert ran == (set(templates._LAUNCHERS) if ON_GPU else set()), ran
@@ -539,7 +547,7 @@ def test_backend_hands_the_kernels_to_inductor(monkeypatch, shape, dtype):
     from torch._functorch import config as functorch_config
     from torch._inductor import config as inductor_config
 
-    from mhc_compile import _dynamo_compat, templates
+    from mhc_compile.backend import compile_whole_ops
     from mhc_compile.passes import inline_kernels
 
     graphs, inline = [], inline_kernels.inline_kernels
@@ -550,28 +558,9 @@ def test_backend_hands_the_kernels_to_inductor(monkeypatch, shape, dtype):
         return inlined
 
     monkeypatch.setattr(inline_kernels, "inline_kernels", recording_inline)
-    eager_launches, launcher = [], templates.launcher
-
-    def recording_launcher(name):
-        launch = launcher(name)
-
-        def recorded(*args):
-            # Inductor's trace passes FunctionalTensors; a run-time call, plain tensors.
-            if all(type(a) in (torch.Tensor, torch.nn.Parameter)
-                   for a in args if isinstance(a, torch.Tensor)):
-                eager_launches.append(name)
-            return launch(*args)
-
-        return recorded
-
-    monkeypatch.setattr(templates, "launcher", recording_launcher)
-
-    def backend(graph_module, example_inputs):
-        with ops.keep_ops_whole():
-            return _dynamo_compat.compile_with_inductor(graph_module, example_inputs)
-
+    launches = _recorded_launches(monkeypatch)
     torch._dynamo.reset()
-    compiled = torch.compile(_sublayer_through_ops, backend=backend, fullgraph=True)
+    compiled = torch.compile(_sublayer_through_ops, backend=compile_whole_ops, fullgraph=True)
     with inductor_config.patch(fx_graph_cache=False), \
             functorch_config.patch(enable_autograd_cache=False):
         _check_sublayer_against_float64(compiled, shape, dtype)
@@ -581,6 +570,7 @@ def test_backend_hands_the_kernels_to_inductor(monkeypatch, shape, dtype):
         assert not set(targets) & set(ops.OPAQUE_KERNELS), graph
         # Inductor's later passes turn the functional wrappers into mutating ones.
         assert torch.ops.higher_order.triton_kernel_wrapper_mutation in targets, graph
+    eager_launches = [name for name, by_tracer in launches if not by_tracer]
     assert eager_launches == [], f"launched by our launchers at run time: {eager_launches}"
 
 
