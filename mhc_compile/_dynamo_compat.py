@@ -170,6 +170,7 @@ def replace_with_functional_trace(node: fx.Node, function: Callable) -> None:
     from torch._inductor.pattern_matcher import CallFunctionVarArgs
     from torch.utils import _pytree as pytree
 
+    reuse_mhc_kernel_ttir()
     match = CallFunctionVarArgs(node.target).match(node)
     if not match:
         raise RuntimeError(f"mhc: cannot replace {node.format_node()}: {match}")
@@ -197,6 +198,70 @@ def _functional_trace(function: Callable, example_values: Sequence[Any]) -> fx.G
                          tracing_mode="real")(*example_values)
     traced.recompile()
     return traced
+
+
+def reuse_mhc_kernel_ttir() -> None:
+    """Make torch's TTIR generation for our kernels happen once per kernel and signature.
+
+    Tracing a kernel launch (wrap_triton under make_fx), functionalizing it and lowering it in
+    Inductor each compile the kernel to Triton IR to find which tensors it writes
+    (torch._higher_order_ops.triton_kernel_wrap.generate_ttir, uncached in torch 2.11-2.13): three
+    times per launch, for ~19 launches per block. With the kernels handed to Inductor
+    (passes/inline_kernels.py), that was 14 of the 19 extra seconds of a 4-block model's cold
+    compile on the H100 (bench/RESULTS.md, compile profile of 2026-11-23). The IR depends only on
+    the kernel, its tensors' dtypes (every tensor becomes torch.empty(2, dtype) there) and its
+    other arguments' values (symbolic ones become 2), which is the key here. Only kernels from
+    mhc_compile.templates are cached, so nobody else's kernels see a change. Idempotent."""
+    from torch._higher_order_ops import triton_kernel_wrap
+
+    generate = triton_kernel_wrap.generate_ttir
+    if getattr(generate, "_mhc_original", None) is not None:
+        return
+    cache: dict[tuple, Any] = {}
+
+    def generate_once(kernel, kwargs, *rest):
+        key = _ttir_key(kernel, kwargs) if not any(rest) else None
+        if key is None:
+            return generate(kernel, kwargs, *rest)
+        if key not in cache:
+            cache[key] = generate(kernel, kwargs, *rest)
+        return cache[key]
+
+    generate_once._mhc_original = generate
+    triton_kernel_wrap.generate_ttir = generate_once
+
+
+def _ttir_key(kernel, kwargs: dict) -> tuple | None:
+    """What generate_ttir's result depends on, or None for kernels that are not ours or arguments
+    it treats in ways this key does not mirror."""
+    import sympy
+    from torch._inductor.ir import TensorBox
+
+    function = kernel
+    while hasattr(function, "fn"):  # Autotuner -> JITFunction -> the Python function
+        function = function.fn
+    if not getattr(function, "__module__", "").startswith("mhc_compile.templates"):
+        return None
+    values = []
+    for name, value in sorted(kwargs.items()):
+        if isinstance(value, (torch.Tensor, TensorBox)):
+            value = ("tensor", value.dtype)
+        elif isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool, sympy.Expr)):
+            value = ("symbolic",)
+        else:
+            try:
+                hash(value)
+            except TypeError:
+                return None
+            value = (type(value), value)  # 1 and 1.0 are equal but compile to different IR
+        values.append((name, value))
+    return kernel, _current_triton_target(), tuple(values)
+
+
+def _current_triton_target() -> str:
+    import triton
+
+    return repr(triton.runtime.driver.active.get_current_target())
 
 
 def append_argument(node: fx.Node, argument: fx.Node) -> None:

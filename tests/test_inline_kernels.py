@@ -87,3 +87,53 @@ def test_every_op_of_a_static_model_is_handed_over(kernels_on_cpu, replaced):
     for launcher in ("coefficients_pre_mix", "coefficients_pre_mix_backward",
                      "post_res_mix_backward"):
         assert replaced.count(launcher) == blocks, (launcher, replaced)
+
+
+def test_ttir_of_mhc_kernels_is_generated_once_per_signature(monkeypatch):
+    """_dynamo_compat.reuse_mhc_kernel_ttir: torch generates a kernel's Triton IR for every traced
+    and lowered launch; ours are generated once per kernel, dtypes and argument values, and
+    nobody else's kernels are cached."""
+    import triton
+    from torch._higher_order_ops import triton_kernel_wrap
+
+    from mhc_compile.templates import post_res_mix
+
+    generated = []
+
+    def generate_ttir(kernel, kwargs, tma_descriptor_metadata):
+        generated.append(kernel)
+        return object(), list(kwargs)
+
+    monkeypatch.setattr(triton_kernel_wrap, "generate_ttir", generate_ttir)
+    monkeypatch.setattr(_dynamo_compat, "_current_triton_target", lambda: "a GPU")
+    _dynamo_compat.reuse_mhc_kernel_ttir()
+    _dynamo_compat.reuse_mhc_kernel_ttir()  # idempotent: one cache, not a cache of a cache
+
+    @triton.jit
+    def theirs(pointer, size):
+        pass
+
+    ours = post_res_mix._mhc_post_res_mix_fwd_kernel
+    with torch._subclasses.FakeTensorMode():
+        bf16, other_bf16 = torch.empty(8, 4, dtype=torch.bfloat16), torch.empty(3, dtype=torch.bfloat16)
+        fp32 = torch.empty(8, 4)
+
+    def ttir(kernel, pointer, size):
+        return triton_kernel_wrap.generate_ttir(kernel, {"pointer": pointer, "size": size}, {})
+
+    first = ttir(ours, bf16, 64)
+    assert ttir(ours, other_bf16, 64) is first  # every tensor becomes torch.empty(2, dtype)
+    assert len(generated) == 1
+    assert ttir(ours, fp32, 64) is not first and len(generated) == 2
+    ttir(ours, fp32, 65)
+    ttir(ours, fp32, 65)
+    ttir(ours, fp32, 65.0)  # equal to 65, but a float argument
+    assert len(generated) == 4
+    ttir(ours.fn, fp32, 65)  # the JITFunction Inductor's lowering passes, keyed apart
+    ttir(ours.fn, fp32, 65)
+    assert len(generated) == 5
+    ttir(theirs, bf16, 64)
+    ttir(theirs, bf16, 64)
+    assert generated[5:] == [theirs, theirs]
+    triton_kernel_wrap.generate_ttir(ours, {"pointer": bf16, "size": 64}, {"pointer": ("tma",)})
+    assert len(generated) == 8  # TMA descriptors are passed through
