@@ -237,9 +237,12 @@ def _ttir_key(kernel, kwargs: dict) -> tuple | None:
     import sympy
     from torch._inductor.ir import TensorBox
 
-    function = kernel
-    while hasattr(function, "fn"):  # Autotuner -> JITFunction -> the Python function
-        function = function.fn
+    # Tracing hands torch a new Autotuner per launch (its configs pruned for the arguments), so the
+    # key holds what generate_ttir reads of it: the JITFunction and the first config's values.
+    configs = getattr(kernel, "configs", None)
+    jit_function = kernel.fn if configs is not None else kernel
+    first_config = tuple(sorted(configs[0].kwargs.items())) if configs else ()
+    function = getattr(jit_function, "fn", None)
     if not getattr(function, "__module__", "").startswith("mhc_compile.templates"):
         return None
     values = []
@@ -255,7 +258,7 @@ def _ttir_key(kernel, kwargs: dict) -> tuple | None:
                 return None
             value = (type(value), value)  # 1 and 1.0 are equal but compile to different IR
         values.append((name, value))
-    return kernel, _current_triton_target(), tuple(values)
+    return jit_function, first_config, _current_triton_target(), tuple(values)
 
 
 def _current_triton_target() -> str:

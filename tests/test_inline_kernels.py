@@ -89,14 +89,11 @@ def test_every_op_of_a_static_model_is_handed_over(kernels_on_cpu, replaced):
         assert replaced.count(launcher) == blocks, (launcher, replaced)
 
 
-def test_ttir_of_mhc_kernels_is_generated_once_per_signature(monkeypatch):
-    """_dynamo_compat.reuse_mhc_kernel_ttir: torch generates a kernel's Triton IR for every traced
-    and lowered launch; ours are generated once per kernel, dtypes and argument values, and
-    nobody else's kernels are cached."""
-    import triton
+@pytest.fixture
+def generated_ttir(monkeypatch):
+    """The kernels torch's generate_ttir really compiled (a stub stands in: no GPU here), with
+    _dynamo_compat.reuse_mhc_kernel_ttir's cache in front."""
     from torch._higher_order_ops import triton_kernel_wrap
-
-    from mhc_compile.templates import post_res_mix
 
     generated = []
 
@@ -108,6 +105,19 @@ def test_ttir_of_mhc_kernels_is_generated_once_per_signature(monkeypatch):
     monkeypatch.setattr(_dynamo_compat, "_current_triton_target", lambda: "a GPU")
     _dynamo_compat.reuse_mhc_kernel_ttir()
     _dynamo_compat.reuse_mhc_kernel_ttir()  # idempotent: one cache, not a cache of a cache
+    return generated
+
+
+def test_ttir_of_mhc_kernels_is_generated_once_per_signature(generated_ttir):
+    """_dynamo_compat.reuse_mhc_kernel_ttir: torch generates a kernel's Triton IR for every traced
+    and lowered launch; ours are generated once per kernel, dtypes and argument values, and
+    nobody else's kernels are cached."""
+    import triton
+    from torch._higher_order_ops import triton_kernel_wrap
+
+    from mhc_compile.templates import post_res_mix
+
+    generated = generated_ttir
 
     @triton.jit
     def theirs(pointer, size):
@@ -137,3 +147,50 @@ def test_ttir_of_mhc_kernels_is_generated_once_per_signature(monkeypatch):
     assert generated[5:] == [theirs, theirs]
     triton_kernel_wrap.generate_ttir(ours, {"pointer": bf16, "size": 64}, {"pointer": ("tma",)})
     assert len(generated) == 8  # TMA descriptors are passed through
+
+
+# Run in a new process: under TRITON_INTERPRET (this process, without a GPU) wrap_triton runs the
+# kernel instead of tracing it.
+_TRACE_TWO_LAUNCHES = """
+import torch
+from torch._higher_order_ops import triton_kernel_wrap
+from torch._subclasses.functional_tensor import dispatch_functionalize
+from torch.fx.experimental.proxy_tensor import make_fx
+from mhc_compile import _dynamo_compat
+from mhc_compile.templates import post_res_mix
+
+generated = []
+def generate_ttir(kernel, kwargs, tma_descriptor_metadata):
+    generated.append(kernel)
+    return object(), list(kwargs)
+triton_kernel_wrap.generate_ttir = generate_ttir
+_dynamo_compat._current_triton_target = lambda: "a GPU"
+_dynamo_compat.reuse_mhc_kernel_ttir()
+
+def two_launches(streams, y, h_post, h_res):
+    tokens, n, channels = streams.shape
+    out = torch.empty_like(streams)
+    for _ in range(2):
+        torch.library.wrap_triton(post_res_mix._mhc_post_res_mix_fwd_kernel)[(1, 1)](
+            streams, y, h_post, h_res, out, T=tokens, C=channels, n=n, NP=n)
+    return out
+
+make_fx(dispatch_functionalize(two_launches), tracing_mode="fake")(
+    torch.randn(6, 4, 24), torch.randn(6, 24), torch.randn(6, 4), torch.randn(6, 4, 4))
+print("generated", len(generated))
+"""
+
+
+def test_traced_launches_of_one_kernel_share_its_ttir():
+    """Functionalizing a traced launch asks for the kernel's IR with a new Autotuner each time
+    (torch copies it per launch); that must still hit the cache. Keyed on the Autotuner itself,
+    it missed at every launch on the H100 (228 IR compiles for a 12-block model)."""
+    import os
+    import subprocess
+    import sys
+
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _TRACE_TWO_LAUNCHES], env=environment,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-2:] == ["generated", "1"], result.stdout[-1000:]
