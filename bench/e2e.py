@@ -25,7 +25,8 @@ Each variant runs in its own process with fresh Inductor and Triton cache direct
 first step's compile is cold) under a hard time limit; the JSON is rewritten after every variant,
 so a run cut short still returns what it measured. Per variant: median step time, tokens/s, peak
 memory (torch.cuda.max_memory_allocated from the first step on: weights, gradients, AdamW state,
-activations), cold compile (prepare() plus the first step less a median step), and warm compile
+activations), cold compile (prepare() plus the first step less a median step, with the seconds
+of each compile phase in the JSON and the main ones printed), and warm compile
 (the same in a new process on the Inductor and Triton caches the cold run filled, for baseline and
 mhc when time is left; every variant also records a recompile after torch._dynamo.reset() in its
 own process, where even the in-memory caches are warm).
@@ -240,6 +241,25 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+# Where a cold compile goes (torch._dynamo.utils.compile_times; phases nest: the backward's
+# compile also counts in AOT autograd's, lowering and codegen in the compiler's).
+SHOWN_COMPILE_PHASES = {
+    "Dynamo": "bytecode_tracing", "AOT autograd + Inductor": "create_aot_dispatcher_function",
+    "joint trace": "aot_trace_joint_graph",
+    "post-grad passes": "_recursive_post_grad_passes",
+    "of which mhc's": "pass.post_grad_passes.post_grad_custom_post_pass",
+    "lowering": "GraphLowering.run", "codegen": "GraphLowering.codegen",
+    "kernel compiles awaited": "async_compile.wait",
+    "backward": "compile_fx.<locals>.bw_compiler",
+}
+
+
+def compile_phases() -> dict[str, float]:
+    """Seconds per compile phase in this process so far, summed over calls."""
+    names, seconds = torch._dynamo.utils.compile_times(repr="csv", aggregate=True)
+    return {name: float(value) for name, value in zip(names, seconds)}
+
+
 def run_variant(size_name: str, size: dict, variant: str, device: torch.device) -> dict:
     model, ids = build_llama(size, device)
     trained, forward, prepare_s = prepare_variant(variant, model, ids, device)
@@ -252,6 +272,9 @@ def run_variant(size_name: str, size: dict, variant: str, device: torch.device) 
         torch.cuda.reset_peak_memory_stats()
     first_s = timed(step, device)
     log(f"   first step in {first_s:.1f} s")
+    phases = compile_phases()
+    log("   compile: " + ", ".join(f"{label} {phases.get(phase, 0.0):.1f} s"
+                                   for label, phase in SHOWN_COMPILE_PHASES.items()))
     report = getattr(forward, "mhc_report", None)
     if report is not None and not any(b.status == "rewritten" for b in report.blocks):
         raise RuntimeError(f"backend=mhc rewrote no block of the training graph: {report.summary()}")
@@ -278,6 +301,7 @@ def run_variant(size_name: str, size: dict, variant: str, device: torch.device) 
         "peak_memory_bytes": peak,
         "cold_compile_s": prepare_s + first_s - median, "prepare_s": prepare_s,
         "first_step_s": first_s,
+        "compile_phases_s": phases,
         "recompile_in_process_s": again_s,
         "parameters": sum(p.numel() for p in trained.parameters()),
         "forward_kept_bytes": kept,
