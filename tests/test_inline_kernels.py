@@ -1,8 +1,10 @@
-"""passes/inline_kernels.py: which opaque op calls of a post-grad graph are handed to Inductor.
+"""passes/inline_kernels.py: which opaque op calls of a post-grad graph are handed to Inductor,
+and what they become.
 
-Splicing the traced kernels in needs real (not interpreted) Triton kernels, so that part runs on
-the GPU (tests/test_kernels.py, test_backend_hands_the_kernels_to_inductor). Here, on any machine:
-the choice of calls, against graphs traced with static and with symbolic shapes."""
+Here, on any machine: the choice of calls, against graphs traced with static and with symbolic
+shapes; the splice itself and the TTIR cache in a process without Triton's interpreter (tracing a
+launch needs real Triton kernels; torch's TTIR generation, which needs a GPU, is stubbed). Running
+what was spliced in needs the GPU (tests/test_kernels.py, test_backend_hands_the_kernels_to_inductor)."""
 
 from __future__ import annotations
 
@@ -27,11 +29,17 @@ def _sublayer_through_opaque_ops(streams, y, phi, alpha, b_pre, b_post, b_res, g
     return out, ops.post_res_mix_backward_opaque(grad_out, streams, y, h_post, h_res)
 
 
-def _graph(tracing_mode: str, n: int = N) -> torch.fx.Graph:
+def _two_sublayers(streams, y, *parameters_and_grad):
+    """Two calls of each op with the same shapes (what the blocks of a model make)."""
+    out, _ = _sublayer_through_opaque_ops(streams, y, *parameters_and_grad)
+    return _sublayer_through_opaque_ops(out, y, *parameters_and_grad)
+
+
+def _graph(tracing_mode: str, n: int = N, function=_sublayer_through_opaque_ops) -> torch.fx.Graph:
     inputs = (torch.randn(TOKENS, n, C), torch.randn(TOKENS, C), torch.randn(n * C, n * n + 2 * n),
               torch.rand(3), torch.randn(n), torch.randn(n), torch.randn(n, n),
               torch.randn(TOKENS, n, C))
-    return make_fx(_sublayer_through_opaque_ops, tracing_mode=tracing_mode)(*inputs).graph
+    return make_fx(function, tracing_mode=tracing_mode)(*inputs).graph
 
 
 @pytest.fixture
@@ -149,15 +157,14 @@ def test_ttir_of_mhc_kernels_is_generated_once_per_signature(generated_ttir):
     assert len(generated) == 8  # TMA descriptors are passed through
 
 
-# Run in a new process: under TRITON_INTERPRET (this process, without a GPU) wrap_triton runs the
-# kernel instead of tracing it.
-_TRACE_TWO_LAUNCHES = """
+# Tracing a launch needs Triton kernels that are not interpreted, so these run in a new process
+# without TRITON_INTERPRET (this process, without a GPU, interprets them: wrap_triton would run the
+# kernel instead of tracing it). Torch's TTIR generation, which needs a GPU, is a stub that counts.
+_STUBBED_TTIR = """
+import sys
 import torch
 from torch._higher_order_ops import triton_kernel_wrap
-from torch._subclasses.functional_tensor import dispatch_functionalize
-from torch.fx.experimental.proxy_tensor import make_fx
 from mhc_compile import _dynamo_compat
-from mhc_compile.templates import post_res_mix
 
 generated = []
 def generate_ttir(kernel, kwargs, tma_descriptor_metadata):
@@ -166,6 +173,33 @@ def generate_ttir(kernel, kwargs, tma_descriptor_metadata):
 triton_kernel_wrap.generate_ttir = generate_ttir
 _dynamo_compat._current_triton_target = lambda: "a GPU"
 _dynamo_compat.reuse_mhc_kernel_ttir()
+"""
+
+
+def _run_without_interpreter(body: str) -> dict[str, str]:
+    """Run _STUBBED_TTIR + body in a new process; returns its `key value` output lines."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    environment["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(__file__).parent), *filter(None, [environment.get("PYTHONPATH")])])
+    result = subprocess.run([sys.executable, "-c", _STUBBED_TTIR + body], env=environment,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
+
+
+def test_traced_launches_of_one_kernel_share_its_ttir():
+    """Functionalizing a traced launch asks for the kernel's IR with a new Autotuner each time
+    (torch copies it per launch); that must still hit the cache. Keyed on the Autotuner itself,
+    it missed at every launch on the H100 (228 IR compiles for a 12-block model)."""
+    output = _run_without_interpreter("""
+from torch._subclasses.functional_tensor import dispatch_functionalize
+from torch.fx.experimental.proxy_tensor import make_fx
+from mhc_compile.templates import post_res_mix
 
 def two_launches(streams, y, h_post, h_res):
     tokens, n, channels = streams.shape
@@ -178,19 +212,43 @@ def two_launches(streams, y, h_post, h_res):
 make_fx(dispatch_functionalize(two_launches), tracing_mode="fake")(
     torch.randn(6, 4, 24), torch.randn(6, 24), torch.randn(6, 4), torch.randn(6, 4, 4))
 print("generated", len(generated))
-"""
+""")
+    assert output["generated"] == "1"
 
 
-def test_traced_launches_of_one_kernel_share_its_ttir():
-    """Functionalizing a traced launch asks for the kernel's IR with a new Autotuner each time
-    (torch copies it per launch); that must still hit the cache. Keyed on the Autotuner itself,
-    it missed at every launch on the H100 (228 IR compiles for a 12-block model)."""
-    import os
-    import subprocess
-    import sys
+def test_handed_over_ops_become_their_kernels():
+    """inline_kernels splices in each launcher's functional trace: no opaque op is left, each op's
+    kernels appear as triton_kernel_wrapper_functional nodes, the graph stays well formed, and each
+    kernel's IR is generated once for the two sublayers (the GPU test runs the result:
+    test_kernels.py, test_backend_hands_the_kernels_to_inductor)."""
+    output = _run_without_interpreter("""
+import test_inline_kernels as here
+from mhc_compile import ops, templates
+from mhc_compile.passes import inline_kernels
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 
-    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _TRACE_TWO_LAUNCHES], env=environment,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split()[-2:] == ["generated", "1"], result.stdout[-1000:]
+from torch._guards import detect_fake_mode
+from torch._inductor.virtualized import V
+
+templates.kernels_active = lambda device: True  # as on CUDA, for these CPU tensors
+graph = here._graph("fake", function=here._two_sublayers)
+# Inductor runs its post-grad passes in the graph's fake mode (V.fake_mode).
+fake_mode = detect_fake_mode([node.meta["val"] for node in graph.nodes if node.op == "placeholder"])
+with V.set_fake_mode(fake_mode):
+    print("inlined", inline_kernels.inline_kernels(graph))
+graph.lint()
+calls = [node for node in graph.nodes if node.op == "call_function"]
+print("opaque", sum(node.target in ops.OPAQUE_KERNELS for node in calls))
+wrapper = torch.ops.higher_order.triton_kernel_wrapper_functional
+names = [kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.fn.__name__
+         for node in calls if node.target is wrapper]
+print("kernels", ",".join(names))
+print("generated", len(generated))
+""")
+    assert output["inlined"] == "6"
+    assert output["opaque"] == "0"
+    assert output["kernels"].split(",") == 2 * [
+        "_mhc_projection_kernel", "_mhc_coefficients_fwd_kernel", "_mhc_pre_mix_fwd_kernel",
+        "_mhc_post_res_mix_fwd_kernel", "_mhc_post_res_mix_bwd_kernel",
+    ]
+    assert output["generated"] == "5"  # once per kernel, not per launch
