@@ -23,10 +23,16 @@ N, C, TOKENS = 4, 24, 6
 
 
 def _sublayer_through_opaque_ops(streams, y, phi, alpha, b_pre, b_post, b_res, grad_out):
-    _, h_post, h_res, _ = ops.coefficients_pre_mix_opaque(
+    """A sublayer's forward and backward as the opaque ops (y stands in for F(mixed))."""
+    h_pre, h_post, h_res, mixed = ops.coefficients_pre_mix_opaque(
         streams, phi, alpha, b_pre, b_post, b_res, 20, "sinkhorn")
     out = ops.post_res_mix_opaque(streams, y, h_post, h_res)
-    return out, ops.post_res_mix_backward_opaque(grad_out, streams, y, h_post, h_res)
+    grad_streams, grad_y, grad_h_post, grad_h_res = ops.post_res_mix_backward_opaque(
+        grad_out, streams, y, h_post, h_res)
+    grads = ops.coefficients_pre_mix_backward_opaque(
+        torch.zeros_like(h_pre), grad_h_post, grad_h_res, grad_y, h_pre, streams, phi, alpha,
+        b_pre, b_post, b_res, 20, "sinkhorn", grad_streams)
+    return out, grads[0]
 
 
 def _two_sublayers(streams, y, *parameters_and_grad):
@@ -59,8 +65,9 @@ def kernels_on_cpu(monkeypatch):
 
 
 def test_static_calls_whose_kernels_apply_are_handed_over(kernels_on_cpu, replaced):
-    assert inline_kernels.inline_kernels(_graph("fake")) == 3
-    assert replaced == ["coefficients_pre_mix", "post_res_mix", "post_res_mix_backward"]
+    assert inline_kernels.inline_kernels(_graph("fake")) == 4
+    assert replaced == ["coefficients_pre_mix", "post_res_mix", "post_res_mix_backward",
+                        "coefficients_pre_mix_backward"]
 
 
 def test_symbolic_shapes_keep_the_opaque_ops(kernels_on_cpu, replaced):
@@ -245,10 +252,13 @@ names = [kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.fn.__name__
 print("kernels", ",".join(names))
 print("generated", len(generated))
 """)
-    assert output["inlined"] == "6"
+    assert output["inlined"] == "8"
     assert output["opaque"] == "0"
     assert output["kernels"].split(",") == 2 * [
         "_mhc_projection_kernel", "_mhc_coefficients_fwd_kernel", "_mhc_pre_mix_fwd_kernel",
         "_mhc_post_res_mix_fwd_kernel", "_mhc_post_res_mix_bwd_kernel",
+        "_mhc_pre_mix_bwd_kernel", "_mhc_projection_kernel", "_mhc_coefficients_bwd_kernel",
+        "_mhc_coefficients_bwd_streams_kernel",
     ]
-    assert output["generated"] == "5"  # once per kernel, not per launch
+    # Once per kernel and signature, not per launch (the backward's projection is the forward's).
+    assert output["generated"] == "8"
