@@ -1,0 +1,160 @@
+"""Registers and spills of the mHC kernels under every autotune candidate, on any machine (no GPU):
+Triton compiles each kernel for the chosen architecture down to PTX, and ptxas -v (shipped with
+Triton) reports what a GPU would run.
+
+    python3 bench/registers.py [--arch 90] [--n 4 8] [--channels 1024] [--dtype bfloat16] [--out DIR]
+
+What it is for: templates/configs.py keeps, per n, only the candidates its register model says
+will not spill (`_live_elements`, calibrated against ptxas -v). This shows, per kernel, n and config,
+the registers, the spill bytes and whether the model keeps the config: a kept config that spills,
+or a kernel change that starts to spill, shows here before any GPU time is spent on it.
+
+The launches are recorded from the launchers themselves (configs.launch replaced by a recorder,
+CPU tensors, nothing runs), so each kernel gets exactly the arguments a real call passes. Run it
+without TRITON_INTERPRET: the interpreter replaces the kernels it must compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET"):
+    sys.exit("bench/registers.py compiles the kernels: run it without TRITON_INTERPRET")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from mhc_compile import templates  # noqa: E402
+from mhc_compile.templates import configs  # noqa: E402
+
+POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32",
+                 torch.int64: "*i64", torch.int32: "*i32"}
+SINKHORN_ITERS = 20
+
+
+def recorded_launches(n: int, channels: int, dtype: torch.dtype, tokens: int = 64) -> list[tuple]:
+    """(kernel name, args, kwargs) of every kernel launch of a sublayer's forward and backward
+    (with and without the folded grad streams), as the launchers make them."""
+    launches = []
+    original = configs.launch
+    configs.launch = lambda name, grid, *args, **kwargs: launches.append((name, args, kwargs))
+    try:
+        streams = torch.randn(tokens, n, channels).to(dtype)
+        phi = torch.randn(n * channels, n * n + 2 * n)
+        parameters = (phi, torch.rand(3), torch.randn(n), torch.randn(n), torch.randn(n, n))
+        h_pre, h_post, h_res, mixed = templates.launcher("coefficients_pre_mix")(
+            streams, *parameters, SINKHORN_ITERS, "sinkhorn")
+        backward = templates.launcher("coefficients_pre_mix_backward")
+        for accumulate in (None, torch.randn_like(streams)):
+            backward(torch.randn_like(h_pre), torch.randn_like(h_post), torch.randn_like(h_res),
+                     torch.randn_like(mixed), h_pre, streams, *parameters, SINKHORN_ITERS,
+                     "sinkhorn", accumulate)
+        y = torch.randn(tokens, channels).to(dtype)
+        out = templates.launcher("post_res_mix")(streams, y, h_post, h_res)
+        templates.launcher("post_res_mix_backward")(torch.randn_like(out), streams, y, h_post, h_res)
+    finally:
+        configs.launch = original
+    return launches
+
+
+def _signature(jit_function, values: dict) -> tuple[dict, dict, dict]:
+    """Triton's signature, constexprs and attributes (16-byte aligned pointers, as real buffers
+    are) for these argument values."""
+    signature, constexprs, attrs = {}, {}, {}
+    for index, (name, param) in enumerate(zip(jit_function.arg_names, jit_function.params)):
+        value = values[name]
+        if param.is_constexpr:
+            signature[name], constexprs[name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = POINTER_TYPES[value.dtype]
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+        else:
+            signature[name] = "fp32"
+    return signature, constexprs, attrs
+
+
+def resource_usage(jit_function, values: dict, config: triton.Config, arch: int) -> dict:
+    """Registers per thread and spill bytes of one compiled config, from ptxas -v."""
+    signature, constexprs, attrs = _signature(jit_function, {**values, **config.kwargs})
+    compiled = triton.compile(
+        ASTSource(jit_function, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+        ptx.write(compiled.asm["ptx"])
+        ptx.flush()
+        report = subprocess.run(
+            [get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}a", "-o", os.devnull, ptx.name],
+            capture_output=True, text=True, check=True).stderr
+    registers = re.search(r"Used (\d+) registers", report)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    return {"registers": int(registers.group(1)),
+            "spill_store_bytes": int(spills.group(1)), "spill_load_bytes": int(spills.group(2))}
+
+
+def kernel_rows(n: int, channels: int, dtype: torch.dtype, arch: int, only: set[str]) -> list[dict]:
+    rows, seen = [], set()
+    for name, args, kwargs in recorded_launches(n, channels, dtype):
+        tuned = configs._TUNED[name]
+        values = {**dict(zip(tuned.fn.arg_names, args)), **kwargs}
+        variant = tuple(sorted((k, v) for k, v in kwargs.items() if not isinstance(v, torch.Tensor)))
+        if (only and name not in only) or (name, variant) in seen:
+            continue
+        seen.add((name, variant))
+        kept = tuned.early_config_prune(tuned.configs, {}, **kwargs)
+        constexprs = {argument: values[argument]
+                      for argument, param in zip(tuned.fn.arg_names, tuned.fn.params)
+                      if param.is_constexpr and argument in kwargs and argument != "n"}
+        for config in tuned.configs:
+            rows.append({
+                "kernel": name, "n": n, "C": channels, "dtype": str(dtype).removeprefix("torch."),
+                "constexprs": constexprs,
+                "config": configs.describe(config), "kept_by_model": config in kept,
+                **resource_usage(tuned.fn, values, config, arch),
+            })
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
+    parser.add_argument("--n", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--channels", type=int, default=1024)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--kernels", nargs="*", default=[], help="kernel names (default: all)")
+    parser.add_argument("--out", type=Path, default=Path("bench/out"))
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    rows = [row for n in args.n
+            for row in kernel_rows(n, args.channels, dtype, args.arch, set(args.kernels))]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "registers.json").write_text(json.dumps({"arch": args.arch, "rows": rows}, indent=1))
+    print(f"sm_{args.arch}, C={args.channels}, {args.dtype} streams (ptxas -v)")
+    print("| kernel | n | constexprs | config | kept by model | registers | spill stores B |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        constexprs = " ".join(f"{k}={v}" for k, v in row["constexprs"].items())
+        print(f"| {row['kernel']} | {row['n']} | {constexprs} | {row['config']} | "
+              f"{'yes' if row['kept_by_model'] else 'no'} | {row['registers']} | "
+              f"{row['spill_store_bytes']} |")
+    spilling = [r for r in rows if r["kept_by_model"] and r["spill_store_bytes"]]
+    print(f"\n{len(spilling)} kept configs spill" + "".join(
+        f"\n  {r['kernel']} n={r['n']} {r['config']}: {r['spill_store_bytes']} B" for r in spilling))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
