@@ -59,3 +59,27 @@ def test_merge_refuses_runs_of_different_devices(e2e, tmp_path):
     h200, _ = _run_file(e2e, tmp_path, "C2048", 2048, device="H200")
     with pytest.raises(SystemExit, match="the runs differ in device"):
         e2e.merge([h100, h200], tmp_path / "merged")
+
+
+def test_repeated_cold_compiles_take_turns_after_everything_else(e2e):
+    plan = e2e._plan(["C1024"], ["baseline", "mhc", "mhc_bf16"], warm=True, cold_repeats=3)
+    again = [(size, variant) for kind, size, variant in plan if kind == "cold again"]
+    assert again == 2 * [("C1024", "baseline"), ("C1024", "mhc"), ("C1024", "mhc_bf16")]
+    first_repeat = next(i for i, (kind, _, _) in enumerate(plan) if kind == "cold again")
+    assert all(kind == "cold again" for kind, _, _ in plan[first_repeat:])
+    assert not [step for step in e2e._plan(["C1024"], ["baseline", "mhc"], warm=True)
+                if step[0] == "cold again"]
+
+
+def test_cold_compile_ratio_is_of_the_medians(e2e):
+    baseline = _worker_row("C1024", 1024, "baseline", 30.0, 9.0)
+    mhc = _worker_row("C1024", 1024, "mhc", 40.0, 9.5)
+    baseline["cold_compile_s"], mhc["cold_compile_s"] = 41.0, 70.0
+    for seconds in (27.0, 33.0):
+        e2e._add_cold_compile(baseline, seconds)
+    for seconds in (66.0, 90.0):
+        e2e._add_cold_compile(mhc, seconds)
+    assert baseline["cold_compile_s_all"] == [41.0, 27.0, 33.0]
+    summary = e2e.summarize([baseline, mhc])
+    assert summary[1]["cold_compile_ratio"] == pytest.approx(70.0 / 33.0)
+    assert "70.0 (2.12x), median of 70.0, 66.0, 90.0" in e2e.table(summary)
