@@ -614,8 +614,7 @@ def driver(args) -> int:
         left = deadline - time.perf_counter()
         limit = min(LIMIT_S[variant] * args.limit_scale, left - 5)
         if kind == "cold again":
-            row = next((r for r in rows if r["size"] == size_name and r["variant"] == variant
-                        and "error" not in r), None)
+            row = _measured_row(rows, size_name, variant)
             if row is not None and limit >= 30:
                 log(f"\n== {size_name} {variant}: cold compile again (new process, fresh caches)")
                 again = launch(size_name, variant, limit, args.tiny, extra_env=REPEAT_ENV)
@@ -624,8 +623,7 @@ def driver(args) -> int:
                     log(f"-> cold compile {again['cold_compile_s']:.1f} s; median of "
                         f"{len(row['cold_compile_s_all'])}: {row['cold_compile_s']:.1f} s")
         elif kind == "warm":
-            row = next((r for r in rows if r["size"] == size_name and r["variant"] == variant
-                        and "error" not in r), None)
+            row = _measured_row(rows, size_name, variant)
             if row is None:
                 continue
             if limit < 30:
@@ -658,6 +656,12 @@ def driver(args) -> int:
     plot(summary, out / "e2e.png")
     failed = [r for r in summary if "error" in r]
     return 1 if args.tiny and failed else 0
+
+
+def _measured_row(rows: list[dict], size_name: str, variant: str) -> dict | None:
+    """The row of a variant's first cold run, if it measured (warm and repeated compiles join it)."""
+    return next((r for r in rows if r["size"] == size_name and r["variant"] == variant
+                 and "error" not in r), None)
 
 
 def _plan(sizes: list[str], variants: list[str], warm: bool,
