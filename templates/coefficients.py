@@ -139,6 +139,12 @@ def _gate_columns(n: tl.constexpr, GATES: tl.constexpr):
 
 
 @triton.jit
+def _group_sums(values, GROUPS: tl.constexpr, GROUP_T: tl.constexpr):
+    """Sums of [GROUPS * GROUP_T, W] over each group of GROUP_T consecutive rows: [GROUPS, W]."""
+    return tl.sum(tl.reshape(values, (GROUPS, GROUP_T, values.shape[1])), axis=1)
+
+
+@triton.jit
 def _res_columns(n: tl.constexpr, NP: tl.constexpr):
     """phi column of each packed H_res entry [NP * NP] (entry (i, j) -> 2n + i*n + j), and validity."""
     entry = tl.arange(0, NP * NP)
@@ -341,11 +347,7 @@ def mhc_coefficients_fwd(
 # --- backward, step 2: per token block, d(projection), d(sum of squares), parameter partials -------
 
 
-@configs.autotune(
-    "coefficients", "mhc_coefficients_bwd",
-    # Configs write different partial rows (BLOCK_T differs): keep them 0 across benchmarking.
-    restore_value=["grad_bias_partial_ptr", "grad_alpha_partial_ptr"],
-)
+@configs.autotune("coefficients", "mhc_coefficients_bwd")
 @triton.jit
 def _mhc_coefficients_bwd_kernel(
     grad_h_pre_ptr, grad_h_post_ptr, grad_h_res_ptr,
@@ -353,7 +355,7 @@ def _mhc_coefficients_bwd_kernel(
     grad_proj_ptr, grad_sumsq_ptr, grad_bias_partial_ptr, grad_alpha_partial_ptr,
     T, C, splits, sinkhorn_iters, sinkhorn_segment,
     n: tl.constexpr, KP: tl.constexpr, GATES: tl.constexpr, NP: tl.constexpr,
-    SINKHORN: tl.constexpr, BLOCK_T: tl.constexpr,
+    SINKHORN: tl.constexpr, GROUP_T: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     block = tl.program_id(0)
     tokens, token_valid = token_block(block, T, BLOCK_T)
@@ -392,20 +394,29 @@ def _mhc_coefficients_bwd_kernel(
     else:
         grad_res_logits = grad_h_res
 
-    # This block's share of d alpha and d bias; summed over blocks on the host (deterministic).
+    # d alpha and d bias per group of GROUP_T tokens, summed over groups on the host. Every config
+    # writes every group's row, so no row keeps what another config wrote while the autotuner
+    # benchmarked it on these buffers (Inductor's copy of an autotuner drops restore_value).
+    GROUPS: tl.constexpr = BLOCK_T // GROUP_T
+    rows = block * GROUPS + tl.arange(0, GROUPS)
+    row_valid = (rows * GROUP_T < T)[:, None]
     gate_cols, gate_valid = _gate_columns(n, GATES)
-    partial_row = grad_bias_partial_ptr + block * KP
-    tl.store(partial_row + gate_cols, tl.sum(grad_gate_logits, axis=0), mask=gate_valid)
-    tl.store(partial_row + res_cols, tl.sum(grad_res_logits, axis=0), mask=res_valid)
+    partial_rows = grad_bias_partial_ptr + rows[:, None] * KP
+    tl.store(partial_rows + gate_cols[None, :], _group_sums(grad_gate_logits, GROUPS, GROUP_T),
+             mask=row_valid & gate_valid[None, :])
+    tl.store(partial_rows + res_cols[None, :], _group_sums(grad_res_logits, GROUPS, GROUP_T),
+             mask=row_valid & res_valid[None, :])
     is_pre = (gate_cols < n)[None, :]
-    grad_alpha_pre = tl.sum(tl.where(is_pre, grad_gate_logits * h_gates, 0.0))
-    grad_alpha_post = tl.sum(tl.where(is_pre, 0.0, grad_gate_logits * h_gates))
-    grad_alpha_res = tl.sum(grad_res_logits * h_res_raw)
-    which = tl.arange(0, 4)
+    grad_alpha_pre = _group_sums(tl.where(is_pre, grad_gate_logits * h_gates, 0.0), GROUPS, GROUP_T)
+    grad_alpha_post = _group_sums(tl.where(is_pre, 0.0, grad_gate_logits * h_gates), GROUPS, GROUP_T)
+    grad_alpha_res = _group_sums(grad_res_logits * h_res_raw, GROUPS, GROUP_T)
+    which = tl.arange(0, 4)[None, :]
     grad_alpha = tl.where(
-        which == 0, grad_alpha_pre, tl.where(which == 1, grad_alpha_post, grad_alpha_res)
+        which == 0, tl.sum(grad_alpha_pre, axis=1)[:, None],
+        tl.where(which == 1, tl.sum(grad_alpha_post, axis=1)[:, None],
+                 tl.sum(grad_alpha_res, axis=1)[:, None]),
     )
-    tl.store(grad_alpha_partial_ptr + block * 3 + which, grad_alpha, mask=which < 3)
+    tl.store(grad_alpha_partial_ptr + rows[:, None] * 3 + which, grad_alpha, mask=row_valid & (which < 3))
 
     # h = proj / r and r = sqrt(sumsq / nC + eps): d proj = d h / r, d sumsq = d r / (2 r nC),
     # d r = -sum(d h * h) / r.
@@ -508,10 +519,11 @@ def mhc_coefficients_bwd(
     # Step 2: gradients of the projection and of the sums of squares, parameter partials.
     grad_proj = torch.empty((tokens, phi_padded.shape[1]), dtype=torch.float32, device=device)
     grad_sumsq = torch.empty((tokens,), dtype=torch.float32, device=device)
-    # One row per token block of the smallest BLOCK_T; rows of unused blocks stay 0.
-    blocks = configs.ceil_div(tokens, configs.smallest("mhc_coefficients_bwd", "BLOCK_T"))
-    grad_bias_partial = torch.zeros((blocks, phi_padded.shape[1]), dtype=torch.float32, device=device)
-    grad_alpha_partial = torch.zeros((blocks, 3), dtype=torch.float32, device=device)
+    # One row of parameter partials per group of tokens as wide as the smallest BLOCK_T.
+    group_tokens = configs.smallest("mhc_coefficients_bwd", "BLOCK_T")
+    groups = configs.ceil_div(tokens, group_tokens)
+    grad_bias_partial = torch.empty((groups, phi_padded.shape[1]), dtype=torch.float32, device=device)
+    grad_alpha_partial = torch.empty((groups, 3), dtype=torch.float32, device=device)
 
     def token_grid(meta):
         return (configs.ceil_div(tokens, meta["BLOCK_T"]),)
@@ -522,7 +534,7 @@ def mhc_coefficients_bwd(
         proj, sumsq, *gate_parameters, grad_proj, grad_sumsq, grad_bias_partial, grad_alpha_partial,
         T=tokens, C=channels, splits=proj.shape[0], sinkhorn_iters=sinkhorn_iters,
         sinkhorn_segment=max(1, math.ceil(math.sqrt(sinkhorn_iters))),
-        SINKHORN=_is_sinkhorn(constraint), **_layout(n),
+        SINKHORN=_is_sinkhorn(constraint), GROUP_T=group_tokens, **_layout(n),
     )
 
     # Step 3: grad streams, and grad phi per token split.

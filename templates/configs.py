@@ -204,13 +204,16 @@ def _time_candidate(kernel_call: Callable, quantiles) -> list[float]:
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
-def autotune(stage: str, kernel_name: str, restore_value: list[str] | None = None) -> Callable:
+def autotune(stage: str, kernel_name: str) -> Callable:
     """triton.autotune for one kernel of `stage`, keyed on (n, C) and the dtypes of the tensors.
 
     One config (forced, or the default under the interpreter) means no benchmarking at all. The
     choice is kept in memory and in Triton's cache directory (cache_results), so a later process
     with the same Triton and kernels reuses it (`mhc-compile autotune` fills that cache).
-    restore_value names buffers whose contents a benchmarking run must not leave changed.
+
+    No restore_value or reset_to_zero: benchmarking runs every candidate on the real buffers, and
+    under Inductor those options are lost (torch's traced launch rebuilds the autotuner from its
+    pruned configs alone), so each kernel writes all of every output whatever its config.
     """
 
     def decorate(kernel):
@@ -218,7 +221,6 @@ def autotune(stage: str, kernel_name: str, restore_value: list[str] | None = Non
             active_configs(stage),
             key=["n", "C"],
             prune_configs_by={"early_config_prune": _prune(stage)},
-            restore_value=restore_value,
             do_bench=_time_candidate,
             cache_results=True,
         )(kernel)
