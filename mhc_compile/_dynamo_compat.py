@@ -95,12 +95,6 @@ def compile_with_inductor(
         patches["joint_custom_pre_pass"] = policy if user_pass is None else _Sequence(user_pass, policy)
     if cudagraphs:
         patches["triton.cudagraphs"] = True
-    # Our kernels reach Inductor as user-defined Triton kernels, which it launches through
-    # Triton's own launcher unless told otherwise: a C module that gcc builds at a cold start for
-    # each kernel signature (~0.3 s each, 9 of them at 4 blocks on the H100) and that costs more
-    # host time per launch than Inductor's static launcher. Inductor falls back to Triton's
-    # launcher for any kernel its static launcher cannot take.
-    patches["static_launch_user_defined_triton_kernels"] = True
     return compile_fx(graph_module, _static_unless_traced(example_inputs), config_patches=patches)
 
 
