@@ -406,17 +406,17 @@ def _mhc_coefficients_bwd_kernel(
              mask=row_valid & gate_valid[None, :])
     tl.store(partial_rows + res_cols[None, :], _group_sums(grad_res_logits, GROUPS, GROUP_T),
              mask=row_valid & res_valid[None, :])
+    # Per token, d alpha_pre, d alpha_post and d alpha_res (the fourth column is padding).
     is_pre = (gate_cols < n)[None, :]
-    grad_alpha_pre = _group_sums(tl.where(is_pre, grad_gate_logits * h_gates, 0.0), GROUPS, GROUP_T)
-    grad_alpha_post = _group_sums(tl.where(is_pre, 0.0, grad_gate_logits * h_gates), GROUPS, GROUP_T)
-    grad_alpha_res = _group_sums(grad_res_logits * h_res_raw, GROUPS, GROUP_T)
+    gate_terms = grad_gate_logits * h_gates
     which = tl.arange(0, 4)[None, :]
-    grad_alpha = tl.where(
-        which == 0, tl.sum(grad_alpha_pre, axis=1)[:, None],
-        tl.where(which == 1, tl.sum(grad_alpha_post, axis=1)[:, None],
-                 tl.sum(grad_alpha_res, axis=1)[:, None]),
+    alpha_terms = tl.where(
+        which == 0, tl.sum(tl.where(is_pre, gate_terms, 0.0), axis=1)[:, None],
+        tl.where(which == 1, tl.sum(tl.where(is_pre, 0.0, gate_terms), axis=1)[:, None],
+                 tl.sum(grad_res_logits * h_res_raw, axis=1)[:, None]),
     )
-    tl.store(grad_alpha_partial_ptr + rows[:, None] * 3 + which, grad_alpha, mask=row_valid & (which < 3))
+    tl.store(grad_alpha_partial_ptr + rows[:, None] * 3 + which,
+             _group_sums(alpha_terms, GROUPS, GROUP_T), mask=row_valid & (which < 3))
 
     # h = proj / r and r = sqrt(sumsq / nC + eps): d proj = d h / r, d sumsq = d r / (2 r nC),
     # d r = -sum(d h * h) / r.
