@@ -95,7 +95,7 @@ def make_inputs(tokens: int, n: int, channels: int, seed: int) -> list[torch.Ten
 
 def sublayer_parts(impl, streams, phi, alpha, b_pre, b_post, b_res) -> dict[str, torch.Tensor]:
     """The sublayer through `impl` (mhc_compile.ops or mhc_compile.reference), f = identity."""
-    h_pre, h_post, h_res, mixed = impl.coefficients_pre_mix(
+    h_pre, h_post, h_res, mixed, *_ = impl.coefficients_pre_mix(
         streams, phi, alpha, b_pre, b_post, b_res, ITERS, "sinkhorn"
     )
     out = impl.post_res_mix(streams, mixed, h_post, h_res)
@@ -196,16 +196,16 @@ def floor_bytes(tokens: int, n: int, channels: int) -> int:
 def kernel_bytes(tokens: int, n: int, channels: int) -> dict[str, int]:
     """Stream bytes each of our kernels moves (coefficient-sized traffic left out)."""
     per_token = {
-        "projection": n,  # read x (inside the coefficients' forward and backward)
+        "projection": n,  # read x (inside the coefficients' forward)
         "coefficients_fwd": n,  # read x
         "pre_mix_fwd": n + 1,  # read x, write u
         "coefficients_pre_mix_fwd": 2 * n + 1,  # the op: the two above
         "post_res_mix_fwd": 2 * n + 1,  # read x, y; write x'
         "post_res_mix_bwd": 3 * n + 2,  # read dx', x, y; write dx, dy
         "pre_mix_bwd": 2 * n + 1,  # read du, x; write its share of dx
-        "coefficients_bwd": 4 * n,  # read x twice, the pre-mix's dx; write dx
-        "coefficients_pre_mix_bwd": 6 * n + 1,  # the op: the two above
-        "coefficients_pre_mix_bwd+acc": 7 * n + 1,  # + read post/res's dx (the fold)
+        "coefficients_bwd": 3 * n,  # read x, the pre-mix's dx; write dx
+        "coefficients_pre_mix_bwd": 5 * n + 1,  # the op: the two above
+        "coefficients_pre_mix_bwd+acc": 6 * n + 1,  # + read post/res's dx (the fold)
         "grad_accumulate_add": 3 * n,  # autograd sums the two ops' dx: read 2, write 1
     }
     return {k: v * channels * tokens * STREAM_DTYPE.itemsize for k, v in per_token.items()}
@@ -355,9 +355,9 @@ def time_kernels(inputs) -> dict[str, dict[str, float]]:
     """Median ms of each of our kernels alone (launchers called directly), eager and as a graph."""
     streams, phi, alpha, b_pre, b_post, b_res = parameters = [t.detach() for t in inputs]
     outputs = coefficients_pre_mix.mhc_coefficients_pre_mix_fwd(*parameters, ITERS, "sinkhorn")
-    h_pre, h_post, h_res, mixed = outputs
+    h_pre, h_post, h_res, mixed, proj, sum_squares = outputs
     grad_streams = torch.randn_like(streams)
-    grad_outputs = [torch.randn_like(t) for t in outputs]
+    grad_outputs = [torch.randn_like(t) for t in outputs[:4]]
     calls = {
         "projection": lambda: coefficients._projection(streams, coefficients._padded_phi(phi)),
         "coefficients_fwd": lambda: coefficients.mhc_coefficients_fwd(*parameters, ITERS, "sinkhorn"),
@@ -369,12 +369,14 @@ def time_kernels(inputs) -> dict[str, dict[str, float]]:
             grad_streams, streams, mixed, h_post, h_res),
         "pre_mix_bwd": lambda: pre_mix.mhc_pre_mix_bwd(mixed, streams, h_pre),
         "coefficients_bwd": lambda: coefficients.mhc_coefficients_bwd(
-            *grad_outputs[:3], *parameters, ITERS, "sinkhorn", accumulate=grad_streams),
+            *grad_outputs[:3], proj, sum_squares, *parameters, ITERS, "sinkhorn",
+            accumulate=grad_streams),
         "coefficients_pre_mix_bwd": lambda: coefficients_pre_mix.mhc_coefficients_pre_mix_bwd(
-            *grad_outputs, h_pre, *parameters, ITERS, "sinkhorn"),
+            *grad_outputs, h_pre, proj, sum_squares, *parameters, ITERS, "sinkhorn"),
         "coefficients_pre_mix_bwd+acc": lambda: (
             coefficients_pre_mix.mhc_coefficients_pre_mix_bwd(
-                *grad_outputs, h_pre, *parameters, ITERS, "sinkhorn", grad_streams)),
+                *grad_outputs, h_pre, proj, sum_squares, *parameters, ITERS, "sinkhorn",
+                grad_streams)),
         "grad_accumulate_add": lambda: streams + grad_streams,
     }
     return {name: {"ms": bench(call), **split_host_and_gpu(call)} for name, call in calls.items()}

@@ -52,12 +52,13 @@ def recorded_launches(n: int, channels: int, dtype: torch.dtype, tokens: int = 6
         streams = torch.randn(tokens, n, channels).to(dtype)
         phi = torch.randn(n * channels, n * n + 2 * n)
         parameters = (phi, torch.rand(3), torch.randn(n), torch.randn(n), torch.randn(n, n))
-        h_pre, h_post, h_res, mixed = templates.launcher("coefficients_pre_mix")(
+        h_pre, h_post, h_res, mixed, proj, sum_squares = templates.launcher("coefficients_pre_mix")(
             streams, *parameters, SINKHORN_ITERS, "sinkhorn")
         backward = templates.launcher("coefficients_pre_mix_backward")
         for accumulate in (None, torch.randn_like(streams)):
             backward(torch.randn_like(h_pre), torch.randn_like(h_post), torch.randn_like(h_res),
-                     torch.randn_like(mixed), h_pre, streams, *parameters, SINKHORN_ITERS,
+                     torch.randn_like(mixed), h_pre, proj, sum_squares, streams, *parameters,
+                     SINKHORN_ITERS,
                      "sinkhorn", accumulate)
         y = torch.randn(tokens, channels).to(dtype)
         out = templates.launcher("post_res_mix")(streams, y, h_post, h_res)

@@ -237,7 +237,7 @@ class _CoefficientTaps:
         records = self.records
 
         def mhc_gain_tap(outputs):
-            h_pre, h_post, h_res, _mixed = outputs
+            h_pre, h_post, h_res = outputs[:3]
             records.append(_Tapped(graph_index, chain, position, key, h_pre, h_post, h_res))
 
         return mhc_gain_tap

@@ -11,7 +11,9 @@ plain-PyTorch reference of ``reference.py`` (CPU, float64, n > 8; its backward d
 reference by recomputing the forward) and the same kernels on CUDA when shapes are symbolic or
 while `keep_ops_whole` is active (the backend's tracing; passes/inline_kernels.py later swaps in
 the kernels for Inductor).
-Saved for the backward: the op's inputs, and H_pre [..., n] of coefficients_pre_mix.
+Saved for the backward: the op's inputs, and of coefficients_pre_mix's outputs H_pre [..., n], the
+projection v @ phi [..., n*n+2n] and the sums of squares [...] (non-differentiable outputs that
+exist for the backward: the kernels' backward does not re-read the streams to recompute them).
 """
 
 from __future__ import annotations
@@ -162,10 +164,13 @@ def coefficients_pre_mix_opaque(
     b_res: Tensor,
     sinkhorn_iters: int,
     constraint: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _dense(*reference.coefficients_pre_mix(
-        streams, phi, alpha, b_pre, b_post, b_res, sinkhorn_iters, constraint
-    ))
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    proj, sum_squares = reference.projection(streams, phi)
+    h_pre, h_post, h_res = reference.coefficients_of_projection(
+        proj, sum_squares, streams.shape[-2] * streams.shape[-1], alpha, b_pre, b_post, b_res,
+        sinkhorn_iters, constraint,
+    )
+    return _dense(h_pre, h_post, h_res, reference.pre_mix(streams, h_pre), proj, sum_squares)
 
 
 @coefficients_pre_mix_opaque.register_fake
@@ -174,7 +179,8 @@ def _(streams, phi, alpha, b_pre, b_post, b_res, sinkhorn_iters, constraint):
     dtype = reference.coefficient_dtype(streams.dtype)
     gate = streams.new_empty((*lead, n), dtype=dtype)
     mixed = streams.new_empty(streams.shape[:-2] + streams.shape[-1:])
-    return gate, torch.empty_like(gate), streams.new_empty((*lead, n, n), dtype=dtype), mixed
+    return (gate, torch.empty_like(gate), streams.new_empty((*lead, n, n), dtype=dtype), mixed,
+            streams.new_empty((*lead, n * n + 2 * n), dtype=dtype), streams.new_empty(lead, dtype=dtype))
 
 
 @_traced_op("mhc::coefficients_pre_mix")
@@ -187,22 +193,26 @@ def coefficients_pre_mix(
     b_res: Tensor,
     sinkhorn_iters: int,
     constraint: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """streams [..., n, C] -> h_pre [..., n], h_post [..., n], h_res [..., n, n] (fp32, fp64 for
-    fp64 streams) and mixed = H_pre x_l [..., C] in the stream dtype."""
+    fp64 streams), mixed = H_pre x_l [..., C] in the stream dtype, and for the backward the
+    projection v @ phi [..., n*n+2n] and the sums of squares of v [...] (reference.projection;
+    the coefficient dtype; not differentiable)."""
     args = (streams, phi, alpha, b_pre, b_post, b_res, sinkhorn_iters, constraint)
     if _kernels_traced(streams, args):
         return templates.launcher("coefficients_pre_mix")(*args)
     return coefficients_pre_mix_opaque(*args)
 
 
-@_opaque("mhc::coefficients_pre_mix_backward_opaque", "coefficients_pre_mix_backward", streams_at=5)
+@_opaque("mhc::coefficients_pre_mix_backward_opaque", "coefficients_pre_mix_backward", streams_at=7)
 def coefficients_pre_mix_backward_opaque(
     grad_h_pre: Tensor,
     grad_h_post: Tensor,
     grad_h_res: Tensor,
     grad_mixed: Tensor,
     h_pre: Tensor,
+    projection: Tensor,
+    sum_squares: Tensor,
     streams: Tensor,
     phi: Tensor,
     alpha: Tensor,
@@ -216,7 +226,8 @@ def coefficients_pre_mix_backward_opaque(
     def forward(*tensors):
         return reference.coefficients_pre_mix(*tensors, sinkhorn_iters, constraint)
 
-    # h_pre (the forward's, saved for the kernels) is recomputed here with the rest.
+    # h_pre, the projection and the sums of squares (the forward's, saved for the kernels) are
+    # recomputed here with the rest: the reference backward depends on the inputs alone.
     grad_streams, *grad_parameters = _reference_vjp(
         forward, (streams, phi, alpha, b_pre, b_post, b_res),
         (grad_h_pre, grad_h_post, grad_h_res, grad_mixed),
@@ -227,8 +238,8 @@ def coefficients_pre_mix_backward_opaque(
 
 
 @coefficients_pre_mix_backward_opaque.register_fake
-def _(grad_h_pre, grad_h_post, grad_h_res, grad_mixed, h_pre, streams, phi, alpha, b_pre, b_post,
-      b_res, *_, **__):
+def _(grad_h_pre, grad_h_post, grad_h_res, grad_mixed, h_pre, projection, sum_squares, streams, phi,
+      alpha, b_pre, b_post, b_res, *_, **__):
     return _dense_like(streams, phi, alpha, b_pre, b_post, b_res)
 
 
@@ -239,6 +250,8 @@ def coefficients_pre_mix_backward(
     grad_h_res: Tensor,
     grad_mixed: Tensor,
     h_pre: Tensor,
+    projection: Tensor,
+    sum_squares: Tensor,
     streams: Tensor,
     phi: Tensor,
     alpha: Tensor,
@@ -249,24 +262,28 @@ def coefficients_pre_mix_backward(
     constraint: str,
     accumulate: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Exact gradients of streams, phi, alpha, b_pre, b_post, b_res from those of the four outputs;
-    h_pre [..., n] is the forward's. The pre-mix's and the coefficients' shares of grad streams
+    """Exact gradients of streams, phi, alpha, b_pre, b_post, b_res from those of the four
+    differentiable outputs; h_pre, projection and sum_squares are the forward's. The pre-mix's and the coefficients' shares of grad streams
     come as one tensor, with `accumulate` [..., n, C] added when given: the streams' gradient from
     their other reader, which passes/fuse_grad_streams.py hands over in compiled backward graphs so
     that no separate add is left. Sinkhorn's iterates are recomputed, never stored."""
-    args = (grad_h_pre, grad_h_post, grad_h_res, grad_mixed, h_pre, streams, phi, alpha, b_pre,
-            b_post, b_res, sinkhorn_iters, constraint, accumulate)
+    args = (grad_h_pre, grad_h_post, grad_h_res, grad_mixed, h_pre, projection, sum_squares, streams,
+            phi, alpha, b_pre, b_post, b_res, sinkhorn_iters, constraint, accumulate)
     if _kernels_traced(streams, args):
         return templates.launcher("coefficients_pre_mix_backward")(*args)
     return coefficients_pre_mix_backward_opaque(*args)
 
 
-def _save_inputs_and_h_pre(ctx, inputs, output):
-    ctx.save_for_backward(output[0], *(t for t in inputs if isinstance(t, Tensor)))
+def _save_inputs_h_pre_and_projection(ctx, inputs, output):
+    h_pre, *_, projection, sum_squares = output
+    ctx.mark_non_differentiable(projection, sum_squares)
+    ctx.save_for_backward(
+        h_pre, projection, sum_squares, *(t for t in inputs if isinstance(t, Tensor))
+    )
     ctx.static_args = tuple(a for a in inputs if not isinstance(a, Tensor))
 
 
-def _coefficients_pre_mix_grad(ctx, grad_h_pre, grad_h_post, grad_h_res, grad_mixed):
+def _coefficients_pre_mix_grad(ctx, grad_h_pre, grad_h_post, grad_h_res, grad_mixed, *_):
     grads = coefficients_pre_mix_backward(
         *_dense_grads((grad_h_pre, grad_h_post, grad_h_res, grad_mixed)),
         *ctx.saved_tensors, *ctx.static_args,
@@ -275,7 +292,7 @@ def _coefficients_pre_mix_grad(ctx, grad_h_pre, grad_h_post, grad_h_res, grad_mi
 
 
 coefficients_pre_mix.register_autograd(
-    _coefficients_pre_mix_grad, setup_context=_save_inputs_and_h_pre
+    _coefficients_pre_mix_grad, setup_context=_save_inputs_h_pre_and_projection
 )
 
 

@@ -39,6 +39,45 @@ def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
     return log_m.exp()
 
 
+def projection(streams: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token, v @ phi [..., n*n+2n] and the sum of squares of v [...], v being the n*C stream
+    values, in the coefficient dtype: all the coefficients need from the streams (paper Eq. 7)."""
+    *lead, n, channels = streams.shape
+    dtype = coefficient_dtype(streams.dtype)
+    flat = streams.reshape(*lead, n * channels).to(dtype)
+    return flat @ phi.to(dtype), flat.square().sum(dim=-1)
+
+
+def coefficients_of_projection(
+    proj: torch.Tensor,
+    sum_squares: torch.Tensor,
+    width: int,
+    alpha: torch.Tensor,
+    b_pre: torch.Tensor,
+    b_post: torch.Tensor,
+    b_res: torch.Tensor,
+    sinkhorn_iters: int,
+    constraint: str = "sinkhorn",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """H_pre, H_post, H_res from `projection`'s two outputs over `width` = n*C stream values.
+
+    r = RMS of the stream values; h = (v @ phi) / r (the norm is divided after the matmul);
+    H_pre = sigmoid(alpha_pre h_pre + b_pre), H_post = 2 sigmoid(alpha_post h_post + b_post),
+    H_res = SinkhornKnopp(alpha_res mat(h_res) + b_res), or the raw logits when constraint="none"
+    (unconstrained hyper-connections, the paper's ablation).
+    """
+    n = b_pre.shape[-1]
+    dtype = proj.dtype
+    rms = torch.sqrt(sum_squares.unsqueeze(-1) / width + RMS_EPS)
+    h = proj / rms
+    alpha = alpha.to(dtype)
+    h_pre = torch.sigmoid(alpha[0] * h[..., :n] + b_pre.to(dtype))
+    h_post = 2.0 * torch.sigmoid(alpha[1] * h[..., n : 2 * n] + b_post.to(dtype))
+    res_logits = alpha[2] * h[..., 2 * n :].unflatten(-1, (n, n)) + b_res.to(dtype)
+    h_res = sinkhorn(res_logits, sinkhorn_iters) if constraint == "sinkhorn" else res_logits
+    return h_pre, h_post, h_res
+
+
 def coefficients(
     streams: torch.Tensor,
     phi: torch.Tensor,
@@ -49,24 +88,12 @@ def coefficients(
     sinkhorn_iters: int,
     constraint: str = "sinkhorn",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """H_pre, H_post, H_res for every token (paper Eq. 7-8).
-
-    r = RMS over the n*C stream values; h = (v @ phi) / r (the norm is divided after the matmul);
-    H_pre = sigmoid(alpha_pre h_pre + b_pre), H_post = 2 sigmoid(alpha_post h_post + b_post),
-    H_res = SinkhornKnopp(alpha_res mat(h_res) + b_res), or the raw logits when constraint="none"
-    (unconstrained hyper-connections, the paper's ablation).
-    """
-    *lead, n, channels = streams.shape
-    dtype = coefficient_dtype(streams.dtype)
-    flat = streams.reshape(*lead, n * channels).to(dtype)
-    rms = torch.sqrt(flat.square().mean(dim=-1, keepdim=True) + RMS_EPS)
-    h = (flat @ phi.to(dtype)) / rms
-    alpha = alpha.to(dtype)
-    h_pre = torch.sigmoid(alpha[0] * h[..., :n] + b_pre.to(dtype))
-    h_post = 2.0 * torch.sigmoid(alpha[1] * h[..., n : 2 * n] + b_post.to(dtype))
-    res_logits = alpha[2] * h[..., 2 * n :].reshape(*lead, n, n) + b_res.to(dtype)
-    h_res = sinkhorn(res_logits, sinkhorn_iters) if constraint == "sinkhorn" else res_logits
-    return h_pre, h_post, h_res
+    """H_pre, H_post, H_res for every token (paper Eq. 7-8): `coefficients_of_projection` of the
+    streams' `projection`."""
+    width = streams.shape[-2] * streams.shape[-1]
+    return coefficients_of_projection(
+        *projection(streams, phi), width, alpha, b_pre, b_post, b_res, sinkhorn_iters, constraint
+    )
 
 
 def pre_mix(streams: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,6 @@ from mhc_compile.passes.recompute_policy import op_name
 log = logging.getLogger(__name__)
 
 COEFFICIENTS_BACKWARD = "mhc::coefficients_pre_mix_backward"
-_ACCUMULATE_AT = 13  # position of `accumulate` in the op's schema (mhc_compile/ops.py)
 
 
 @dataclass
@@ -62,7 +61,7 @@ def fuse_grad_streams(graph: fx.Graph) -> int:
 
 def _grad_streams_add(backward: fx.Node, position: dict[fx.Node, int]) -> GradStreamsAdd | str:
     """The add that `backward`'s grad streams feed when folding it is exact, else why not."""
-    if len(backward.args) != _ACCUMULATE_AT or backward.kwargs:
+    if len(backward.args) != _accumulate_position(backward) or backward.kwargs:
         return "it has an accumulate already"
     grad_streams = [user for user in backward.users
                     if user.target is operator.getitem and user.args[1] == 0]
@@ -81,6 +80,11 @@ def _grad_streams_add(backward: fx.Node, position: dict[fx.Node, int]) -> GradSt
     if not _same_tensor_type(grad_streams[0], other, add):
         return "the addends differ in shape, dtype or device (a broadcast or a promotion)"
     return GradStreamsAdd(add, grad_streams[0], other)
+
+
+def _accumulate_position(backward: fx.Node) -> int:
+    """Where `accumulate`, the last argument, sits in the backward op's schema (mhc_compile/ops.py)."""
+    return [argument.name for argument in backward.target._schema.arguments].index("accumulate")
 
 
 def _same_tensor_type(*nodes: fx.Node) -> bool:

@@ -80,7 +80,8 @@ def _rewrite_block(graph, block: ResidualBlock, streams, params: BlockParameterN
             params.b_pre, params.b_post, params.b_res, options.sinkhorn_iters, options.constraint,
             like=block.add, role="coefficients_pre_mix",
         )
-        # Output 0, h_pre, is only read inside the op (by the pre-mix).
+        # Output 0, h_pre, is only read inside the op (by the pre-mix), and outputs 4 and 5 (the
+        # projection and the sums of squares) by its backward.
         h_post, h_res, mixed = (
             _call(graph, operator.getitem, coefficients, i, like=block.add) for i in (1, 2, 3)
         )

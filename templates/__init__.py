@@ -108,7 +108,7 @@ def tune_sublayer(
     parameters = [phi, torch.rand(3, device=device) + 0.5, *(torch.randn(s, device=device)
                   for s in ((n,), (n,), (n, n)))]
     parameters = [p.requires_grad_() for p in parameters]
-    _, h_post, h_res, mixed = ops.coefficients_pre_mix(
+    _, h_post, h_res, mixed, *_ = ops.coefficients_pre_mix(
         streams, *parameters, sinkhorn_iters, "sinkhorn"
     )
     out = ops.post_res_mix(streams, mixed, h_post, h_res)

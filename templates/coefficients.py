@@ -8,15 +8,19 @@ gets the block sizes, warps and occupancy that suit it:
               FMA units), written as per-split partials [splits, T, KP] (a few % of the stream
               bytes);
   forward     per token block: sum the partials, divide by the RMS (after the matmul), then alpha,
-              bias, sigmoid, 2*sigmoid and the Sinkhorn iterations in registers;
-  backward    the projection again (recomputed, not saved), then per token block the gradient of
-              the gates and of Sinkhorn (iterates recomputed on chip, `_sinkhorn_bwd`) w.r.t. the
-              projection [T, n*n+2n] and the sum of squares [T], with per-block partial sums for
-              alpha and the biases; last, per (n*C column block, token split), grad streams =
-              grad_proj @ phi^T + 2 grad_sumsq x + `accumulate` (the pre-mix's share, so that the
-              op writes one grad streams) and grad phi partials x^T @ grad_proj.
+              bias, sigmoid, 2*sigmoid and the Sinkhorn iterations in registers; the summed
+              projection [T, n*n+2n] and sums of squares [T] are written for the backward;
+  backward    per token block, from the forward's projection, the gradient of the gates and of
+              Sinkhorn (iterates recomputed on chip, `_sinkhorn_bwd`) w.r.t. the projection and the
+              sum of squares, with per-group partial sums for alpha and the biases; then, per (n*C
+              column block, token split), grad streams = grad_proj @ phi^T + 2 grad_sumsq x +
+              `accumulate` (the pre-mix's share, so that the op writes one grad streams) and grad
+              phi partials x^T @ grad_proj.
 Every reduction across programs writes partials that are summed afterwards in a fixed order: no
-atomics, deterministic. Saved between forward and backward: nothing but the op's inputs.
+atomics, deterministic. Saved between forward and backward: the op's inputs and the projection
+((n*n + 2n + 1) fp32 per token, about 1% of the bf16 streams' bytes at C = 1024), so the backward
+reads the streams once, not twice: recomputing the projection cost a whole pass over them (GPU run
+of 2026-11-23: 0.066 ms of the sublayer's 1.02 ms at C = 1024).
 
 Register layouts of the coefficient math: gates [GATES] (entry k is phi column k: H_pre for k < n,
 H_post for n <= k < 2n) and H_res [NP, NP] (entry (i, j) is phi column 2n + i*n + j), padded to
@@ -164,10 +168,11 @@ def _gate_offsets(tokens, token_valid, n: tl.constexpr, GATES: tl.constexpr):
 @triton.jit
 def _load_projection(
     proj_ptr, sumsq_ptr, tokens, token_valid, T, splits,
-    n: tl.constexpr, KP: tl.constexpr, GATES: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr,
+    n: tl.constexpr, ROW: tl.constexpr, GATES: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """The projection's partials [splits, T, KP] summed over splits: sums of squares [BLOCK_T], gates
-    [BLOCK_T, GATES] and H_res logits [BLOCK_T, NP * NP] in the packed layouts (before the RMS)."""
+    """The projection's partials [splits, T, ROW] (ROW >= n*n+2n columns) summed over splits: sums
+    of squares [BLOCK_T], gates [BLOCK_T, GATES] and H_res logits [BLOCK_T, NP * NP] in the packed
+    layouts (before the RMS)."""
     gate_cols, gate_valid = _gate_columns(n, GATES)
     res_cols, res_valid = _res_columns(n, NP)
     sumsq = tl.zeros((BLOCK_T,), dtype=tl.float32)
@@ -176,7 +181,7 @@ def _load_projection(
     for split in range(splits):
         row = split * T + tokens
         sumsq += tl.load(sumsq_ptr + row, mask=token_valid, other=0.0)
-        proj_row = proj_ptr + row[:, None] * KP
+        proj_row = proj_ptr + row[:, None] * ROW
         proj_gates += tl.load(
             proj_row + gate_cols[None, :], mask=token_valid[:, None] & gate_valid[None, :], other=0.0
         )
@@ -184,6 +189,21 @@ def _load_projection(
             proj_row + res_cols[None, :], mask=token_valid[:, None] & res_valid[None, :], other=0.0
         )
     return sumsq, proj_gates, proj_res
+
+
+@triton.jit
+def _store_projection(
+    proj_ptr, sumsq_ptr, tokens, token_valid, sumsq, proj_gates, proj_res,
+    n: tl.constexpr, GATES: tl.constexpr, NP: tl.constexpr,
+):
+    """_load_projection's packed values back to one row of n*n+2n columns per token, and the sums
+    of squares: the layout `_load_projection` reads with splits = 1 and ROW = n*n+2n."""
+    gate_cols, gate_valid = _gate_columns(n, GATES)
+    res_cols, res_valid = _res_columns(n, NP)
+    proj_row = proj_ptr + tokens[:, None] * (n * n + 2 * n)
+    tl.store(proj_row + gate_cols[None, :], proj_gates, mask=token_valid[:, None] & gate_valid[None, :])
+    tl.store(proj_row + res_cols[None, :], proj_res, mask=token_valid[:, None] & res_valid[None, :])
+    tl.store(sumsq_ptr + tokens, sumsq, mask=token_valid)
 
 
 @triton.jit
@@ -261,7 +281,7 @@ def _sinkhorn_bwd(logits, valid, grad, iters, segment):
 @triton.jit
 def _mhc_coefficients_fwd_kernel(
     proj_ptr, sumsq_ptr, alpha_ptr, b_pre_ptr, b_post_ptr, b_res_ptr,
-    h_pre_ptr, h_post_ptr, h_res_ptr, T, C, splits, sinkhorn_iters,
+    h_pre_ptr, h_post_ptr, h_res_ptr, saved_proj_ptr, saved_sumsq_ptr, T, C, splits, sinkhorn_iters,
     n: tl.constexpr, KP: tl.constexpr, GATES: tl.constexpr, NP: tl.constexpr,
     SINKHORN: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
@@ -269,6 +289,9 @@ def _mhc_coefficients_fwd_kernel(
     sumsq, proj_gates, proj_res = _load_projection(
         proj_ptr, sumsq_ptr, tokens, token_valid, T, splits, n, KP, GATES, NP, BLOCK_T
     )
+    # The summed projection [T, n*n+2n] and sums of squares [T], saved for the backward.
+    _store_projection(saved_proj_ptr, saved_sumsq_ptr, tokens, token_valid, sumsq, proj_gates,
+                      proj_res, n, GATES, NP)
     rms = tl.sqrt(sumsq / (n * C) + _RMS_EPS)
 
     # H_pre = sigmoid(alpha_pre h_pre / r + b_pre), H_post = 2 sigmoid(alpha_post h_post / r + b_post)
@@ -321,30 +344,34 @@ def mhc_coefficients_fwd(
     b_res: torch.Tensor,
     sinkhorn_iters: int,
     constraint: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, ...]:
     """streams [..., n, C] (bf16/fp16/fp32), phi [n*C, n*n+2n], alpha [3], b_pre [n], b_post [n],
-    b_res [n, n] -> h_pre [..., n], h_post [..., n], h_res [..., n, n], all fp32."""
+    b_res [n, n] -> h_pre [..., n], h_post [..., n], h_res [..., n, n], and for the backward
+    v @ phi [..., n*n+2n] and the sums of squares of v [...] (reference.projection), all fp32."""
     x = token_rows(streams)
     tokens, n, channels = x.shape
     gate_parameters = _fp32(alpha, b_pre, b_post, b_res)
-    proj, sumsq = _projection(x, _padded_phi(phi))
+    proj_partials, sumsq_partials = _projection(x, _padded_phi(phi))
     h_pre = torch.empty((tokens, n), dtype=torch.float32, device=x.device)
     h_post = torch.empty_like(h_pre)
     h_res = torch.empty((tokens, n, n), dtype=torch.float32, device=x.device)
+    proj = torch.empty((tokens, n * n + 2 * n), dtype=torch.float32, device=x.device)
+    sumsq = torch.empty((tokens,), dtype=torch.float32, device=x.device)
 
     def grid(meta):
         return (configs.ceil_div(tokens, meta["BLOCK_T"]),)
 
     configs.launch(
-        "mhc_coefficients_fwd", grid, proj, sumsq, *gate_parameters, h_pre, h_post, h_res,
-        T=tokens, C=channels, splits=proj.shape[0], sinkhorn_iters=sinkhorn_iters,
-        SINKHORN=_is_sinkhorn(constraint), **_layout(n),
+        "mhc_coefficients_fwd", grid, proj_partials, sumsq_partials, *gate_parameters, h_pre,
+        h_post, h_res, proj, sumsq, T=tokens, C=channels, splits=proj_partials.shape[0],
+        sinkhorn_iters=sinkhorn_iters, SINKHORN=_is_sinkhorn(constraint), **_layout(n),
     )
     lead = streams.shape[:-2]
-    return h_pre.view(*lead, n), h_post.view(*lead, n), h_res.view(*lead, n, n)
+    return (h_pre.view(*lead, n), h_post.view(*lead, n), h_res.view(*lead, n, n),
+            proj.view(*lead, n * n + 2 * n), sumsq.view(lead))
 
 
-# --- backward, step 2: per token block, d(projection), d(sum of squares), parameter partials -------
+# --- backward, step 1: per token block, d(projection), d(sum of squares), parameter partials -------
 
 
 @configs.autotune("coefficients", "mhc_coefficients_bwd")
@@ -353,14 +380,15 @@ def _mhc_coefficients_bwd_kernel(
     grad_h_pre_ptr, grad_h_post_ptr, grad_h_res_ptr,
     proj_ptr, sumsq_ptr, alpha_ptr, b_pre_ptr, b_post_ptr, b_res_ptr,
     grad_proj_ptr, grad_sumsq_ptr, grad_bias_partial_ptr, grad_alpha_partial_ptr,
-    T, C, splits, sinkhorn_iters, sinkhorn_segment,
+    T, C, sinkhorn_iters, sinkhorn_segment,
     n: tl.constexpr, KP: tl.constexpr, GATES: tl.constexpr, NP: tl.constexpr,
     SINKHORN: tl.constexpr, GROUP_T: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     block = tl.program_id(0)
     tokens, token_valid = token_block(block, T, BLOCK_T)
+    # The forward's saved projection: one row of n*n+2n per token (_store_projection).
     sumsq, proj_gates, proj_res = _load_projection(
-        proj_ptr, sumsq_ptr, tokens, token_valid, T, splits, n, KP, GATES, NP, BLOCK_T
+        proj_ptr, sumsq_ptr, tokens, token_valid, T, 1, n, n * n + 2 * n, GATES, NP, BLOCK_T
     )
     rms = tl.sqrt(sumsq / (n * C) + _RMS_EPS)
 
@@ -435,7 +463,7 @@ def _mhc_coefficients_bwd_kernel(
     tl.store(proj_row + padding, tl.zeros((BLOCK_T, KP), tl.float32), mask=padding_mask)
 
 
-# --- backward, step 3: d streams = d proj @ phi^T + 2 d sumsq x + accumulate;  d phi = x^T d proj --
+# --- backward, step 2: d streams = d proj @ phi^T + 2 d sumsq x + accumulate;  d phi = x^T d proj --
 
 
 @configs.autotune("coefficients_bwd_streams", "mhc_coefficients_bwd_streams")
@@ -493,6 +521,8 @@ def mhc_coefficients_bwd(
     grad_h_pre: torch.Tensor,
     grad_h_post: torch.Tensor,
     grad_h_res: torch.Tensor,
+    proj: torch.Tensor,
+    sumsq: torch.Tensor,
     streams: torch.Tensor,
     phi: torch.Tensor,
     alpha: torch.Tensor,
@@ -504,8 +534,9 @@ def mhc_coefficients_bwd(
     accumulate: torch.Tensor,
 ) -> tuple[torch.Tensor, ...]:
     """Gradients of (streams, phi, alpha, b_pre, b_post, b_res), each in its input's dtype and shape,
-    from grad_h_pre [..., n], grad_h_post [..., n], grad_h_res [..., n, n]; `accumulate` [..., n, C]
-    (another gradient of the streams) is added into grad streams."""
+    from grad_h_pre [..., n], grad_h_post [..., n], grad_h_res [..., n, n]; proj [..., n*n+2n] and
+    sumsq [...] are the forward's (mhc_coefficients_fwd); `accumulate` [..., n, C] (another gradient
+    of the streams) is added into grad streams."""
     x = token_rows(streams)
     tokens, n, channels = x.shape
     n_columns, n_phi = n * channels, n * n + 2 * n
@@ -513,10 +544,7 @@ def mhc_coefficients_bwd(
     gate_parameters = _fp32(alpha, b_pre, b_post, b_res)
     device = x.device
 
-    # Step 1: the projection again (recomputed from the streams, not saved by the forward).
-    proj, sumsq = _projection(x, phi_padded)
-
-    # Step 2: gradients of the projection and of the sums of squares, parameter partials.
+    # Step 1: gradients of the projection and of the sums of squares, parameter partials.
     grad_proj = torch.empty((tokens, phi_padded.shape[1]), dtype=torch.float32, device=device)
     grad_sumsq = torch.empty((tokens,), dtype=torch.float32, device=device)
     # One row of parameter partials per group of tokens as wide as the smallest BLOCK_T.
@@ -531,13 +559,13 @@ def mhc_coefficients_bwd(
     configs.launch(
         "mhc_coefficients_bwd", token_grid,
         per_token(grad_h_pre, 1), per_token(grad_h_post, 1), per_token(grad_h_res, 2),
-        proj, sumsq, *gate_parameters, grad_proj, grad_sumsq, grad_bias_partial, grad_alpha_partial,
-        T=tokens, C=channels, splits=proj.shape[0], sinkhorn_iters=sinkhorn_iters,
+        per_token(proj, 1), per_token(sumsq, 0), *gate_parameters, grad_proj, grad_sumsq,
+        grad_bias_partial, grad_alpha_partial, T=tokens, C=channels, sinkhorn_iters=sinkhorn_iters,
         sinkhorn_segment=max(1, math.ceil(math.sqrt(sinkhorn_iters))),
         SINKHORN=_is_sinkhorn(constraint), GROUP_T=group_tokens, **_layout(n),
     )
 
-    # Step 3: grad streams, and grad phi per token split.
+    # Step 2: grad streams, and grad phi per token split.
     splits = _token_splits(tokens, n_columns, device)
     grad_streams = torch.empty_like(x)
     grad_phi_partial = torch.empty((splits, n_columns, n_phi), dtype=torch.float32, device=device)

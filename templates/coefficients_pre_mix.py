@@ -3,7 +3,7 @@
 
 Forward: projection, coefficient math with Sinkhorn, then the pre-mix, which reads the streams a
 second time (a one-launch design that re-read them from L2 was measured slower: bench/RESULTS.md,
-run 4). Backward: the pre-mix backward first (it yields <grad_mixed, x_j>, the gradient of H_pre
+run 4); the projection and the sums of squares are outputs too, saved for the backward. Backward: the pre-mix backward first (it yields <grad_mixed, x_j>, the gradient of H_pre
 through the pre-mix, and its share of grad streams), then the coefficient backward with the total
 grad H_pre, whose last kernel adds the pre-mix's share while writing grad streams: the op returns
 one grad streams, written once, instead of two that autograd would add. `accumulate`, the streams'
@@ -28,14 +28,15 @@ def mhc_coefficients_pre_mix_fwd(
     b_res: torch.Tensor,
     sinkhorn_iters: int,
     constraint: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, ...]:
     """streams [..., n, C] (bf16/fp16/fp32), phi [n*C, n*n+2n], alpha [3], b_pre [n], b_post [n],
-    b_res [n, n] -> h_pre [..., n], h_post [..., n], h_res [..., n, n] (fp32) and mixed [..., C]
-    in the stream dtype."""
-    h_pre, h_post, h_res = mhc_coefficients_fwd(
+    b_res [n, n] -> h_pre [..., n], h_post [..., n], h_res [..., n, n] (fp32), mixed [..., C]
+    in the stream dtype, and the projection [..., n*n+2n] and sums of squares [...] (fp32) that
+    the backward takes."""
+    h_pre, h_post, h_res, proj, sumsq = mhc_coefficients_fwd(
         streams, phi, alpha, b_pre, b_post, b_res, sinkhorn_iters, constraint
     )
-    return h_pre, h_post, h_res, mhc_pre_mix_fwd(streams, h_pre)
+    return h_pre, h_post, h_res, mhc_pre_mix_fwd(streams, h_pre), proj, sumsq
 
 
 def mhc_coefficients_pre_mix_bwd(
@@ -44,6 +45,8 @@ def mhc_coefficients_pre_mix_bwd(
     grad_h_res: torch.Tensor,
     grad_mixed: torch.Tensor,
     h_pre: torch.Tensor,
+    proj: torch.Tensor,
+    sumsq: torch.Tensor,
     streams: torch.Tensor,
     phi: torch.Tensor,
     alpha: torch.Tensor,
@@ -54,11 +57,12 @@ def mhc_coefficients_pre_mix_bwd(
     constraint: str,
     accumulate: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Gradients of (streams, phi, alpha, b_pre, b_post, b_res) from the gradients of the four
-    outputs, `accumulate` [..., n, C] added to grad streams when given; h_pre [..., n] is the
-    forward's (saved, so the pre-mix backward can run first)."""
+    """Gradients of (streams, phi, alpha, b_pre, b_post, b_res) from the gradients of the first four
+    outputs, `accumulate` [..., n, C] added to grad streams when given; h_pre, proj and sumsq are
+    the forward's (saved, so the pre-mix backward can run first and the projection is not
+    recomputed)."""
     grad_streams_pre_mix, grad_h_pre_mix = mhc_pre_mix_bwd(grad_mixed, streams, h_pre, accumulate)
     return mhc_coefficients_bwd(
-        grad_h_pre + grad_h_pre_mix, grad_h_post, grad_h_res, streams, phi, alpha, b_pre, b_post,
-        b_res, sinkhorn_iters, constraint, accumulate=grad_streams_pre_mix,
+        grad_h_pre + grad_h_pre_mix, grad_h_post, grad_h_res, proj, sumsq, streams, phi, alpha,
+        b_pre, b_post, b_res, sinkhorn_iters, constraint, accumulate=grad_streams_pre_mix,
     )

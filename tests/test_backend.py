@@ -247,7 +247,7 @@ def test_prepare_creates_parameters_without_running_the_mhc_ops(monkeypatch):
         original = getattr(reference, name)
         monkeypatch.setattr(reference, name, lambda *args: calls.append(name) or original(*args))
 
-    counted("coefficients_pre_mix")
+    counted("coefficients_of_projection")  # the forward of mhc::coefficients_pre_mix
     counted("post_res_mix")
     torch.manual_seed(0)
     model, x = MLPResidual(depth=3), torch.randn(2, 5, 8)
@@ -255,7 +255,7 @@ def test_prepare_creates_parameters_without_running_the_mhc_ops(monkeypatch):
     assert len(report.rewritten) == 3 and not calls
     created = list(model.mhc.parameters())
     _compile(model)(x)
-    assert calls.count("coefficients_pre_mix") == 3 and calls.count("post_res_mix") == 3
+    assert calls.count("coefficients_of_projection") == 3 and calls.count("post_res_mix") == 3
     assert list(model.mhc.parameters()) == created
 
 

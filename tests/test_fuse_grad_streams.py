@@ -14,9 +14,11 @@ N, C, TOKENS = 4, 8, 6
 BACKWARD = torch.ops.mhc.coefficients_pre_mix_backward_opaque.default
 STREAMS_SHAPE = (TOKENS, N, C)
 # Example values of the backward's inputs, in schema order (the grads of h_pre, h_post, h_res and
-# mixed, then h_pre, streams and the five parameters).
-INPUT_SHAPES = [(TOKENS, N), (TOKENS, N), (TOKENS, N, N), (TOKENS, C), (TOKENS, N), STREAMS_SHAPE,
-                (N * C, N * N + 2 * N), (3,), (N,), (N,), (N, N)]
+# mixed, then h_pre, the projection, the sums of squares, streams and the five parameters).
+INPUT_SHAPES = [(TOKENS, N), (TOKENS, N), (TOKENS, N, N), (TOKENS, C), (TOKENS, N),
+                (TOKENS, N * N + 2 * N), (TOKENS,), STREAMS_SHAPE, (N * C, N * N + 2 * N), (3,),
+                (N,), (N,), (N, N)]
+ARGUMENTS = len(INPUT_SHAPES) + 2  # and sinkhorn_iters, constraint
 
 
 def _placeholder(graph, name, shape, dtype=torch.float32):
@@ -49,7 +51,7 @@ def _backward_graph(other_shape=STREAMS_SHAPE, other_dtype=torch.float32, other_
 def test_folds_the_add_into_the_backward():
     graph, backward = _backward_graph()
     assert fuse_grad_streams(graph) == 1
-    assert backward.args[-1].name == "other" and len(backward.args) == 14
+    assert backward.args[-1].name == "other" and len(backward.args) == ARGUMENTS + 1
     assert not [node for node in graph.nodes if node.target is torch.ops.aten.add.Tensor]
     (output,) = graph.output_node().args[0]
     assert output.target is operator.getitem and output.args == (backward, 0)
@@ -72,7 +74,7 @@ def test_leaves_adds_it_cannot_fold_exactly(case, reason):
     assert _grad_streams_add(backward, position) == reason
     assert fuse_grad_streams(graph) == 0
     assert [(node.name, node.args, dict(node.kwargs)) for node in graph.nodes] == before
-    assert len(backward.args) == 13
+    assert len(backward.args) == ARGUMENTS
 
 
 def test_a_backward_folds_at_most_once():
@@ -89,11 +91,11 @@ def test_reference_backward_adds_the_accumulated_grad_streams():
     phi = torch.randn(N * C, N * N + 2 * N, generator=generator) / (N * C) ** 0.5
     parameters = [phi, torch.rand(3, generator=generator) + 0.5,
                   *(torch.randn(s, generator=generator) for s in ((N,), (N,), (N, N)))]
-    outputs = ops.coefficients_pre_mix(streams, *parameters, 20, "sinkhorn")
-    grad_outputs = [torch.randn(t.shape, generator=generator) for t in outputs]
+    h_pre, *outputs, proj, sum_squares = ops.coefficients_pre_mix(streams, *parameters, 20, "sinkhorn")
+    grad_outputs = [torch.randn(t.shape, generator=generator) for t in (h_pre, *outputs)]
     accumulate = torch.randn(streams.shape, generator=generator)
-    grads = ops.coefficients_pre_mix_backward(*grad_outputs, outputs[0], streams, *parameters, 20,
-                                              "sinkhorn", accumulate)
+    grads = ops.coefficients_pre_mix_backward(*grad_outputs, h_pre, proj, sum_squares, streams,
+                                              *parameters, 20, "sinkhorn", accumulate)
 
     inputs = [t.double().requires_grad_() for t in (streams, *parameters)]
     expected = torch.autograd.grad(reference.coefficients_pre_mix(*inputs, 20, "sinkhorn"), inputs,

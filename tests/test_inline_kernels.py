@@ -24,14 +24,14 @@ N, C, TOKENS = 4, 24, 6
 
 def _sublayer_through_opaque_ops(streams, y, phi, alpha, b_pre, b_post, b_res, grad_out):
     """A sublayer's forward and backward as the opaque ops (y stands in for F(mixed))."""
-    h_pre, h_post, h_res, mixed = ops.coefficients_pre_mix_opaque(
+    h_pre, h_post, h_res, mixed, proj, sum_squares = ops.coefficients_pre_mix_opaque(
         streams, phi, alpha, b_pre, b_post, b_res, 20, "sinkhorn")
     out = ops.post_res_mix_opaque(streams, y, h_post, h_res)
     grad_streams, grad_y, grad_h_post, grad_h_res = ops.post_res_mix_backward_opaque(
         grad_out, streams, y, h_post, h_res)
     grads = ops.coefficients_pre_mix_backward_opaque(
-        torch.zeros_like(h_pre), grad_h_post, grad_h_res, grad_y, h_pre, streams, phi, alpha,
-        b_pre, b_post, b_res, 20, "sinkhorn", grad_streams)
+        torch.zeros_like(h_pre), grad_h_post, grad_h_res, grad_y, h_pre, proj, sum_squares, streams,
+        phi, alpha, b_pre, b_post, b_res, 20, "sinkhorn", grad_streams)
     return out, grads[0]
 
 
@@ -257,8 +257,8 @@ print("generated", len(generated))
     assert output["kernels"].split(",") == 2 * [
         "_mhc_projection_kernel", "_mhc_coefficients_fwd_kernel", "_mhc_pre_mix_fwd_kernel",
         "_mhc_post_res_mix_fwd_kernel", "_mhc_post_res_mix_bwd_kernel",
-        "_mhc_pre_mix_bwd_kernel", "_mhc_projection_kernel", "_mhc_coefficients_bwd_kernel",
+        "_mhc_pre_mix_bwd_kernel", "_mhc_coefficients_bwd_kernel",
         "_mhc_coefficients_bwd_streams_kernel",
     ]
-    # Once per kernel and signature, not per launch (the backward's projection is the forward's).
+    # Once per kernel and signature, not per launch (the backward reads the forward's projection).
     assert output["generated"] == "8"

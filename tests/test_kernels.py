@@ -164,6 +164,12 @@ def _coefficients_pre_mix_reference(iters, constraint):
     return forward
 
 
+def _reference_outputs(streams, phi, *parameters_and_settings):
+    """What mhc::coefficients_pre_mix returns: the reference's four outputs, then the projection."""
+    return (*reference.coefficients_pre_mix(streams, phi, *parameters_and_settings),
+            *reference.projection(streams, phi))
+
+
 COEFFICIENT_GRADS = ["grad_streams", "grad_phi", "grad_alpha", "grad_b_pre", "grad_b_post", "grad_b_res"]
 
 
@@ -171,18 +177,23 @@ def _check_coefficients_pre_mix(n, channels, shape, dtype, iters, constraint, ac
     """`accumulated`: the backward also gets the streams' gradient from their other reader."""
     inputs = _mhc_inputs(n, channels, shape, dtype)
     outputs = coefficients_pre_mix.mhc_coefficients_pre_mix_fwd(*inputs, iters, constraint)
-    grad_outputs = [torch.randn_like(t) for t in outputs]
+    *differentiable, proj, sum_squares = outputs
+    grad_outputs = [torch.randn_like(t) for t in differentiable]
     accumulate = torch.randn_like(inputs[0]) if accumulated else None
     grads = coefficients_pre_mix.mhc_coefficients_pre_mix_bwd(
-        *grad_outputs, outputs[0], *inputs, iters, constraint, accumulate
+        *grad_outputs, outputs[0], proj, sum_squares, *inputs, iters, constraint, accumulate
     )
     forward = _coefficients_pre_mix_reference(iters, constraint)
     ref_outputs, ref_grads = _float64_vjp(forward, inputs, grad_outputs)
     if accumulated:
         ref_grads = (ref_grads[0] + accumulate.double().cpu(), *ref_grads[1:])
-    _assert_close(["h_pre", "h_post", "h_res", "mixed"], outputs, ref_outputs, dtype)
+    _assert_close(["h_pre", "h_post", "h_res", "mixed"], differentiable, ref_outputs, dtype)
+    ref_projection = reference.projection(*(t.detach().double().cpu() for t in inputs[:2]))
+    _assert_close(["projection", "sum_squares"], (proj, sum_squares), ref_projection, dtype)
     _assert_close(COEFFICIENT_GRADS, grads, ref_grads, dtype)
-    assert [(t.shape, t.dtype) for t in outputs] == [(t.shape, t.dtype) for t in reference.coefficients_pre_mix(*inputs, iters, constraint)]
+    assert [(t.shape, t.dtype) for t in outputs] == [
+        (t.shape, t.dtype) for t in _reference_outputs(*inputs, iters, constraint)
+    ]
     for grad, tensor in zip(grads, inputs, strict=True):
         assert (grad.shape, grad.dtype) == (tensor.shape, tensor.dtype)
     _assert_alias_free(outputs, inputs)
@@ -243,10 +254,10 @@ def test_backward_is_deterministic(poisoned):
     two runs agree bit for bit."""
     inputs = _mhc_inputs(4, 33, (37,), torch.float32)
     outputs = coefficients_pre_mix.mhc_coefficients_pre_mix_fwd(*inputs, 20, "sinkhorn")
-    grad_outputs = [torch.randn_like(t) for t in outputs]
+    grad_outputs = [torch.randn_like(t) for t in outputs[:4]]
     first, second = (
         coefficients_pre_mix.mhc_coefficients_pre_mix_bwd(
-            *grad_outputs, outputs[0], *inputs, 20, "sinkhorn"
+            *grad_outputs, outputs[0], *outputs[4:], *inputs, 20, "sinkhorn"
         )
         for _ in range(2)
     )
@@ -448,7 +459,7 @@ def test_cpu_keeps_the_reference():
     assert not kernels_active("cpu")
     inputs = [t.cpu() for t in _mhc_inputs(2, 8, (3,), torch.float32)]
     outputs = ops.coefficients_pre_mix(*inputs, 20, "sinkhorn")
-    expected = reference.coefficients_pre_mix(*inputs, 20, "sinkhorn")
+    expected = _reference_outputs(*inputs, 20, "sinkhorn")
     assert all(torch.equal(a, b) for a, b in zip(outputs, expected, strict=True))
 
 
@@ -531,7 +542,7 @@ KERNELS = {
 
 
 def _sublayer_through_ops(streams, phi, alpha, b_pre, b_post, b_res, iters):
-    _, h_post, h_res, mixed = ops.coefficients_pre_mix(
+    _, h_post, h_res, mixed, *_ = ops.coefficients_pre_mix(
         streams, phi, alpha, b_pre, b_post, b_res, iters, "sinkhorn"
     )
     return ops.post_res_mix(streams, mixed, h_post, h_res)
@@ -623,7 +634,7 @@ def test_repeated_launches_run_the_compiled_binary(monkeypatch, poisoned):
 def test_float64_on_cuda_falls_back_to_the_reference():
     inputs = [t.double() for t in _mhc_inputs(2, 8, (3,), torch.float32)]
     outputs = ops.coefficients_pre_mix(*inputs, 20, "sinkhorn")
-    expected = reference.coefficients_pre_mix(*inputs, 20, "sinkhorn")
+    expected = _reference_outputs(*inputs, 20, "sinkhorn")
     assert all(torch.equal(a, b) for a, b in zip(outputs, expected, strict=True))
 
 

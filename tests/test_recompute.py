@@ -30,6 +30,9 @@ N, BATCH, SEQ, WIDTH, DEPTH, VOCAB = 4, 4, 32, 64, 4, 96
 BLOCKS = 2 * DEPTH
 STREAMS = (BATCH, SEQ, N, WIDTH)
 HIDDEN = (BATCH * SEQ, 176)  # SwiGLU's hidden activations, saved by F's own backward
+# Where the coefficient backward's `accumulate` (the folded grad streams) sits in its arguments.
+ACCUMULATE_AT = [argument.name for argument in
+                 torch.ops.mhc.coefficients_pre_mix_backward.default._schema.arguments].index("accumulate")
 
 
 # --- options ----------------------------------------------------------------------------------------
@@ -171,9 +174,9 @@ def test_backward_keeps_one_stream_per_group_and_rebuilds_groups_in_turn(
     # mix's grad streams (the first block's too: its streams expand the embedding output, which
     # needs a gradient), so no add of the two is left.
     accumulating = [node for node in _mhc_ops(backward, "mhc::coefficients_pre_mix_backward")
-                    if len(node.args) == 14]
+                    if len(node.args) == ACCUMULATE_AT + 1]
     assert len(accumulating) == BLOCKS
-    assert all(_mhc_ops([node.args[13].args[0]], "mhc::post_res_mix_backward")
+    assert all(_mhc_ops([node.args[ACCUMULATE_AT].args[0]], "mhc::post_res_mix_backward")
                for node in accumulating)
     # passes/inline_kernels.py then hands every op's kernels to Inductor where they apply.
     opaque_left = _mhc_ops(recorder.final[-1], "mhc::coefficients_pre_mix_backward")

@@ -84,17 +84,19 @@ def test_sinkhorn_gradients_are_finite_on_extreme_logits():
 def test_coefficients_and_pre_mix_match_a_hand_computation(n, channels, tokens):
     streams = torch.randn(tokens, n, channels, dtype=torch.float64)
     phi, alpha, b_pre, b_post, b_res = _random_parameters(n, channels)
-    h_pre, h_post, h_res, mixed = ops.coefficients_pre_mix(
+    h_pre, h_post, h_res, mixed, proj, sum_squares = ops.coefficients_pre_mix(
         streams, phi, alpha, b_pre, b_post, b_res, 20, "sinkhorn"
     )
     flat = streams.reshape(tokens, -1)
+    torch.testing.assert_close(proj, flat @ phi)
+    torch.testing.assert_close(sum_squares, (flat**2).sum(-1))
     h = flat @ phi / torch.sqrt((flat**2).mean(-1, keepdim=True) + reference.RMS_EPS)
     torch.testing.assert_close(h_pre, torch.sigmoid(alpha[0] * h[:, :n] + b_pre))
     torch.testing.assert_close(h_post, 2 * torch.sigmoid(alpha[1] * h[:, n : 2 * n] + b_post))
     logits = alpha[2] * h[:, 2 * n :].reshape(tokens, n, n) + b_res
     torch.testing.assert_close(h_res, _naive_sinkhorn(logits, 20))
     torch.testing.assert_close(mixed, sum(h_pre[:, j, None] * streams[:, j] for j in range(n)))
-    _, _, raw, _ = ops.coefficients_pre_mix(streams, phi, alpha, b_pre, b_post, b_res, 20, "none")
+    _, _, raw, *_ = ops.coefficients_pre_mix(streams, phi, alpha, b_pre, b_post, b_res, 20, "none")
     torch.testing.assert_close(raw, logits)
 
 
@@ -130,15 +132,18 @@ def test_custom_ops_pass_opcheck_and_keep_coefficients_fp32(dtype):
     streams = torch.randn(2, 3, n, channels, dtype=dtype)
     params = [p.float() for p in _random_parameters(n, channels)]
     torch.library.opcheck(ops.coefficients_pre_mix, (streams, *params, 20, "sinkhorn"))
-    h_pre, h_post, h_res, mixed = ops.coefficients_pre_mix(streams, *params, 20, "sinkhorn")
-    assert {h.dtype for h in (h_pre, h_post, h_res)} == {torch.float32}
+    h_pre, h_post, h_res, mixed, proj, sum_squares = ops.coefficients_pre_mix(
+        streams, *params, 20, "sinkhorn"
+    )
+    assert {h.dtype for h in (h_pre, h_post, h_res, proj, sum_squares)} == {torch.float32}
     assert h_res.shape == (2, 3, n, n) and mixed.shape == (2, 3, channels)
+    assert proj.shape == (2, 3, n * n + 2 * n) and sum_squares.shape == (2, 3)
     assert mixed.dtype == dtype
     torch.library.opcheck(ops.post_res_mix, (streams, streams[..., 0, :], h_post, h_res))
 
 
 def _ops_sublayer(streams, phi, alpha, b_pre, b_post, b_res):
-    _, h_post, h_res, mixed = ops.coefficients_pre_mix(
+    _, h_post, h_res, mixed, *_ = ops.coefficients_pre_mix(
         streams, phi, alpha, b_pre, b_post, b_res, 20, "sinkhorn"
     )
     return ops.post_res_mix(streams, torch.tanh(mixed), h_post, h_res)
