@@ -263,10 +263,11 @@ def coefficients_pre_mix_backward(
     accumulate: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Exact gradients of streams, phi, alpha, b_pre, b_post, b_res from those of the four
-    differentiable outputs; h_pre, projection and sum_squares are the forward's. The pre-mix's and the coefficients' shares of grad streams
-    come as one tensor, with `accumulate` [..., n, C] added when given: the streams' gradient from
-    their other reader, which passes/fuse_grad_streams.py hands over in compiled backward graphs so
-    that no separate add is left. Sinkhorn's iterates are recomputed, never stored."""
+    differentiable outputs; h_pre, projection and sum_squares are the forward's. The pre-mix's and
+    the coefficients' shares of grad streams come as one tensor, with `accumulate` [..., n, C]
+    added when given: the streams' gradient from their other reader, which
+    passes/fuse_grad_streams.py hands over in compiled backward graphs so that no separate add is
+    left. Sinkhorn's iterates are recomputed, never stored."""
     args = (grad_h_pre, grad_h_post, grad_h_res, grad_mixed, h_pre, projection, sum_squares, streams,
             phi, alpha, b_pre, b_post, b_res, sinkhorn_iters, constraint, accumulate)
     if _kernels_traced(streams, args):

@@ -3,8 +3,9 @@
 
 Forward: projection, coefficient math with Sinkhorn, then the pre-mix, which reads the streams a
 second time (a one-launch design that re-read them from L2 was measured slower: bench/RESULTS.md,
-run 4); the projection and the sums of squares are outputs too, saved for the backward. Backward: the pre-mix backward first (it yields <grad_mixed, x_j>, the gradient of H_pre
-through the pre-mix, and its share of grad streams), then the coefficient backward with the total
+run 4); the projection and the sums of squares are outputs too, saved for the backward.
+Backward: the pre-mix backward first (it yields <grad_mixed, x_j>, the gradient of H_pre through
+the pre-mix, and its share of grad streams), then the coefficient backward with the total
 grad H_pre, whose last kernel adds the pre-mix's share while writing grad streams: the op returns
 one grad streams, written once, instead of two that autograd would add. `accumulate`, the streams'
 gradient from the post/res mix (passes/fuse_grad_streams.py hands it over in compiled backward
