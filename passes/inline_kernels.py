@@ -30,10 +30,13 @@ def inline_kernels(graph: fx.Graph) -> int:
     """Replace every call of an opaque mhc:: op whose kernels Inductor may trace by the trace of
     its launcher; returns the number of calls replaced."""
     inlined = 0
+    traces: dict = {}  # one trace per launcher and signature: a model's blocks repeat them
     for node in list(graph.nodes):
         kernels = _traceable_kernels(node)
         if kernels is not None:
-            _dynamo_compat.replace_with_functional_trace(node, templates.launcher(kernels.launcher))
+            _dynamo_compat.replace_with_functional_trace(
+                node, templates.launcher(kernels.launcher), traces
+            )
             inlined += 1
     if inlined:
         log.info("mhc: handed the kernels of %d ops to Inductor", inlined)

@@ -54,7 +54,7 @@ def replaced(monkeypatch):
     names = []
     monkeypatch.setattr(templates, "launcher", lambda name: name)
     monkeypatch.setattr(_dynamo_compat, "replace_with_functional_trace",
-                        lambda node, launcher: names.append(launcher))
+                        lambda node, launcher, traces: names.append(launcher))
     return names
 
 
@@ -225,14 +225,19 @@ print("generated", len(generated))
 
 def test_handed_over_ops_become_their_kernels():
     """inline_kernels splices in each launcher's functional trace: no opaque op is left, each op's
-    kernels appear as triton_kernel_wrapper_functional nodes, the graph stays well formed, and each
-    kernel's IR is generated once for the two sublayers (the GPU test runs the result:
+    kernels appear as triton_kernel_wrapper_functional nodes, the graph stays well formed, each
+    kernel's IR is generated once and each op traced once for the two sublayers, and the second
+    sublayer's copy of a trace reads the second sublayer's inputs (the GPU test runs the result:
     test_kernels.py, test_backend_hands_the_kernels_to_inductor)."""
     output = _run_without_interpreter("""
 import test_inline_kernels as here
-from mhc_compile import ops, templates
+from mhc_compile import _dynamo_compat, ops, templates
 from mhc_compile.passes import inline_kernels
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+traces = []
+functional_trace = _dynamo_compat._functional_trace
+_dynamo_compat._functional_trace = lambda *args: traces.append(1) or functional_trace(*args)
 
 from torch._guards import detect_fake_mode
 from torch._inductor.virtualized import V
@@ -251,6 +256,26 @@ names = [kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.fn.__name__
          for node in calls if node.target is wrapper]
 print("kernels", ",".join(names))
 print("generated", len(generated))
+print("traces", len(traces))
+
+def kernel_name(node):
+    if node.target is not wrapper:
+        return None
+    return kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.fn.__name__
+
+def upstream_kernels(node):
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current not in seen:
+            seen.add(current)
+            stack.extend(current.all_input_nodes)
+    return {kernel_name(found) for found in seen} - {None}
+
+projections = [node for node in calls if kernel_name(node) == "_mhc_projection_kernel"]
+print("projections_read_a_post_res_output", ",".join(
+    str("_mhc_post_res_mix_fwd_kernel" in upstream_kernels(node.kwargs["kwargs"]["streams_ptr"]))
+    for node in projections))
 """)
     assert output["inlined"] == "8"
     assert output["opaque"] == "0"
@@ -262,3 +287,7 @@ print("generated", len(generated))
     ]
     # Once per kernel and signature, not per launch (the backward reads the forward's projection).
     assert output["generated"] == "8"
+    # One trace per op and signature: the second sublayer reuses the first one's four traces,
+    # wired to its own inputs (its streams are the first sublayer's post/res output).
+    assert output["traces"] == "4"
+    assert output["projections_read_a_post_res_output"] == "False,True"
