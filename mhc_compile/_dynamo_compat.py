@@ -6,6 +6,7 @@ the only module to fix.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import itertools
@@ -167,7 +168,8 @@ def replace_with_functional_trace(
     call with the same signature: the blocks of a model repeat the same calls, and each trace took
     about 57 ms (0.1 s per sublayer on the H100 host, 5.5 s of a 12-layer model's cold compile).
     The pattern matcher copies a trace into the graph without changing it, so one trace serves
-    every call of one graph.
+    every call of one graph; the copied nodes then get example values of their own
+    (`_fresh_values`).
 
     Private because nothing public splices a traced function into a post-grad graph: Inductor's
     pattern matcher does (Match.replace_by_example, as Inductor's own
@@ -201,7 +203,30 @@ def replace_with_functional_trace(
             traces[key] = _functional_trace(traced_function, example_values)
         return traces[key]
 
+    graph = node.graph
+    before = set(graph.nodes)  # what replace_by_example returns differs between torch versions
     match.replace_by_example(call, [leaves[i] for i in traced_at], trace_fn=trace)
+    _fresh_values([spliced for spliced in graph.nodes if spliced not in before])
+
+
+def _fresh_values(nodes: list[fx.Node]) -> None:
+    """Recompute the example values ("val") of spliced nodes from their inputs' values.
+
+    The pattern matcher gives each copied node the value its trace node holds, so two splices of
+    one trace would share fake tensors, and with them storages. Inductor's reinplace pass reads
+    aliasing from those storages: a buffer that shares one with a later splice's buffer is never
+    written in place, and its kernel gets a clone of it (a copy of every output buffer). Fake
+    tensors are cheap to recompute (each kernel wrapper's fake clones its outputs)."""
+    from torch._guards import detect_fake_mode
+
+    values = [node.meta.get("val") for node in nodes]
+    fake_mode = detect_fake_mode([v for v in values if isinstance(v, torch.Tensor)])
+    with fake_mode if fake_mode is not None else contextlib.nullcontext():
+        for node in nodes:
+            if node.op != "call_function" or "val" not in node.meta:
+                continue
+            args, kwargs = fx.map_arg((node.args, node.kwargs), lambda arg: arg.meta["val"])
+            node.meta["val"] = node.target(*args, **kwargs)
 
 
 def _trace_key(function: Callable, leaves: list, spec) -> tuple | None:

@@ -272,6 +272,18 @@ def upstream_kernels(node):
             stack.extend(current.all_input_nodes)
     return {kernel_name(found) for found in seen} - {None}
 
+# The buffers the launchers allocate for the kernels to write, one storage each: splices of one
+# trace sharing example values would look like aliases to Inductor's reinplace pass, which then
+# copies every such buffer before its kernel.
+from torch.multiprocessing.reductions import StorageWeakRef
+allocations = (torch.ops.aten.empty, torch.ops.aten.empty_strided, torch.ops.aten.empty_like)
+written = [argument.meta["val"] for node in calls if node.target is wrapper
+           for name, argument in node.kwargs["kwargs"].items()
+           if name in node.kwargs["tensors_to_clone"]
+           and getattr(argument.target, "_overloadpacket", None) in allocations]
+print("allocated_buffers", len(written))
+print("their_storages", len({StorageWeakRef(value.untyped_storage()) for value in written}))
+
 projections = [node for node in calls if kernel_name(node) == "_mhc_projection_kernel"]
 print("projections_read_a_post_res_output", ",".join(
     str("_mhc_post_res_mix_fwd_kernel" in upstream_kernels(node.kwargs["kwargs"]["streams_ptr"]))
@@ -291,3 +303,5 @@ print("projections_read_a_post_res_output", ",".join(
     # wired to its own inputs (its streams are the first sublayer's post/res output).
     assert output["traces"] == "4"
     assert output["projections_read_a_post_res_output"] == "False,True"
+    assert int(output["allocated_buffers"]) >= 2 * 8  # at least one per kernel and sublayer
+    assert output["their_storages"] == output["allocated_buffers"]
