@@ -3,7 +3,8 @@
 n streams multiply a residual chain's saved activations by n: every block's backward ops need its
 input streams x_l [T, n, C]. The paper keeps x_l only at the first block of every L_r blocks, plus
 each block's F output y_l [T, C] and its per-token coefficients (H_pre, H_post, H_res: n^2 + 2n
-floats), and rebuilds the other streams in backward, group by group, with the cheap post/res mix
+floats; here also the projection that the coefficient backward reads, n^2 + 2n + 1 floats), and
+rebuilds the other streams in backward, group by group, with the cheap post/res mix
 x_{l+1} = H_res x_l + H_post^T y_l (Eq. 3). F itself is never recomputed. Saved stream memory is
 least at L_r ~ sqrt(n L / (n + 2)) for a chain of L blocks: L/L_r kept streams of nC against about
 L_r (n + 2)C live while one group is rebuilt.
