@@ -164,6 +164,37 @@ def test_ttir_of_mhc_kernels_is_generated_once_per_signature(generated_ttir):
     assert len(generated) == 8  # TMA descriptors are passed through
 
 
+def test_a_trace_is_reused_only_for_the_same_signature():
+    """_dynamo_compat._trace_key: calls share a trace only with equal launchers, constants and
+    tensor layouts, and with the same pattern of repeated arguments (make_fx traces a tensor
+    passed twice as one input, which must not serve two different tensors). Symbolic sizes are
+    never keyed."""
+    graph = torch.fx.Graph()
+
+    def placeholder(name, value):
+        node = graph.placeholder(name)
+        node.meta["val"] = value
+        return node
+
+    a, b = (placeholder(name, torch.empty(4, 8)) for name in "ab")
+    transposed = placeholder("transposed", torch.empty(8, 4).t())
+    wider = placeholder("wider", torch.empty(4, 9))
+    half = placeholder("half", torch.empty(4, 8, dtype=torch.float16))
+    spec = "two tensors and a constant"
+
+    def key(*leaves, function=len):
+        return _dynamo_compat._trace_key(function, list(leaves), spec)
+
+    assert key(a, b, 20) == key(b, a, 20)  # other nodes, same layouts: one trace
+    assert key(a, a, 20) != key(a, b, 20)  # a repeated argument is traced as one input
+    assert len({key(a, b, 20), key(a, transposed, 20), key(a, wider, 20), key(a, half, 20),
+                key(a, b, 21), key(a, b, 20.0), key(a, b, 20, function=repr)}) == 7
+    assert key(a, b, [20]) is None  # an unhashable constant: traced afresh
+    symbolic_streams = next(node for node in _graph("symbolic").nodes if node.op == "placeholder")
+    assert isinstance(symbolic_streams.meta["val"].shape[0], torch.SymInt)
+    assert key(a, symbolic_streams, 20) is None
+
+
 # Tracing a launch needs Triton kernels that are not interpreted, so these run in a new process
 # without TRITON_INTERPRET (this process, without a GPU, interprets them: wrap_triton would run the
 # kernel instead of tracing it). Torch's TTIR generation, which needs a GPU, is a stub that counts.
