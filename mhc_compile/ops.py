@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from mhc_compile import reference, templates
+from mhc_compile import costs, reference, templates
 
 
 def _reference_vjp(
@@ -165,12 +165,9 @@ def coefficients_pre_mix_opaque(
     sinkhorn_iters: int,
     constraint: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    proj, sum_squares = reference.projection(streams, phi)
-    h_pre, h_post, h_res = reference.coefficients_of_projection(
-        proj, sum_squares, streams.shape[-2] * streams.shape[-1], alpha, b_pre, b_post, b_res,
-        sinkhorn_iters, constraint,
-    )
-    return _dense(h_pre, h_post, h_res, reference.pre_mix(streams, h_pre), proj, sum_squares)
+    return _dense(*reference.coefficients_pre_mix_and_projection(
+        streams, phi, alpha, b_pre, b_post, b_res, sinkhorn_iters, constraint
+    ))
 
 
 @coefficients_pre_mix_opaque.register_fake
@@ -180,7 +177,8 @@ def _(streams, phi, alpha, b_pre, b_post, b_res, sinkhorn_iters, constraint):
     gate = streams.new_empty((*lead, n), dtype=dtype)
     mixed = streams.new_empty(streams.shape[:-2] + streams.shape[-1:])
     return (gate, torch.empty_like(gate), streams.new_empty((*lead, n, n), dtype=dtype), mixed,
-            streams.new_empty((*lead, n * n + 2 * n), dtype=dtype), streams.new_empty(lead, dtype=dtype))
+            streams.new_empty((*lead, costs.coefficient_count(n)), dtype=dtype),
+            streams.new_empty(lead, dtype=dtype))
 
 
 @_traced_op("mhc::coefficients_pre_mix")

@@ -114,10 +114,29 @@ def coefficients_pre_mix(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The coefficients, then F's input: h_pre [..., n], h_post [..., n], h_res [..., n, n] and
     mixed = H_pre x_l [..., C]. One op in the graph, so that a kernel reads the streams once."""
-    h_pre, h_post, h_res = coefficients(
+    return coefficients_pre_mix_and_projection(
         streams, phi, alpha, b_pre, b_post, b_res, sinkhorn_iters, constraint
+    )[:4]
+
+
+def coefficients_pre_mix_and_projection(
+    streams: torch.Tensor,
+    phi: torch.Tensor,
+    alpha: torch.Tensor,
+    b_pre: torch.Tensor,
+    b_post: torch.Tensor,
+    b_res: torch.Tensor,
+    sinkhorn_iters: int,
+    constraint: str = "sinkhorn",
+) -> tuple[torch.Tensor, ...]:
+    """`coefficients_pre_mix`'s four outputs, then `projection`'s two: what the op
+    mhc::coefficients_pre_mix returns (the projection is saved for its backward)."""
+    proj, sum_squares = projection(streams, phi)
+    width = streams.shape[-2] * streams.shape[-1]
+    h_pre, h_post, h_res = coefficients_of_projection(
+        proj, sum_squares, width, alpha, b_pre, b_post, b_res, sinkhorn_iters, constraint
     )
-    return h_pre, h_post, h_res, pre_mix(streams, h_pre)
+    return h_pre, h_post, h_res, pre_mix(streams, h_pre), proj, sum_squares
 
 
 def post_res_mix(

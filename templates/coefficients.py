@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mhc_compile import reference
+from mhc_compile import costs, reference
 from mhc_compile.templates import configs
 from mhc_compile.templates.tiles import per_token, token_block, token_rows
 
@@ -355,7 +355,8 @@ def mhc_coefficients_fwd(
     h_pre = torch.empty((tokens, n), dtype=torch.float32, device=x.device)
     h_post = torch.empty_like(h_pre)
     h_res = torch.empty((tokens, n, n), dtype=torch.float32, device=x.device)
-    proj = torch.empty((tokens, n * n + 2 * n), dtype=torch.float32, device=x.device)
+    n_phi = costs.coefficient_count(n)
+    proj = torch.empty((tokens, n_phi), dtype=torch.float32, device=x.device)
     sumsq = torch.empty((tokens,), dtype=torch.float32, device=x.device)
 
     def grid(meta):
@@ -368,7 +369,7 @@ def mhc_coefficients_fwd(
     )
     lead = streams.shape[:-2]
     return (h_pre.view(*lead, n), h_post.view(*lead, n), h_res.view(*lead, n, n),
-            proj.view(*lead, n * n + 2 * n), sumsq.view(lead))
+            proj.view(*lead, n_phi), sumsq.view(lead))
 
 
 # --- backward, step 1: per token block, d(projection), d(sum of squares), parameter partials -------
@@ -539,7 +540,7 @@ def mhc_coefficients_bwd(
     of the streams) is added into grad streams."""
     x = token_rows(streams)
     tokens, n, channels = x.shape
-    n_columns, n_phi = n * channels, n * n + 2 * n
+    n_columns, n_phi = n * channels, costs.coefficient_count(n)
     phi_padded = _padded_phi(phi)
     gate_parameters = _fp32(alpha, b_pre, b_post, b_res)
     device = x.device

@@ -164,12 +164,6 @@ def _coefficients_pre_mix_reference(iters, constraint):
     return forward
 
 
-def _reference_outputs(streams, phi, *parameters_and_settings):
-    """What mhc::coefficients_pre_mix returns: the reference's four outputs, then the projection."""
-    return (*reference.coefficients_pre_mix(streams, phi, *parameters_and_settings),
-            *reference.projection(streams, phi))
-
-
 COEFFICIENT_GRADS = ["grad_streams", "grad_phi", "grad_alpha", "grad_b_pre", "grad_b_post", "grad_b_res"]
 
 
@@ -191,9 +185,8 @@ def _check_coefficients_pre_mix(n, channels, shape, dtype, iters, constraint, ac
     ref_projection = reference.projection(*(t.detach().double().cpu() for t in inputs[:2]))
     _assert_close(["projection", "sum_squares"], (proj, sum_squares), ref_projection, dtype)
     _assert_close(COEFFICIENT_GRADS, grads, ref_grads, dtype)
-    assert [(t.shape, t.dtype) for t in outputs] == [
-        (t.shape, t.dtype) for t in _reference_outputs(*inputs, iters, constraint)
-    ]
+    expected = reference.coefficients_pre_mix_and_projection(*inputs, iters, constraint)
+    assert [(t.shape, t.dtype) for t in outputs] == [(t.shape, t.dtype) for t in expected]
     for grad, tensor in zip(grads, inputs, strict=True):
         assert (grad.shape, grad.dtype) == (tensor.shape, tensor.dtype)
     _assert_alias_free(outputs, inputs)
@@ -459,7 +452,7 @@ def test_cpu_keeps_the_reference():
     assert not kernels_active("cpu")
     inputs = [t.cpu() for t in _mhc_inputs(2, 8, (3,), torch.float32)]
     outputs = ops.coefficients_pre_mix(*inputs, 20, "sinkhorn")
-    expected = _reference_outputs(*inputs, 20, "sinkhorn")
+    expected = reference.coefficients_pre_mix_and_projection(*inputs, 20, "sinkhorn")
     assert all(torch.equal(a, b) for a, b in zip(outputs, expected, strict=True))
 
 
@@ -634,7 +627,7 @@ def test_repeated_launches_run_the_compiled_binary(monkeypatch, poisoned):
 def test_float64_on_cuda_falls_back_to_the_reference():
     inputs = [t.double() for t in _mhc_inputs(2, 8, (3,), torch.float32)]
     outputs = ops.coefficients_pre_mix(*inputs, 20, "sinkhorn")
-    expected = _reference_outputs(*inputs, 20, "sinkhorn")
+    expected = reference.coefficients_pre_mix_and_projection(*inputs, 20, "sinkhorn")
     assert all(torch.equal(a, b) for a, b in zip(outputs, expected, strict=True))
 
 
