@@ -194,7 +194,7 @@ def prepare_variant(variant: str, model: nn.Module, ids: torch.Tensor, device: t
         import mhc_compile
 
         options = _mhc_options(variant)
-        mhc_compile.prepare(model, ids[:, :-1], **options)
+        mhc_compile.prepare(model, ids[:, :-1], options=options)
         backend = mhc_compile.backend(**options)
         compiled = torch.compile(model, backend=backend)
         compiled.mhc_report = backend.report  # read after the first step: what training rewrote

@@ -245,7 +245,7 @@ def bench_size(name, size, device, dtype, rank, args):
     plain.zero_grad(set_to_none=True)
 
     mhc_model, _, _ = build(size, device, dtype)
-    mhc_compile.prepare(mhc_model, mb_ids, n=args.n)
+    mhc_compile.prepare(mhc_model, mb_ids, options={"n": args.n})
     plan = mhc_compile.plan_pipeline(mhc_model, (mb_ids,), 2, cuts=[cut], n=args.n)
     modules = build_stage_modules(plan, range(2))
     result["single_gpu_mhc_ms"] = max_over_ranks(

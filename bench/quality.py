@@ -201,7 +201,7 @@ def build_variant(name: str, cfg: Config, example: torch.Tensor, weights) -> Var
     if options is None:
         compiled = torch.compile(model) if cfg.inductor else model
         return Variant(name, model, compiled, {}, None, 0)
-    report = mhc_compile.prepare(model, example, n=cfg.n, **options)
+    report = mhc_compile.prepare(model, example, options={"n": cfg.n, **options})
     backend = mhc_compile.backend(n=cfg.n, eager=not cfg.inductor, **options)
     mhc_initial = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("mhc.")}
     logger = mhc_compile.GainLogger(model, every=cfg.probe_every, log=lambda step, report: None)

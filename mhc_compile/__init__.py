@@ -6,21 +6,26 @@
     mhc_compile.report(model, *example_args).print()      # which blocks were rewritten, and why not
     mhc_compile.gain(model, *example_args).print()        # Amax gain of H_res across depth (paper)
     run = mhc_compile.pipeline(model, example_args, num_stages=2, loss_fn=loss)   # under torchrun
+
+prepare, report and gain pass keywords on to the model and take the mHC options as one mapping:
+
+    mhc_compile.prepare(model, ids, attention_mask=mask, options={"n": 2, "constraint": "none"})
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from mhc_compile import _dynamo_compat
 from mhc_compile.backend import MHCBackend
 from mhc_compile.gain import GainLogger, GainProbe, GainReport, gain
 from mhc_compile.options import MHCOptions
 from mhc_compile.parameters import MHCParameters
 from mhc_compile.pipeline import Pipeline, PipelinePlan, pipeline, plan_pipeline
-from mhc_compile.quiet import run_without_side_effects
+from mhc_compile.quiet import run_without_side_effects, split_keywords
 from mhc_compile.report import BlockReport, Report, SkipReason
 
 __all__ = [
@@ -41,32 +46,53 @@ def backend(**options: Any) -> MHCBackend:
     return MHCBackend(MHCOptions.from_kwargs(**options))
 
 
-def prepare(model: nn.Module, *example_args: Any, **options: Any) -> Report:
+def prepare(model: nn.Module, /, *example_args: Any, options: Mapping[str, Any] | None = None,
+            **model_kwargs: Any) -> Report:
     """Do the first compilation's work now, so optimizers, checkpoint loading and FSDP come after.
 
-    Traces `model(*example_args)` once through the mhc backend under no_grad, which creates the
-    parameters, and runs the traced graph unchanged (the mHC ops would compute the same at init,
-    and would autotune their kernels for these arguments' dtypes, which autocast may change),
-    restoring buffers (BatchNorm statistics) and the RNG state afterwards, so the model's state
-    is as before except for the new `model.mhc` parameters. Returns the report of that trace.
+        mhc_compile.prepare(model, input_ids, attention_mask=mask, options={"n": 2})
+
+    example_args and model_kwargs are the model's forward arguments (its keywords too:
+    attention_mask, pixel_values, labels); options is a mapping of mHC options (MHCOptions: n,
+    constraint, sinkhorn_iters, include, exclude, ...), which the blocks' parameters are created
+    with and which a checkpoint's blocks must match when loaded (their state_dict records n,
+    constraint and sinkhorn_iters). Older calls passed options as keywords: a keyword that names
+    an option and that model.forward does not declare is still taken as one, with a FutureWarning.
+
+    Traces `model(*example_args, **model_kwargs)` once through the mhc backend under no_grad,
+    which creates the parameters, and runs the traced graph unchanged (the mHC ops would compute
+    the same at init, and would autotune their kernels for these arguments' dtypes, which autocast
+    may change), restoring buffers (BatchNorm statistics) and the RNG state afterwards, so the
+    model's state is as before except for the new `model.mhc` parameters. Returns the report of
+    that trace.
     """
-    options = MHCOptions.from_kwargs(**options).replace(eager=True)
+    chosen, model_kwargs = split_keywords("prepare", model, options, model_kwargs)
+    chosen = MHCOptions.from_kwargs(chosen).replace(eager=True)
     return _trace(model, example_args,
-                  MHCBackend(options, top_module=model, warn_late=False, run_unchanged=True))
+                  MHCBackend(chosen, top_module=model, warn_late=False, run_unchanged=True),
+                  model_kwargs=model_kwargs)
 
 
-def report(model: nn.Module, *example_args: Any, **options: Any) -> Report:
-    """Which residual blocks the backend rewrites or skips, and why, without changing the model."""
-    options = MHCOptions.from_kwargs(**options)
-    return _trace(model, example_args, MHCBackend(options, analyze_only=True, top_module=model))
+def report(model: nn.Module, /, *example_args: Any, options: Mapping[str, Any] | None = None,
+           **model_kwargs: Any) -> Report:
+    """Which residual blocks the backend rewrites or skips, and why, without changing the model.
+
+    Called as `prepare` is: the model's forward arguments, its keywords included, and the mHC
+    options in `options=`.
+    """
+    chosen, model_kwargs = split_keywords("report", model, options, model_kwargs)
+    return _trace(model, example_args,
+                  MHCBackend(MHCOptions.from_kwargs(chosen), analyze_only=True, top_module=model),
+                  model_kwargs=model_kwargs)
 
 
 def _trace(model: nn.Module, example_args: tuple, configured: MHCBackend,
-           fullgraph: bool = False) -> Report:
+           fullgraph: bool = False, model_kwargs: Mapping[str, Any] | None = None) -> Report:
     if not isinstance(model, nn.Module):
         raise TypeError(f"mhc_compile expects an nn.Module, got {type(model).__name__}")
     compiled = torch.compile(model, backend=configured, dynamic=False, fullgraph=fullgraph)
-    run_without_side_effects(model, compiled, example_args)
+    with _dynamo_compat.falling_back_past_recompile_limit():
+        run_without_side_effects(model, compiled, example_args, model_kwargs)
     if not configured.traced_graphs:
         # Dynamo ran the model without calling the backend: it gave up on this forward (its
         # recompile limit, 8 entries per code object, counts every prepare/report/gain call).
@@ -74,6 +100,6 @@ def _trace(model: nn.Module, example_args: tuple, configured: MHCBackend,
             f"mhc_compile: torch.compile did not trace {type(model).__name__}.forward, so nothing "
             "was analysed or created: it falls back to eager past its recompile limit (each "
             "prepare/report/gain call and each new input shape adds an entry). Call "
-            "torch._dynamo.reset() before preparing many models of one class in one process."
+            "torch.compiler.reset() before preparing many models of one class in one process."
         )
     return configured.report

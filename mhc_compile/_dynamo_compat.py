@@ -10,7 +10,6 @@ import contextlib
 import copy
 import inspect
 import itertools
-import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -19,8 +18,6 @@ import torch
 from torch import fx, nn
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch._subclasses.fake_tensor import FakeTensor
-
-_ROOT = re.compile(r"^(L|G)\[['\"]([^'\"]+)['\"]\]$")
 
 
 def copy_graph_module(graph_module: fx.GraphModule) -> fx.GraphModule:
@@ -36,29 +33,6 @@ def copy_graph_module(graph_module: fx.GraphModule) -> fx.GraphModule:
     if hasattr(graph_module, "_param_name_to_source"):
         copied._param_name_to_source = graph_module._param_name_to_source
     return copied
-
-
-def owner_module(root: str) -> nn.Module | None:
-    """The nn.Module Dynamo calls `root` ("L['self']", "G['model']") in the frame being compiled.
-
-    A backend only receives the graph and its inputs; the module whose parameters those are lives
-    in the frame's locals or globals, reachable only through Dynamo's current translator.
-    """
-    match = _ROOT.match(root)
-    if match is None:
-        return None
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        translator = InstructionTranslator.current_tx()
-    except (ImportError, AttributeError, AssertionError):
-        return None
-    if translator is None:
-        return None
-    frame = translator.output.root_tx
-    scope = frame.f_locals if match.group(1) == "L" else frame.f_globals
-    owner = scope.get(match.group(2))
-    return owner if isinstance(owner, nn.Module) else None
 
 
 def compile_with_inductor(
@@ -371,24 +345,47 @@ def mark_parameter_input(placeholder: fx.Node) -> None:
     placeholder.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
 
 
-def calling_top_module() -> nn.Module | None:
-    """The module a user compiled, found as the `OptimizedModule` whose forward is on the stack.
+def modules_on_call_stack() -> list[nn.Module]:
+    """The nn.Modules whose methods are running in this thread, innermost first, each
+    torch.compile wrapper (OptimizedModule) given as the module it wraps.
 
-    Dynamo reuses one compiled frame for every instance of a module class (a graph break inside a
-    loop compiles each block's forward as a frame; so does compiling blocks one by one). The
-    rewritten graph must then find each instance's own mHC parameters, and that instance lives
-    below the module the user compiled; nothing public names it.
+    Why frames: a backend receives a graph and its inputs, never the module the user compiled,
+    and a compiled frame that Dynamo reuses for another instance of the same class calls our
+    compiled function with that instance's Parameters only. The module whose call runs the graph
+    is on the stack as `self` of Module._call_impl (or of the wrapper Module.compile() installs);
+    no public API names it. Checked on torch 2.11 and 2.13 (CPython 3.10-3.13 frames).
     """
     from torch._dynamo.eval_frame import OptimizedModule
 
+    modules: list[nn.Module] = []
     frame = sys._getframe(1)
-    outermost = None
     while frame is not None:
         candidate = frame.f_locals.get("self")
         if isinstance(candidate, OptimizedModule):
-            outermost = candidate._orig_mod
+            candidate = candidate._orig_mod
+        if isinstance(candidate, nn.Module) and all(candidate is not m for m in modules):
+            modules.append(candidate)
         frame = frame.f_back
-    return outermost
+    return modules
+
+
+def fail_past_recompile_limit() -> None:
+    """Make Dynamo raise, instead of running the frame eagerly, once a code object passes its
+    recompile limit: for a model we rewrote, eager is the plain model without its mHC
+    parameters, a silent change of function. torch.compile has no per-backend switch for this
+    (torch 2.13's per-call `recompile_limit=` argument does not change the fallback), so the
+    process-wide torch._dynamo.config.fail_on_recompile_limit_hit is set; Dynamo refuses it
+    together with suppress_errors, which then keeps its meaning. Checked on torch 2.11 and 2.13."""
+    config = torch._dynamo.config
+    if not config.suppress_errors:
+        config.fail_on_recompile_limit_hit = True
+
+
+def falling_back_past_recompile_limit():
+    """A context in which Dynamo runs a frame eagerly past its recompile limit (its default), for
+    our own traces (prepare, report, gain): they detect that no graph reached their backend and
+    raise their own error, which says what to do, where Dynamo's would not."""
+    return torch._dynamo.config.patch(fail_on_recompile_limit_hit=False)
 
 
 def is_compiled_module(module: nn.Module) -> bool:
@@ -397,6 +394,8 @@ def is_compiled_module(module: nn.Module) -> bool:
     from torch._dynamo.eval_frame import OptimizedModule
 
     return isinstance(module, OptimizedModule)
+
+
 def checkpoint_region_body(graph_module: fx.GraphModule, node: fx.Node) -> fx.GraphModule | None:
     """The body of a plain `torch.utils.checkpoint` region that Dynamo made into a call of the
     `tag_activation_checkpoint` higher-order op, or None (another node, or a region with a

@@ -6,8 +6,10 @@ entry point; do not also register the name here (the entry point would then fail
 
 from __future__ import annotations
 
+import collections
 import logging
-from dataclasses import dataclass, field
+import warnings
+import weakref
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -16,7 +18,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from mhc_compile import _dynamo_compat, costs, ops, reference, templates
 from mhc_compile.options import MHCOptions
-from mhc_compile.parameters import MHCParameters, parameters_of
+from mhc_compile.owners import Owners, Site
 from mhc_compile.passes import graph_facts
 from mhc_compile.passes.annotate_pipeline import annotate_pipeline
 from mhc_compile.passes.find_residual_blocks import ResidualAnalysis, find_residual_chains
@@ -49,7 +51,7 @@ class MHCBackend:
         self.analyze_only = analyze_only
         self.run_unchanged = run_unchanged
         self.warn_late = warn_late
-        self.top_module = top_module  # where instances of a reused frame's owner are found
+        self.top_module = top_module  # owns the mHC parameters of every block whose weights it owns
         self.instrument = instrument
         self.report = Report(n=options.n, constraint=options.constraint)
         self.traced_graphs = 0  # graphs Dynamo handed to this backend
@@ -60,17 +62,30 @@ class MHCBackend:
         graph_module = _dynamo_compat.copy_graph_module(graph_module)
         inline_checkpoint_regions(graph_module)  # blocks inside the user's checkpointed layers
         placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
-        weights = {n for n, v in zip(placeholders, example_inputs) if isinstance(v, nn.Parameter)}
-        analysis = find_residual_chains(graph_module, self.options, weights)
-        owners = _owners(analysis, example_inputs, self.top_module, create=not self.analyze_only)
-        self.report.blocks.extend(_block_reports(analysis, graph_index, self.options))
+        weights = _Weights(graph_module, placeholders)
+        owners = Owners(self.top_module)
+        sites: dict[fx.Node, Site | None] = {}
+
+        def site_key(weight: fx.Node) -> str | None:
+            sites[weight] = owners.site(weights.of(weight, example_inputs))
+            return None if sites[weight] is None else sites[weight].key
+
+        parameters = {n for n, v in zip(placeholders, example_inputs) if isinstance(v, nn.Parameter)}
+        analysis = find_residual_chains(graph_module, self.options, parameters, site_key)
+        graph_blocks = list(_block_reports(analysis, graph_index, self.options))
+        self.report.blocks.extend(graph_blocks)
         log.info("%s (graph %d)", self.report.summary(), graph_index)
         blocks = [block for chain in analysis.chains for block in chain.blocks]
         if self.analyze_only:
             return graph_module
+        if self.warn_late:  # a compile the user asked for, not prepare/gain's own traces
+            warn_if_incomplete(graph_blocks, holds_weights=bool(parameters))
+            if blocks:
+                _dynamo_compat.fail_past_recompile_limit()
         if not blocks:
             return self._compile(graph_module, example_inputs)
-        parameters = _bind_parameters(blocks, owners, example_inputs, self.options, self.warn_late)
+        binding = _Binding(blocks, weights, self.options, self.warn_late)
+        parameters = binding.bind(example_inputs, [sites[block.weight] for block in blocks])
         nodes = _add_parameter_placeholders(graph_module, blocks, parameters)
         rewrite_mhc(graph_module, analysis, nodes, self.options)
         annotate_pipeline(graph_module, analysis, self.options)
@@ -78,20 +93,9 @@ class MHCBackend:
             self.instrument(graph_module, graph_index, analysis.chains, nodes)
         compiled = (_ignoring_parameters(traced) if self.run_unchanged
                     else self._compile(graph_module, [*parameters, *example_inputs]))
-        bound = WeakIdKeyDictionary()  # first owner's store -> (stores, flat parameters)
 
-        # One frame may serve several instances of its module: each call binds the calling
-        # instance's parameters, creating them at that instance's first call.
         def run_rewritten(*args):
-            stores = [owner.store_for(args) for owner in owners.values()]
-            cached = bound.get(stores[0])
-            if cached is None or any(a is not b for a, b in zip(cached[0], stores)):
-                flat = _bind_parameters(blocks, owners, args, self.options, self.warn_late)
-                cached = bound[stores[0]] = (stores, flat)
-            outputs = compiled(*cached[1], *args)
-            for store in stores:
-                store.ran_compiled_step = True
-            return outputs
+            return compiled(*binding.parameters_for(args), *args)
 
         return run_rewritten
 
@@ -100,6 +104,34 @@ class MHCBackend:
             return graph_module
         return compile_whole_ops(graph_module, example_inputs, recompute=self.options.recompute,
                                  cudagraphs=self.options.cudagraphs, mode=self.options.mode)
+
+
+_WARNED: set[str] = set()  # each distinct warning once per process, however many recompiles
+
+
+def warn_if_incomplete(blocks: list[BlockReport], holds_weights: bool) -> None:
+    """Say once, loudly, that a compiled graph kept residual blocks plain or rewrote nothing."""
+    skipped = [block for block in blocks if block.status == "skipped"]
+    rewritten = len(blocks) - len(skipped)
+    if skipped:
+        reasons = collections.Counter(block.reason for block in skipped).most_common(3)
+        message = (
+            f"mhc: {len(skipped)} residual block(s) of a compiled graph stay plain residuals "
+            f"({rewritten} rewritten). Main reasons: "
+            + "; ".join(f"{count} x {reason}" for reason, count in reasons)
+        )
+    elif not blocks and holds_weights:
+        message = (
+            "mhc: a compiled graph holds weights but no residual block x + f(x) was found, so it "
+            "runs unchanged (no mHC). If the residual add is split from f by a graph break, "
+            "TORCH_LOGS=graph_breaks shows where"
+        )
+    else:
+        return
+    message += ". mhc_compile.report(model, *example_args).print() lists every block and why."
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=2)
 
 
 def compile_whole_ops(graph_module: fx.GraphModule, example_inputs, *,
@@ -123,85 +155,81 @@ def _ignoring_parameters(traced: fx.GraphModule) -> Callable:
     return run
 
 
-@dataclass(eq=False)
-class _Owner:
-    """The module holding a graph's mHC parameters, recognised at run time by one of its weights.
+class _Weights:
+    """The Parameter each block's site weight is, in the call at hand: a placeholder's argument,
+    or the first parameter of a module Dynamo kept as a call_module."""
 
-    Dynamo may run one compiled frame for many instances of the owner's class; `anchor_index`
-    points at an owner weight among the graph inputs, so each instance finds its own store.
+    def __init__(self, graph_module: fx.GraphModule, placeholders: list[fx.Node]):
+        self.graph_module = graph_module
+        self.index = {node: position for position, node in enumerate(placeholders)}
+
+    def of(self, weight: fx.Node, args: Sequence[Any]) -> torch.Tensor:
+        if weight.op == "placeholder":
+            return args[self.index[weight]]
+        return next(self.graph_module.get_submodule(weight.target).parameters())
+
+
+class _Binding:
+    """Each block's mHC parameters for the instance a call runs for.
+
+    Dynamo may run one compiled frame for several instances of a module class (a graph break in
+    a loop over layers compiles each layer's forward once; so does compiling blocks one by one):
+    the blocks' weights among the call's arguments say which instance it is, and each instance
+    binds its own parameters once, creating them at its first call.
     """
 
-    module: nn.Module
-    anchor_index: int
-    anchor_name: str  # the anchor weight's path below the owner
-    top_module: nn.Module | None
-    stores: WeakIdKeyDictionary = field(default_factory=WeakIdKeyDictionary)
+    def __init__(self, blocks, weights: _Weights, options: MHCOptions, warn_late: bool):
+        self.blocks, self.weights, self.options, self.warn_late = blocks, weights, options, warn_late
+        # first block's weight -> (weak references to every block's weight, stores, parameters)
+        self.bound = WeakIdKeyDictionary()
 
-    def store_for(self, args: Sequence[Any]) -> MHCParameters:
-        anchor = args[self.anchor_index]
-        store = self.stores.get(anchor)
-        if store is None:
-            store = parameters_of(self._instance_owning(anchor))
-            self.stores[anchor] = store
-        return store
+    def bind(self, args: Sequence[Any], sites: list[Site | None] | None = None) -> list[torch.Tensor]:
+        """Every block's (phi, alpha, b_pre, b_post, b_res) for the instance `args` call,
+        created where missing; `sites` when the caller resolved them already."""
+        current = [self.weights.of(block.weight, args) for block in self.blocks]
+        cached = self.bound.get(current[0])
+        if cached is None or any(ref() is not w for ref, w in zip(cached[0], current)):
+            stores, flat = self._create(sites or self._sites(current))
+            cached = self.bound[current[0]] = ([weakref.ref(w) for w in current], stores, flat)
+        return cached[2]
 
-    def _instance_owning(self, anchor: torch.Tensor) -> nn.Module:
-        if any(p is anchor for p in self.module.parameters()):
-            return self.module
-        for name, parameter in (self.top_module.named_parameters() if self.top_module else ()):
-            if parameter is anchor and name.endswith(self.anchor_name):
-                return self.top_module.get_submodule(name[: -len(self.anchor_name)].rstrip("."))
-        raise RuntimeError(
-            f"mhc: a compiled graph of {type(self.module).__name__} ran for another instance whose "
-            "module could not be found. Compile the top-level model (torch.compile(model, "
-            "backend='mhc')) or call mhc_compile.prepare(model, *example_args) first."
-        )
+    def parameters_for(self, args: Sequence[Any]) -> list[torch.Tensor]:
+        """`bind` for a compiled step, which marks the stores as having run one (warn_late)."""
+        flat = self.bind(args)
+        for store in self.bound[self.weights.of(self.blocks[0].weight, args)][1]:
+            store.ran_compiled_step = True
+        return flat
 
+    def _create(self, sites: list[Site]) -> tuple[list, list[torch.Tensor]]:
+        created, flat, stores = [], [], []
+        for block, site in zip(self.blocks, sites):
+            store = site.store()
+            params, is_new = store.get_or_create(
+                site.key, self.options.n, block.channels, block.position, self.options,
+                reference.coefficient_dtype(block.value.dtype), block.value.device,
+            )
+            flat.extend(_flat(params))
+            if all(store is not known for known in stores):
+                stores.append(store)
+            if is_new:
+                created.append(site.key or "<root>")
+        if self.warn_late:
+            for store in stores:
+                store.warn_if_late(created)
+        return stores, flat
 
-def _owners(analysis, example_inputs, top_module, create: bool) -> dict[str, _Owner]:
-    """The owner of each module root holding rewritten blocks; blocks without one are skipped."""
-    owners: dict[str, _Owner] = {}
-    for block in analysis.blocks:
-        if block.skip_reason is not None or block.root in owners:
-            continue
-        module = _dynamo_compat.owner_module(block.root)
-        anchor = None if module is None else _anchor(module, example_inputs)
-        if anchor is None:
-            block.skip_reason = SkipReason.NO_OWNER_MODULE
-            continue
-        top = top_module or _dynamo_compat.calling_top_module()
-        owners[block.root] = _Owner(module, *anchor, top_module=top)
-    for block in analysis.blocks:
-        if block.skip_reason is None and block.root not in owners:
-            block.skip_reason = SkipReason.NO_OWNER_MODULE
-    analysis.chains = [c for c in analysis.chains if c.blocks[0].root in owners]
-    return owners if create else {}
-
-
-def _anchor(module: nn.Module, example_inputs) -> tuple[int, str] | None:
-    names = {id(p): name for name, p in module.named_parameters()}
-    for index, value in enumerate(example_inputs):
-        if isinstance(value, nn.Parameter) and id(value) in names:
-            return index, names[id(value)]
-    return None
-
-
-def _bind_parameters(blocks, owners: dict[str, _Owner], args, options, warn_late: bool):
-    """Every block's (phi, alpha, b_pre, b_post, b_res), from the store of the running instance."""
-    stores = {root: owner.store_for(args) for root, owner in owners.items()}
-    created, flat = [], []
-    for block in blocks:
-        params, is_new = stores[block.root].get_or_create(
-            block.key, options.n, block.channels, block.position, options,
-            reference.coefficient_dtype(block.value.dtype), block.value.device,
-        )
-        flat.extend(_flat(params))
-        if is_new:
-            created.append(block.key or "<root>")
-    if warn_late:
-        for store in stores.values():
-            store.warn_if_late(created)
-    return flat
+    def _sites(self, weights: list[torch.Tensor]) -> list[Site]:
+        owners = Owners()
+        sites = [owners.site(weight) for weight in weights]
+        if any(site is None for site in sites):
+            raise RuntimeError(
+                f"mhc: a compiled graph of {len(self.blocks)} mHC block(s) ran for weights that no "
+                "module on the call stack or prepared by mhc_compile owns, so their mHC parameters "
+                "cannot be found. Compile the module itself (torch.compile(model, backend='mhc') "
+                "or model.compile(backend='mhc')), or call mhc_compile.prepare(model, "
+                "*example_args) first."
+            )
+        return sites
 
 
 def _flat(params) -> tuple[torch.Tensor, ...]:
@@ -240,7 +268,7 @@ def _block_reports(analysis: ResidualAnalysis, graph_index: int, options: MHCOpt
         streams_dtype = options.streams_dtype_for(value.dtype)
         yield BlockReport(
             path=block.path,
-            key=block.key,
+            key=block.key or "",
             status="rewritten" if rewritten else "skipped",
             reason="" if rewritten else (block.skip_reason or SkipReason.NO_OWNER_MODULE).value,
             graph=graph_index,
@@ -257,6 +285,7 @@ def _block_reports(analysis: ResidualAnalysis, graph_index: int, options: MHCOpt
                 options.n, channels, options.sinkhorn_iters) if rewritten and fixed else 0,
             ops=(templates.implementation(value.device, streams_dtype, options.n)
                  if rewritten else ""),
+            where=graph_facts.source_line(block.add),
         )
 
 

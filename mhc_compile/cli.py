@@ -94,16 +94,16 @@ def command_report(args: argparse.Namespace) -> int:
     if args.checkpoint and not args.gain:
         raise UsageError("--checkpoint is read by --gain; add --gain")
     if args.gain:
-        report = mhc_compile.prepare(model, *example_args, **options)  # the parameters to measure
+        report = mhc_compile.prepare(model, *example_args, options=options)  # the parameters to measure
         if args.checkpoint:
             _load_checkpoint(model, args.checkpoint)
-        gains = mhc_compile.gain(model, *example_args, include=options["include"],
-                                 exclude=options["exclude"])
+        gains = mhc_compile.gain(model, *example_args, options={
+            "include": options["include"], "exclude": options["exclude"]})
         report.print()
         gains.print()
         record = {**report.to_dict(), "gain": gains.to_dict()}
     else:
-        report = mhc_compile.report(model, *example_args, **options)
+        report = mhc_compile.report(model, *example_args, options=options)
         report.print()
         record = report.to_dict()
     if args.json:
@@ -147,7 +147,7 @@ def command_train(args: argparse.Namespace) -> int:
         vocab_size = model(example_ids).shape[-1]
     batches = byte_batches(vocab_size, *example_ids.shape)
     example_args = (next(batches)[0],)
-    report = mhc_compile.prepare(model, *example_args, **options)
+    report = mhc_compile.prepare(model, *example_args, options=options)
     report.print()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     compiled = torch.compile(model, backend=mhc_compile.backend(**options, eager=args.eager))

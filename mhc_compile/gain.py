@@ -28,7 +28,7 @@ import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import fx, nn
@@ -37,7 +37,7 @@ from mhc_compile import _dynamo_compat
 from mhc_compile.backend import MHCBackend
 from mhc_compile.options import MHCOptions
 from mhc_compile.parameters import SUBMODULE, MHCParameters
-from mhc_compile.quiet import run_without_side_effects
+from mhc_compile.quiet import run_without_side_effects, split_keywords
 from mhc_compile.report import print_rich, rich_table
 
 log = logging.getLogger("mhc_compile")
@@ -200,7 +200,7 @@ class _Tapped(NamedTuple):
     graph: int
     chain: int
     position: int
-    key: str
+    key: str  # of the instance that ran: one compiled frame may serve several (a reused frame)
     h_pre: torch.Tensor  # [..., n]
     h_post: torch.Tensor  # [..., n]
     h_res: torch.Tensor  # [..., n, n]
@@ -210,8 +210,17 @@ class _CoefficientTaps:
     """A backend `instrument`: after every block's mhc::coefficients_pre_mix node, a call that
     keeps the op's coefficients. It runs in the eager rewritten graph only (never under Inductor)."""
 
-    def __init__(self):
+    def __init__(self, model: nn.Module):
         self.records: list[_Tapped] = []
+        self.model = model
+        self.keys: dict[int, str] = {}
+
+    def key_of(self, phi: torch.Tensor) -> str:
+        """The site key of the block whose phi this is, in whichever instance ran."""
+        if id(phi) not in self.keys:  # created during this run (GainProbe reports it)
+            self.keys = {id(block.phi): block.key for store in _stores(self.model)
+                         for block in store.blocks.values()}
+        return self.keys[id(phi)]
 
     def __call__(self, graph_module: fx.GraphModule, graph_index: int, chains, parameter_nodes):
         site_of = {
@@ -225,7 +234,7 @@ class _CoefficientTaps:
                 continue
             phi = next(arg for arg in node.args if arg in site_of)
             with graph.inserting_after(node):
-                graph.call_function(self._tap(graph_index, *site_of.pop(phi)), (node,))
+                graph.call_function(self._tap(graph_index, *site_of.pop(phi)[:2]), (node, phi))
         if site_of:
             raise RuntimeError(
                 "mhc gain: no coefficients op found in the rewritten graph for block(s) "
@@ -233,12 +242,12 @@ class _CoefficientTaps:
             )
         graph_module.recompile()
 
-    def _tap(self, graph_index: int, chain: int, position: int, key: str) -> Callable:
-        records = self.records
+    def _tap(self, graph_index: int, chain: int, position: int) -> Callable:
+        records, key_of = self.records, self.key_of
 
-        def mhc_gain_tap(outputs):
+        def mhc_gain_tap(outputs, phi):
             h_pre, h_post, h_res = outputs[:3]
-            records.append(_Tapped(graph_index, chain, position, key, h_pre, h_post, h_res))
+            records.append(_Tapped(graph_index, chain, position, key_of(phi), h_pre, h_post, h_res))
 
         return mhc_gain_tap
 
@@ -318,17 +327,19 @@ class GainProbe:
             )
         self.model = model
         self.options = _stored_options(model, options).replace(eager=True)
-        self._taps = _CoefficientTaps()
+        self._taps = _CoefficientTaps(model)
         backend = MHCBackend(self.options, top_module=model, warn_late=False, instrument=self._taps)
         self.backend = backend  # its .report lists the blocks of every trace
         self._compiled = torch.compile(model, backend=backend, dynamic=False)
 
-    def __call__(self, *args: Any) -> GainReport:
-        """The gains on this batch; args are the model's forward arguments."""
+    def __call__(self, /, *args: Any, **kwargs: Any) -> GainReport:
+        """The gains on this batch; args and kwargs are the model's forward arguments (its
+        keywords too: attention_mask, pixel_values); the options were given to the probe."""
         stores_before = _block_names(self.model)
         self._taps.records.clear()
         try:
-            run_without_side_effects(self.model, self._compiled, args)
+            with _dynamo_compat.falling_back_past_recompile_limit():
+                run_without_side_effects(self.model, self._compiled, args, kwargs)
         finally:
             created = _remove_created_blocks(self.model, stores_before)
         records = list(self._taps.records)  # the taps keep appending to this same list
@@ -346,7 +357,7 @@ class GainProbe:
                 "torch.compile falls back to eager past its recompile limit (8 entries per "
                 "forward): each mhc_compile.gain/prepare/report call and each batch shape adds "
                 "one. Reuse one GainProbe or GainLogger on batches of one shape, or call "
-                "torch._dynamo.reset() first."
+                "torch.compiler.reset() first."
             )
         return _summarize(records, self.options)
 
@@ -361,7 +372,7 @@ class GainLogger:
 
         logger = GainLogger(model, every=50)
         for step, (inputs, targets) in enumerate(batches):
-            logger(step, inputs[:8])
+            logger(step, inputs[:8], attention_mask=mask[:8])   # the model's arguments
             ...train step with the compiled model...
         logger.largest_mean, logger.history
 
@@ -378,11 +389,12 @@ class GainLogger:
         self.log = log or _log_summary
         self.history: list[tuple[int, GainReport]] = []
 
-    def __call__(self, step: int, *args: Any) -> GainReport | None:
-        """Measure on `args` if `step` is a multiple of `every`; returns the report, else None."""
+    def __call__(self, step: int, /, *args: Any, **kwargs: Any) -> GainReport | None:
+        """Measure on the model's forward arguments `args` and `kwargs` if `step` is a multiple
+        of `every`; returns the report, else None."""
         if step % self.every:
             return None
-        report = self.probe(*args)
+        report = self.probe(*args, **kwargs)
         self.history.append((step, report))
         self.log(step, report)
         return report
@@ -412,7 +424,7 @@ def _stored_options(model: nn.Module, options: dict[str, Any]) -> MHCOptions:
     if not blocks:
         raise ValueError(
             f"mhc gain: {type(model).__name__} has no mHC parameters. Call "
-            "mhc_compile.prepare(model, *example_args, **options) first (then load a checkpoint, "
+            "mhc_compile.prepare(model, *example_args, options=...) first (then load a checkpoint, "
             "if any), or run the model compiled with backend='mhc' once."
         )
     settings = {tuple(getattr(block, name) for name in _STORED_OPTIONS) for block in blocks}
@@ -452,11 +464,19 @@ def _remove_created_blocks(model: nn.Module, before: dict[int, set[str]]) -> lis
     return created
 
 
-def gain(model: nn.Module, *example_args: Any, **options: Any) -> GainReport:
+def gain(model: nn.Module, /, *example_args: Any, options: Mapping[str, Any] | None = None,
+         **model_kwargs: Any) -> GainReport:
     """The Amax gains of `model`'s residual mappings on one batch (see the module docstring).
 
+        mhc_compile.gain(model, ids, attention_mask=mask, options={"exclude": ["lm_head"]})
+
     `model` has mHC parameters (prepared, compiled and run, or prepared then loaded from a
-    checkpoint); example_args are its forward arguments. Returns a GainReport: per chain and
+    checkpoint); example_args and model_kwargs are its forward arguments (its keywords too:
+    attention_mask, pixel_values). options: mHC options, as `prepare` takes them; n, constraint
+    and sinkhorn_iters are read from the model's parameters (give them only to check them), and
+    include/exclude must be those the model was prepared with. Older calls passed options as
+    keywords: a keyword that names an option and that model.forward does not declare is still
+    taken as one, with a FutureWarning. Returns a GainReport: per chain and
     block, the gains of H_res alone and from the block to the chain's end (forward: max
     |row sum|, backward: max |column sum|; mean and worst over the tokens), and the spread of
     H_pre and H_post. The model's state is left as it was.
@@ -464,4 +484,5 @@ def gain(model: nn.Module, *example_args: Any, **options: Any) -> GainReport:
     Each call compiles the model anew (one Dynamo cache entry); for repeated measurements reuse
     one GainProbe, or GainLogger in training.
     """
-    return GainProbe(model, **options)(*example_args)
+    chosen, model_kwargs = split_keywords("gain", model, options, model_kwargs)
+    return GainProbe(model, **chosen)(*example_args, **model_kwargs)

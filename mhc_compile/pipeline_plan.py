@@ -272,10 +272,9 @@ def _block_starting_at(annotation: PipelineAnnotation, cut: str) -> int | None:
 def _block_containing(captured: CapturedGraph, cut: str) -> int | None:
     """The block whose span holds a node of module `cut` (a cut that would split a block)."""
     for node in captured.graph_module.graph.nodes:
-        located = graph_facts.module_path(node)
-        if located is None or "mhc_block" not in node.meta:
+        path = graph_facts.module_path(node)
+        if path is None or "mhc_block" not in node.meta:
             continue
-        path = located[1]
         if path == cut or path.startswith(cut + "."):
             return node.meta["mhc_block"]
     return None

@@ -22,7 +22,16 @@ class SkipReason(enum.Enum):
     INPLACE_ALIAS = "in-place add whose target is read again after the add"
     DYNAMIC_CHANNELS = "the channel dimension is dynamic; mHC parameters need a fixed width"
     SCALAR_SHAPE = "x is a scalar; there is no channel dimension to widen"
-    NO_OWNER_MODULE = "no nn.Module owns this graph's parameters to hold the mHC parameters"
+    NO_OWNER_MODULE = (
+        "f's weights belong to no module this compile can see, so there is nowhere to keep mHC "
+        "parameters: compile the nn.Module itself, or call mhc_compile.prepare(model, ...) first")
+    GRAPH_BREAK = (
+        "x + f(x) is split by a graph break: f(x) was computed in an earlier graph and this add "
+        "only sees two graph inputs. Remove the break between f and the add (print, .item(), "
+        "data-dependent Python; TORCH_LOGS=graph_breaks lists them) to have it rewritten")
+    HYPER_CONNECTION = (
+        "the model already has hyper-connections here (its own n residual streams, mixed by a "
+        "learned n x n matrix); left as the model wrote it")
 
 
 @dataclass
@@ -44,6 +53,7 @@ class BlockReport:
     extra_bytes_per_token: int  # forward, unfused (paper Table 2) minus the plain residual add
     extra_flops_per_token: int  # forward: projection, Sinkhorn, mixes
     ops: str = ""  # what the mhc:: ops run: "triton kernels" or "reference (why)"; "" when skipped
+    where: str = ""  # the user's source line of the add ("model.py:42"), where Dynamo recorded it
 
 
 @dataclass
@@ -89,7 +99,8 @@ class Report:
                 block.path or "<root>", block.key, block.status, chain,
                 "x".join(map(str, block.shape)) + f" {block.dtype}", ", ".join(block.contains),
                 f"{block.params_added:,}", f"{block.extra_bytes_per_token:,}",
-                f"{block.extra_flops_per_token:,}", block.ops, block.reason,
+                f"{block.extra_flops_per_token:,}", block.ops,
+                f"{block.reason} (at {block.where})" if block.reason and block.where else block.reason,
             )
         return table
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 from torch import fx
 
@@ -29,9 +30,9 @@ class ResidualBlock:
     skip: fx.Node
     branches: list[fx.Node]
     body: list[fx.Node]  # f's nodes in graph order
-    root: str  # Dynamo's name of the module the paths start from, e.g. "L['self']"
+    weight: fx.Node | None  # f's first weight: a parameter placeholder, or a call_module node
     path: str
-    key: str
+    key: str | None  # module path of that weight below its owner; None when no module owns it
     pattern: str
     inner_add: fx.Node | None = None
     channel_dim: int = -1
@@ -89,23 +90,29 @@ class _Reachability:
         ]
 
 
+SiteKey = Callable[[fx.Node], "str | None"]
+
+
 def find_residual_chains(
-    graph_module: fx.GraphModule, options: MHCOptions, parameters: set[fx.Node]
+    graph_module: fx.GraphModule, options: MHCOptions, parameters: set[fx.Node], site_key: SiteKey
 ) -> ResidualAnalysis:
-    """Find every residual block and chain. `parameters` are the placeholders holding weights."""
+    """Find every residual block and chain. `parameters` are the placeholders holding weights;
+    `site_key(weight)` names the module of a block's first weight (a parameter placeholder or a
+    call_module node) below the module that will hold its mHC parameters, None if none can."""
     reach = _Reachability(graph_module.graph)
     weights = _weight_derived(graph_module.graph, parameters)
+    site = _Site(graph_module, parameters, weights, site_key)
     blocks = []
     claimed: set[fx.Node] = set()  # outer adds already merged into a parallel residual
     for node in graph_module.graph.nodes:
         if node in claimed or not graph_facts.is_add(node):
             continue
-        block = _match_block(node, reach, weights, graph_module) or _match_projection_shortcut(
-            node, reach, weights, graph_module
-        )
+        block = (_match_block(node, reach, site) or _match_projection_shortcut(node, reach, site)
+                 or _match_hyper_connection(node, reach, site)
+                 or _match_split_by_graph_break(node, parameters))
         if block is None:
             continue
-        _merge_parallel_branch(block, reach, weights, graph_module)
+        _merge_parallel_branch(block, reach, site)
         if block.inner_add is not None:
             claimed.add(block.add)
         blocks.append(block)
@@ -128,15 +135,51 @@ def _weight_derived(graph: fx.Graph, parameters: set[fx.Node]) -> set[fx.Node]:
     return derived
 
 
-def _is_parameterised(body, weights: set[fx.Node], graph_module: fx.GraphModule) -> bool:
-    return any(
-        graph_facts.is_weighted(node, graph_module)
-        and (node.op == "call_module" or any(s in weights for s in node.all_input_nodes))
-        for node in body
-    )
+class _Site:
+    """Finds the weighted ops of a body and names where their weights live."""
+
+    def __init__(self, graph_module: fx.GraphModule, parameters: set[fx.Node],
+                 weights: set[fx.Node], site_key: SiteKey):
+        self.graph_module, self.parameters, self.weights = graph_module, parameters, weights
+        self.site_key = site_key
+
+    def weighted(self, body: list[fx.Node]) -> list[fx.Node]:
+        """The matmuls, linears and convolutions of `body` that read a parameter."""
+        return [
+            node for node in body
+            if graph_facts.is_weighted(node, self.graph_module)
+            and (node.op == "call_module" or any(s in self.weights for s in node.all_input_nodes))
+        ]
+
+    def of(self, add: fx.Node, body: list[fx.Node]) -> tuple[fx.Node | None, str | None, str]:
+        """(first weight, its site key, the add's module path) of a block: the weight is the
+        one the body's first weighted op reads. The path is the frame's (graph_facts.module_path)
+        moved below the owner the key is relative to, so that both name modules alike."""
+        weighted = self.weighted(body)
+        weight = self._parameter_of(weighted[0]) if weighted else None
+        key = None if weight is None else self.site_key(weight)
+        path = graph_facts.module_path(add) or ""
+        op_path = graph_facts.module_path(weighted[0]) if weighted else None
+        if key is not None and op_path and key.endswith(op_path):
+            owner_prefix = key[: len(key) - len(op_path)]
+            path = (owner_prefix + path).rstrip(".")
+        return weight, key, path
+
+    def _parameter_of(self, op: fx.Node) -> fx.Node | None:
+        """The parameter placeholder a weighted op reads (through transposes, slices), or the op
+        itself where Dynamo kept the module as a call_module."""
+        if op.op == "call_module":
+            return op
+        frontier = [s for s in op.all_input_nodes if s in self.weights]
+        while frontier:
+            node = frontier.pop(0)
+            if node in self.parameters:
+                return node
+            frontier.extend(s for s in node.all_input_nodes if s in self.weights)
+        return None
 
 
-def _match_block(add, reach, weights, graph_module) -> ResidualBlock | None:
+def _match_block(add, reach, site: _Site) -> ResidualBlock | None:
     operands = graph_facts.add_operands(add)
     if operands is None:
         return None
@@ -148,19 +191,18 @@ def _match_block(add, reach, weights, graph_module) -> ResidualBlock | None:
     else:
         return None
     body = reach.body(skip, [branch])
-    if not _is_parameterised(body, weights, graph_module):
+    if not site.weighted(body):
         return None
-    _, path = graph_facts.module_path(add) or ("", "")
-    root, key = _site(body, graph_module, path)
+    weight, key, path = site.of(add, body)
     pattern = "residual"
     if graph_facts.is_inplace(add):
         pattern = "in-place residual"
     elif graph_facts.is_mul(branch):
         pattern = "scaled residual"
-    return ResidualBlock(add, skip, [branch], body, root, path, key, pattern)
+    return ResidualBlock(add, skip, [branch], body, weight, path, key, pattern)
 
 
-def _match_projection_shortcut(add, reach, weights, graph_module) -> ResidualBlock | None:
+def _match_projection_shortcut(add, reach, site: _Site) -> ResidualBlock | None:
     """`f(x) + norm(conv(x))` (ResNet's downsampling blocks): reported, never rewritten."""
     operands = graph_facts.add_operands(add)
     if operands is None:
@@ -170,28 +212,69 @@ def _match_projection_shortcut(add, reach, weights, graph_module) -> ResidualBlo
         if source is None or not reach.depends_on(branch, source):
             continue
         body = reach.body(source, [branch])
-        if _is_parameterised(body, weights, graph_module):
-            _, path = graph_facts.module_path(add) or ("", "")
-            root, key = _site(body, graph_module, path)
-            block = ResidualBlock(add, source, [branch], body, root, path, key, "projection shortcut")
+        if site.weighted(body):
+            weight, key, path = site.of(add, body)
+            block = ResidualBlock(add, source, [branch], body, weight, path, key,
+                                  "projection shortcut")
             block.skip_reason = SkipReason.PROJECTION_SHORTCUT
             return block
     return None
 
 
-def _site(body, graph_module, path: str) -> tuple[str, str]:
-    """(owner root, site key): where f's first parameterised op lives. The key is stable across
-    recompiles and graph breaks, and distinct for the attention and MLP residuals of one
-    transformer block; the root names the module that owns those parameters ("" if none)."""
-    for node in body:
-        if graph_facts.is_weighted(node, graph_module):
-            located = graph_facts.module_path(node)
-            if located:
-                return located[0], node.target if node.op == "call_module" else located[1]
-    return "", path
+def _match_hyper_connection(add, reach, site: _Site) -> ResidualBlock | None:
+    """`H_res^T @ streams + H_post f(H_pre streams)` written by the model itself (DeepSeek-V4,
+    hand-written HC/mHC): one operand multiplies the n streams [..., n, C] by an n x n matrix,
+    the other is a parameterised f of the same streams. Reported, never rewritten again."""
+    operands = graph_facts.add_operands(add)
+    if operands is None:
+        return None
+    output = graph_facts.example_value(add)
+    for mix, update in (operands, operands[::-1]):
+        if not graph_facts.is_matmul(mix) or len(mix.all_input_nodes) != 2:
+            continue
+        for streams, matrix in (mix.all_input_nodes, mix.all_input_nodes[::-1]):
+            value, matrix_value = map(graph_facts.example_value, (streams, matrix))
+            if (value is None or matrix_value is None or value.dim() < 3
+                    or tuple(value.shape) != tuple(output.shape)
+                    or not 2 <= value.shape[-2] <= _MAX_STREAMS
+                    or tuple(matrix_value.shape[-2:]) != (value.shape[-2],) * 2):
+                continue
+            body = reach.body(streams, [update]) if reach.depends_on(update, streams) else []
+            if site.weighted(body):
+                weight, key, path = site.of(add, body)
+                block = ResidualBlock(add, streams, [update], body, weight, path, key,
+                                      "existing hyper-connection")
+                block.skip_reason = SkipReason.HYPER_CONNECTION
+                return block
+    return None
 
 
-def _merge_parallel_branch(block, reach, weights, graph_module) -> None:
+def _match_split_by_graph_break(add, parameters: set[fx.Node]) -> ResidualBlock | None:
+    """`x + h` where both are inputs of the graph: after a graph break between `h = f(x)` and
+    the add, Dynamo starts a new graph that receives x and f(x) as inputs. Reported: f ran in
+    another graph, so there is no f here to read the streams."""
+    operands = graph_facts.add_operands(add)
+    if operands is None or graph_facts.is_inplace(add):
+        return None
+    left, right = operands
+    if any(graph_facts.view_source(o).op != "placeholder" or graph_facts.view_source(o) in parameters
+           for o in operands):
+        return None
+    left_value, right_value = graph_facts.example_value(left), graph_facts.example_value(right)
+    if (left_value is None or right_value is None or left_value.dim() == 0
+            or tuple(left_value.shape) != tuple(right_value.shape)
+            or left_value.dtype != right_value.dtype or not left_value.is_floating_point()):
+        return None
+    block = ResidualBlock(add, left, [right], [], None, graph_facts.module_path(add) or "", None,
+                          "residual split by a graph break")
+    block.skip_reason = SkipReason.GRAPH_BREAK
+    return block
+
+
+_MAX_STREAMS = 16  # hyper-connection models use 2-8 streams; wider is an ordinary batch dim
+
+
+def _merge_parallel_branch(block, reach, site: _Site) -> None:
     """`x + f1(x) + f2(x)` (GPT-NeoX, Phi): the outer add's other operand also reads x."""
     users = list(block.add.users)
     if len(users) != 1 or not graph_facts.is_add(users[0]) or graph_facts.is_inplace(block.add):
@@ -204,7 +287,7 @@ def _merge_parallel_branch(block, reach, weights, graph_module) -> None:
     if not reach.depends_on(other, block.skip) or reach.depends_on(other, block.add):
         return
     second_body = reach.body(block.skip, [other])
-    if not _is_parameterised(second_body, weights, graph_module):
+    if not site.weighted(second_body):
         return
     block.branches.append(other)
     block.body = reach.body(block.skip, block.branches)
@@ -214,7 +297,10 @@ def _merge_parallel_branch(block, reach, weights, graph_module) -> None:
 
 def _check_blocks(blocks: list[ResidualBlock], options: MHCOptions, order) -> None:
     """Give each block that cannot be rewritten its reason; the graph is not touched."""
-    adds = {block.add: block for block in blocks} | {b.inner_add: b for b in blocks if b.inner_add}
+    # Blocks rejected when matched (projection shortcuts, the model's own hyper-connections)
+    # stay plain, so an add around them is no nesting.
+    candidates = [block for block in blocks if block.skip_reason is None]
+    adds = {block.add: block for block in candidates} | {b.inner_add: b for b in candidates if b.inner_add}
     owned: dict[fx.Node, ResidualBlock] = {}
     for block in blocks:
         # A block whose f holds another block is left alone; the inner one is rewritten.
@@ -251,13 +337,13 @@ def _skip_reason(block, owned, options: MHCOptions, order) -> SkipReason | None:
             return SkipReason.INPLACE_ALIAS
     if any(node in owned for node in block.body):
         return SkipReason.SHARED_BODY
-    if not block.root:
+    if block.key is None:
         return SkipReason.NO_OWNER_MODULE
     return None
 
 
 def _matches_patterns(block: ResidualBlock, options: MHCOptions) -> bool:
-    names = (block.path, block.key)
+    names = (block.path, block.key or "")
     matches = lambda patterns: any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
     if options.include and not matches(options.include):
         return False
@@ -315,5 +401,4 @@ def _compatible(block: ResidualBlock, successor: ResidualBlock) -> bool:
         and a.dtype == b.dtype
         and a.device == b.device
         and block.channel_dim == successor.channel_dim
-        and block.root == successor.root
     )

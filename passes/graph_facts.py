@@ -92,6 +92,17 @@ def add_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     return None
 
 
+_MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.bmm}
+_MATMUL_METHODS = {"matmul", "bmm", "__matmul__"}
+
+
+def is_matmul(node: fx.Node) -> bool:
+    """A batched matrix product of two tensors (`a @ b`), no linear or convolution."""
+    if node.op == "call_function":
+        return node.target in _MATMUL_FUNCTIONS
+    return node.op == "call_method" and node.target in _MATMUL_METHODS
+
+
 def is_weighted(node: fx.Node, graph_module: fx.GraphModule) -> bool:
     """A matmul, linear or convolution (a call_module when Dynamo kept modules as such)."""
     if node.op == "call_function":
@@ -155,29 +166,59 @@ def is_streamwise(node: fx.Node, channels_last: bool, channels: int) -> bool:
     return False
 
 
+_VIEW_METHODS = {"view", "reshape", "contiguous", "to", "type_as", "flatten", "squeeze", "unsqueeze"}
+_VIEW_FUNCTIONS = {torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze}
+
+
+def view_source(node: fx.Node) -> fx.Node:
+    """The node a chain of reshapes, views and casts starts from (`out.reshape(x.shape)` -> out)."""
+    while ((node.op == "call_method" and node.target in _VIEW_METHODS)
+           or (node.op == "call_function" and node.target in _VIEW_FUNCTIONS)):
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            break
+        node = node.args[0]
+    return node
+
+
 def example_value(node: fx.Node):
     """Dynamo's fake tensor for a node (`example_value`), or the post-trace `val`."""
     return node.meta.get("example_value", node.meta.get("val"))
 
 
-_ROOT = re.compile(r"^(?:L|G)\[['\"]([^'\"]+)['\"]\]")
+# Dynamo's name of the object a module path starts from: "L['self']", "G['model']", or
+# "L['args'][0]" when a decorator's wrapper is the frame (transformers 5 wraps forward so).
+_ROOT = re.compile(r"^(?:L|G)\[['\"][^'\"]+['\"]\](?:\[[^\]]+\])*")
 
 
-def module_path(node: fx.Node) -> tuple[str, str] | None:
-    """(root name, dotted path below it) of the innermost module whose forward made `node`."""
+def module_path(node: fx.Node) -> str | None:
+    """Dotted path of the innermost module whose forward made `node`, below the object the
+    compiled frame reached it through ("layers.0.attn"). For reports and include/exclude
+    patterns only: which module owns a weight is decided by identity (mhc_compile/owners.py)."""
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return None
     qualified, _ = list(stack.values())[-1]
-    return split_module_path(qualified)
+    return dotted_path(qualified)
 
 
-def split_module_path(qualified: str) -> tuple[str, str] | None:
-    """"L['self'].layers.0" -> ("L['self']", "layers.0"); older spellings normalised."""
+def dotted_path(qualified: str) -> str | None:
+    """"L['self'].layers.0" or "L['args'][0]._modules['layers']._modules['0']" -> "layers.0"."""
     match = _ROOT.match(qualified)
     if match is None:
         return None
     rest = qualified[match.end():]
     rest = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]", r".\1", rest)
     rest = re.sub(r"\[(\d+)\]", r".\1", rest)
-    return match.group(0), rest.lstrip(".")
+    return rest.lstrip(".")
+
+
+_FRAME_LINE = re.compile(r'File "([^"]+)", line (\d+)')
+
+
+def source_line(node: fx.Node) -> str:
+    """"file.py:42": the innermost user frame Dynamo recorded for the node, or ""."""
+    frames = _FRAME_LINE.findall(node.meta.get("stack_trace") or "")
+    if not frames:
+        return ""
+    path, line = frames[-1]
+    return f"{path.rsplit('/', 1)[-1]}:{line}"

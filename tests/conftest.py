@@ -1,7 +1,9 @@
+import importlib
 import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 # Without a GPU the Triton kernels run on CPU tensors under Triton's interpreter. Triton reads
@@ -12,3 +14,10 @@ if not torch.cuda.is_available():
 
 # The zoo of test models lives beside the tests; make `import zoo` work from any directory.
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(autouse=True)
+def fresh_mhc_warnings(monkeypatch):
+    """Each test sees the backend's once-per-process warnings afresh."""
+    backend = importlib.import_module("mhc_compile.backend")  # mhc_compile.backend is a function
+    monkeypatch.setattr(backend, "_WARNED", set())

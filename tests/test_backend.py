@@ -119,10 +119,10 @@ def test_inplace_add_on_a_graph_input_is_skipped_and_the_mutation_kept():
 def test_include_and_exclude_select_blocks_by_module_path():
     torch.manual_seed(0)
     model, x = MLPResidual(), torch.randn(2, 5, 8)
-    report = mhc_compile.report(model, x, exclude=["fc1.0"])
+    report = mhc_compile.report(model, x, options={"exclude": ["fc1.0"]})
     assert [b.status for b in report.blocks] == ["skipped", "rewritten", "rewritten"]
     assert report.blocks[0].reason == SkipReason.EXCLUDED.value
-    report = mhc_compile.report(model, x, include=["fc1.2"])
+    report = mhc_compile.report(model, x, options={"include": ["fc1.2"]})
     assert [b.status for b in report.blocks] == ["skipped", "skipped", "rewritten"]
     assert not hasattr(model, "mhc"), "report() must not change the model"
 
@@ -195,7 +195,7 @@ def test_attribute_named_mhc_on_the_model_is_a_clear_error():
 
 def test_recompiling_with_another_n_is_a_clear_error():
     model, x = MLPResidual(), torch.randn(1, 2, 8)
-    mhc_compile.prepare(model, x, n=4)
+    mhc_compile.prepare(model, x, options={"n": 4})
     torch._dynamo.reset()
     with pytest.raises(Exception, match=re.escape("block 'fc1.0' already has mHC parameters for n=4, C=8, but this compilation needs n=2, C=8")):
         torch.compile(model, backend=_eager_backend(n=2))(x)
@@ -331,7 +331,7 @@ def test_report_says_what_the_mhc_ops_run(monkeypatch, dtype, n, kernels_on, exp
     monkeypatch.setattr(templates, "kernels_active", lambda device: kernels_on)
     model = MLPResidual().to(dtype)
     torch._dynamo.reset()
-    report = mhc_compile.report(model, torch.randn(2, 5, 8, dtype=dtype), n=n)
+    report = mhc_compile.report(model, torch.randn(2, 5, 8, dtype=dtype), options={"n": n})
     assert [block.ops for block in report.blocks] == [expected] * 3
     assert expected in _rendered(report)
 
@@ -372,7 +372,7 @@ def test_half_precision_streams_between_float32_blocks(monkeypatch, stream_dtype
 
     def bytes_per_token(**options):
         torch._dynamo.reset()
-        return [b.extra_bytes_per_token for b in mhc_compile.report(model, x, **options).blocks]
+        return [b.extra_bytes_per_token for b in mhc_compile.report(model, x, options=options).blocks]
 
     assert bytes_per_token() == [costs.extra_bytes_per_token(4, 16, 4)] * 3
     assert bytes_per_token(stream_dtype=name) == [costs.extra_bytes_per_token(4, 16, 2)] * 3

@@ -76,7 +76,7 @@ def _hand_gains(matrices):
 @pytest.mark.parametrize("constraint,n", [("sinkhorn", 4), ("none", 3)], ids=["mHC-n4", "HC-n3"])
 def test_gain_matches_a_hand_computation_on_three_blocks(constraint, n):
     model, x = _model()
-    mhc_compile.prepare(model, x, n=n, constraint=constraint)
+    mhc_compile.prepare(model, x, options={"n": n, "constraint": constraint})
     _randomize_mhc_parameters(model)
     report = mhc_compile.gain(model, x)
 
@@ -131,7 +131,7 @@ def test_fresh_compiled_trained_and_checkpoint_loaded_models(tmp_path):
     torch.save(model.state_dict(), tmp_path / "model.pt")
 
     loaded_model, _ = _model(seed=5)
-    mhc_compile.prepare(loaded_model, x, constraint="none")
+    mhc_compile.prepare(loaded_model, x, options={"constraint": "none"})
     loaded_model.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
     assert mhc_compile.gain(loaded_model, x).to_dict() == trained.to_dict()
 
@@ -152,19 +152,19 @@ def test_bad_inputs_are_clear_errors():
     model, x = _model()
     with pytest.raises(ValueError, match=re.escape(
             "mhc gain: ThreeBlocks has no mHC parameters. Call mhc_compile.prepare(model, "
-            "*example_args, **options) first")):
+            "*example_args, options=...) first")):
         mhc_compile.gain(model, x)
-    mhc_compile.prepare(model, x, exclude=["fcs.1"])
+    mhc_compile.prepare(model, x, options={"exclude": ["fcs.1"]})
     with pytest.raises(ValueError, match=re.escape(
             "mhc gain: the model's mHC parameters were created with constraint='sinkhorn', but "
             "constraint='none' was asked for")):
-        mhc_compile.gain(model, x, exclude=["fcs.1"], constraint="none")
+        mhc_compile.gain(model, x, options={"exclude": ["fcs.1"], "constraint": "none"})
     with pytest.raises(ValueError, match=re.escape(
             "mhc gain: block(s) fcs-1 have no mHC parameters on this model")):
         mhc_compile.gain(model, x)
     assert set(model.mhc.blocks) == {"fcs-0", "fcs-2"}, "the probe must not add parameters"
     # With the options it was prepared with: two chains of one block (fcs.1 stays plain).
-    assert len(mhc_compile.gain(model, x, exclude=["fcs.1"]).chains) == 2
+    assert len(mhc_compile.gain(model, x, options={"exclude": ["fcs.1"]}).chains) == 2
     with pytest.raises(TypeError, match=re.escape(
             "mhc gain: pass the model itself, not the module torch.compile returned")):
         mhc_compile.gain(torch.compile(model), x)
@@ -176,7 +176,7 @@ def test_bad_inputs_are_clear_errors():
 def test_logger_measures_every_k_steps_without_touching_the_compiled_step():
     model, x = _model()
     target = torch.randn(2, 5, 2, dtype=torch.float64)
-    mhc_compile.prepare(model, x, constraint="none")
+    mhc_compile.prepare(model, x, options={"constraint": "none"})
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
     counter = torch._dynamo.testing.CompileCounterWithBackend(
         mhc_compile.backend(eager=True, constraint="none"))
@@ -225,7 +225,7 @@ def test_cli_report_gain_from_a_checkpoint(tmp_path, capsys):
     target = tmp_path / "net.py"
     target.write_text(FACTORY)
     model, args = cli.load_target(f"{target}:build")
-    mhc_compile.prepare(model, *args, constraint="none")
+    mhc_compile.prepare(model, *args, options={"constraint": "none"})
     _randomize_mhc_parameters(model)
     torch.save(model.state_dict(), tmp_path / "net.pt")
     expected = mhc_compile.gain(model, *args).to_dict()
@@ -273,19 +273,21 @@ class BrokenStack(nn.Module):
 def test_chains_split_by_graph_breaks_and_frames_reused_across_instances():
     torch.manual_seed(0)
     model, x = BrokenStack().double(), torch.randn(2, 3, 6, dtype=torch.float64)
-    mhc_compile.prepare(model, x, n=2, constraint="none")
-    stores = [block.mhc for block in model.blocks]  # one compiled frame, parameters per instance
-    for store in stores:
-        _randomize_mhc_parameters(store)
+    mhc_compile.prepare(model, x, options={"n": 2, "constraint": "none"})
+    # One compiled frame serves both instances; each binds its own parameters in the prepared
+    # model's store, found from its weights.
+    store = model.mhc
+    assert sorted(store.blocks) == ["blocks-0-fc1", "blocks-0-fc2", "blocks-1-fc1", "blocks-1-fc2"]
+    _randomize_mhc_parameters(store)
     with torch.no_grad():
-        for index, store in enumerate(stores):  # distinct per instance
-            store.blocks["fc1"].b_res.add_(index)
+        for index in range(2):  # distinct per instance
+            store.blocks[f"blocks-{index}-fc1"].b_res.add_(index)
     report = mhc_compile.gain(model, x)
 
     expected, h = [], x
-    for block, store in zip(model.blocks, stores):
+    for index, block in enumerate(model.blocks):
         for key, fc in (("fc1", block.fc1), ("fc2", block.fc2)):
-            p = store.blocks[key]
+            p = store.blocks[f"blocks-{index}-{key}"]
             streams = h.unsqueeze(-2).repeat_interleave(2, dim=-2)
             h_pre, h_post, h_res = reference.coefficients(
                 streams, p.phi, p.alpha, p.b_pre, p.b_post, p.b_res, 20, "none")
@@ -294,7 +296,8 @@ def test_chains_split_by_graph_breaks_and_frames_reused_across_instances():
             expected.append(torch.linalg.matrix_norm(h_res.reshape(-1, 2, 2), ord=float("inf")).mean())
     assert [(c.chain, c.run, len(c.blocks)) for c in report.chains] == [
         (0, 0, 1), (0, 0, 1), (0, 1, 1), (0, 1, 1)]
-    assert [c.blocks[0].key for c in report.chains] == ["fc1", "fc2", "fc1", "fc2"]
+    assert [c.blocks[0].key for c in report.chains] == [
+        "blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc1", "blocks.1.fc2"]
     graphs = [c.graph for c in report.chains]
     assert graphs[0] == graphs[2] != graphs[1] == graphs[3]
     assert [c.whole.forward_mean for c in report.chains] == pytest.approx(

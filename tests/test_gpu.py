@@ -91,7 +91,7 @@ def test_half_precision_streams_under_inductor_on_cuda():
     entry = ZOO["llama"]
     model, args = _on_cuda("llama")
     plain = copy.deepcopy(model)
-    mhc_compile.prepare(model, *args, stream_dtype="bfloat16")
+    mhc_compile.prepare(model, *args, options={"stream_dtype": "bfloat16"})
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=mhc_compile.backend(stream_dtype="bfloat16"))
     torch.testing.assert_close(compiled(*args), plain(*args), rtol=3e-2, atol=3e-2)

@@ -47,7 +47,7 @@ def test_half_precision_streams_under_inductor(monkeypatch):
     entry = ZOO["gpt"]
     model, args = entry.factory()
     plain = copy.deepcopy(model)
-    mhc_compile.prepare(model, *args, stream_dtype="bfloat16")
+    mhc_compile.prepare(model, *args, options={"stream_dtype": "bfloat16"})
     stream_dtypes.clear()  # what the compiled graph passes, not the eager trace of prepare
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=mhc_compile.backend(stream_dtype="bfloat16"))

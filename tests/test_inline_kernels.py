@@ -90,7 +90,7 @@ def test_every_op_of_a_static_model_is_handed_over(kernels_on_cpu, replaced):
     autograd with static shapes (_dynamo_compat._static_unless_traced); with the symbolic sizes AOT
     autograd gives unseen real inputs, every coefficient op would stay opaque."""
     model, args = llama(seed=0, batch=2, seq=8, width=32, depth=2, vocab=64)
-    mhc_compile.prepare(model, *args, n=N)
+    mhc_compile.prepare(model, *args, options={"n": N})
     torch._dynamo.reset()
     # Inductor's and AOT autograd's caches off: the graphs must be built in this process.
     with inductor_config.patch(fx_graph_cache=False), \

@@ -129,7 +129,7 @@ def _perturbed_llama(device="cpu"):
     """A prepared LLaMA whose mHC parameters are random, so every stream differs."""
     model, args = llama(seed=0, batch=BATCH, seq=SEQ, width=WIDTH, depth=DEPTH, vocab=VOCAB)
     model, args = model.to(device), tuple(arg.to(device) for arg in args)
-    mhc_compile.prepare(model, *args, n=N)
+    mhc_compile.prepare(model, *args, options={"n": N})
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for parameter in model.mhc.parameters():
@@ -220,7 +220,7 @@ def test_user_checkpointed_layers_are_rewritten_and_still_recompute():
     model = CheckpointedLLaMA(VOCAB, SEQ, WIDTH, DEPTH, heads=4)
     args = (torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0)),)
     plain = copy.deepcopy(model)
-    report = mhc_compile.prepare(model, *args, n=N)
+    report = mhc_compile.prepare(model, *args, options={"n": N})
     assert [b.status for b in report.blocks] == ["rewritten"] * BLOCKS
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="mhc", options={"n": N})

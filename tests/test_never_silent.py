@@ -1,0 +1,205 @@
+"""Never silent: what a compile leaves plain is reported with a reason and warned about once, a
+rewritten frame never falls back to the plain model, and models with hyper-connections of their
+own are recognised and left as they are."""
+
+import pytest
+import torch
+import torch._dynamo
+from torch import nn
+
+import mhc_compile
+from mhc_compile import SkipReason
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+class Broadcasting(nn.Module):
+    """Two residual blocks and one add whose f(x) is [.., 1]: broadcast, left plain."""
+
+    def __init__(self, width=6):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, width)
+        self.gate = nn.Linear(width, 1)
+
+    def forward(self, x):
+        x = x + self.fc1(x)
+        x = x + self.fc2(x)
+        return x + self.gate(x)
+
+
+class NoResidual(nn.Module):
+    def __init__(self, width=6):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _eager(model):
+    return torch.compile(model, backend=mhc_compile.backend(eager=True))
+
+
+def test_skipped_blocks_warn_once_with_count_and_reason():
+    model, x = Broadcasting(), torch.randn(3, 6)
+    compiled = _eager(model)
+    with pytest.warns(UserWarning) as caught:
+        compiled(x)
+    messages = [str(w.message) for w in caught if str(w.message).startswith("mhc:")]
+    assert messages == [
+        "mhc: 1 residual block(s) of a compiled graph stay plain residuals (2 rewritten). Main "
+        f"reasons: 1 x {SkipReason.BROADCAST.value}. mhc_compile.report(model, "
+        "*example_args).print() lists every block and why."]
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        import warnings
+        with warnings.catch_warnings(record=True) as again:
+            warnings.simplefilter("always")
+            compiled(torch.randn(5, 6))  # a recompile: the same finding is not repeated
+    assert not [w for w in again if str(w.message).startswith("mhc:")]
+
+
+def test_a_graph_with_weights_and_no_residual_warns():
+    with pytest.warns(UserWarning, match="no residual block x \\+ f\\(x\\) was found"):
+        _eager(NoResidual())(torch.randn(3, 6))
+
+
+def test_prepare_and_report_do_not_warn_they_return_the_report():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = mhc_compile.report(Broadcasting(), torch.randn(3, 6))
+    assert [b.status for b in report.blocks] == ["rewritten", "rewritten", "skipped"]
+
+
+class Stack(nn.Module):
+    def __init__(self, width=6, depth=2):
+        super().__init__()
+        self.fcs = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+
+    def forward(self, x):
+        for fc in self.fcs:
+            x = x + torch.tanh(fc(x))
+        return x
+
+
+def test_past_the_recompile_limit_a_rewritten_frame_raises_instead_of_running_plain():
+    model = Stack()
+    compiled = torch.compile(model, backend=mhc_compile.backend(eager=True), dynamic=False)
+    with torch._dynamo.config.patch(recompile_limit=3, fail_on_recompile_limit_hit=False):
+        for length in range(1, 4):
+            compiled(torch.randn(2, length, 6))
+        with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
+            compiled(torch.randn(2, 4, 6))
+
+
+class HandWrittenMHC(nn.Module):
+    """A hyper-connection as research code writes it: n streams [B, T, n, C], H_res mixes them."""
+
+    def __init__(self, width=8, n=4, depth=2):
+        super().__init__()
+        self.n = n
+        self.fs = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.mix = nn.ParameterList(nn.Parameter(torch.eye(n) + 0.1 * torch.rand(n, n)) for _ in range(depth))
+        self.pre = nn.ParameterList(nn.Parameter(torch.full((n,), 1.0 / n)) for _ in range(depth))
+        self.post = nn.ParameterList(nn.Parameter(torch.ones(n)) for _ in range(depth))
+
+    def forward(self, x):
+        streams = x.unsqueeze(-2).expand(*x.shape[:-1], self.n, x.shape[-1])
+        for f, mix, pre, post in zip(self.fs, self.mix, self.pre, self.post):
+            h_res = torch.softmax(mix, dim=-1)
+            y = torch.tanh(f((pre.unsqueeze(-1) * streams).sum(-2)))
+            streams = h_res @ streams + post.unsqueeze(-1) * y.unsqueeze(-2)
+        return streams.mean(-2)
+
+
+def test_a_model_with_its_own_hyper_connections_runs_unchanged_and_is_reported_as_such():
+    torch.manual_seed(0)
+    model, x = HandWrittenMHC(), torch.randn(2, 5, 8)
+    expected = model(x)
+    report = mhc_compile.report(model, x)
+    assert [(b.status, b.reason, b.pattern, b.shape) for b in report.blocks] == [
+        ("skipped", SkipReason.HYPER_CONNECTION.value, "existing hyper-connection", (2, 5, 4, 8))] * 2
+    with pytest.warns(UserWarning, match="2 x the model already has hyper-connections"):
+        out = _eager(model)(x)
+    torch.testing.assert_close(out, expected)
+    assert not hasattr(model, "mhc")
+
+
+def test_deepseek_v4_hyper_connections_are_recognised():
+    import transformers  # the `test` extra
+
+    config = transformers.DeepseekV4Config(
+        hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, vocab_size=101, head_dim=16, q_lora_rank=16,
+        o_lora_rank=16, n_routed_experts=4, num_experts_per_tok=2, index_head_dim=8,
+        qk_rope_head_dim=8)
+    torch.manual_seed(0)
+    model = transformers.DeepseekV4ForCausalLM(config).eval()
+    report = mhc_compile.report(model, torch.randint(0, 101, (1, 8)))
+    hyper = [(b.key, b.shape[-2]) for b in report.blocks if b.pattern == "existing hyper-connection"]
+    assert hyper == [("model.layers.0.attn_hc", 4), ("model.layers.0.ffn_hc", 4),
+                     ("model.layers.1.attn_hc", 4), ("model.layers.1.ffn_hc", 4)]
+    assert report.rewritten == []
+
+
+class BreakBeforeAdd(nn.Module):
+    def __init__(self, width=6):
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(width), nn.Linear(width, width)
+
+    def forward(self, x):
+        h = self.fc(self.norm(x))
+        torch._dynamo.graph_break()  # what a print() or an .item() check does
+        return x + h
+
+
+class RoutedByPython(nn.Module):
+    """MoE routing with data-dependent Python: nonzero per expert, skipping empty experts."""
+
+    def __init__(self, width=6, experts=3):
+        super().__init__()
+        self.router = nn.Linear(width, experts)
+        self.experts = nn.ModuleList(nn.Linear(width, width) for _ in range(experts))
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        choice = self.router(flat).argmax(-1)
+        out = torch.zeros_like(flat)
+        for index, expert in enumerate(self.experts):
+            tokens = (choice == index).nonzero().squeeze(-1)
+            if tokens.numel() == 0:
+                continue
+            out.index_add_(0, tokens, expert(flat[tokens]))
+        return out.reshape(x.shape)
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, width=6):
+        super().__init__()
+        self.norm, self.moe, self.head = nn.LayerNorm(width), RoutedByPython(width), nn.Linear(width, 2)
+
+    def forward(self, x):
+        x = x + self.moe(self.norm(x))
+        return self.head(x)
+
+
+@pytest.mark.parametrize("cls, line", [
+    (BreakBeforeAdd, "return x + h"), (MoEBlock, "x = x + self.moe(self.norm(x))")])
+def test_a_residual_split_by_a_graph_break_is_reported_with_the_line_of_the_add(cls, line):
+    torch.manual_seed(0)
+    model, x = cls(), torch.randn(2, 5, 6)
+    expected = model(x)
+    backend = mhc_compile.backend(eager=True)
+    with pytest.warns(UserWarning, match="split by a graph break"):
+        torch.testing.assert_close(torch.compile(model, backend=backend)(x), expected)
+    split = [b for b in backend.report.blocks if b.reason == SkipReason.GRAPH_BREAK.value]
+    assert len(split) == 1 and backend.report.rewritten == []
+    import inspect
+    source, first = inspect.getsourcelines(cls.forward)
+    add_line = first + next(i for i, text in enumerate(source) if line in text)
+    assert split[0].where == f"test_never_silent.py:{add_line}"
