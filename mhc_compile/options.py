@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -62,8 +63,9 @@ class MHCOptions:
     mode: str | None = None
 
     def __post_init__(self) -> None:
-        _require_int("n", self.n, minimum=1)
-        _require_int("sinkhorn_iters", self.sinkhorn_iters, minimum=1)
+        for name in ("n", "sinkhorn_iters"):
+            _require_int(name, getattr(self, name), minimum=1)
+            object.__setattr__(self, name, operator.index(getattr(self, name)))  # np.int64 -> int
         if isinstance(self.alpha_init, bool) or not isinstance(self.alpha_init, (int, float)):
             raise TypeError(f"mhc option alpha_init must be a number, got {self.alpha_init!r}")
         if not math.isfinite(self.alpha_init):
@@ -79,6 +81,8 @@ class MHCOptions:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"mhc option {name} must be True or False, got {getattr(self, name)!r}")
         _check_recompute(self.recompute)
+        if _is_integer(self.recompute):
+            object.__setattr__(self, "recompute", operator.index(self.recompute))
         _check_mode(self.mode)
         object.__setattr__(self, "stream_dtype", _stream_dtype_name(self.stream_dtype))
 
@@ -104,16 +108,27 @@ class MHCOptions:
 
 
 def _require_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not _is_integer(value):
         raise TypeError(f"mhc option {name} must be an integer, got {value!r}")
     if value < minimum:
         raise ValueError(f"mhc option {name} must be >= {minimum}, got {value}")
 
 
+def _is_integer(value: Any) -> bool:
+    """An int or anything that indexes like one (numpy integers), never a bool."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
 def _check_recompute(value: Any) -> None:
     if value == "auto" or value is False:
         return
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+    if _is_integer(value) and value >= 1:
         return
     raise ValueError(
         "mhc option recompute must be 'auto', a group size L_r >= 1 (blocks per kept stream) "
@@ -152,7 +167,12 @@ def _stream_dtype_name(value: Any) -> str | None:
 
 
 def _patterns(name: str, value: Any) -> tuple[str, ...]:
-    patterns = (value,) if isinstance(value, str) else tuple(value)
+    if isinstance(value, str):
+        patterns = (value,)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        patterns = tuple(value)
+    else:
+        raise TypeError(f"mhc option {name} takes module-path glob patterns, got {value!r}")
     for pattern in patterns:
         if not isinstance(pattern, str) or not pattern:
             raise TypeError(f"mhc option {name} takes module-path glob patterns, got {pattern!r}")
