@@ -183,13 +183,10 @@ def _match_block(add, reach, site: _Site) -> ResidualBlock | None:
     operands = graph_facts.add_operands(add)
     if operands is None:
         return None
-    left, right = operands
-    if reach.depends_on(right, left):
-        skip, branch = left, right
-    elif reach.depends_on(left, right):
-        skip, branch = right, left
-    else:
+    skip_and_branch = _skip_and_branch(*operands, reach)
+    if skip_and_branch is None:
         return None
+    skip, branch = skip_and_branch
     body = reach.body(skip, [branch])
     if not site.weighted(body):
         return None
@@ -200,6 +197,20 @@ def _match_block(add, reach, site: _Site) -> ResidualBlock | None:
     elif graph_facts.is_mul(branch):
         pattern = "scaled residual"
     return ResidualBlock(add, skip, [branch], body, weight, path, key, pattern)
+
+
+def _skip_and_branch(left: fx.Node, right: fx.Node, reach) -> tuple[fx.Node, fx.Node] | None:
+    """(x, f(x)) of an add's operands: x is the one the other depends on, possibly through a
+    dtype cast on the skip side (`x.to(float32) + f(x)`; a no-op cast where dtypes agree, and a
+    dtype mismatch the checks report where they do not)."""
+    for skip, branch in ((left, right), (right, left)):
+        if reach.depends_on(branch, skip):
+            return skip, branch
+    for cast, branch in ((left, right), (right, left)):
+        source = graph_facts.cast_source(cast)
+        if source is not cast and reach.depends_on(branch, source):
+            return source, branch
+    return None
 
 
 def _match_projection_shortcut(add, reach, site: _Site) -> ResidualBlock | None:
@@ -310,7 +321,9 @@ def _check_blocks(blocks: list[ResidualBlock], options: MHCOptions, order) -> No
         block.skip_reason = SkipReason.NESTED if nested else _skip_reason(block, owned, options, order)
         if block.skip_reason is None:
             owned.update((node, block) for node in block.body)
-            block.channel_dim = 1 if graph_facts.has_conv(block.body) and block.value.dim() >= 3 else -1
+            block.channel_dim = (1 if block.value.dim() >= 3
+                                 and graph_facts.convolves_channels_first(block.body, block.value)
+                                 else -1)
             if not isinstance(block.channels, int):
                 block.skip_reason = SkipReason.DYNAMIC_CHANNELS
 

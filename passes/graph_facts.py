@@ -25,6 +25,7 @@ _WEIGHTED_FUNCTIONS = {
 _WEIGHTED_METHODS = {"matmul", "mm", "bmm", "__matmul__", "addmm", "baddbmm"}
 _CONV_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
                    F.conv_transpose3d}
+_CONV_TRANSPOSE_FUNCTIONS = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
 _LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear}
 _NORM_FUNCTIONS = {F.layer_norm, F.group_norm, F.batch_norm, F.instance_norm, F.rms_norm}
 _ATTENTION_FUNCTIONS = {F.scaled_dot_product_attention, F.softmax, torch.softmax}
@@ -148,8 +149,22 @@ def projection_source(node: fx.Node) -> fx.Node | None:
     return None
 
 
-def has_conv(nodes) -> bool:
-    return any(node.target in _CONV_FUNCTIONS for node in nodes)
+def convolves_channels_first(nodes, value) -> bool:
+    """Whether a convolution among `nodes` reads a tensor shaped like `value` with its channels on
+    dim 1 (ResNet, ConvNeXt: [B, C, H, W]). A token mixer's causal Conv1d (Mamba, LFM2,
+    Qwen3-Next) convolves a transposed [B, C', T] copy of a [B, T, C] residual, which is not."""
+    for node in nodes:
+        if node.op != "call_function" or node.target not in _CONV_FUNCTIONS or len(node.args) < 2:
+            continue
+        source, weight = (example_value(a) if isinstance(a, fx.Node) else None for a in node.args[:2])
+        if source is None or weight is None or tuple(source.shape) != tuple(value.shape):
+            continue
+        groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+        transposed = node.target in _CONV_TRANSPOSE_FUNCTIONS
+        in_channels = weight.shape[0] if transposed else weight.shape[1] * groups
+        if in_channels == value.shape[1]:
+            return True
+    return False
 
 
 def is_streamwise(node: fx.Node, channels_last: bool, channels: int) -> bool:
@@ -177,6 +192,19 @@ def view_source(node: fx.Node) -> fx.Node:
         if not node.args or not isinstance(node.args[0], fx.Node):
             break
         node = node.args[0]
+    return node
+
+
+_CAST_METHODS = {"to", "type_as", "float", "double", "half", "bfloat16"}
+
+
+def cast_source(node: fx.Node) -> fx.Node:
+    """x for `x.to(dtype)` and its spellings (`residual.to(torch.float32) + f(x)`: Mamba keeps
+    its residual in float32), else the node itself."""
+    if node.op == "call_method" and node.target in _CAST_METHODS and node.args:
+        source = node.args[0]
+        if isinstance(source, fx.Node):
+            return source
     return node
 
 

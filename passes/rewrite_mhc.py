@@ -47,15 +47,22 @@ def rewrite_mhc(
     parameters: dict[ResidualBlock, BlockParameterNodes],
     options: MHCOptions,
 ) -> fx.GraphModule:
+    # A chain may start where another ends (their blocks differ in layout or device): its head
+    # then reads the earlier chain's output, which that chain's rewrite replaced by the mean.
+    reduced: dict[fx.Node, fx.Node] = {}
     for chain in analysis.chains:
-        _rewrite_chain(graph_module.graph, chain, parameters, options)
+        head = chain.blocks[0]
+        head.skip = reduced.get(head.skip, head.skip)
+        reduced.update(_rewrite_chain(graph_module.graph, chain, parameters, options))
     graph_module.graph.lint()
     graph_module.recompile()
     log.info("mhc: rewrote %d chains", len(analysis.chains))
     return graph_module
 
 
-def _rewrite_chain(graph: fx.Graph, chain: ResidualChain, parameters, options: MHCOptions) -> None:
+def _rewrite_chain(graph: fx.Graph, chain: ResidualChain, parameters,
+                   options: MHCOptions) -> dict[fx.Node, fx.Node]:
+    """Rewrite one chain; returns what each erased x_k's other readers now read instead."""
     channel_dim = chain.blocks[0].channel_dim
     residual_dtype = chain.blocks[0].value.dtype
     with graph.inserting_before(chain.blocks[0].body[0]):
@@ -69,7 +76,7 @@ def _rewrite_chain(graph: fx.Graph, chain: ResidualChain, parameters, options: M
         stream_of[block.add] = _rewrite_block(graph, block, streams, parameters[block], options)
         for link_node in chain.links[index] if index < len(chain.links) else []:
             stream_of[link_node] = _lift(graph, link_node, stream_of[link_node.args[0]])
-    _reduce_other_readers(graph, chain, stream_of, channel_dim, residual_dtype)
+    return _reduce_other_readers(graph, chain, stream_of, channel_dim, residual_dtype)
 
 
 def _rewrite_block(graph, block: ResidualBlock, streams, params: BlockParameterNodes, options):
@@ -113,20 +120,22 @@ def _lift(graph: fx.Graph, node: fx.Node, streams: fx.Node) -> fx.Node:
 
 
 def _reduce_other_readers(graph, chain: ResidualChain, stream_of, channel_dim: int,
-                          residual_dtype: torch.dtype) -> None:
+                          residual_dtype: torch.dtype) -> dict[fx.Node, fx.Node]:
     """Readers of an x_k outside the chain get the streams' mean; the originals are then erased."""
     replaced = set(stream_of) | {b.inner_add for b in chain.blocks if b.inner_add is not None}
+    means: dict[fx.Node, fx.Node] = {}
     for original, streams in stream_of.items():
         readers = [user for user in original.users if user not in replaced]
         if not readers:
             continue
         with graph.inserting_before(original):
-            reduced = _call(graph, stream_layout.leave_streams, streams, channel_dim,
-                            residual_dtype, like=original)
+            means[original] = _call(graph, stream_layout.leave_streams, streams, channel_dim,
+                                    residual_dtype, like=original)
         for reader in readers:
-            reader.replace_input_with(original, reduced)
+            reader.replace_input_with(original, means[original])
     for node in sorted(replaced, key=_graph_position(graph), reverse=True):
         graph.erase_node(node)
+    return means
 
 
 def _graph_position(graph: fx.Graph):

@@ -419,3 +419,60 @@ def test_mode_lite_is_refused_with_the_reason():
             "'max-autotune-no-cudagraphs', 'max-autotune', got 'lite' (it turns off Inductor's "
             "graph passes, which the recompute policy runs in)")):
         mhc_compile.backend(mode="lite")
+
+
+class ConvThenLinear(nn.Module):
+    """On [B, C, L]: a convolution residual (streams over C, dim 1), then a linear residual over
+    the last dim (L): two chains, the second starting where the first ends."""
+
+    def __init__(self, channels=4, length=6):
+        super().__init__()
+        self.conv = nn.Conv1d(channels, channels, 3, padding=1)
+        self.fc = nn.Linear(length, length)
+
+    def forward(self, x):
+        x = x + torch.tanh(self.conv(x))
+        return x + torch.tanh(self.fc(x))
+
+
+class CausalConvMixer(nn.Module):
+    """A token mixer as Mamba and LFM2 write it: a causal depthwise Conv1d over time on a
+    transposed copy of the [B, T, C] residual. The streams widen C (dim -1), never time."""
+
+    def __init__(self, width=8, depth=2):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv1d(width, width, 3, groups=width, padding=2)
+                                   for _ in range(depth))
+        self.outs = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+
+    def forward(self, x):
+        for conv, out in zip(self.convs, self.outs):
+            mixed = conv(x.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2)
+            x = x + out(torch.tanh(mixed))
+        return x
+
+
+def test_a_chain_starting_where_another_ends_reads_its_mean():
+    torch.manual_seed(0)
+    model, x = ConvThenLinear().double(), torch.randn(2, 4, 6, dtype=torch.float64)
+    expected = model(x)
+    backend = _eager_backend()
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(model, backend=backend)(x), expected)
+    assert [(b.status, b.chain) for b in backend.report.blocks] == [("rewritten", 0), ("rewritten", 1)]
+
+
+def test_a_causal_token_conv_keeps_the_streams_on_channels_and_stays_causal():
+    torch.manual_seed(0)
+    model, x = CausalConvMixer().double(), torch.randn(2, 5, 8, dtype=torch.float64)
+    expected = model(x)
+    report = mhc_compile.prepare(model, x)
+    assert [b.params_added for b in report.rewritten] == [costs.parameter_count(4, 8)] * 2
+    compiled = _compile(model)
+    torch.testing.assert_close(compiled(x), expected)
+    with torch.no_grad():
+        for parameter in model.mhc.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    changed = x.clone()
+    changed[:, -1] += 1.0
+    torch.testing.assert_close(compiled(changed)[:, :-1], compiled(x)[:, :-1])
