@@ -1,6 +1,6 @@
-"""The zoo on CUDA: function kept at init through the eager rewrite and through Inductor, and a
-few training steps. Skips on machines without CUDA (CI); run on the GPU machine, recorded in
-bench/RESULTS.md."""
+"""The zoo and the transformers matrix on CUDA: function kept at init through the eager rewrite
+and through Inductor, and a few training steps. Skips on machines without CUDA (CI); run on the
+GPU machine, recorded in bench/RESULTS.md."""
 
 import copy
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import mhc_compile
+import test_third_party as third_party
 from zoo import ZOO
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -96,4 +97,30 @@ def test_half_precision_streams_under_inductor_on_cuda():
     compiled = torch.compile(model, backend=mhc_compile.backend(stream_dtype="bfloat16"))
     torch.testing.assert_close(compiled(*args), plain(*args), rtol=3e-2, atol=3e-2)
     losses = _train_losses(model, args, entry, steps=4, stream_dtype="bfloat16")
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, id=name) for name in third_party.FAMILIES])
+def test_third_party_matrix_through_inductor_on_cuda(name):
+    """Each transformers family of the CPU matrix, on CUDA through Inductor with our kernels:
+    the same blocks rewritten, equal to the plain model at init, and a few steps lower the loss."""
+    model, args = third_party._build(name)
+    model, args = model.cuda().eval(), tuple(a.cuda() for a in args)
+    plain = copy.deepcopy(model)
+    report = third_party._prepare(model, args)
+    assert len(report.rewritten) == third_party.FAMILIES[name].blocks, report.summary()
+    assert {b.ops for b in report.rewritten} == {"triton kernels"}
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="mhc")
+    output = compiled(*args)
+    torch.testing.assert_close(third_party._main_output(output),
+                               third_party._main_output(plain(*args)), rtol=1e-3, atol=1e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(3):
+        loss = third_party._loss(compiled(*args), args)
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
     assert losses[-1] < losses[0]

@@ -83,8 +83,10 @@ FAMILIES = {
                         dict(LM, **MOE, moe_intermediate_size=16, shared_expert_intermediate_size=32)),
     "qwen3_moe": Family("Qwen3MoeForCausalLM", "Qwen3MoeConfig", dict(LM, **MOE, head_dim=8, moe_intermediate_size=16)),
     # Multi-head latent attention; layer 0 dense, layer 1 routed and shared experts.
+    # Multi-head latent attention has as many key/value heads as query heads: with fewer, the
+    # tiny model's SDPA call mismatches its heads (CUDA's checks refuse it; CPU broadcast it).
     "deepseek_v3": Family("DeepseekV3ForCausalLM", "DeepseekV3Config",
-                          dict(LM, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+                          dict(LM, num_key_value_heads=4, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
                                n_group=1, topk_group=1, first_k_dense_replace=1, kv_lora_rank=16,
                                q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)),
     # Recent families.
