@@ -9,29 +9,15 @@ import warnings
 import pytest
 import torch
 import torch._dynamo
-from torch import nn
 
 import mhc_compile
+from hand_mhc import TanhBlocks, hand_written_mhc
 
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
-    """Each prepare/gain/compile below adds a Dynamo cache entry for ThreeBlocks.forward."""
+    """Each prepare/gain/compile below adds a Dynamo cache entry for TanhBlocks.forward."""
     torch._dynamo.reset()
-
-
-class ThreeBlocks(nn.Module):
-    """x_{k+1} = x_k + tanh(fc_k(x_k)) for three blocks (keys fcs.0, fcs.1, fcs.2), then a head."""
-
-    def __init__(self, width=6):
-        super().__init__()
-        self.fcs = nn.ModuleList(nn.Linear(width, width) for _ in range(3))
-        self.head = nn.Linear(width, 2)
-
-    def forward(self, x):
-        for fc in self.fcs:
-            x = x + torch.tanh(fc(x))
-        return self.head(x)
 
 
 def _inputs(seed, tokens=5):
@@ -40,9 +26,9 @@ def _inputs(seed, tokens=5):
 
 
 def _prepared(seed=0, **options):
-    """A ThreeBlocks with its own weights (seed), prepared with `options`."""
+    """A TanhBlocks with its own weights (seed), prepared with `options`."""
     torch.manual_seed(seed)
-    model = ThreeBlocks().double()
+    model = TanhBlocks().double()
     mhc_compile.prepare(model, _inputs(100), options=options)
     return model
 
@@ -63,28 +49,6 @@ def _run_compiled(model, x, **options):
     torch._dynamo.reset()
     with torch.no_grad():
         return torch.compile(model, backend="mhc", options={"eager": True, **options})(x)
-
-
-def _hand_forward(model, x, n, constraint, iters=20):
-    """The mHC forward of ThreeBlocks written out from the paper's equations (Eq. 3, 7-8),
-    independently of the backend and of mhc_compile.reference."""
-    streams = x.unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1])
-    for index, fc in enumerate(model.fcs):
-        p = model.mhc.blocks[f"fcs-{index}"]
-        flat = streams.flatten(-2)
-        h = (flat @ p.phi) / torch.sqrt(flat.square().mean(dim=-1, keepdim=True) + 1e-6)
-        h_pre = torch.sigmoid(p.alpha[0] * h[..., :n] + p.b_pre)
-        h_post = 2 * torch.sigmoid(p.alpha[1] * h[..., n:2 * n] + p.b_post)
-        h_res = p.alpha[2] * h[..., 2 * n:].unflatten(-1, (n, n)) + p.b_res
-        if constraint == "sinkhorn":
-            h_res = h_res.exp()
-            for _ in range(iters):
-                h_res = h_res / h_res.sum(dim=-2, keepdim=True)
-                h_res = h_res / h_res.sum(dim=-1, keepdim=True)
-        y = torch.tanh(fc((h_pre.unsqueeze(-1) * streams).sum(dim=-2)))
-        streams = h_res @ streams + h_post.unsqueeze(-1) * y.unsqueeze(-2)
-    with torch.no_grad():
-        return model.head(streams.mean(dim=-2))
 
 
 def _saved(model, tmp_path, drop_settings=False):
@@ -140,13 +104,13 @@ def test_matching_options_load_and_compute_the_checkpoints_function(tmp_path):
     assert model.load_state_dict(checkpoint).missing_keys == []
 
     x = _inputs(7, tokens=4)  # fresh, and another shape than prepare traced
-    expected = _hand_forward(source, x, n=3, constraint="none")
+    expected = hand_written_mhc(source, x, n=3, constraint="none")[1]
     loaded = _run_compiled(model, x, n=3, constraint="none", sinkhorn_iters=7)
     torch.testing.assert_close(loaded, expected)
     torch.testing.assert_close(_run_compiled(source, x, n=3, constraint="none", sinkhorn_iters=7),
                                expected)
     # HC and mHC differ here, so the equalities above tell the constraint apart.
-    assert not torch.allclose(expected, _hand_forward(source, x, n=3, constraint="sinkhorn"))
+    assert not torch.allclose(expected, hand_written_mhc(source, x, n=3, constraint="sinkhorn")[1])
     report = mhc_compile.gain(model, x)
     assert (report.n, report.constraint, report.sinkhorn_iters) == (3, "none", 7)
 
@@ -172,7 +136,7 @@ def test_checkpoint_saved_before_the_settings_loads_with_a_warning(tmp_path):
 
     x = _inputs(8)
     torch.testing.assert_close(_run_compiled(model, x, constraint="none"),
-                               _hand_forward(source, x, n=4, constraint="none"))
+                               hand_written_mhc(source, x, n=4, constraint="none")[1])
     # Saved again, the checkpoint carries the settings and loads without a warning.
     again = _saved(model, tmp_path)
     assert torch.equal(again["mhc.blocks.fcs-2._extra_state"], torch.tensor([1, 4, 6, 0, 20]))
@@ -226,7 +190,7 @@ def test_compiling_with_other_options_than_the_blocks_is_a_clear_error():
             "options={'sinkhorn_iters': 20}).")):
         _run_compiled(model, x, constraint="none", sinkhorn_iters=3)
     torch.testing.assert_close(_run_compiled(model, x, constraint="none"),
-                               _hand_forward(model, x, n=4, constraint="none"))
+                               hand_written_mhc(model, x, n=4, constraint="none")[1])
 
 
 def test_settings_in_state_dict_keep_tensor_only_code_working():

@@ -12,32 +12,19 @@ from torch import nn
 
 import mhc_compile
 from mhc_compile import cli, reference
+from hand_mhc import TanhBlocks
 
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
-    """Every prepare/gain call compiles ThreeBlocks.forward with a new backend: one cache entry
+    """Every prepare/gain call compiles TanhBlocks.forward with a new backend: one cache entry
     each, and Dynamo stops compiling a function after 8."""
     torch._dynamo.reset()
 
 
-class ThreeBlocks(nn.Module):
-    """x_{k+1} = x_k + tanh(fc_k(x_k)) for three blocks (keys fcs.0, fcs.1, fcs.2), then a head."""
-
-    def __init__(self, width=6):
-        super().__init__()
-        self.fcs = nn.ModuleList(nn.Linear(width, width) for _ in range(3))
-        self.head = nn.Linear(width, 2)
-
-    def forward(self, x):
-        for fc in self.fcs:
-            x = x + torch.tanh(fc(x))
-        return self.head(x)
-
-
 def _model(seed=0, batch=2, tokens=5, width=6):
     torch.manual_seed(seed)
-    model = ThreeBlocks(width).double()
+    model = TanhBlocks(width).double()
     return model, torch.randn(batch, tokens, width, dtype=torch.float64)
 
 
@@ -151,7 +138,7 @@ def test_gain_leaves_the_model_as_it_was():
 def test_bad_inputs_are_clear_errors():
     model, x = _model()
     with pytest.raises(ValueError, match=re.escape(
-            "mhc gain: ThreeBlocks has no mHC parameters. Call mhc_compile.prepare(model, "
+            "mhc gain: TanhBlocks has no mHC parameters. Call mhc_compile.prepare(model, "
             "*example_args, options=...) first")):
         mhc_compile.gain(model, x)
     mhc_compile.prepare(model, x, options={"exclude": ["fcs.1"]})

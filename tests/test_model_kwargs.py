@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch._dynamo
 import transformers  # the `test` extra: missing, these tests fail rather than skip
-from torch import nn
 
 import mhc_compile
+from hand_mhc import TanhBlocks, hand_written_mhc
 
 
 @pytest.fixture(autouse=True)
@@ -21,32 +21,14 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-class MaskedBlocks(nn.Module):
-    """Zeroes the masked tokens, then x_{k+1} = x_k + tanh(fc_k(x_k)) for `depth` blocks (keys
-    fcs.0, fcs.1, ...), then a head; `blocks` limits how many run. `blocks` is also a word no mHC
-    option uses, unlike `n` in NamedN below."""
-
-    def __init__(self, width=6, depth=3):
-        super().__init__()
-        self.fcs = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
-        self.head = nn.Linear(width, 2)
-
-    def forward(self, x, attention_mask=None, blocks=None):
-        if attention_mask is not None:
-            x = x * attention_mask.unsqueeze(-1).to(x.dtype)
-        for fc in self.fcs[:blocks]:
-            x = x + torch.tanh(fc(x))
-        return self.head(x)
-
-
-class NamedN(MaskedBlocks):
+class NamedN(TanhBlocks):
     """A forward with a parameter named like an mHC option: n, the number of blocks to run."""
 
     def forward(self, x, n=3):
         return super().forward(x, blocks=n)
 
 
-def _model(cls=MaskedBlocks, seed=0):
+def _model(cls=TanhBlocks, seed=0):
     torch.manual_seed(seed)
     return cls().double()
 
@@ -67,29 +49,6 @@ def _randomized(model, seed=1):
             parameter.copy_(scale * torch.randn(parameter.shape, generator=generator,
                                                 dtype=parameter.dtype))
     return model
-
-
-def _hand_coefficients(model, x, n, constraint, iters=20, blocks=None):
-    """(H_pre, H_post, H_res) of every block and the output, the mHC forward of MaskedBlocks on
-    x (already masked) written out from the paper's equations, independently of the backend."""
-    streams = x.unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1])
-    per_block = []
-    for index, fc in enumerate(model.fcs[:blocks]):
-        p = model.mhc.blocks[f"fcs-{index}"]
-        flat = streams.flatten(-2)
-        h = (flat @ p.phi) / torch.sqrt(flat.square().mean(dim=-1, keepdim=True) + 1e-6)
-        h_pre = torch.sigmoid(p.alpha[0] * h[..., :n] + p.b_pre)
-        h_post = 2 * torch.sigmoid(p.alpha[1] * h[..., n:2 * n] + p.b_post)
-        h_res = p.alpha[2] * h[..., 2 * n:].unflatten(-1, (n, n)) + p.b_res
-        if constraint == "sinkhorn":
-            h_res = h_res.exp()
-            for _ in range(iters):
-                h_res = h_res / h_res.sum(dim=-2, keepdim=True)
-                h_res = h_res / h_res.sum(dim=-1, keepdim=True)
-        y = torch.tanh(fc((h_pre.unsqueeze(-1) * streams).sum(dim=-2)))
-        streams = h_res @ streams + h_post.unsqueeze(-1) * y.unsqueeze(-2)
-        per_block.append((h_pre, h_post, h_res))
-    return per_block, model.head(streams.mean(dim=-2))
 
 
 def _hand_composite_forward_gain(per_block, n):
@@ -119,7 +78,7 @@ def test_prepare_passes_model_keywords_and_takes_options_separately():
     masked = fresh_x * fresh_mask.unsqueeze(-1)
     compiled = torch.compile(model, backend="mhc",
                              options={"n": 2, "constraint": "none", "eager": True})
-    _, expected = _hand_coefficients(model, masked, n=2, constraint="none", blocks=2)
+    _, expected = hand_written_mhc(model, masked, n=2, constraint="none", blocks=2)
     with torch.no_grad():
         torch.testing.assert_close(compiled(fresh_x, attention_mask=fresh_mask, blocks=2), expected)
 
@@ -131,14 +90,14 @@ def test_gain_takes_model_keywords():
     _randomized(model)
     fresh_x, fresh_mask = _batch(3)
     masked = fresh_x * fresh_mask.unsqueeze(-1)
-    per_block, _ = _hand_coefficients(model, masked, n=3, constraint="none")
+    per_block, _ = hand_written_mhc(model, masked, n=3, constraint="none")
 
     report = mhc_compile.gain(model, fresh_x, attention_mask=fresh_mask)
     assert (report.n, report.constraint, len(report.chains)) == (3, "none", 1)
     measured = [block.composite.forward_mean for block in report.chains[0].blocks]
     torch.testing.assert_close(measured, _hand_composite_forward_gain(per_block, 3))
     # The mask matters: without it the gains differ.
-    unmasked, _ = _hand_coefficients(model, fresh_x, n=3, constraint="none")
+    unmasked, _ = hand_written_mhc(model, fresh_x, n=3, constraint="none")
     assert _hand_composite_forward_gain(unmasked, 3) != pytest.approx(measured)
 
     probe = mhc_compile.GainProbe(model)
@@ -148,7 +107,7 @@ def test_gain_takes_model_keywords():
     assert logger(2, fresh_x, attention_mask=fresh_mask).to_dict() == report.to_dict()
     with pytest.warns(FutureWarning, match=re.escape(
             "mhc_compile.gain: passing mHC options as keywords is deprecated, since keywords now "
-            "go to the model: 'constraint' is taken as an mHC option because MaskedBlocks.forward "
+            "go to the model: 'constraint' is taken as an mHC option because TanhBlocks.forward "
             "does not declare it. Pass options={'constraint': 'none'} instead.")):
         old_style = mhc_compile.gain(model, fresh_x, attention_mask=fresh_mask, constraint="none")
     assert old_style.to_dict() == report.to_dict()
@@ -163,14 +122,14 @@ def test_option_keywords_still_work_with_a_future_warning():
     with pytest.warns(FutureWarning, match=re.escape(
             "mhc_compile.prepare: passing mHC options as keywords is deprecated, since keywords "
             "now go to the model: 'constraint', 'n' are taken as mHC options because "
-            "MaskedBlocks.forward does not declare them. Pass options={'constraint': 'none', "
+            "TanhBlocks.forward does not declare them. Pass options={'constraint': 'none', "
             "'n': 2} instead.")) as caught:
         mhc_compile.prepare(model, x, attention_mask=mask, n=2, constraint="none")
     assert [w.filename for w in caught if w.category is FutureWarning] == [__file__]
     assert [(b.n, b.constraint) for b in model.mhc.blocks.values()] == [(2, "none")] * 3
     with pytest.warns(FutureWarning, match=re.escape(
             "mhc_compile.report: passing mHC options as keywords is deprecated, since keywords now "
-            "go to the model: 'exclude' is taken as an mHC option because MaskedBlocks.forward "
+            "go to the model: 'exclude' is taken as an mHC option because TanhBlocks.forward "
             "does not declare it. Pass options={'exclude': ['fcs.1']} instead.")):
         report = mhc_compile.report(_model(), x, exclude=["fcs.1"])
     assert [b.key for b in report.rewritten] == ["fcs.0", "fcs.2"]
