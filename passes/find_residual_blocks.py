@@ -224,12 +224,18 @@ def _match_projection_shortcut(add, reach, site: _Site) -> ResidualBlock | None:
             continue
         body = reach.body(source, [branch])
         if site.weighted(body):
-            weight, key, path = site.of(add, body)
-            block = ResidualBlock(add, source, [branch], body, weight, path, key,
-                                  "projection shortcut")
-            block.skip_reason = SkipReason.PROJECTION_SHORTCUT
-            return block
+            return _left_plain(add, source, branch, body, site, "projection shortcut",
+                               SkipReason.PROJECTION_SHORTCUT)
     return None
+
+
+def _left_plain(add, skip, branch, body, site: _Site, pattern: str,
+                reason: SkipReason) -> ResidualBlock:
+    """A block found only to be reported: rejected when matched, with its reason."""
+    weight, key, path = site.of(add, body)
+    block = ResidualBlock(add, skip, [branch], body, weight, path, key, pattern)
+    block.skip_reason = reason
+    return block
 
 
 def _match_hyper_connection(add, reach, site: _Site) -> ResidualBlock | None:
@@ -252,11 +258,8 @@ def _match_hyper_connection(add, reach, site: _Site) -> ResidualBlock | None:
                 continue
             body = reach.body(streams, [update]) if reach.depends_on(update, streams) else []
             if site.weighted(body):
-                weight, key, path = site.of(add, body)
-                block = ResidualBlock(add, streams, [update], body, weight, path, key,
-                                      "existing hyper-connection")
-                block.skip_reason = SkipReason.HYPER_CONNECTION
-                return block
+                return _left_plain(add, streams, update, body, site, "existing hyper-connection",
+                                   SkipReason.HYPER_CONNECTION)
     return None
 
 

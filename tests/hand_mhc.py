@@ -44,3 +44,15 @@ def hand_written_mhc(model: TanhBlocks, x, n: int, constraint: str, iters: int =
         streams = h_res @ streams + h_post.unsqueeze(-1) * y.unsqueeze(-2)
         per_block.append((h_pre, h_post, h_res))
     return per_block, model.head(streams.mean(dim=-2))
+
+
+def randomize_mhc(model, seed=1):
+    """Random mHC parameters, wide enough that H_res is far from the identity and HC and mHC
+    compute clearly different functions."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.mhc.named_parameters():
+            scale = 0.5 if name.endswith("phi") else 1.0
+            parameter.copy_(scale * torch.randn(parameter.shape, generator=generator,
+                                                dtype=parameter.dtype))
+    return model

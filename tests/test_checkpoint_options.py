@@ -11,7 +11,7 @@ import torch
 import torch._dynamo
 
 import mhc_compile
-from hand_mhc import TanhBlocks, hand_written_mhc
+from hand_mhc import TanhBlocks, hand_written_mhc, randomize_mhc
 
 
 @pytest.fixture(autouse=True)
@@ -33,18 +33,6 @@ def _prepared(seed=0, **options):
     return model
 
 
-def _randomized(model, seed=1):
-    """Random mHC parameters, wide enough that H_res is far from the identity and HC and mHC
-    compute clearly different functions."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.mhc.named_parameters():
-            scale = 0.5 if name.endswith("phi") else 1.0
-            parameter.copy_(scale * torch.randn(parameter.shape, generator=generator,
-                                                dtype=parameter.dtype))
-    return model
-
-
 def _run_compiled(model, x, **options):
     torch._dynamo.reset()
     with torch.no_grad():
@@ -61,7 +49,7 @@ def _saved(model, tmp_path, drop_settings=False):
 
 
 def test_hc_checkpoint_into_a_sinkhorn_prepared_model_is_a_clear_error(tmp_path):
-    checkpoint = _saved(_randomized(_prepared(constraint="none")), tmp_path)
+    checkpoint = _saved(randomize_mhc(_prepared(constraint="none")), tmp_path)
     model = _prepared(seed=2)  # defaults: constraint="sinkhorn"
     with pytest.raises(RuntimeError, match=re.escape(
             "mhc: checkpoint entry 'mhc.blocks.fcs-0' (block 'fcs.0') was saved with n=4, C=6, "
@@ -89,14 +77,14 @@ def test_hc_checkpoint_into_a_sinkhorn_prepared_model_is_a_clear_error(tmp_path)
 ], ids=["n", "sinkhorn_iters"])
 def test_other_n_or_sinkhorn_iters_in_the_checkpoint_is_a_clear_error(saved, prepared, expected,
                                                                      tmp_path):
-    checkpoint = _saved(_randomized(_prepared(**saved)), tmp_path)
+    checkpoint = _saved(randomize_mhc(_prepared(**saved)), tmp_path)
     with pytest.raises(RuntimeError, match=re.escape(
             "mhc: checkpoint entry 'mhc.blocks.fcs-0' (block 'fcs.0') " + expected)):
         _prepared(seed=2, **prepared).load_state_dict(checkpoint)
 
 
 def test_matching_options_load_and_compute_the_checkpoints_function(tmp_path):
-    source = _randomized(_prepared(n=3, constraint="none", sinkhorn_iters=7))
+    source = randomize_mhc(_prepared(n=3, constraint="none", sinkhorn_iters=7))
     checkpoint = _saved(source, tmp_path)
     assert torch.equal(checkpoint["mhc.blocks.fcs-1._extra_state"],
                        torch.tensor([1, 3, 6, 0, 7]))  # [format, n, C, constraint code, iters]
@@ -116,7 +104,7 @@ def test_matching_options_load_and_compute_the_checkpoints_function(tmp_path):
 
 
 def test_checkpoint_saved_before_the_settings_loads_with_a_warning(tmp_path):
-    source = _randomized(_prepared(constraint="none"))
+    source = randomize_mhc(_prepared(constraint="none"))
     checkpoint = _saved(source, tmp_path, drop_settings=True)
     assert not any(key.endswith("_extra_state") for key in checkpoint)
     model = _prepared(seed=2, constraint="none")
@@ -174,7 +162,7 @@ def test_unreadable_settings_are_a_clear_error(tmp_path):
 
 
 def test_compiling_with_other_options_than_the_blocks_is_a_clear_error():
-    model = _randomized(_prepared(constraint="none"))
+    model = randomize_mhc(_prepared(constraint="none"))
     x = _inputs(9)
     with pytest.raises(Exception, match=re.escape(
             "mhc: block 'fcs.0' has mHC parameters made with constraint='none', sinkhorn_iters=20, "

@@ -12,7 +12,7 @@ import torch._dynamo
 import transformers  # the `test` extra: missing, these tests fail rather than skip
 
 import mhc_compile
-from hand_mhc import TanhBlocks, hand_written_mhc
+from hand_mhc import TanhBlocks, hand_written_mhc, randomize_mhc
 
 
 @pytest.fixture(autouse=True)
@@ -41,16 +41,6 @@ def _batch(seed, tokens=5):
     return x, mask
 
 
-def _randomized(model, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.mhc.named_parameters():
-            scale = 0.5 if name.endswith("phi") else 1.0
-            parameter.copy_(scale * torch.randn(parameter.shape, generator=generator,
-                                                dtype=parameter.dtype))
-    return model
-
-
 def _hand_composite_forward_gain(per_block, n):
     """Per block, the mean over tokens of max |row sum| of H_res from the block to the last."""
     h_res = [h.reshape(-1, n, n) for _, _, h in per_block]
@@ -73,7 +63,7 @@ def test_prepare_passes_model_keywords_and_takes_options_separately():
     assert [(b.n, b.constraint) for b in model.mhc.blocks.values()] == [(2, "none")] * 2
     assert (report.n, report.constraint) == (2, "none")
 
-    _randomized(model)
+    randomize_mhc(model)
     fresh_x, fresh_mask = _batch(1, tokens=4)
     masked = fresh_x * fresh_mask.unsqueeze(-1)
     compiled = torch.compile(model, backend="mhc",
@@ -87,7 +77,7 @@ def test_gain_takes_model_keywords():
     model = _model()
     x, mask = _batch(2)
     mhc_compile.prepare(model, x, attention_mask=mask, options={"constraint": "none", "n": 3})
-    _randomized(model)
+    randomize_mhc(model)
     fresh_x, fresh_mask = _batch(3)
     masked = fresh_x * fresh_mask.unsqueeze(-1)
     per_block, _ = hand_written_mhc(model, masked, n=3, constraint="none")
