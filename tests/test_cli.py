@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import torch
 
@@ -73,7 +74,11 @@ def test_bad_targets_and_options_are_clear_errors(tmp_path, capsys):
 
 
 def test_console_script_is_installed():
-    result = subprocess.run([sys.executable, "-m", "mhc_compile.cli", "--help"], capture_output=True, text=True)
+    """The `mhc-compile` script pip installed beside this interpreter (pyproject's
+    [project.scripts]), not the module run through python -m."""
+    script = Path(sys.executable).parent / "mhc-compile"
+    assert script.is_file(), f"no console script at {script}: install the package (pip install -e .)"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "report" in result.stdout and "train" in result.stdout
 
 

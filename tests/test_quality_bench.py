@@ -2,6 +2,8 @@
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 import sysconfig
 from pathlib import Path
@@ -21,13 +23,35 @@ def quality():
     del sys.modules[spec.name]
 
 
-def test_split_by_file_is_deterministic_and_disjoint(quality):
+def _validation_files_in_a_fresh_process(files: list[str], hash_seed: str) -> set[str]:
+    """The split as another interpreter computes it, with its own string-hash seed: a split that
+    used hash() (randomised per process) would differ between them."""
+    script = (f"import importlib.util, json, sys\n"
+              f"spec = importlib.util.spec_from_file_location('quality_bench', {str(BENCH)!r})\n"
+              "module = importlib.util.module_from_spec(spec); sys.modules[spec.name] = module\n"
+              "spec.loader.exec_module(module)\n"
+              "files = json.loads(sys.stdin.read())\n"
+              "print(json.dumps([f for f in files if module.is_validation_file(f)]))\n")
+    result = subprocess.run([sys.executable, "-c", script], input=json.dumps(files), text=True,
+                            capture_output=True, env={**os.environ, "PYTHONHASHSEED": hash_seed},
+                            check=True)
+    return set(json.loads(result.stdout))
+
+
+def test_split_by_file_is_deterministic_across_processes_and_a_partition(quality):
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [p.relative_to(root).as_posix() for p in quality.stdlib_sources(root, None)]
     validation = {f for f in files if quality.is_validation_file(f)}
     assert 0.05 < len(validation) / len(files) < 0.2
-    assert validation == {f for f in files if quality.is_validation_file(f)}
+    assert _validation_files_in_a_fresh_process(files, "1") == validation
+    assert _validation_files_in_a_fresh_process(files, "2") == validation
     assert not any("site-packages" in f for f in files)
+    some = quality.stdlib_sources(root, 200)
+    corpus = quality.load_corpus(200)  # every file goes to exactly one side, whole
+    assert corpus.validation_files == sum(quality.is_validation_file(p.relative_to(root).as_posix())
+                                          for p in some)
+    assert corpus.train_files + corpus.validation_files == len(some)
+    assert len(corpus.train) + len(corpus.validation) == sum(len(p.read_bytes()) for p in some)
 
 
 def test_grad_norm_spikes_counts_only_jumps_over_the_running_median(quality):
