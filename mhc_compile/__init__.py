@@ -59,7 +59,7 @@ def prepare(model: nn.Module, /, *example_args: Any, options: Mapping[str, Any] 
     constraint and sinkhorn_iters). Older calls passed options as keywords: a keyword that names
     an option and that model.forward does not declare is still taken as one, with a FutureWarning.
 
-    Traces `model(*example_args, **model_kwargs)` once through the mhc backend under no_grad,
+    Traces `model(*example_args, **model_kwargs)` once through the mhc backend with grad enabled,
     which creates the parameters, and runs the traced graph unchanged (the mHC ops would compute
     the same at init, and would autotune their kernels for these arguments' dtypes, which autocast
     may change), restoring buffers (BatchNorm statistics) and the RNG state afterwards, so the
@@ -92,7 +92,7 @@ def _trace(model: nn.Module, example_args: tuple, configured: MHCBackend,
         raise TypeError(f"mhc_compile expects an nn.Module, got {type(model).__name__}")
     compiled = torch.compile(model, backend=configured, dynamic=False, fullgraph=fullgraph)
     with _dynamo_compat.falling_back_past_recompile_limit():
-        run_without_side_effects(model, compiled, example_args, model_kwargs)
+        run_without_side_effects(model, compiled, example_args, model_kwargs, grad=True)
     if not configured.traced_graphs:
         # Dynamo ran the model without calling the backend: it gave up on this forward (its
         # recompile limit, 8 entries per code object, counts every prepare/report/gain call).

@@ -79,7 +79,10 @@ class MHCBackend:
         if self.analyze_only:
             return graph_module
         if self.warn_late:  # a compile the user asked for, not prepare/gain's own traces
-            warn_if_incomplete(graph_blocks, holds_weights=bool(parameters))
+            rewritten_sites = {sites[block.weight] for block in blocks}
+            warn_if_incomplete(graph_blocks, bool(parameters), owners.compiled_module(),
+                               _without_their_mhc(placeholders, parameters, rewritten_sites,
+                                                  example_inputs, owners))
             if blocks:
                 _dynamo_compat.fail_past_recompile_limit()
         if not blocks:
@@ -106,31 +109,57 @@ class MHCBackend:
                                  cudagraphs=self.options.cudagraphs, mode=self.options.mode)
 
 
-_WARNED: set[str] = set()  # each distinct warning once per process, however many recompiles
+# Each distinct warning once per compiled module, however many recompiles and graphs it has.
+_WARNED: "weakref.WeakKeyDictionary[Any, set[str]]" = weakref.WeakKeyDictionary()
 
 
-def warn_if_incomplete(blocks: list[BlockReport], holds_weights: bool) -> None:
-    """Say once, loudly, that a compiled graph kept residual blocks plain or rewrote nothing."""
+def _without_their_mhc(placeholders, parameters, rewritten_sites: set[Site], example_inputs,
+                       owners: Owners) -> int:
+    """How many sites with mHC parameters existing already this graph reads the weights of
+    without rewriting their block: it computes those blocks without their trained mHC (a
+    module's other code path, such as nn.TransformerEncoderLayer's fused no_grad fast path)."""
+    orphaned = set()
+    for node, value in zip(placeholders, example_inputs):
+        if node in parameters:
+            site = owners.site(value)
+            if site is not None and site not in rewritten_sites and site.has_parameters():
+                orphaned.add(site)
+    return len(orphaned)
+
+
+def warn_if_incomplete(blocks: list[BlockReport], holds_weights: bool,
+                       module: nn.Module | None, without_mhc: int = 0) -> None:
+    """Say once, loudly, that a compiled graph of `module` kept residual blocks plain, rewrote
+    nothing, or runs the weights of existing mHC blocks without their mHC parameters."""
     skipped = [block for block in blocks if block.status == "skipped"]
     rewritten = len(blocks) - len(skipped)
-    if skipped:
+    name = "a compiled graph" if module is None else f"a compiled graph of {type(module).__name__}"
+    if without_mhc:
+        message = (
+            f"mhc: {name} runs the weights of {without_mhc} block(s) that have mHC parameters "
+            "without them, so it computes another function than the rewritten model (for "
+            "nn.TransformerEncoderLayer in eval mode under no_grad, PyTorch's fused fast path; "
+            "torch.backends.mha.set_fastpath_enabled(False) turns it off)"
+        )
+    elif skipped:
         reasons = collections.Counter(block.reason for block in skipped).most_common(3)
         message = (
-            f"mhc: {len(skipped)} residual block(s) of a compiled graph stay plain residuals "
+            f"mhc: {len(skipped)} residual block(s) of {name} stay plain residuals "
             f"({rewritten} rewritten). Main reasons: "
             + "; ".join(f"{count} x {reason}" for reason, count in reasons)
         )
     elif not blocks and holds_weights:
         message = (
-            "mhc: a compiled graph holds weights but no residual block x + f(x) was found, so it "
+            f"mhc: {name} holds weights but no residual block x + f(x) was found, so it "
             "runs unchanged (no mHC). If the residual add is split from f by a graph break, "
             "TORCH_LOGS=graph_breaks shows where"
         )
     else:
         return
     message += ". mhc_compile.report(model, *example_args).print() lists every block and why."
-    if message not in _WARNED:
-        _WARNED.add(message)
+    warned = _WARNED.setdefault(warn_if_incomplete if module is None else module, set())
+    if message not in warned:
+        warned.add(message)
         warnings.warn(message, stacklevel=2)
 
 

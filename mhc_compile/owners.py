@@ -15,6 +15,9 @@ Which module owns a weight, among all that do (the block, its layer, the model, 
 3. else the innermost module on the call stack: the one the user compiled (torch.compile(model),
    model.compile(), or each block compiled on its own).
 
+Containers (nn.Sequential, nn.ModuleList, nn.ModuleDict) never hold the store: nn.Sequential
+calls every child, the store would be one more. The child on the weight's path holds it instead.
+
 A weight used at several places (tied layers, ALBERT's one layer applied at every depth) is one
 site: its residuals share one set of mHC parameters, as they share the weight.
 """
@@ -42,6 +45,11 @@ class Site:
 
     owner: nn.Module
     key: str
+
+    def has_parameters(self) -> bool:
+        """Whether mHC parameters exist for this site already (nothing is created)."""
+        store = getattr(self.owner, SUBMODULE, None)
+        return isinstance(store, MHCParameters) and MHCParameters.module_name(self.key) in store.blocks
 
     def store(self) -> MHCParameters:
         store = parameters_of(self.owner)
@@ -76,18 +84,31 @@ class Owners:
                 return found
         return None
 
+    def compiled_module(self) -> nn.Module | None:
+        """The module whose call is being compiled: the one given, else the innermost running."""
+        stack = self._call_stack()
+        return self.top_module or (stack[0] if stack else None)
+
     def _site_in(self, module: nn.Module, weight: torch.Tensor) -> Site | None:
         names = self._names.get(id(module))
         if names is None:  # a shared weight is named where named_parameters() first meets it
             names = {id(p): name for name, p in reversed(list(module.named_parameters()))}
             self._names[id(module)] = names
         name = names.get(id(weight))
-        return None if name is None else Site(module, name.rpartition(".")[0])
+        if name is None:
+            return None
+        if isinstance(module, _CONTAINERS) and "." in name:
+            # A container's forward (nn.Sequential's) runs every child: one more would be called.
+            return self._site_in(module.get_submodule(name.partition(".")[0]), weight)
+        return Site(module, name.rpartition(".")[0])
 
     def _call_stack(self) -> list[nn.Module]:
         if self._stack is None:
             self._stack = _dynamo_compat.modules_on_call_stack()
         return self._stack
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 def _holds_store(module: nn.Module) -> bool:

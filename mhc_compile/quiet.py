@@ -1,7 +1,10 @@
 """Run a model once for what the run reveals (a trace, recorded coefficients), not for its effects.
 
 `prepare`, `report` and the gain diagnostics all call a model outside the user's training loop;
-that call must not move BatchNorm statistics, consume random numbers or build an autograd graph.
+that call must not move BatchNorm statistics or consume random numbers. prepare and report trace
+with grad enabled, as the training step they prepare for does: some modules take another path
+under no_grad (nn.TransformerEncoderLayer's fused fast path, which hides its residuals); the
+autograd graph goes with the outputs they drop.
 They take the model's own keyword arguments (attention_mask, pixel_values, labels) as keywords and
 the mHC options as one `options=` mapping; `split_keywords` sorts out calls of the older form,
 where options were keywords too.
@@ -23,12 +26,12 @@ OPTION_NAMES = frozenset(field.name for field in dataclasses.fields(MHCOptions))
 
 
 def run_without_side_effects(model: nn.Module, call: Callable[..., Any], args: Sequence[Any],
-                             kwargs: Mapping[str, Any] | None = None) -> Any:
-    """`call(*args, **kwargs)` under no_grad with the RNG state forked; `model`'s buffers restored
-    after."""
+                             kwargs: Mapping[str, Any] | None = None, grad: bool = False) -> Any:
+    """`call(*args, **kwargs)` under no_grad (enable_grad if `grad`) with the RNG state forked;
+    `model`'s buffers restored after."""
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=_cuda_devices(model)):
+        with torch.set_grad_enabled(grad), torch.random.fork_rng(devices=_cuda_devices(model)):
             return call(*args, **(kwargs or {}))
     finally:
         with torch.no_grad():

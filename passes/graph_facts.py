@@ -21,6 +21,7 @@ _WEIGHTED_FUNCTIONS = {
     F.linear, F.bilinear, torch.matmul, operator.matmul, torch.mm, torch.bmm, torch.addmm,
     torch.baddbmm, torch.einsum, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d,
     F.conv_transpose2d, F.conv_transpose3d, torch._C._nn.linear,
+    F.multi_head_attention_forward,  # nn.MultiheadAttention: its projections inside one call
 }
 _WEIGHTED_METHODS = {"matmul", "mm", "bmm", "__matmul__", "addmm", "baddbmm"}
 _CONV_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
@@ -28,7 +29,8 @@ _CONV_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_tran
 _CONV_TRANSPOSE_FUNCTIONS = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
 _LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear}
 _NORM_FUNCTIONS = {F.layer_norm, F.group_norm, F.batch_norm, F.instance_norm, F.rms_norm}
-_ATTENTION_FUNCTIONS = {F.scaled_dot_product_attention, F.softmax, torch.softmax}
+_ATTENTION_FUNCTIONS = {F.scaled_dot_product_attention, F.softmax, torch.softmax,
+                        F.multi_head_attention_forward}
 _ROUTING_FUNCTIONS = {torch.topk}
 
 # Elementwise ops that commute with replicating a tensor into n streams: applied to each stream,

@@ -1,6 +1,7 @@
 import importlib
 import os
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -20,4 +21,4 @@ sys.path.insert(0, str(Path(__file__).parent))
 def fresh_mhc_warnings(monkeypatch):
     """Each test sees the backend's once-per-process warnings afresh."""
     backend = importlib.import_module("mhc_compile.backend")  # mhc_compile.backend is a function
-    monkeypatch.setattr(backend, "_WARNED", set())
+    monkeypatch.setattr(backend, "_WARNED", weakref.WeakKeyDictionary())

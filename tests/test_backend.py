@@ -232,6 +232,7 @@ def test_prepare_keeps_buffers_and_rng_state():
     rng = torch.random.get_rng_state()
     mhc_compile.prepare(residual, x)
     assert torch.equal(torch.random.get_rng_state(), rng)
+    assert all(p.grad is None for p in residual.parameters())  # its autograd graph is dropped
     for key, value in before.items():
         assert torch.equal(residual.state_dict()[key], value), key
 

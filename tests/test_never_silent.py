@@ -2,6 +2,8 @@
 rewritten frame never falls back to the plain model, and models with hyper-connections of their
 own are recognised and left as they are."""
 
+import re
+
 import pytest
 import torch
 import torch._dynamo
@@ -52,7 +54,8 @@ def test_skipped_blocks_warn_once_with_count_and_reason():
         compiled(x)
     messages = [str(w.message) for w in caught if str(w.message).startswith("mhc:")]
     assert messages == [
-        "mhc: 1 residual block(s) of a compiled graph stay plain residuals (2 rewritten). Main "
+        "mhc: 1 residual block(s) of a compiled graph of Broadcasting stay plain residuals "
+        "(2 rewritten). Main "
         f"reasons: 1 x {SkipReason.BROADCAST.value}. mhc_compile.report(model, "
         "*example_args).print() lists every block and why."]
     with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
@@ -203,3 +206,75 @@ def test_a_residual_split_by_a_graph_break_is_reported_with_the_line_of_the_add(
     source, first = inspect.getsourcelines(cls.forward)
     add_line = first + next(i for i, text in enumerate(source) if line in text)
     assert split[0].where == f"test_never_silent.py:{add_line}"
+
+
+def test_a_second_model_with_the_same_finding_is_warned_too():
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="of a compiled graph of Broadcasting stay plain"):
+            _eager(Broadcasting())(torch.randn(3, 6))
+
+
+class AttentionBlock(nn.Module):
+    """torchvision's ViT encoder block: nn.MultiheadAttention, one opaque call in Dynamo's graph."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attention = nn.MultiheadAttention(width, 4, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(width, 32), nn.GELU(), nn.Linear(32, width))
+
+    def forward(self, x):
+        h = self.norm1(x)
+        x = x + self.attention(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+def test_multihead_attention_residuals_in_a_sequential_are_rewritten():
+    torch.manual_seed(0)
+    model, x = nn.Sequential(AttentionBlock(), AttentionBlock()).double(), torch.randn(2, 5, 16).double()
+    expected = model(x)
+    report = mhc_compile.prepare(model, x)
+    assert [(b.path, b.key, b.chain) for b in report.rewritten] == [  # keys below each block
+        ("0", "attention", 0), ("0", "mlp.0", 0), ("1", "attention", 0), ("1", "mlp.0", 0)]
+    assert not hasattr(model, "mhc")  # nn.Sequential runs every child: the blocks hold them
+    assert sorted(model[0].mhc.blocks) == ["attention", "mlp-0"]
+    torch.testing.assert_close(model(x), expected)  # the plain forward still runs
+    torch.testing.assert_close(_eager(model)(x), expected)
+
+
+def test_prepare_of_an_eval_mode_transformer_encoder_finds_what_training_compiles():
+    """Under no_grad, nn.TransformerEncoderLayer in eval mode takes a fused fast path with no
+    residual in sight; prepare traces with grad enabled, as the training step does."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, 16)
+    report = mhc_compile.prepare(model, x)
+    assert len(report.rewritten) == 4, report.summary()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    compiled = _eager(model)
+    for _ in range(2):  # the optimizer step check would refuse parameters created after it
+        compiled(x).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_a_graph_running_mhc_blocks_without_their_parameters_warns():
+    """After prepare, eval-mode inference under no_grad takes nn.TransformerEncoderLayer's fused
+    fast path: the trained mHC parameters would be ignored, which is said, not left silent."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, 16)
+    mhc_compile.prepare(model, x)
+    compiled = _eager(model)
+    with torch.no_grad(), pytest.warns(UserWarning, match=re.escape(
+            "runs the weights of 4 block(s) that have mHC parameters without them")):
+        compiled(x)
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            expected = compiled(x)  # the rewritten graph again, under no_grad
+        torch.testing.assert_close(expected, _eager(model)(x))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
