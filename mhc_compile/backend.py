@@ -215,19 +215,23 @@ class _Binding:
     def bind(self, args: Sequence[Any], sites: list[Site | None] | None = None) -> list[torch.Tensor]:
         """Every block's (phi, alpha, b_pre, b_post, b_res) for the instance `args` call,
         created where missing; `sites` when the caller resolved them already."""
+        return self._bound(args, sites)[2]
+
+    def parameters_for(self, args: Sequence[Any]) -> list[torch.Tensor]:
+        """`bind` for a compiled step, which marks the stores as having run one (warn_late)."""
+        _, stores, flat = self._bound(args)
+        for store in stores:
+            store.ran_compiled_step = True
+        return flat
+
+    def _bound(self, args: Sequence[Any], sites: list[Site | None] | None = None) -> tuple:
+        """(weak references to every block's weight, stores, flat parameters) of this instance."""
         current = [self.weights.of(block.weight, args) for block in self.blocks]
         cached = self.bound.get(current[0])
         if cached is None or any(ref() is not w for ref, w in zip(cached[0], current)):
             stores, flat = self._create(sites or self._sites(current))
             cached = self.bound[current[0]] = ([weakref.ref(w) for w in current], stores, flat)
-        return cached[2]
-
-    def parameters_for(self, args: Sequence[Any]) -> list[torch.Tensor]:
-        """`bind` for a compiled step, which marks the stores as having run one (warn_late)."""
-        flat = self.bind(args)
-        for store in self.bound[self.weights.of(self.blocks[0].weight, args)][1]:
-            store.ran_compiled_step = True
-        return flat
+        return cached
 
     def _create(self, sites: list[Site]) -> tuple[list, list[torch.Tensor]]:
         created, flat, stores = [], [], []
