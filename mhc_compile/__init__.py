@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from mhc_compile import _dynamo_compat
+from mhc_compile import private_apis
 from mhc_compile.backend import MHCBackend
 from mhc_compile.gain import GainLogger, GainProbe, GainReport, gain
 from mhc_compile.options import MHCOptions
@@ -91,7 +91,7 @@ def _trace(model: nn.Module, example_args: tuple, configured: MHCBackend,
     if not isinstance(model, nn.Module):
         raise TypeError(f"mhc_compile expects an nn.Module, got {type(model).__name__}")
     compiled = torch.compile(model, backend=configured, dynamic=False, fullgraph=fullgraph)
-    with _dynamo_compat.falling_back_past_recompile_limit():
+    with private_apis.falling_back_past_recompile_limit():
         run_without_side_effects(model, compiled, example_args, model_kwargs, grad=True)
     if not configured.traced_graphs:
         # Dynamo ran the model without calling the backend: it gave up on this forward (its

@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from mhc_compile import _dynamo_compat, costs, ops, reference, templates
+from mhc_compile import private_apis, costs, ops, reference, templates
 from mhc_compile.options import MHCOptions
 from mhc_compile.owners import Owners, Site
 from mhc_compile.passes import graph_facts
@@ -59,7 +59,7 @@ class MHCBackend:
     def __call__(self, graph_module: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         graph_index, self.traced_graphs = self.traced_graphs, self.traced_graphs + 1
         traced = graph_module
-        graph_module = _dynamo_compat.copy_graph_module(graph_module)
+        graph_module = private_apis.copy_graph_module(graph_module)
         inline_checkpoint_regions(graph_module)  # blocks inside the user's checkpointed layers
         placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
         weights = _Weights(graph_module, placeholders)
@@ -84,7 +84,7 @@ class MHCBackend:
                                _without_their_mhc(placeholders, parameters, rewritten_sites,
                                                   example_inputs, owners))
             if blocks:
-                _dynamo_compat.fail_past_recompile_limit()
+                private_apis.fail_past_recompile_limit()
         if not blocks:
             return self._compile(graph_module, example_inputs)
         binding = _Binding(blocks, weights, self.options, self.warn_late)
@@ -170,7 +170,7 @@ def compile_whole_ops(graph_module: fx.GraphModule, example_inputs, *,
     traces the ops whole, so the recompute policy and the grad-streams fold work on whole ops, and
     passes/inline_kernels.py then opens them for Inductor."""
     with ops.keep_ops_whole():
-        return _dynamo_compat.compile_with_inductor(
+        return private_apis.compile_with_inductor(
             graph_module, example_inputs, recompute=recompute, cudagraphs=cudagraphs, mode=mode)
 
 
@@ -281,7 +281,7 @@ def _add_parameter_placeholders(graph_module: fx.GraphModule, blocks, parameters
             tensors = parameters[len(names) * index : len(names) * (index + 1)]
             for node, tensor in zip(placeholders, tensors):
                 node.meta["example_value"] = tensor
-                _dynamo_compat.mark_parameter_input(node)
+                private_apis.mark_parameter_input(node)
             nodes[block] = BlockParameterNodes(*placeholders)
     return nodes
 

@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import torch
 from torch import fx, nn
 
-from mhc_compile import _dynamo_compat
+from mhc_compile import private_apis
 from mhc_compile.backend import MHCBackend
 from mhc_compile.options import MHCOptions
 from mhc_compile.parameters import SUBMODULE, MHCParameters
@@ -320,7 +320,7 @@ class GainProbe:
     def __init__(self, model: nn.Module, **options: Any):
         if not isinstance(model, nn.Module):
             raise TypeError(f"mhc gain expects an nn.Module, got {type(model).__name__}")
-        if _dynamo_compat.is_compiled_module(model):
+        if private_apis.is_compiled_module(model):
             raise TypeError(
                 "mhc gain: pass the model itself, not the module torch.compile returned; "
                 "the probe compiles the model with its own recording backend"
@@ -338,7 +338,7 @@ class GainProbe:
         stores_before = _block_names(self.model)
         self._taps.records.clear()
         try:
-            with _dynamo_compat.falling_back_past_recompile_limit():
+            with private_apis.falling_back_past_recompile_limit():
                 run_without_side_effects(self.model, self._compiled, args, kwargs)
         finally:
             created = _remove_created_blocks(self.model, stores_before)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mhc_compile import _dynamo_compat
+from mhc_compile import private_apis
 from mhc_compile.optimizers import install_step_check
 from mhc_compile.parameters import SUBMODULE, MHCParameters, parameters_of
 
@@ -104,7 +104,7 @@ class Owners:
 
     def _call_stack(self) -> list[nn.Module]:
         if self._stack is None:
-            self._stack = _dynamo_compat.modules_on_call_stack()
+            self._stack = private_apis.modules_on_call_stack()
         return self._stack
 
 

@@ -7,7 +7,7 @@ backward already writes grad streams in one kernel pass; handed the other gradie
 `accumulate` argument, it reads it there and the add disappears (one read instead of three passes).
 
 This runs on Inductor's post-grad graphs (post_grad_custom_post_pass, installed by
-`_dynamo_compat.compile_with_inductor`), where the backend's ops are whole: the opaque twins (it
+`private_apis.compile_with_inductor`), where the backend's ops are whole: the opaque twins (it
 traces under ops.keep_ops_whole), or the public ops where Triton is missing; passes/inline_kernels.py
 opens them afterwards. Where AOT autograd traced into the kernels (torch.compile of the public ops
 without our backend) there is no op node to hand the gradient to, and the add stays.
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from mhc_compile import _dynamo_compat
+from mhc_compile import private_apis
 from mhc_compile.passes.recompute_policy import op_name
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def fuse_grad_streams(graph: fx.Graph) -> int:
         if isinstance(found, str):
             log.debug("mhc: %s keeps its grad-streams add: %s", backward.name, found)
             continue
-        _dynamo_compat.append_argument(backward, found.other)
+        private_apis.append_argument(backward, found.other)
         found.add.replace_all_uses_with(found.grad_streams)
         graph.erase_node(found.add)
         fused += 1

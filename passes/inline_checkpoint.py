@@ -22,7 +22,7 @@ import operator
 from torch import fx
 from torch.utils.checkpoint import CheckpointPolicy
 
-from mhc_compile import _dynamo_compat
+from mhc_compile import private_apis
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +35,16 @@ def inline_checkpoint_regions(graph_module: fx.GraphModule) -> int:
     while True:  # an inlined body may hold nested regions
         regions = [
             (node, body) for node in graph_module.graph.nodes
-            if (body := _dynamo_compat.checkpoint_region_body(graph_module, node)) is not None
+            if (body := private_apis.checkpoint_region_body(graph_module, node)) is not None
             and _can_inline(node, body)
         ]
         if not regions:
             break
         for node, body in regions:
-            _inline(graph_module, node, body, _dynamo_compat.new_checkpoint_region_id())
+            _inline(graph_module, node, body, private_apis.new_checkpoint_region_id())
         inlined += len(regions)
     selective = sum(
-        _dynamo_compat.is_selective_checkpoint_region(graph_module, node)
+        private_apis.is_selective_checkpoint_region(graph_module, node)
         for node in graph_module.graph.nodes
     )
     if selective:

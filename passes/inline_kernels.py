@@ -21,7 +21,7 @@ import logging
 
 from torch import fx
 
-from mhc_compile import _dynamo_compat, ops, templates
+from mhc_compile import private_apis, ops, templates
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def inline_kernels(graph: fx.Graph) -> int:
     for node in list(graph.nodes):
         kernels = _traceable_kernels(node)
         if kernels is not None:
-            _dynamo_compat.replace_with_functional_trace(
+            private_apis.replace_with_functional_trace(
                 node, templates.launcher(kernels.launcher), traces
             )
             inlined += 1

@@ -10,7 +10,7 @@ least at L_r ~ sqrt(n L / (n + 2)) for a chain of L blocks: L/L_r kept streams o
 L_r (n + 2)C live while one group is rebuilt.
 
 This pass runs on AOT autograd's joint graph (Inductor's joint_custom_pre_pass, installed by
-`_dynamo_compat.compile_with_inductor`) and steers the min-cut partitioner with the tags that
+`private_apis.compile_with_inductor`) and steers the min-cut partitioner with the tags that
 selective activation checkpointing uses: node.meta["recompute"] = MUST_RECOMPUTE or MUST_SAVE,
 and one "ac_graph_id" per group. The partitioner then saves only what the tags allow, and its
 `reordering_to_mimic_autograd_engine` rebuilds each group just before that group's backward.

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import triton
 
-from mhc_compile import _dynamo_compat
+from mhc_compile import private_apis
 
 log = logging.getLogger("mhc_compile.templates")
 
@@ -225,7 +225,7 @@ def autotune(stage: str, kernel_name: str) -> Callable:
             cache_results=True,
         )(kernel)
         _TUNED[kernel_name] = tuned
-        _BY_VALUE[kernel_name] = _dynamo_compat.triton_value_parameters(kernel) | set(tuned.keys)
+        _BY_VALUE[kernel_name] = private_apis.triton_value_parameters(kernel) | set(tuned.keys)
         return tuned
 
     return decorate
@@ -273,7 +273,7 @@ def launch(kernel_name: str, grid, *args, **kwargs) -> None:
         log.info("autotuned %s for n=%s C=%s in %.1f s: %s", kernel_name, key[0], key[1],
                  time.perf_counter() - started, describe(tuned.best_config))
     if signature is not None:
-        _COMPILED[signature] = _dynamo_compat.compiled_triton_launcher(tuned, grid, args, kwargs)
+        _COMPILED[signature] = private_apis.compiled_triton_launcher(tuned, grid, args, kwargs)
 
 
 def _specialisation(kernel_name: str, args: tuple, kwargs: dict) -> tuple:
@@ -313,7 +313,7 @@ def _compile_in_parallel(tuned, candidates: list[triton.Config], grid, args: tup
     if len(candidates) < 2:
         return
     with ThreadPoolExecutor(min(len(candidates), os.cpu_count() or 1)) as pool:
-        compiling = _dynamo_compat.triton_compiles_to(pool)
+        compiling = private_apis.triton_compiles_to(pool)
         if compiling is None:
             return
         try:

@@ -15,7 +15,7 @@ from torch._inductor import config as inductor_config
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import mhc_compile
-from mhc_compile import _dynamo_compat, ops, templates
+from mhc_compile import private_apis, ops, templates
 from mhc_compile.examples import llama
 from mhc_compile.passes import inline_kernels
 
@@ -53,7 +53,7 @@ def replaced(monkeypatch):
     """The launcher names inline_kernels would splice in, in graph order (nothing is spliced)."""
     names = []
     monkeypatch.setattr(templates, "launcher", lambda name: name)
-    monkeypatch.setattr(_dynamo_compat, "replace_with_functional_trace",
+    monkeypatch.setattr(private_apis, "replace_with_functional_trace",
                         lambda node, launcher, traces: names.append(launcher))
     return names
 
@@ -87,7 +87,7 @@ def test_cpu_streams_keep_the_opaque_ops(replaced):
 
 def test_every_op_of_a_static_model_is_handed_over(kernels_on_cpu, replaced):
     """Through backend="mhc": the mHC parameters the backend adds as graph inputs reach AOT
-    autograd with static shapes (_dynamo_compat._static_unless_traced); with the symbolic sizes AOT
+    autograd with static shapes (private_apis._static_unless_traced); with the symbolic sizes AOT
     autograd gives unseen real inputs, every coefficient op would stay opaque."""
     model, args = llama(seed=0, batch=2, seq=8, width=32, depth=2, vocab=64)
     mhc_compile.prepare(model, *args, options={"n": N})
@@ -107,7 +107,7 @@ def test_every_op_of_a_static_model_is_handed_over(kernels_on_cpu, replaced):
 @pytest.fixture
 def generated_ttir(monkeypatch):
     """The kernels torch's generate_ttir really compiled (a stub stands in: no GPU here), with
-    _dynamo_compat.reuse_mhc_kernel_ttir's cache in front."""
+    private_apis.reuse_mhc_kernel_ttir's cache in front."""
     from torch._higher_order_ops import triton_kernel_wrap
 
     generated = []
@@ -117,14 +117,14 @@ def generated_ttir(monkeypatch):
         return object(), list(kwargs)
 
     monkeypatch.setattr(triton_kernel_wrap, "generate_ttir", generate_ttir)
-    monkeypatch.setattr(_dynamo_compat, "_current_triton_target", lambda: "a GPU")
-    _dynamo_compat.reuse_mhc_kernel_ttir()
-    _dynamo_compat.reuse_mhc_kernel_ttir()  # idempotent: one cache, not a cache of a cache
+    monkeypatch.setattr(private_apis, "_current_triton_target", lambda: "a GPU")
+    private_apis.reuse_mhc_kernel_ttir()
+    private_apis.reuse_mhc_kernel_ttir()  # idempotent: one cache, not a cache of a cache
     return generated
 
 
 def test_ttir_of_mhc_kernels_is_generated_once_per_signature(generated_ttir):
-    """_dynamo_compat.reuse_mhc_kernel_ttir: torch generates a kernel's Triton IR for every traced
+    """private_apis.reuse_mhc_kernel_ttir: torch generates a kernel's Triton IR for every traced
     and lowered launch; ours are generated once per kernel, dtypes and argument values, and
     nobody else's kernels are cached."""
     import triton
@@ -165,7 +165,7 @@ def test_ttir_of_mhc_kernels_is_generated_once_per_signature(generated_ttir):
 
 
 def test_a_trace_is_reused_only_for_the_same_signature():
-    """_dynamo_compat._trace_key: calls share a trace only with equal launchers, constants and
+    """private_apis._trace_key: calls share a trace only with equal launchers, constants and
     tensor layouts, and with the same pattern of repeated arguments (make_fx traces a tensor
     passed twice as one input, which must not serve two different tensors). Symbolic sizes are
     never keyed."""
@@ -183,7 +183,7 @@ def test_a_trace_is_reused_only_for_the_same_signature():
     spec = "two tensors and a constant"
 
     def key(*leaves, function=len):
-        return _dynamo_compat._trace_key(function, list(leaves), spec)
+        return private_apis._trace_key(function, list(leaves), spec)
 
     assert key(a, b, 20) == key(b, a, 20)  # other nodes, same layouts: one trace
     assert key(a, a, 20) != key(a, b, 20)  # a repeated argument is traced as one input
@@ -202,15 +202,15 @@ _STUBBED_TTIR = """
 import sys
 import torch
 from torch._higher_order_ops import triton_kernel_wrap
-from mhc_compile import _dynamo_compat
+from mhc_compile import private_apis
 
 generated = []
 def generate_ttir(kernel, kwargs, tma_descriptor_metadata):
     generated.append(kernel)
     return object(), list(kwargs)
 triton_kernel_wrap.generate_ttir = generate_ttir
-_dynamo_compat._current_triton_target = lambda: "a GPU"
-_dynamo_compat.reuse_mhc_kernel_ttir()
+private_apis._current_triton_target = lambda: "a GPU"
+private_apis.reuse_mhc_kernel_ttir()
 """
 
 
@@ -262,13 +262,13 @@ def test_handed_over_ops_become_their_kernels():
     test_kernels.py, test_backend_hands_the_kernels_to_inductor)."""
     output = _run_without_interpreter("""
 import test_inline_kernels as here
-from mhc_compile import _dynamo_compat, ops, templates
+from mhc_compile import private_apis, ops, templates
 from mhc_compile.passes import inline_kernels
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 
 traces = []
-functional_trace = _dynamo_compat._functional_trace
-_dynamo_compat._functional_trace = lambda *args: traces.append(1) or functional_trace(*args)
+functional_trace = private_apis._functional_trace
+private_apis._functional_trace = lambda *args: traces.append(1) or functional_trace(*args)
 
 from torch._guards import detect_fake_mode
 from torch._inductor.virtualized import V
