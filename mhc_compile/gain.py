@@ -10,7 +10,8 @@ products; unconstrained hyper-connections' can grow with depth (paper: ~3000 at 
 Choices where the paper is terse:
 - H_res depends on the token (it is computed from that token's streams), so every gain is computed
   per token of the batch, and reported as the mean over tokens (the paper's Fig. 3 averages over
-  the tokens of a sequence, as we read its caption) and as the max over tokens (the worst token). The product runs per token: the token's own H_res at every block.
+  the tokens of a sequence, as we read its caption) and as the max over tokens (the worst token).
+  The product runs per token: the token's own H_res at every block.
 - The coefficients are those the model computes: the rewritten graph runs once (eager, without
   Inductor; the mhc:: ops, so the GPU kernels on CUDA) with a tap after every block's
   mhc::coefficients_pre_mix op, on the real streams of the batch. Nothing is re-derived.
@@ -474,9 +475,9 @@ def gain(model: nn.Module, /, *example_args: Any, options: Mapping[str, Any] | N
     checkpoint); example_args and model_kwargs are its forward arguments (its keywords too:
     attention_mask, pixel_values). options: mHC options, as `prepare` takes them; n, constraint
     and sinkhorn_iters are read from the model's parameters (give them only to check them), and
-    include/exclude must be those the model was prepared with. Older calls passed options as
-    keywords: a keyword that names an option and that model.forward does not declare is still
-    taken as one, with a FutureWarning. Returns a GainReport: per chain and
+    include/exclude must be those the model was prepared with. Options as keywords are
+    deprecated: a keyword that names an option and that model.forward does not declare is taken
+    as one, with a FutureWarning. Returns a GainReport: per chain and
     block, the gains of H_res alone and from the block to the chain's end (forward: max
     |row sum|, backward: max |column sum|; mean and worst over the tokens), and the spread of
     H_pre and H_post. The model's state is left as it was.

@@ -41,8 +41,8 @@ class MHCOptions:
     cudagraphs: replay the compiled graphs as CUDA graphs (Inductor's cudagraph trees, as
         torch.compile's mode="reduce-overhead" does): removes the host cost of launching the mHC
         kernels, which bounds a step at small widths. Inductor's rules apply: a step's outputs are
-        overwritten by the next replay unless cloned; CPU graphs ignore it. (Its GPU test,
-        tests/test_gpu.py::test_cudagraphs_replay_the_same_training, awaits a GPU run.)
+        overwritten by the next replay unless cloned; CPU graphs ignore it
+        (tests/test_gpu.py::test_cudagraphs_replay_the_same_training checks it on a GPU).
     mode: Inductor's mode, as torch.compile names it: None or "default", "reduce-overhead" (CUDA
         graphs, as cudagraphs=True), "max-autotune-no-cudagraphs" or "max-autotune" (Inductor
         benchmarks its own kernel choices; these do not change how the mHC kernels tune).

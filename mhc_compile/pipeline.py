@@ -119,8 +119,8 @@ def pipeline(
     device: where this rank's stages run; default the model's parameters' device.
     group: the pipeline's process group; default the world.
     overlap: run marked post/res mixes on a high-priority CUDA stream (no effect on CPU). Off by
-        default: on 2 H200s (bench/RESULTS.md, 2026-11-23) it made steps 6-14% slower, the
-        boundary transfer being about 1% of the step there.
+        default: on 2 H200s it makes 1F1B steps 7-16% slower (bench/RESULTS.md): the boundary
+        transfer it could hide is about 1% of the step there, less than the cross-stream waits cost.
     async_exchange: run GPipe/1F1B on torch's action runtime (early receives, sends waited at the
         end of the step); default the same as overlap. Multi-stage schedules always use it.
     scale_grads: divide accumulated gradients by n_microbatches (for a loss_fn that averages).

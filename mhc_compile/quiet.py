@@ -6,8 +6,8 @@ with grad enabled, as the training step they prepare for does: some modules take
 under no_grad (nn.TransformerEncoderLayer's fused fast path, which hides its residuals); the
 autograd graph goes with the outputs they drop.
 They take the model's own keyword arguments (attention_mask, pixel_values, labels) as keywords and
-the mHC options as one `options=` mapping; `split_keywords` sorts out calls of the older form,
-where options were keywords too.
+the mHC options as one `options=` mapping; `split_keywords` also accepts the deprecated form,
+with options as keywords too.
 """
 
 from __future__ import annotations
@@ -49,12 +49,12 @@ def split_keywords(caller: str, model: nn.Module, options: Mapping[str, Any] | N
     """(mHC options, the model's keyword arguments) of a `caller(model, *args, options=...,
     **keywords)` call (caller: "prepare", "report", "gain").
 
-    Every keyword goes to the model, except, for calls written before `options=` existed, one
-    that names an MHCOptions field and that model.forward does not declare as a parameter: that is
-    still taken as an option, with a FutureWarning. A name that is both goes to the model; when
-    no options= was passed (the call may predate it), a FutureWarning says so. A keyword that is
-    neither an option nor accepted by forward (no such parameter, no **kwargs) is a TypeError
-    here rather than deep inside the trace: it is most likely a misspelt option.
+    Every keyword goes to the model, except, for the deprecated form with options as keywords,
+    one that names an MHCOptions field and that model.forward does not declare as a parameter:
+    that is taken as an option, with a FutureWarning. A name that is both goes to the model; when
+    no options= was passed (the call may be of the deprecated form), a FutureWarning says so. A
+    keyword that is neither an option nor accepted by forward (no such parameter, no **kwargs) is
+    a TypeError here rather than deep inside the trace: it is most likely a misspelt option.
     """
     if options is None:
         chosen: dict[str, Any] = {}

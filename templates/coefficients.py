@@ -19,8 +19,8 @@ gets the block sizes, warps and occupancy that suit it:
 Every reduction across programs writes partials that are summed afterwards in a fixed order: no
 atomics, deterministic. Saved between forward and backward: the op's inputs and the projection
 ((n*n + 2n + 1) fp32 per token, about 1% of the bf16 streams' bytes at C = 1024), so the backward
-reads the streams once, not twice: recomputing the projection cost a whole pass over them (GPU run
-of 2026-11-23: 0.066 ms of the sublayer's 1.02 ms at C = 1024).
+reads the streams once, not twice: recomputing the projection costs a whole pass over them (about
+0.066 ms of the sublayer's 1.02 ms at C = 1024 on an H100; docs/design.md, Kernels).
 
 Register layouts of the coefficient math: gates [GATES] (entry k is phi column k: H_pre for k < n,
 H_post for n <= k < 2n) and H_res [NP, NP] (entry (i, j) is phi column 2n + i*n + j), padded to
@@ -54,8 +54,8 @@ def _dot_fp32_operand(a, b_fp32, acc):
     16-bit `a` stays in its dtype (tensor cores read it as loaded): b is split into b_hi + b_lo in
     that dtype, two products, about 16 bits of b kept (more than tf32's 10). fp32 `a` (fp32 models,
     rare in training) is multiplied exactly in fp32 on the FMA units: the tf32 tensor-core product
-    of a 64-row block gave errors of 4e-2 on an H100 (GPU run of 2026-11-23), never seen with the
-    16-bit path.
+    of a 64-row block gives errors of 4e-2 on an H100 (bench/RESULTS.md), which the 16-bit path
+    does not show.
     """
     if a.dtype == tl.float32:
         return tl.dot(a, b_fp32, acc, input_precision="ieee")

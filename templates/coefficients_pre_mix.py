@@ -2,8 +2,9 @@
 (Eq. 3) by the kernels of `coefficients` and `pre_mix`, and the backward with one grad streams.
 
 Forward: projection, coefficient math with Sinkhorn, then the pre-mix, which reads the streams a
-second time (a one-launch design that re-read them from L2 was measured slower: bench/RESULTS.md,
-run 4); the projection and the sums of squares are outputs too, saved for the backward.
+second time (a one-launch design that re-reads them from L2 is slower, 0.33 against 0.14 ms at
+C = 1024 on an H100: docs/design.md, Kernels); the projection and the sums of squares are outputs
+too, saved for the backward.
 Backward: the pre-mix backward first (it yields <grad_mixed, x_j>, the gradient of H_pre through
 the pre-mix, and its share of grad streams), then the coefficient backward with the total
 grad H_pre, whose last kernel adds the pre-mix's share while writing grad streams: the op returns
