@@ -9,7 +9,7 @@ will not spill (`_live_elements`, calibrated against ptxas -v). This shows, per 
 the registers, the spill bytes and whether the model keeps the config: a kept config that spills,
 or a kernel change that starts to spill, shows here before any GPU time is spent on it.
 
-The launches are recorded from the launchers themselves (configs.launch replaced by a recorder,
+The launches are recorded from the launchers themselves (kernel_launch.launch replaced by a recorder,
 CPU tensors, nothing runs), so each kernel gets exactly the arguments a real call passes. Run it
 without TRITON_INTERPRET: the interpreter replaces the kernels it must compile.
 """
@@ -34,7 +34,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from mhc_compile import templates  # noqa: E402
+from mhc_compile import kernel_launch, templates  # noqa: E402
 from mhc_compile.templates import configs  # noqa: E402
 
 POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32",
@@ -46,8 +46,8 @@ def recorded_launches(n: int, channels: int, dtype: torch.dtype, tokens: int = 6
     """(kernel name, args, kwargs) of every kernel launch of a sublayer's forward and backward
     (with and without the folded grad streams), as the launchers make them."""
     launches = []
-    original = configs.launch
-    configs.launch = lambda name, grid, *args, **kwargs: launches.append((name, args, kwargs))
+    original = kernel_launch.launch
+    kernel_launch.launch = lambda name, grid, *args, **kwargs: launches.append((name, args, kwargs))
     try:
         streams = torch.randn(tokens, n, channels).to(dtype)
         phi = torch.randn(n * channels, n * n + 2 * n)
@@ -64,7 +64,7 @@ def recorded_launches(n: int, channels: int, dtype: torch.dtype, tokens: int = 6
         out = templates.launcher("post_res_mix")(streams, y, h_post, h_res)
         templates.launcher("post_res_mix_backward")(torch.randn_like(out), streams, y, h_post, h_res)
     finally:
-        configs.launch = original
+        kernel_launch.launch = original
     return launches
 
 

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mhc_compile import costs, reference
+from mhc_compile import costs, kernel_launch, reference
 from mhc_compile.templates import configs
 from mhc_compile.templates.tiles import per_token, token_block, token_rows
 
@@ -119,7 +119,7 @@ def _projection(x: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor, torch
     def grid(meta):
         return configs.ceil_div(tokens, meta["BLOCK_T"]), splits
 
-    configs.launch(
+    kernel_launch.launch(
         "mhc_projection", grid, x, phi, proj, sumsq, T=tokens, C=channels,
         columns_per_split=columns_per_split, n=n, KP=kp,
     )
@@ -362,7 +362,7 @@ def mhc_coefficients_fwd(
     def grid(meta):
         return (configs.ceil_div(tokens, meta["BLOCK_T"]),)
 
-    configs.launch(
+    kernel_launch.launch(
         "mhc_coefficients_fwd", grid, proj_partials, sumsq_partials, *gate_parameters, h_pre,
         h_post, h_res, proj, sumsq, T=tokens, C=channels, splits=proj_partials.shape[0],
         sinkhorn_iters=sinkhorn_iters, SINKHORN=_is_sinkhorn(constraint), **_layout(n),
@@ -557,7 +557,7 @@ def mhc_coefficients_bwd(
     def token_grid(meta):
         return (configs.ceil_div(tokens, meta["BLOCK_T"]),)
 
-    configs.launch(
+    kernel_launch.launch(
         "mhc_coefficients_bwd", token_grid,
         per_token(grad_h_pre, 1), per_token(grad_h_post, 1), per_token(grad_h_res, 2),
         per_token(proj, 1), per_token(sumsq, 0), *gate_parameters, grad_proj, grad_sumsq,
@@ -574,7 +574,7 @@ def mhc_coefficients_bwd(
     def column_grid(meta):
         return configs.ceil_div(n_columns, meta["BLOCK_NC"]), splits
 
-    configs.launch(
+    kernel_launch.launch(
         "mhc_coefficients_bwd_streams", column_grid, x, phi_padded, grad_proj, grad_sumsq,
         token_rows(accumulate), grad_streams, grad_phi_partial, T=tokens, C=channels,
         tokens_per_split=configs.ceil_div(tokens, splits), n=n, KP=phi_padded.shape[1],

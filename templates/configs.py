@@ -13,22 +13,16 @@ MHC_TRITON_CONFIG forces configs instead of benchmarking (read when the kernels 
 
 Under TRITON_INTERPRET=1 every stage uses its first config: the interpreter cannot benchmark.
 The first config of every stage is valid for every n in 1..8.
+
+How a launch runs on the host (tracing, logging, reusing a binary) is mhc_compile/kernel_launch.py's.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
-import torch
 import triton
-
-from mhc_compile import private_apis
-
-log = logging.getLogger("mhc_compile.templates")
 
 ENV_VAR = "MHC_TRITON_CONFIG"
 # Triton's own switch: the interpreter runs kernels on CPU tensors and cannot time configs.
@@ -176,10 +170,7 @@ def forced_configs(setting: str | None) -> dict[str, triton.Config]:
 
 
 _FORCED = forced_configs(os.environ.get(ENV_VAR))
-_TUNED: dict[str, triton.runtime.Autotuner] = {}
-_LAUNCHED_KEYS: dict[str, set[tuple]] = {}  # per kernel, the keys it was launched with eagerly
-_BY_VALUE: dict[str, frozenset[str]] = {}  # per kernel, the arguments its binary depends on by value
-_COMPILED: dict[tuple, Callable] = {}  # launch specialisation -> launcher of the binary it ran
+_TUNED: dict[str, triton.runtime.Autotuner] = {}  # kernel name -> autotuner (kernel_launch runs it)
 
 
 def active_configs(stage: str) -> list[triton.Config]:
@@ -225,110 +216,9 @@ def autotune(stage: str, kernel_name: str) -> Callable:
             cache_results=True,
         )(kernel)
         _TUNED[kernel_name] = tuned
-        _BY_VALUE[kernel_name] = private_apis.triton_value_parameters(kernel) | set(tuned.keys)
         return tuned
 
     return decorate
-
-
-# What eager callers pass: a kernel argument may be the user's parameter itself (`.float()` and
-# `.contiguous()` return it unchanged).
-_EAGER_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
-
-
-def _traced(args: tuple) -> bool:
-    """Whether a tracer (Inductor's AOT autograd, make_fx, fake tensors) called: its tensors are
-    subclasses (FakeTensor, FunctionalTensor), and the kernel must then go through
-    torch.library.wrap_triton to be seen. An eager launch must not take that path: its dense
-    implementation re-benchmarks an autotuned kernel at every call."""
-    return any(type(a) not in _EAGER_TENSOR_TYPES for a in args if isinstance(a, torch.Tensor))
-
-
-def launch(kernel_name: str, grid, *args, **kwargs) -> None:
-    """Launch an autotuned kernel. Under a tracer it is wrapped (wrap_triton) so that Inductor
-    compiles and launches it itself; eagerly it runs at once, and a launch that must tune a new
-    (n, C, dtypes) key logs its progress at INFO (what `mhc-compile autotune` prints). Once a
-    binary has run for arguments of one specialisation, later launches of that specialisation call
-    it directly (_COMPILED): Triton's own path costs several times the launch itself in host time."""
-    tuned = _TUNED[kernel_name]
-    if _traced(args) and not INTERPRETING:
-        torch.library.wrap_triton(tuned)[grid](*args, **kwargs)
-        return
-    signature = None if INTERPRETING else _specialisation(kernel_name, args, kwargs)
-    if (compiled := _COMPILED.get(signature)) is not None:
-        compiled(grid, args, kwargs)
-        return
-    key = (kwargs.get("n"), kwargs.get("C"), *(str(a.dtype) for a in args if isinstance(a, torch.Tensor)))
-    launched = _LAUNCHED_KEYS.setdefault(kernel_name, set())
-    first_time = len(tuned.configs) > 1 and key not in launched
-    started = time.perf_counter()
-    if first_time:
-        candidates = tuned.early_config_prune(tuned.configs, {}, **kwargs)
-        log.info("autotuning %s for n=%s C=%s %s: %d configs", kernel_name, key[0], key[1],
-                 _dtype_names(args), len(candidates))
-        _compile_in_parallel(tuned, candidates, grid, args, kwargs)
-    tuned[grid](*args, **kwargs)
-    launched.add(key)
-    if first_time:
-        log.info("autotuned %s for n=%s C=%s in %.1f s: %s", kernel_name, key[0], key[1],
-                 time.perf_counter() - started, describe(tuned.best_config))
-    if signature is not None:
-        _COMPILED[signature] = private_apis.compiled_triton_launcher(tuned, grid, args, kwargs)
-
-
-def _specialisation(kernel_name: str, args: tuple, kwargs: dict) -> tuple:
-    """What decides which binary (autotune choice and Triton specialisation) a launch runs, on the
-    current device: the value of every autotune key and constexpr, each tensor's dtype and 16-byte
-    alignment, and of other integers whether they equal 1, divide by 16 and fit 32 or 64 bits
-    (Triton specialises on these). Finer than Triton is harmless (one more entry); coarser would
-    run a binary compiled for other arguments."""
-    by_value = _BY_VALUE[kernel_name]
-    names = _TUNED[kernel_name].fn.arg_names
-    return (
-        kernel_name,
-        torch.cuda.current_device(),
-        *(value if name in by_value else _argument_class(value) for name, value in zip(names, args)),
-        *((name, value if name in by_value else _argument_class(value)) for name, value in kwargs.items()),
-    )
-
-
-def _argument_class(value) -> tuple | object:
-    if isinstance(value, torch.Tensor):
-        return value.dtype, value.data_ptr() % 16 == 0
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value == 1, value % 16 == 0, -(2**31) <= value < 2**31, -(2**63) <= value < 2**63
-    return value
-
-
-def _compile_in_parallel(tuned, candidates: list[triton.Config], grid, args: tuple,
-                         kwargs: dict) -> None:
-    """Compile every candidate config at once before Triton's autotuner benchmarks them: its loop
-    compiles each one lazily, one after the other, and at a cold start those compiles, not the
-    timings, are most of the tuning time. Triton's compiler releases the GIL, so threads overlap
-    (8 of our kernels' sm_90 compiles: 3.8 s serial, 2.4 s on this 2-core CI machine).
-
-    Compile errors are left to the autotuner, which meets them again and skips that config, as it
-    always has; so is any failure of this speed-up itself (logged), since the launch that follows
-    compiles whatever is missing."""
-    if len(candidates) < 2:
-        return
-    with ThreadPoolExecutor(min(len(candidates), os.cpu_count() or 1)) as pool:
-        compiling = private_apis.triton_compiles_to(pool)
-        if compiling is None:
-            return
-        try:
-            with compiling:
-                for config in candidates:
-                    tuned.fn.warmup(*args, grid=grid, **kwargs, **config.all_kwargs())
-        except Exception as error:  # noqa: BLE001 (an optimisation: the launch compiles serially)
-            log.warning("compiling %d autotune candidates in parallel failed (%s: %s); the "
-                        "autotuner compiles them one by one", len(candidates),
-                        type(error).__name__, error)
-
-
-def _dtype_names(args: tuple) -> str:
-    names = {str(a.dtype).removeprefix("torch.") for a in args if isinstance(a, torch.Tensor)}
-    return "/".join(sorted(names))
 
 
 def describe(config: triton.Config) -> str:

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mhc_compile import kernel_launch
 from mhc_compile.templates import configs
 from mhc_compile.templates.tiles import (
     channel_tile, gate_tile, matrix_tile, per_token, stream_tile, token_block, token_rows,
@@ -49,7 +50,7 @@ def mhc_post_res_mix_fwd(
     def grid(meta):
         return configs.ceil_div(tokens, meta["BLOCK_T"]), configs.ceil_div(channels, meta["BLOCK_C"])
 
-    configs.launch(
+    kernel_launch.launch(
         "mhc_post_res_mix_fwd", grid, x, y.contiguous().view(tokens, channels),
         per_token(h_post, 1), per_token(h_res, 2), out, T=tokens, C=channels,
         n=n, NP=configs.padded_streams(n),
@@ -115,7 +116,7 @@ def mhc_post_res_mix_bwd(
     def grid(meta):
         return (configs.ceil_div(tokens, meta["BLOCK_T"]),)
 
-    configs.launch(
+    kernel_launch.launch(
         "mhc_post_res_mix_bwd", grid, token_rows(grad_out), x, y.contiguous().view(tokens, channels),
         per_token(h_post, 1), per_token(h_res, 2), grad_streams, grad_y, grad_h_post, grad_h_res,
         T=tokens, C=channels, n=n, NP=configs.padded_streams(n),

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mhc_compile import kernel_launch
 from mhc_compile.templates import configs
 from mhc_compile.templates.tiles import (
     channel_tile, gate_tile, per_token, stream_tile, token_block, token_rows,
@@ -47,7 +48,7 @@ def mhc_pre_mix_fwd(streams: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     def grid(meta):
         return configs.ceil_div(tokens, meta["BLOCK_T"]), configs.ceil_div(channels, meta["BLOCK_C"])
 
-    configs.launch(
+    kernel_launch.launch(
         "mhc_pre_mix_fwd", grid, x, gates, mixed, T=tokens, C=channels,
         n=n, NP=configs.padded_streams(n),
     )
@@ -102,7 +103,7 @@ def mhc_pre_mix_bwd(
     def grid(meta):
         return (configs.ceil_div(tokens, meta["BLOCK_T"]),)
 
-    configs.launch(
+    kernel_launch.launch(
         "mhc_pre_mix_bwd", grid, grad_mixed.contiguous().view(tokens, channels), x,
         per_token(h_pre, 1),
         # Without `accumulate` the kernel never reads its pointer: the streams stand in.

@@ -25,7 +25,7 @@ ON_GPU = torch.cuda.is_available()
 import triton.language as triton_language
 from triton.runtime.jit import JITFunction
 
-from mhc_compile import ops, reference
+from mhc_compile import kernel_launch, ops, reference
 from mhc_compile.templates import configs, kernels_active
 
 if not ON_GPU and isinstance(triton_language.zeros, JITFunction):
@@ -270,7 +270,7 @@ def test_coefficients_backward_does_not_depend_on_what_autotuning_left_in_its_bu
         for block_t in (16, 64)
     )
     monkeypatch.setattr(tuned, "configs", [narrow, wide])
-    launch, ran = configs.launch, []
+    launch, ran = kernel_launch.launch, []
 
     def candidates_then_winner(kernel_name, grid, *args, **kwargs):
         if kernel_name != "mhc_coefficients_bwd":
@@ -281,7 +281,7 @@ def test_coefficients_backward_does_not_depend_on_what_autotuning_left_in_its_bu
             ran.append(config)
         return None
 
-    monkeypatch.setattr(configs, "launch", candidates_then_winner)
+    monkeypatch.setattr(kernel_launch, "launch", candidates_then_winner)
     _check_coefficients_pre_mix(4, 33, (2, 37), torch.float32, 20, "sinkhorn")
     assert ran == [narrow, wide]
 
@@ -358,14 +358,14 @@ def test_a_new_key_compiles_its_candidates_in_parallel_first():
 
     candidates = [configs._config(4, 3, BLOCK_T=16), configs._config(8, 2, BLOCK_T=64)]
     streams = torch.randn(3, 4, 5)
-    configs._compile_in_parallel(Tuned(), candidates, "grid", (streams, 3), {"n": 4, "C": 5})
+    kernel_launch._compile_in_parallel(Tuned(), candidates, "grid", (streams, 3), {"n": 4, "C": 5})
     assert [(args[1], grid, in_mode) for args, grid, _, in_mode in warmed] == [(3, "grid", True)] * 2
     assert all(args[0] is streams for args, *_ in warmed)
     assert [kwargs for *_, kwargs, _ in warmed] == [
         {"n": 4, "C": 5, **config.all_kwargs()} for config in candidates]
     assert active_mode.get() is None
     warmed.clear()
-    configs._compile_in_parallel(Tuned(), candidates[:1], "grid", (streams, 3), {"n": 4, "C": 5})
+    kernel_launch._compile_in_parallel(Tuned(), candidates[:1], "grid", (streams, 3), {"n": 4, "C": 5})
     assert not warmed  # one candidate: the autotuner does not benchmark, nothing to overlap
 
 
@@ -381,11 +381,11 @@ def test_a_failing_parallel_compile_leaves_the_launch_to_compile():
     messages = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: messages.append(record.getMessage())
-    configs.log.addHandler(handler)
+    kernel_launch.log.addHandler(handler)
     try:
-        configs._compile_in_parallel(Tuned(), candidates, "grid", (), {})  # does not raise
+        kernel_launch._compile_in_parallel(Tuned(), candidates, "grid", (), {})  # does not raise
     finally:
-        configs.log.removeHandler(handler)
+        kernel_launch.log.removeHandler(handler)
     assert messages == ["compiling 2 autotune candidates in parallel failed (RuntimeError: no "
                         "driver); the autotuner compiles them one by one"]
 
@@ -417,10 +417,10 @@ def test_eager_launches_skip_the_tracing_path():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     plain, parameter = torch.zeros(2), torch.nn.Parameter(torch.zeros(2))
-    assert not configs._traced((plain, parameter, 3, "sinkhorn"))
+    assert not kernel_launch._traced((plain, parameter, 3, "sinkhorn"))
     with FakeTensorMode() as fake_mode:
         fake = fake_mode.from_tensor(plain)
-    assert configs._traced((plain, fake))
+    assert kernel_launch._traced((plain, fake))
 
 
 def test_launch_specialisation_separates_what_triton_specialises(monkeypatch):
@@ -432,7 +432,7 @@ def test_launch_specialisation_separates_what_triton_specialises(monkeypatch):
 
     def specialisation(tokens=32, channels=96, n=4, dtype=torch.bfloat16, offset=0):
         streams = storage[offset:].to(dtype)[: tokens * n * channels]
-        return configs._specialisation(
+        return kernel_launch._specialisation(
             "mhc_post_res_mix_fwd", (streams, streams, storage.float(), storage.float(), streams),
             {"T": tokens, "C": channels, "n": n, "NP": configs.padded_streams(n)})
 
@@ -612,7 +612,7 @@ def test_repeated_launches_run_the_compiled_binary(monkeypatch, poisoned):
     """After one launch through Triton, launches of the same specialisation (here 32 and 48 tokens)
     call the binary directly: with Triton's launch path made to fail, the post/res kernels still
     match the float64 reference."""
-    monkeypatch.setattr(configs, "_COMPILED", {})
+    monkeypatch.setattr(kernel_launch, "_COMPILED", {})
     _check_post_res_mix(4, 96, (32,), torch.bfloat16, 20, "sinkhorn", y_dtype=torch.bfloat16)
 
     def triton_launch_path(*args, **kwargs):

@@ -1,0 +1,140 @@
+"""How a kernel launch runs on the host: the one path every launcher in templates/ calls.
+
+Under a tracer a launch is handed to torch (wrap_triton) so that Inductor compiles and launches the
+kernel itself. Eagerly, the first launch of a new (n, C, dtypes) key autotunes, its candidates
+compiled in parallel first and its progress logged; after that, a launch whose arguments Triton
+would specialise the same way calls the binary that ran directly, bypassing Triton's host path.
+
+Those speed-ups need private Triton APIs (mhc_compile/private_apis.py), which is why this path
+lives here and not in templates/: the kernels and their configs use public Triton only. The
+configs themselves, forcing and pruning are templates/configs.py's.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import triton
+
+from mhc_compile import private_apis
+from mhc_compile.templates import configs
+
+# The templates' logger: `mhc-compile autotune` and the benchmarks print its autotuning progress.
+log = logging.getLogger("mhc_compile.templates")
+
+_LAUNCHED_KEYS: dict[str, set[tuple]] = {}  # per kernel, the keys it was launched with eagerly
+_COMPILED: dict[tuple, Callable] = {}  # launch specialisation -> launcher of the binary it ran
+
+
+# What eager callers pass: a kernel argument may be the user's parameter itself (`.float()` and
+# `.contiguous()` return it unchanged).
+_EAGER_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _traced(args: tuple) -> bool:
+    """Whether a tracer (Inductor's AOT autograd, make_fx, fake tensors) called: its tensors are
+    subclasses (FakeTensor, FunctionalTensor), and the kernel must then go through
+    torch.library.wrap_triton to be seen. An eager launch must not take that path: its dense
+    implementation re-benchmarks an autotuned kernel at every call."""
+    return any(type(a) not in _EAGER_TENSOR_TYPES for a in args if isinstance(a, torch.Tensor))
+
+
+def launch(kernel_name: str, grid, *args, **kwargs) -> None:
+    """Launch an autotuned kernel. Under a tracer it is wrapped (wrap_triton) so that Inductor
+    compiles and launches it itself; eagerly it runs at once, and a launch that must tune a new
+    (n, C, dtypes) key logs its progress at INFO (what `mhc-compile autotune` prints). Once a
+    binary has run for arguments of one specialisation, later launches of that specialisation call
+    it directly (_COMPILED): Triton's own path costs several times the launch itself in host time."""
+    tuned = configs._TUNED[kernel_name]
+    if _traced(args) and not configs.INTERPRETING:
+        torch.library.wrap_triton(tuned)[grid](*args, **kwargs)
+        return
+    signature = None if configs.INTERPRETING else _specialisation(kernel_name, args, kwargs)
+    if (compiled := _COMPILED.get(signature)) is not None:
+        compiled(grid, args, kwargs)
+        return
+    key = (kwargs.get("n"), kwargs.get("C"), *(str(a.dtype) for a in args if isinstance(a, torch.Tensor)))
+    launched = _LAUNCHED_KEYS.setdefault(kernel_name, set())
+    first_time = len(tuned.configs) > 1 and key not in launched
+    started = time.perf_counter()
+    if first_time:
+        candidates = tuned.early_config_prune(tuned.configs, {}, **kwargs)
+        log.info("autotuning %s for n=%s C=%s %s: %d configs", kernel_name, key[0], key[1],
+                 _dtype_names(args), len(candidates))
+        _compile_in_parallel(tuned, candidates, grid, args, kwargs)
+    tuned[grid](*args, **kwargs)
+    launched.add(key)
+    if first_time:
+        log.info("autotuned %s for n=%s C=%s in %.1f s: %s", kernel_name, key[0], key[1],
+                 time.perf_counter() - started, configs.describe(tuned.best_config))
+    if signature is not None:
+        _COMPILED[signature] = private_apis.compiled_triton_launcher(tuned, grid, args, kwargs)
+
+
+def _specialisation(kernel_name: str, args: tuple, kwargs: dict) -> tuple:
+    """What decides which binary (autotune choice and Triton specialisation) a launch runs, on the
+    current device: the value of every autotune key and constexpr, each tensor's dtype and 16-byte
+    alignment, and of other integers whether they equal 1, divide by 16 and fit 32 or 64 bits
+    (Triton specialises on these). Finer than Triton is harmless (one more entry); coarser would
+    run a binary compiled for other arguments."""
+    by_value = _value_parameters(kernel_name)
+    names = configs._TUNED[kernel_name].fn.arg_names
+    return (
+        kernel_name,
+        torch.cuda.current_device(),
+        *(value if name in by_value else _argument_class(value) for name, value in zip(names, args)),
+        *((name, value if name in by_value else _argument_class(value)) for name, value in kwargs.items()),
+    )
+
+
+@functools.cache
+def _value_parameters(kernel_name: str) -> frozenset[str]:
+    """The arguments whose every value gets its own binary: the kernel's constexprs (compiled in)
+    and its autotune key (tuned per value)."""
+    tuned = configs._TUNED[kernel_name]
+    return private_apis.triton_value_parameters(tuned.fn) | set(tuned.keys)
+
+
+def _argument_class(value) -> tuple | object:
+    if isinstance(value, torch.Tensor):
+        return value.dtype, value.data_ptr() % 16 == 0
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value == 1, value % 16 == 0, -(2**31) <= value < 2**31, -(2**63) <= value < 2**63
+    return value
+
+
+def _compile_in_parallel(tuned, candidates: list[triton.Config], grid, args: tuple,
+                         kwargs: dict) -> None:
+    """Compile every candidate config at once before Triton's autotuner benchmarks them: its loop
+    compiles each one lazily, one after the other, and at a cold start those compiles, not the
+    timings, are most of the tuning time. Triton's compiler releases the GIL, so threads overlap
+    (8 of our kernels' sm_90 compiles: 3.8 s serial, 2.4 s on this 2-core CI machine).
+
+    Compile errors are left to the autotuner, which meets them again and skips that config; so is
+    any failure of this speed-up itself (logged), since the launch that follows compiles whatever
+    is missing."""
+    if len(candidates) < 2:
+        return
+    with ThreadPoolExecutor(min(len(candidates), os.cpu_count() or 1)) as pool:
+        compiling = private_apis.triton_compiles_to(pool)
+        if compiling is None:
+            return
+        try:
+            with compiling:
+                for config in candidates:
+                    tuned.fn.warmup(*args, grid=grid, **kwargs, **config.all_kwargs())
+        except Exception as error:  # noqa: BLE001 (an optimisation: the launch compiles serially)
+            log.warning("compiling %d autotune candidates in parallel failed (%s: %s); the "
+                        "autotuner compiles them one by one", len(candidates),
+                        type(error).__name__, error)
+
+
+def _dtype_names(args: tuple) -> str:
+    names = {str(a.dtype).removeprefix("torch.") for a in args if isinstance(a, torch.Tensor)}
+    return "/".join(sorted(names))
