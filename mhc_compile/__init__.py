@@ -16,16 +16,16 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import torch
 from torch import nn
 
-from mhc_compile import private_apis
-from mhc_compile.backend import MHCBackend
+from mhc_compile.backend import (
+    GraphRecord, GraphTracer, MHCBackend, bind_parameters, rewrite, run_as_traced, trace,
+)
 from mhc_compile.gain import GainLogger, GainProbe, GainReport, gain
 from mhc_compile.options import MHCOptions
 from mhc_compile.parameters import MHCParameters
 from mhc_compile.pipeline import Pipeline, PipelinePlan, pipeline, plan_pipeline
-from mhc_compile.quiet import run_without_side_effects, split_keywords
+from mhc_compile.quiet import split_keywords
 from mhc_compile.report import BlockReport, Report, SkipReason
 
 __all__ = [
@@ -68,9 +68,18 @@ def prepare(model: nn.Module, /, *example_args: Any, options: Mapping[str, Any] 
     """
     chosen, model_kwargs = split_keywords("prepare", model, options, model_kwargs)
     chosen = MHCOptions.from_kwargs(chosen).replace(eager=True)
-    return _trace(model, example_args,
-                  MHCBackend(chosen, top_module=model, warn_late=False, run_unchanged=True),
+    return trace(model, example_args, GraphTracer(chosen, _create_parameters, top_module=model),
                   model_kwargs=model_kwargs)
+
+
+def _create_parameters(record: GraphRecord):
+    """prepare's step: bind (creating the parameters) and rewrite, raising what a compile would,
+    then run the graph as traced."""
+    if not record.rewritten:
+        return record.graph_module
+    bind_parameters(record, warn_late=False)
+    rewrite(record)
+    return run_as_traced(record)
 
 
 def report(model: nn.Module, /, *example_args: Any, options: Mapping[str, Any] | None = None,
@@ -81,25 +90,11 @@ def report(model: nn.Module, /, *example_args: Any, options: Mapping[str, Any] |
     options in `options=`.
     """
     chosen, model_kwargs = split_keywords("report", model, options, model_kwargs)
-    return _trace(model, example_args,
-                  MHCBackend(MHCOptions.from_kwargs(chosen), analyze_only=True, top_module=model),
+    return trace(model, example_args,
+                  GraphTracer(MHCOptions.from_kwargs(chosen), _run_unchanged, top_module=model),
                   model_kwargs=model_kwargs)
 
 
-def _trace(model: nn.Module, example_args: tuple, configured: MHCBackend,
-           fullgraph: bool = False, model_kwargs: Mapping[str, Any] | None = None) -> Report:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"mhc_compile expects an nn.Module, got {type(model).__name__}")
-    compiled = torch.compile(model, backend=configured, dynamic=False, fullgraph=fullgraph)
-    with private_apis.falling_back_past_recompile_limit():
-        run_without_side_effects(model, compiled, example_args, model_kwargs, grad=True)
-    if not configured.traced_graphs:
-        # Dynamo ran the model without calling the backend: it gave up on this forward (its
-        # recompile limit, 8 entries per code object, counts every prepare/report/gain call).
-        raise RuntimeError(
-            f"mhc_compile: torch.compile did not trace {type(model).__name__}.forward, so nothing "
-            "was analysed or created: it falls back to eager past its recompile limit (each "
-            "prepare/report/gain call and each new input shape adds an entry). Call "
-            "torch.compiler.reset() before preparing many models of one class in one process."
-        )
-    return configured.report
+def _run_unchanged(record: GraphRecord):
+    """report's step: the analysis alone; the graph runs as traced."""
+    return record.traced

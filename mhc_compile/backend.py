@@ -1,4 +1,17 @@
-"""The `mhc` torch.compile backend: analyse, create parameters, rewrite, hand to Inductor.
+"""The `mhc` torch.compile backend: analyse, bind parameters, rewrite, compile.
+
+Each Dynamo graph goes through plain functions of one GraphRecord, in this order:
+
+    analyse          copy Dynamo's graph, run passes.ANALYSIS_PASSES, make the report's rows
+    bind_parameters  every rewritten block's mHC parameters for the call (created where missing),
+                     as new leading placeholders
+    rewrite          passes.REWRITE_PASSES
+    compile_graph    Inductor, with passes.JOINT_PASSES and passes.POST_GRAD_PASSES installed
+
+`GraphTracer` is the torch.compile backend that runs `analyse` and hands the record to a finishing
+function; `MHCBackend` (backend="mhc") finishes with `compile_for_training`. prepare and report
+(mhc_compile/__init__.py), gain (gain.py) and pipeline (pipeline_plan.py) compose the steps they
+need the same way.
 
 `torch.compile(model, backend="mhc")` finds `mhc_backend` through the `torch_dynamo_backends`
 entry point; do not also register the name here (the entry point would then fail as a duplicate).
@@ -10,103 +23,157 @@ import collections
 import logging
 import warnings
 import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import fx, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from mhc_compile import private_apis, costs, ops, reference, templates
+from mhc_compile import ops, private_apis, reference, spec, templates
+from mhc_compile.quiet import run_without_side_effects
 from mhc_compile.options import MHCOptions
 from mhc_compile.owners import Owners, Site
-from mhc_compile.passes import graph_facts
-from mhc_compile.passes.annotate_pipeline import annotate_pipeline
-from mhc_compile.passes.find_residual_blocks import ResidualAnalysis, find_residual_chains
-from mhc_compile.passes.inline_checkpoint import inline_checkpoint_regions
-from mhc_compile.passes.rewrite_mhc import BlockParameterNodes, rewrite_mhc
+from mhc_compile.passes import PassContext, graph_facts, run_passes
+from mhc_compile.passes.find_residual_blocks import ResidualAnalysis, ResidualBlock
 from mhc_compile.report import BlockReport, Report, SkipReason
 
 log = logging.getLogger("mhc_compile")
 
 
-class MHCBackend:
-    """A configured backend. Each call compiles one Dynamo graph and adds its blocks to `report`.
+@dataclass
+class GraphRecord:
+    """One Dynamo graph on its way through the backend's steps."""
 
-    analyze_only: find and report blocks, create nothing, run the graph unchanged (for `report`).
-    run_unchanged: rewrite (creating the parameters, raising what a compile would raise) but run
-        the graph as Dynamo traced it (for `prepare`): at init its outputs are the rewritten
-        graph's, and no mHC kernel is launched, so nothing is autotuned for dtypes that training
-        (under autocast, say) may not use.
-    warn_late: warn when parameters appear after a compiled step of the model ran (off in
-        `prepare`, whose purpose is creating them; a graph break runs graph 1 before graph 2).
-    instrument: called as `instrument(graph_module, graph_index, chains, parameter_nodes)` on
-        each rewritten graph before it is compiled; it may add nodes (gain.py taps the
-        coefficients of every block this way).
-    """
+    index: int  # which graph of the trace (a graph break makes several)
+    traced: fx.GraphModule  # as Dynamo traced it; never changed
+    graph_module: fx.GraphModule  # our copy, rewritten in place
+    example_inputs: list[Any]  # Dynamo's, aligned with traced's placeholders
+    context: PassContext
+    blocks: list[BlockReport]  # the report's rows for this graph
+    owners: Owners
+    weights: "_Weights"
+    sites: dict[fx.Node, Site | None]  # each block's first weight -> where its parameters live
+    binding: "_Binding | None" = None
+    parameters: list[torch.Tensor] = field(default_factory=list)  # bound, placeholder order
 
-    def __init__(self, options: MHCOptions, analyze_only: bool = False,
-                 top_module: nn.Module | None = None, warn_late: bool = True,
-                 instrument: Callable | None = None, run_unchanged: bool = False):
-        self.options = options
-        self.analyze_only = analyze_only
-        self.run_unchanged = run_unchanged
-        self.warn_late = warn_late
-        self.top_module = top_module  # owns the mHC parameters of every block whose weights it owns
-        self.instrument = instrument
+    @property
+    def analysis(self) -> ResidualAnalysis:
+        return self.context.analysis
+
+    @property
+    def rewritten(self) -> list[ResidualBlock]:
+        return [block for chain in self.analysis.chains for block in chain.blocks]
+
+
+def analyse(graph_module: fx.GraphModule, example_inputs: Sequence[Any], options: MHCOptions,
+            owners: Owners, index: int = 0) -> GraphRecord:
+    """Find the graph's residual blocks (passes.ANALYSIS_PASSES) on a copy of it; nothing is
+    created. `owners` says which module holds each block's mHC parameters."""
+    copied = private_apis.copy_graph_module(graph_module)
+    placeholders = [node for node in copied.graph.nodes if node.op == "placeholder"]
+    weights = _Weights(copied, placeholders)
+    sites: dict[fx.Node, Site | None] = {}
+
+    def site_key(weight: fx.Node) -> str | None:
+        sites[weight] = owners.site(weights.of(weight, example_inputs))
+        return None if sites[weight] is None else sites[weight].key
+
+    context = PassContext(
+        options,
+        parameter_inputs={n for n, v in zip(placeholders, example_inputs)
+                          if isinstance(v, nn.Parameter)},
+        site_key=site_key,
+    )
+    run_passes("analysis", copied, context)
+    record = GraphRecord(index, graph_module, copied, list(example_inputs), context,
+                         list(_block_reports(context.analysis, index, options)), owners, weights,
+                         sites)
+    return record
+
+
+def bind_parameters(record: GraphRecord, warn_late: bool = True) -> None:
+    """Bind every rewritten block's mHC parameters for the traced call (creating the missing ones
+    on their owner) and add one leading placeholder per parameter. `warn_late`: warn when
+    parameters appear after a compiled step of the model ran (prepare and gain create them on
+    purpose)."""
+    blocks = record.rewritten
+    record.binding = _Binding(blocks, record.weights, record.context.options, warn_late)
+    record.parameters = record.binding.bind(record.example_inputs,
+                                            [record.sites[block.weight] for block in blocks])
+    record.context.parameter_nodes = _add_parameter_placeholders(
+        record.graph_module, blocks, record.parameters)
+
+
+def rewrite(record: GraphRecord) -> None:
+    """Rewrite the bound blocks into mHC (passes.REWRITE_PASSES)."""
+    run_passes("rewrite", record.graph_module, record.context)
+
+
+def compile_graph(record: GraphRecord) -> Callable:
+    """The record's graph compiled as its options say (Inductor, or the eager graph), called with
+    Dynamo's arguments: each call passes the mHC parameters of the instance it runs for."""
+    compiled = _compile(record.graph_module, [*record.parameters, *record.example_inputs],
+                        record.context.options)
+    return with_parameters(record, compiled)
+
+
+def with_parameters(record: GraphRecord, compiled: Callable) -> Callable:
+    """`compiled` (which takes the mHC parameters first) called with Dynamo's arguments only."""
+    if record.binding is None:
+        return compiled
+    binding = record.binding
+
+    def run_rewritten(*args):
+        return compiled(*binding.parameters_for(args), *args)
+
+    return run_rewritten
+
+
+def compile_for_training(record: GraphRecord) -> Callable:
+    """What backend="mhc" does with an analysed graph: say what stays plain, then bind, rewrite
+    and compile."""
+    placeholders = [node for node in record.graph_module.graph.nodes if node.op == "placeholder"]
+    rewritten_sites = {record.sites[block.weight] for block in record.rewritten}
+    warn_if_incomplete(record.blocks, bool(record.context.parameter_inputs),
+                       record.owners.compiled_module(),
+                       _without_their_mhc(placeholders, record.context.parameter_inputs,
+                                          rewritten_sites, record.example_inputs, record.owners))
+    if not record.rewritten:
+        return _compile(record.graph_module, record.example_inputs, record.context.options)
+    private_apis.fail_past_recompile_limit()
+    bind_parameters(record)
+    rewrite(record)
+    return compile_graph(record)
+
+
+class GraphTracer:
+    """A torch.compile backend: `analyse` each graph Dynamo hands it, then `finish(record)`, which
+    returns what runs the graph. Its `report` collects the blocks of every graph, `traced_graphs`
+    counts them (no record is kept: it holds the call's tensors). `top_module` owns the mHC parameters of every block whose weights it owns (prepare,
+    report, gain and pipeline name the model they trace)."""
+
+    def __init__(self, options: MHCOptions, finish: Callable[[GraphRecord], Callable],
+                 top_module: nn.Module | None = None):
+        self.options, self.finish, self.top_module = options, finish, top_module
         self.report = Report(n=options.n, constraint=options.constraint)
-        self.traced_graphs = 0  # graphs Dynamo handed to this backend
+        self.traced_graphs = 0
 
     def __call__(self, graph_module: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        graph_index, self.traced_graphs = self.traced_graphs, self.traced_graphs + 1
-        traced = graph_module
-        graph_module = private_apis.copy_graph_module(graph_module)
-        inline_checkpoint_regions(graph_module)  # blocks inside the user's checkpointed layers
-        placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
-        weights = _Weights(graph_module, placeholders)
-        owners = Owners(self.top_module)
-        sites: dict[fx.Node, Site | None] = {}
+        record = analyse(graph_module, example_inputs, self.options, Owners(self.top_module),
+                         index=self.traced_graphs)
+        self.traced_graphs += 1
+        self.report.blocks.extend(record.blocks)
+        log.info("%s (graph %d)", self.report.summary(), record.index)
+        return self.finish(record)
 
-        def site_key(weight: fx.Node) -> str | None:
-            sites[weight] = owners.site(weights.of(weight, example_inputs))
-            return None if sites[weight] is None else sites[weight].key
 
-        parameters = {n for n, v in zip(placeholders, example_inputs) if isinstance(v, nn.Parameter)}
-        analysis = find_residual_chains(graph_module, self.options, parameters, site_key)
-        graph_blocks = list(_block_reports(analysis, graph_index, self.options))
-        self.report.blocks.extend(graph_blocks)
-        log.info("%s (graph %d)", self.report.summary(), graph_index)
-        blocks = [block for chain in analysis.chains for block in chain.blocks]
-        if self.analyze_only:
-            return graph_module
-        if self.warn_late:  # a compile the user asked for, not prepare/gain's own traces
-            rewritten_sites = {sites[block.weight] for block in blocks}
-            warn_if_incomplete(graph_blocks, bool(parameters), owners.compiled_module(),
-                               _without_their_mhc(placeholders, parameters, rewritten_sites,
-                                                  example_inputs, owners))
-            if blocks:
-                private_apis.fail_past_recompile_limit()
-        if not blocks:
-            return self._compile(graph_module, example_inputs)
-        binding = _Binding(blocks, weights, self.options, self.warn_late)
-        parameters = binding.bind(example_inputs, [sites[block.weight] for block in blocks])
-        nodes = _add_parameter_placeholders(graph_module, blocks, parameters)
-        rewrite_mhc(graph_module, analysis, nodes, self.options)
-        annotate_pipeline(graph_module, analysis, self.options)
-        if self.instrument is not None:
-            self.instrument(graph_module, graph_index, analysis.chains, nodes)
-        compiled = (_ignoring_parameters(traced) if self.run_unchanged
-                    else self._compile(graph_module, [*parameters, *example_inputs]))
+class MHCBackend(GraphTracer):
+    """backend="mhc" with these options (`mhc_compile.backend(**options)`)."""
 
-        def run_rewritten(*args):
-            return compiled(*binding.parameters_for(args), *args)
-
-        return run_rewritten
-
-    def _compile(self, graph_module: fx.GraphModule, example_inputs) -> Callable:
-        if self.options.eager:
-            return graph_module
-        return compile_whole_ops(graph_module, example_inputs, recompute=self.options.recompute,
-                                 cudagraphs=self.options.cudagraphs, mode=self.options.mode)
+    def __init__(self, options: MHCOptions):
+        super().__init__(options, compile_for_training)
 
 
 # Each distinct warning once per compiled module, however many recompiles and graphs it has.
@@ -163,25 +230,68 @@ def warn_if_incomplete(blocks: list[BlockReport], holds_weights: bool,
         warnings.warn(message, stacklevel=2)
 
 
-def compile_whole_ops(graph_module: fx.GraphModule, example_inputs, *,
-                      recompute: str | int | bool = False, cudagraphs: bool = False,
-                      mode: str | None = None) -> Callable:
+def compile_whole_ops(graph_module: fx.GraphModule, example_inputs: Sequence[Any],
+                      options: MHCOptions | None = None) -> Callable:
     """Inductor on a graph that calls the mhc:: ops, as backend="mhc" compiles it: AOT autograd
-    traces the ops whole, so the recompute policy and the grad-streams fold work on whole ops, and
-    passes/inline_kernels.py then opens them for Inductor."""
+    traces the ops whole (ops.keep_ops_whole), so the joint and post-grad passes work on whole ops,
+    and passes/inline_kernels.py then opens them for Inductor. The user's own Inductor custom
+    passes run first. Inductor's FX graph cache keys on the graph, not on what our custom ops do,
+    so each pass's cache key hashes our sources (and the joint pass its recompute setting: the AOT
+    autograd cache keys on the graph's code, not on node tags). Without options it is a plain
+    torch.compile backend for graphs that call the ops, with no recompute policy."""
+    options = MHCOptions(recompute=False) if options is None else options  # a bare backend
+    patches = private_apis.inductor_mode_options(options.mode) if options.mode is not None else {}
+    context = PassContext(options)
+    stages = [("post_grad", "post_grad_custom_post_pass", ())]
+    if options.recompute is not False:
+        stages.append(("joint", "joint_custom_pre_pass", (("recompute", options.recompute),)))
+    for stage, config_key, setting in stages:
+        patches[config_key] = _after_users_pass(
+            private_apis.users_graph_pass(config_key),
+            lambda graph, stage=stage: run_passes(stage, graph, context),
+            lambda setting=setting: _sources_hash() + repr(setting).encode())
+    if options.cudagraphs:
+        patches["triton.cudagraphs"] = True  # what mode="reduce-overhead" sets
     with ops.keep_ops_whole():
-        return private_apis.compile_with_inductor(
-            graph_module, example_inputs, recompute=recompute, cudagraphs=cudagraphs, mode=mode)
+        return private_apis.inductor_compile(graph_module, example_inputs, patches)
 
 
-def _ignoring_parameters(traced: fx.GraphModule) -> Callable:
-    """The graph as Dynamo traced it, called like the rewritten one (mHC parameters first)."""
-    count = sum(node.op == "placeholder" for node in traced.graph.nodes)
+def _after_users_pass(users: Callable | None, ours: Callable[[fx.Graph], None],
+                      our_uuid: Callable[[], bytes]) -> Callable:
+    """Our pass, after the user's own one when set (torch 2.11 takes a single pass per stage);
+    not cacheable when the user's pass has no uuid."""
+    if users is None:
+        return private_apis.graph_pass(ours, our_uuid)
 
-    def run(*args):
-        return traced(*args[len(args) - count:])
+    def both(graph: fx.Graph) -> None:
+        users(graph)
+        ours(graph)
 
-    return run
+    def both_uuid() -> bytes | None:
+        first = private_apis.graph_pass_uuid(users)
+        return None if first is None else repr(first).encode() + our_uuid()
+
+    return private_apis.graph_pass(both, both_uuid)
+
+
+def _sources_hash() -> bytes:
+    from mhc_compile import passes
+
+    folders = [Path(__file__).parent, Path(passes.__file__).parent, Path(templates.__file__).parent]
+    return private_apis.hash_files(sorted(path for folder in folders for path in folder.glob("*.py")))
+
+
+def _compile(graph_module: fx.GraphModule, example_inputs, options: MHCOptions) -> Callable:
+    return graph_module if options.eager else compile_whole_ops(graph_module, example_inputs,
+                                                                  options)
+
+
+def run_as_traced(record: GraphRecord) -> Callable:
+    """The graph as Dynamo traced it, called like the rewritten one (prepare: at init the outputs
+    are the rewritten graph's, and no mHC kernel is launched, so nothing is autotuned for dtypes
+    that training, under autocast say, may not use)."""
+    traced, count = record.traced, len(record.parameters)
+    return with_parameters(record, lambda *args: traced(*args[count:]))
 
 
 class _Weights:
@@ -241,7 +351,7 @@ class _Binding:
                 site.key, self.options.n, block.channels, block.position, self.options,
                 reference.coefficient_dtype(block.value.dtype), block.value.device,
             )
-            flat.extend(_flat(params))
+            flat.extend(getattr(params, name) for name in spec.PARAMETER_NAMES)
             if all(store is not known for known in stores):
                 stores.append(store)
             if is_new:
@@ -265,24 +375,22 @@ class _Binding:
         return sites
 
 
-def _flat(params) -> tuple[torch.Tensor, ...]:
-    return (params.phi, params.alpha, params.b_pre, params.b_post, params.b_res)
-
-
-def _add_parameter_placeholders(graph_module: fx.GraphModule, blocks, parameters) -> dict:
-    """New leading placeholders, one per mHC parameter, in the order the wrapper passes them."""
+def _add_parameter_placeholders(graph_module: fx.GraphModule, blocks: list[ResidualBlock],
+                               parameters: list[torch.Tensor]) -> dict:
+    """New leading placeholders, one per mHC parameter, in the order the wrapper passes them, with
+    the static fake values Dynamo would give a parameter."""
     graph = graph_module.graph
     first = next(iter(graph.nodes))
+    fake_mode = private_apis.fake_mode_of(
+        [graph_facts.example_value(node) for node in graph.nodes if node.op == "placeholder"])
     nodes = {}
-    names = ("phi", "alpha", "b_pre", "b_post", "b_res")
+    count = len(spec.PARAMETER_NAMES)
     with graph.inserting_before(first):
         for index, block in enumerate(blocks):
-            placeholders = [graph.placeholder(f"mhc_{index}_{name}") for name in names]
-            tensors = parameters[len(names) * index : len(names) * (index + 1)]
-            for node, tensor in zip(placeholders, tensors):
-                node.meta["example_value"] = tensor
-                private_apis.mark_parameter_input(node)
-            nodes[block] = BlockParameterNodes(*placeholders)
+            placeholders = [graph.placeholder(f"mhc_{index}_{name}") for name in spec.PARAMETER_NAMES]
+            for node, tensor in zip(placeholders, parameters[count * index : count * (index + 1)]):
+                private_apis.mark_parameter_input(node, tensor, fake_mode)
+            nodes[block] = spec.BlockParameters(*placeholders)
     return nodes
 
 
@@ -311,15 +419,37 @@ def _block_reports(analysis: ResidualAnalysis, graph_index: int, options: MHCOpt
             dtype=str(value.dtype).removeprefix("torch."),
             pattern=block.pattern,
             contains=graph_facts.kinds_of(block.body, block.add.graph.owning_module),
-            params_added=costs.parameter_count(options.n, channels) if rewritten else 0,
-            extra_bytes_per_token=costs.extra_bytes_per_token(
+            params_added=spec.parameter_count(options.n, channels) if rewritten else 0,
+            extra_bytes_per_token=spec.extra_bytes_per_token(
                 options.n, channels, streams_dtype.itemsize) if rewritten and fixed else 0,
-            extra_flops_per_token=costs.extra_flops_per_token(
+            extra_flops_per_token=spec.extra_flops_per_token(
                 options.n, channels, options.sinkhorn_iters) if rewritten and fixed else 0,
             ops=(templates.implementation(value.device, streams_dtype, options.n)
                  if rewritten else ""),
             where=graph_facts.source_line(block.add),
         )
+
+
+def trace(model: nn.Module, example_args: tuple, configured: GraphTracer,
+          fullgraph: bool = False, model_kwargs: Mapping[str, Any] | None = None) -> Report:
+    """Run `model(*example_args, **model_kwargs)` once through torch.compile with `configured`,
+    with grad enabled and without side effects on the model's state (buffers, RNG); returns the
+    report of the graphs it traced. prepare, report and the pipeline's capture trace this way."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"mhc_compile expects an nn.Module, got {type(model).__name__}")
+    compiled = torch.compile(model, backend=configured, dynamic=False, fullgraph=fullgraph)
+    with private_apis.falling_back_past_recompile_limit():
+        run_without_side_effects(model, compiled, example_args, model_kwargs, grad=True)
+    if not configured.traced_graphs:
+        # Dynamo ran the model without calling the backend: it gave up on this forward (its
+        # recompile limit, 8 entries per code object, counts every prepare/report/gain call).
+        raise RuntimeError(
+            f"mhc_compile: torch.compile did not trace {type(model).__name__}.forward, so nothing "
+            "was analysed or created: it falls back to eager past its recompile limit (each "
+            "prepare/report/gain call and each new input shape adds an entry). Call "
+            "torch.compiler.reset() before preparing many models of one class in one process."
+        )
+    return configured.report
 
 
 def mhc_backend(

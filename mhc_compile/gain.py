@@ -34,8 +34,8 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import torch
 from torch import fx, nn
 
-from mhc_compile import private_apis
-from mhc_compile.backend import MHCBackend
+from mhc_compile import ops, private_apis, spec
+from mhc_compile.backend import GraphRecord, GraphTracer, bind_parameters, compile_graph, rewrite
 from mhc_compile.options import MHCOptions
 from mhc_compile.parameters import SUBMODULE, MHCParameters
 from mhc_compile.quiet import run_without_side_effects, split_keywords
@@ -208,8 +208,9 @@ class _Tapped(NamedTuple):
 
 
 class _CoefficientTaps:
-    """A backend `instrument`: after every block's mhc::coefficients_pre_mix node, a call that
-    keeps the op's coefficients. It runs in the eager rewritten graph only (never under Inductor)."""
+    """The probe's step on each rewritten graph: after every block's mhc::coefficients_pre_mix
+    node, a call that keeps the op's coefficients. It runs in the eager rewritten graph only
+    (never under Inductor)."""
 
     def __init__(self, model: nn.Module):
         self.records: list[_Tapped] = []
@@ -223,7 +224,18 @@ class _CoefficientTaps:
                          for block in store.blocks.values()}
         return self.keys[id(phi)]
 
-    def __call__(self, graph_module: fx.GraphModule, graph_index: int, chains, parameter_nodes):
+    def __call__(self, record: GraphRecord) -> Callable:
+        """Bind, rewrite and tap the record's graph; returns it, to run eagerly."""
+        if not record.rewritten:
+            return record.graph_module
+        bind_parameters(record, warn_late=False)
+        rewrite(record)
+        self._tap_coefficients(record.graph_module, record.index, record.analysis.chains,
+                               record.context.parameter_nodes)
+        return compile_graph(record)
+
+    def _tap_coefficients(self, graph_module: fx.GraphModule, graph_index: int, chains,
+                          parameter_nodes) -> None:
         site_of = {
             parameter_nodes[block].phi: (chain_index, position, block.key)
             for chain_index, chain in enumerate(chains)
@@ -231,7 +243,7 @@ class _CoefficientTaps:
         }
         graph = graph_module.graph
         for node in list(graph.nodes):
-            if node.meta.get("mhc_role") != "coefficients_pre_mix":  # set by rewrite_mhc
+            if ops.spec_of(node.target) is not spec.COEFFICIENTS_PRE_MIX:
                 continue
             phi = next(arg for arg in node.args if arg in site_of)
             with graph.inserting_after(node):
@@ -329,7 +341,7 @@ class GainProbe:
         self.model = model
         self.options = _stored_options(model, options).replace(eager=True)
         self._taps = _CoefficientTaps(model)
-        backend = MHCBackend(self.options, top_module=model, warn_late=False, instrument=self._taps)
+        backend = GraphTracer(self.options, self._taps, top_module=model)
         self.backend = backend  # its .report lists the blocks of every trace
         self._compiled = torch.compile(model, backend=backend, dynamic=False)
 

@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
-from mhc_compile import costs, reference, templates
+from mhc_compile import reference, spec, templates
+
+NAMESPACE = "mhc"
+# The opaque twin of op mhc::<name> is mhc::<name>_opaque.
+OPAQUE_SUFFIX = "_opaque"
 
 
 def _reference_vjp(
@@ -61,53 +64,57 @@ def _dense_like(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.new_empty(t.shape) for t in tensors)
 
 
-@dataclass(frozen=True)
-class OpaqueKernels:
-    """What an opaque op runs where the kernels apply: templates.launcher(`launcher`), called with
-    the op's arguments; the streams are argument `streams_at`."""
-
-    launcher: str
-    streams_at: int
+# Each opaque twin's overload -> the op it stands for (passes/inline_kernels.py hands its kernels to
+# Inductor); every overload, public or opaque, -> its op (`spec_of`).
+OPAQUE_OPS: dict[Callable, spec.OpSpec] = {}
+_SPEC_OF: dict[Callable, spec.OpSpec] = {}
 
 
-# Each opaque twin's overload -> its kernels (passes/inline_kernels.py hands them to Inductor).
-OPAQUE_KERNELS: dict[torch._ops.OpOverload, OpaqueKernels] = {}
+def spec_of(target: object) -> spec.OpSpec | None:
+    """The op a graph node's target calls, whether the public op or its opaque twin, or None."""
+    try:
+        return _SPEC_OF.get(target)
+    except TypeError:  # an unhashable target
+        return None
 
 
-def _opaque(name: str, launcher: str, streams_at: int) -> Callable:
-    """A custom op Inductor treats as opaque: the reference on every device, the Triton kernels on
-    CUDA where they apply (`launcher`: templates.launcher's name; the streams are argument
-    `streams_at`)."""
+def _define(op: spec.OpSpec, reference_impl: Callable, fake_impl: Callable) -> Callable:
+    """The public op `mhc::<name>` and its opaque twin `mhc::<name>_opaque`, both with the spec's
+    signature. The twin is a custom op Inductor does not trace: the reference on every device, the
+    Triton kernels on CUDA where they apply. The public op is a torch.library.triton_op when
+    Triton is installed, else a custom op; its body is its own fake implementation (run on fake
+    tensors it takes the same branch)."""
+    launcher_name = op.name
 
-    def define(reference_impl: Callable) -> Callable:
-        op = torch.library.custom_op(name, reference_impl, mutates_args=())
-        namespace, short_name = name.split("::")
-        overload = getattr(getattr(torch.ops, namespace), short_name).default
-        OPAQUE_KERNELS[overload] = OpaqueKernels(launcher, streams_at)
+    def opaque_impl(*args):
+        return reference_impl(*args)
 
-        def on_cuda(*args):
-            if templates.kernels_apply(args[streams_at], args):
-                return templates.launcher(launcher)(*args)
-            return reference_impl(*args)
+    def on_cuda(*args):
+        if templates.kernels_apply(args[op.streams_at], args):
+            return templates.launcher(launcher_name)(*args)
+        return reference_impl(*args)
 
-        torch.library.register_kernel(op, "cuda", on_cuda)
-        return op
+    opaque_impl.__signature__ = op.signature()
+    opaque = torch.library.custom_op(f"{NAMESPACE}::{op.name}{OPAQUE_SUFFIX}", opaque_impl,
+                                     mutates_args=())
+    opaque.register_fake(fake_impl)
+    torch.library.register_kernel(opaque, "cuda", on_cuda)
+    OPAQUE_OPS[getattr(torch.ops.mhc, f"{op.name}{OPAQUE_SUFFIX}").default] = op
+    _SPEC_OF[getattr(torch.ops.mhc, f"{op.name}{OPAQUE_SUFFIX}").default] = op
 
-    return define
+    def body(*args):
+        if launches_kernels(args[op.streams_at], args):
+            return templates.launcher(launcher_name)(*args)
+        return opaque(*args)
 
-
-def _traced_op(name: str) -> Callable:
-    """The public op: torch.library.triton_op when Triton is installed, else a custom op. Its body
-    is its own fake implementation (run on fake tensors it takes the same branch)."""
-
-    def define(body: Callable) -> Callable:
-        if templates.triton_available():
-            return torch.library.triton_op(name, body, mutates_args=())
-        op = torch.library.custom_op(name, body, mutates_args=())
-        op.register_fake(body)
-        return op
-
-    return define
+    body.__signature__ = op.signature()
+    if templates.triton_available():
+        public = torch.library.triton_op(f"{NAMESPACE}::{op.name}", body, mutates_args=())
+    else:
+        public = torch.library.custom_op(f"{NAMESPACE}::{op.name}", body, mutates_args=())
+        public.register_fake(body)
+    _SPEC_OF[getattr(torch.ops.mhc, op.name).default] = op
+    return public
 
 
 _ops_kept_whole = contextvars.ContextVar("mhc_ops_kept_whole", default=False)
@@ -131,18 +138,18 @@ def keep_ops_whole(enabled: bool = True) -> Iterator[None]:
 
 def kernels_traceable(streams: Tensor, args: Sequence) -> bool:
     """Whether Inductor may trace the kernels of an op with these arguments (real or fake): they
-    apply and no size is symbolic. With dynamic shapes, torch 2.11's Inductor failed on the traced
-    kernels' glue (a guard on a symbol without source at a recompile; GPU run of 2026-11-23), so
-    symbolic shapes keep the opaque op, which runs the same kernels."""
+    apply and no size is symbolic. With dynamic shapes, torch 2.11's Inductor fails on the traced
+    kernels' glue (a guard on a symbol without source at a recompile), so symbolic shapes keep the
+    opaque op, which runs the same kernels."""
     if not templates.kernels_apply(streams, tuple(args)):
         return False
     tensors = [a for a in args if isinstance(a, Tensor)]
     return not any(isinstance(size, torch.SymInt) for t in tensors for size in t.shape)
 
 
-def _kernels_traced(streams: Tensor, args: tuple) -> bool:
-    """Whether the public op's body launches the kernels itself (Inductor then sees them):
-    kernels_traceable, and no `keep_ops_whole` is active."""
+def launches_kernels(streams: Tensor, args: Sequence) -> bool:
+    """Whether a public op's body launches its kernels itself (Inductor then sees them when it
+    traces the op): kernels_traceable, and no `keep_ops_whole` is active."""
     return not _ops_kept_whole.get() and kernels_traceable(streams, args)
 
 
@@ -154,123 +161,61 @@ def _dense_grads(grads) -> list[Tensor]:
 # --- coefficients and pre-mix: RMS, projection, gates, Sinkhorn (Eq. 7-8), then H_pre x_l ---------
 
 
-@_opaque("mhc::coefficients_pre_mix_opaque", "coefficients_pre_mix", streams_at=0)
-def coefficients_pre_mix_opaque(
-    streams: Tensor,
-    phi: Tensor,
-    alpha: Tensor,
-    b_pre: Tensor,
-    b_post: Tensor,
-    b_res: Tensor,
-    sinkhorn_iters: int,
-    constraint: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _coefficients_pre_mix_reference(streams, phi, alpha, b_pre, b_post, b_res, sinkhorn_iters,
+                                    constraint):
     return _dense(*reference.coefficients_pre_mix_and_projection(
-        streams, phi, alpha, b_pre, b_post, b_res, sinkhorn_iters, constraint
-    ))
+        streams, phi, alpha, b_pre, b_post, b_res, sinkhorn_iters, constraint))
 
 
-@coefficients_pre_mix_opaque.register_fake
-def _(streams, phi, alpha, b_pre, b_post, b_res, sinkhorn_iters, constraint):
+def _coefficients_pre_mix_fake(streams, *_):
     *lead, n, _ = streams.shape
     dtype = reference.coefficient_dtype(streams.dtype)
     gate = streams.new_empty((*lead, n), dtype=dtype)
     mixed = streams.new_empty(streams.shape[:-2] + streams.shape[-1:])
     return (gate, torch.empty_like(gate), streams.new_empty((*lead, n, n), dtype=dtype), mixed,
-            streams.new_empty((*lead, costs.coefficient_count(n)), dtype=dtype),
+            streams.new_empty((*lead, spec.coefficient_count(n)), dtype=dtype),
             streams.new_empty(lead, dtype=dtype))
 
 
-@_traced_op("mhc::coefficients_pre_mix")
-def coefficients_pre_mix(
-    streams: Tensor,
-    phi: Tensor,
-    alpha: Tensor,
-    b_pre: Tensor,
-    b_post: Tensor,
-    b_res: Tensor,
-    sinkhorn_iters: int,
-    constraint: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """streams [..., n, C] -> h_pre [..., n], h_post [..., n], h_res [..., n, n] (fp32, fp64 for
-    fp64 streams), mixed = H_pre x_l [..., C] in the stream dtype, and for the backward the
-    projection v @ phi [..., n*n+2n] and the sums of squares of v [...] (reference.projection;
-    the coefficient dtype; not differentiable)."""
-    args = (streams, phi, alpha, b_pre, b_post, b_res, sinkhorn_iters, constraint)
-    if _kernels_traced(streams, args):
-        return templates.launcher("coefficients_pre_mix")(*args)
-    return coefficients_pre_mix_opaque(*args)
+coefficients_pre_mix = _define(spec.COEFFICIENTS_PRE_MIX, _coefficients_pre_mix_reference,
+                               _coefficients_pre_mix_fake)
+coefficients_pre_mix.__doc__ = """streams [..., n, C] -> h_pre [..., n], h_post [..., n], h_res
+[..., n, n] (fp32, fp64 for fp64 streams), mixed = H_pre x_l [..., C] in the stream dtype, and for
+the backward the projection v @ phi [..., n*n+2n] and the sums of squares of v [...]
+(reference.projection; the coefficient dtype; not differentiable)."""
 
 
-@_opaque("mhc::coefficients_pre_mix_backward_opaque", "coefficients_pre_mix_backward", streams_at=7)
-def coefficients_pre_mix_backward_opaque(
-    grad_h_pre: Tensor,
-    grad_h_post: Tensor,
-    grad_h_res: Tensor,
-    grad_mixed: Tensor,
-    h_pre: Tensor,
-    projection: Tensor,
-    sum_squares: Tensor,
-    streams: Tensor,
-    phi: Tensor,
-    alpha: Tensor,
-    b_pre: Tensor,
-    b_post: Tensor,
-    b_res: Tensor,
-    sinkhorn_iters: int,
-    constraint: str,
-    accumulate: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _coefficients_pre_mix_backward_reference(*args):
+    named = spec.COEFFICIENTS_PRE_MIX_BACKWARD.bind(args)
+    iters, constraint = named["sinkhorn_iters"], named["constraint"]
+
     def forward(*tensors):
-        return reference.coefficients_pre_mix(*tensors, sinkhorn_iters, constraint)
+        return reference.coefficients_pre_mix(*tensors, iters, constraint)
 
     # h_pre, the projection and the sums of squares (the forward's, saved for the kernels) are
     # recomputed here with the rest: the reference backward depends on the inputs alone.
-    grad_streams, *grad_parameters = _reference_vjp(
-        forward, (streams, phi, alpha, b_pre, b_post, b_res),
-        (grad_h_pre, grad_h_post, grad_h_res, grad_mixed),
-    )
-    if accumulate is not None:
-        grad_streams = grad_streams + accumulate
+    grads = [named[f"grad_{output}"] for output in ("h_pre", "h_post", "h_res", "mixed")]
+    inputs = [named["streams"], *(named[name] for name in spec.PARAMETER_NAMES)]
+    grad_streams, *grad_parameters = _reference_vjp(forward, inputs, grads)
+    if named["accumulate"] is not None:
+        grad_streams = grad_streams + named["accumulate"]
     return grad_streams, *grad_parameters
 
 
-@coefficients_pre_mix_backward_opaque.register_fake
-def _(grad_h_pre, grad_h_post, grad_h_res, grad_mixed, h_pre, projection, sum_squares, streams, phi,
-      alpha, b_pre, b_post, b_res, *_, **__):
-    return _dense_like(streams, phi, alpha, b_pre, b_post, b_res)
+def _coefficients_pre_mix_backward_fake(*args):
+    named = spec.COEFFICIENTS_PRE_MIX_BACKWARD.bind(args)
+    return _dense_like(named["streams"], *(named[name] for name in spec.PARAMETER_NAMES))
 
 
-@_traced_op("mhc::coefficients_pre_mix_backward")
-def coefficients_pre_mix_backward(
-    grad_h_pre: Tensor,
-    grad_h_post: Tensor,
-    grad_h_res: Tensor,
-    grad_mixed: Tensor,
-    h_pre: Tensor,
-    projection: Tensor,
-    sum_squares: Tensor,
-    streams: Tensor,
-    phi: Tensor,
-    alpha: Tensor,
-    b_pre: Tensor,
-    b_post: Tensor,
-    b_res: Tensor,
-    sinkhorn_iters: int,
-    constraint: str,
-    accumulate: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Exact gradients of streams, phi, alpha, b_pre, b_post, b_res from those of the four
-    differentiable outputs; h_pre, projection and sum_squares are the forward's. The pre-mix's and
-    the coefficients' shares of grad streams come as one tensor, with `accumulate` [..., n, C]
-    added when given: the streams' gradient from their other reader, which
-    passes/fuse_grad_streams.py hands over in compiled backward graphs so that no separate add is
-    left. Sinkhorn's iterates are recomputed, never stored."""
-    args = (grad_h_pre, grad_h_post, grad_h_res, grad_mixed, h_pre, projection, sum_squares, streams,
-            phi, alpha, b_pre, b_post, b_res, sinkhorn_iters, constraint, accumulate)
-    if _kernels_traced(streams, args):
-        return templates.launcher("coefficients_pre_mix_backward")(*args)
-    return coefficients_pre_mix_backward_opaque(*args)
+# Exact gradients of streams and the five parameters from those of the four differentiable
+# outputs; h_pre, projection and sum_squares are the forward's. The pre-mix's and the
+# coefficients' shares of grad streams come as one tensor, with `accumulate` [..., n, C] added when
+# given: the streams' gradient from their other reader, which passes/fuse_grad_streams.py hands
+# over in compiled backward graphs so that no separate add is left. Sinkhorn's iterates are
+# recomputed, never stored.
+coefficients_pre_mix_backward = _define(
+    spec.COEFFICIENTS_PRE_MIX_BACKWARD, _coefficients_pre_mix_backward_reference,
+    _coefficients_pre_mix_backward_fake)
 
 
 def _save_inputs_h_pre_and_projection(ctx, inputs, output):
@@ -298,46 +243,29 @@ coefficients_pre_mix.register_autograd(
 # --- post/res mix: x_{l+1} = H_res x_l + H_post^T y (paper Eq. 3) ---------------------------------
 
 
-@_opaque("mhc::post_res_mix_opaque", "post_res_mix", streams_at=0)
-def post_res_mix_opaque(streams: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+def _post_res_mix_reference(streams, y, h_post, h_res):
     return reference.post_res_mix(streams, y, h_post, h_res).contiguous()
 
 
-@post_res_mix_opaque.register_fake
-def _(streams, y, h_post, h_res):
+def _post_res_mix_fake(streams, *_):
     return streams.new_empty(streams.shape)
 
 
-@_traced_op("mhc::post_res_mix")
-def post_res_mix(streams: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
-    """streams [..., n, C], y [..., C], h_post [..., n], h_res [..., n, n] -> [..., n, C]."""
-    args = (streams, y, h_post, h_res)
-    if _kernels_traced(streams, args):
-        return templates.launcher("post_res_mix")(*args)
-    return post_res_mix_opaque(*args)
+# streams [..., n, C], y [..., C], h_post [..., n], h_res [..., n, n] -> [..., n, C].
+post_res_mix = _define(spec.POST_RES_MIX, _post_res_mix_reference, _post_res_mix_fake)
 
 
-@_opaque("mhc::post_res_mix_backward_opaque", "post_res_mix_backward", streams_at=1)
-def post_res_mix_backward_opaque(
-    grad_out: Tensor, streams: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _post_res_mix_backward_reference(grad_out, streams, y, h_post, h_res):
     return _reference_vjp(reference.post_res_mix, (streams, y, h_post, h_res), (grad_out,))
 
 
-@post_res_mix_backward_opaque.register_fake
-def _(grad_out, streams, y, h_post, h_res):
-    return _dense_like(streams, y, h_post, h_res)
+def _post_res_mix_backward_fake(grad_out, *inputs):
+    return _dense_like(*inputs)
 
 
-@_traced_op("mhc::post_res_mix_backward")
-def post_res_mix_backward(
-    grad_out: Tensor, streams: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of streams, y, h_post and h_res."""
-    args = (grad_out, streams, y, h_post, h_res)
-    if _kernels_traced(streams, args):
-        return templates.launcher("post_res_mix_backward")(*args)
-    return post_res_mix_backward_opaque(*args)
+# Gradients of streams, y, h_post and h_res.
+post_res_mix_backward = _define(spec.POST_RES_MIX_BACKWARD, _post_res_mix_backward_reference,
+                                _post_res_mix_backward_fake)
 
 
 def _save_inputs(ctx, inputs, output):

@@ -23,7 +23,7 @@ import warnings
 import torch
 from torch import nn
 
-from mhc_compile import costs
+from mhc_compile import spec
 from mhc_compile.options import MHCOptions
 
 SUBMODULE = "mhc"
@@ -50,7 +50,7 @@ class MHCBlockParameters(nn.Module):
                  dtype: torch.dtype, device: torch.device):
         super().__init__()
         factory = {"dtype": dtype, "device": device}
-        width = costs.coefficient_count(n)
+        width = spec.coefficient_count(n)
         self.n, self.channels = n, channels
         self.key = ""  # the block's site key, set by the store that names it
         # What the block's coefficients depend on besides its tensors: read back by the gain

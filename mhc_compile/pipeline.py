@@ -30,7 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import fx, nn
 
-from mhc_compile import _pipelining_compat
+from mhc_compile import private_apis
+from mhc_compile.passes.annotate_pipeline import OVERLAP_KEY
 from mhc_compile.pipeline_plan import PipelineError, PipelinePlan, plan_pipeline
 
 __all__ = ["Pipeline", "PipelineError", "pipeline", "schedule_names", "stage_indices",
@@ -151,7 +152,7 @@ def pipeline(
         PipelineStage(module.to(device), index, num_stages, device, group=group)
         for index, module in zip(local, modules)
     ]
-    built = _pipelining_compat.build_schedule(
+    built = private_apis.build_schedule(
         _schedule_class(canonical), stages, n_microbatches, loss_fn=loss_fn,
         scale_grads=scale_grads, async_exchange=async_exchange,
     )
@@ -238,7 +239,7 @@ def _stage_module(plan, index, nodes, span, names, overlap) -> fx.GraphModule:
         if node.op in ("placeholder", "output"):
             continue
         copied = graph.node_copy(node, lookup)
-        if overlap and node.meta.get("mhc_overlap"):
+        if overlap and node.meta.get(OVERLAP_KEY):
             copied.target = post_res_mix_on_side_stream
         env[node] = copied
     if index + 1 < len(plan.stages):

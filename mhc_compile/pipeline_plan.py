@@ -13,10 +13,16 @@ from typing import Any, Sequence
 import torch
 from torch import fx, nn
 
-from mhc_compile.backend import MHCBackend
+from mhc_compile import private_apis
+from mhc_compile.backend import (
+    GraphRecord, GraphTracer, bind_parameters, rewrite, trace, with_parameters,
+)
 from mhc_compile.options import MHCOptions
 from mhc_compile.passes import graph_facts
-from mhc_compile.passes.annotate_pipeline import ANNOTATION_KEY, CutPoint, PipelineAnnotation
+from mhc_compile.passes import run_passes
+from mhc_compile.passes.annotate_pipeline import (
+    ANNOTATION_KEY, BLOCK_KEY, CutPoint, PipelineAnnotation,
+)
 
 
 class PipelineError(ValueError):
@@ -153,37 +159,34 @@ def plan_pipeline(model: nn.Module, example_args: Sequence[Any], num_stages: int
 
 def capture(model: nn.Module, example_args: tuple, options: MHCOptions) -> CapturedGraph:
     """The rewritten graph (rewrite + annotation, no Inductor) of `model(*example_args)`."""
-    from mhc_compile import _trace
+    captured: list[CapturedGraph] = []
 
-    backend = _CaptureBackend(options.replace(eager=True), top_module=model, warn_late=False)
-    backend.example_args = example_args
+    def capture_rewritten(record: GraphRecord):
+        """Bind, rewrite and annotate (passes.PIPELINE_PASSES); keep the graph and its inputs."""
+        if record.rewritten:
+            bind_parameters(record, warn_late=False)
+            rewrite(record)
+            run_passes("pipeline", record.graph_module, record.context)
+        captured.append(CapturedGraph(record.graph_module,
+                                      [*record.parameters, *record.example_inputs],
+                                      example_args, model))
+        return with_parameters(record, record.graph_module)
+
+    backend = GraphTracer(options.replace(eager=True), capture_rewritten, top_module=model)
     try:
-        _trace(model, example_args, backend, fullgraph=True)
-    except torch._dynamo.exc.Unsupported as error:
+        trace(model, example_args, backend, fullgraph=True)
+    except private_apis.dynamo_unsupported_error() as error:
         raise PipelineError(
             "mhc pipeline: the model must trace as one graph to be split into stages, but "
             f"torch.compile(fullgraph=True) stopped: {str(error).splitlines()[0]}"
         ) from error
-    captured = backend.captured[-1]
+    captured = captured[-1]
     if ANNOTATION_KEY not in captured.graph_module.meta:
         raise PipelineError(
             "mhc pipeline: no residual block of the model was rewritten, so there is no stage cut; "
             "mhc_compile.report(model, *example_args) says why"
         )
     return captured
-
-
-class _CaptureBackend(MHCBackend):
-    """The mhc backend, keeping the rewritten graph and its inputs instead of compiling them."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.captured: list[CapturedGraph] = []
-
-    def _compile(self, graph_module, example_inputs):
-        self.captured.append(CapturedGraph(graph_module, list(example_inputs), self.example_args,
-                                           self.top_module))
-        return graph_module
 
 
 def balance(costs: Sequence[int], legal_starts: set[int], num_stages: int) -> list[int] | None:
@@ -273,10 +276,10 @@ def _block_containing(captured: CapturedGraph, cut: str) -> int | None:
     """The block whose span holds a node of module `cut` (a cut that would split a block)."""
     for node in captured.graph_module.graph.nodes:
         path = graph_facts.module_path(node)
-        if path is None or "mhc_block" not in node.meta:
+        if path is None or BLOCK_KEY not in node.meta:
             continue
         if path == cut or path.startswith(cut + "."):
-            return node.meta["mhc_block"]
+            return node.meta[BLOCK_KEY]
     return None
 
 

@@ -50,7 +50,7 @@ class BlockReport:
     pattern: str  # "residual", "parallel residual", "scaled residual", "in-place residual"
     contains: tuple[str, ...]  # what f holds: attention, mlp, moe, conv, linear, norm
     params_added: int
-    extra_bytes_per_token: int  # forward, unfused (paper Table 2) minus the plain residual add
+    extra_bytes_per_token: int  # forward, as the fused kernels move it, less the plain add (spec.py)
     extra_flops_per_token: int  # forward: projection, Sinkhorn, mixes
     ops: str = ""  # what the mhc:: ops run: "triton kernels" or "reference (why)"; "" when skipped
     where: str = ""  # the user's source line of the add ("model.py:42"), where Dynamo recorded it

@@ -2,12 +2,12 @@
 
 Runs after rewrite_mhc and changes no node; it only writes node.meta (and graph_module.meta):
 
-    node.meta["mhc_block"]    index of the mHC block whose span holds the node (coefficients of
+    node.meta[BLOCK_KEY]      index of the mHC block whose span holds the node (coefficients of
                               block i up to, not including, the coefficients of block i+1)
-    node.meta["mhc_overlap"]  True on every post/res mix (paper Eq. 3): work that may run on a
+    node.meta[OVERLAP_KEY]    True on every post/res mix (paper Eq. 3): work that may run on a
                               dedicated high-priority stream so stage-boundary traffic overlaps it
-    node.meta["mhc_cut"]      on the coefficients node of block i+1: the CutPoint just before it
-    graph_module.meta["mhc_pipeline"]   the PipelineAnnotation with all of the above and the costs
+    node.meta[CUT_KEY]        on the coefficients node of block i+1: the CutPoint just before it
+    graph_module.meta[ANNOTATION_KEY]   the PipelineAnnotation with all of the above and the costs
 
 A cut before block i+1 is legal when everything that crosses it is the n-stream tensor plus
 pass-through values that do not depend on the streams (rotary tables, masks, positions, graph
@@ -25,14 +25,18 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from mhc_compile import costs
+from mhc_compile import ops, spec
 from mhc_compile.options import MHCOptions
 from mhc_compile.passes import graph_facts, stream_layout
+from mhc_compile.passes.context import PassContext
 from mhc_compile.passes.find_residual_blocks import ResidualAnalysis
 
 log = logging.getLogger(__name__)
 
 ANNOTATION_KEY = "mhc_pipeline"
+BLOCK_KEY = "mhc_block"
+OVERLAP_KEY = "mhc_overlap"
+CUT_KEY = "mhc_cut"
 
 
 class CutProblem(enum.Enum):
@@ -45,7 +49,7 @@ class CutProblem(enum.Enum):
 @dataclass(frozen=True)
 class BlockCost:
     """Forward estimate of a span of the graph: flops, bytes moved, and the roofline cost
-    (flop-equivalents, summed node by node; costs.roofline_cost) that balancing uses."""
+    (flop-equivalents, summed node by node; spec.roofline_cost) that balancing uses."""
 
     flops: int = 0
     bytes: int = 0
@@ -93,13 +97,13 @@ class PipelineAnnotation:
     epilogue: BlockCost = BlockCost()  # after the last block (final norm, head)
 
 
-def annotate_pipeline(
-    graph_module: fx.GraphModule, analysis: ResidualAnalysis, options: MHCOptions
-) -> fx.GraphModule:
+def annotate_pipeline(graph_module: fx.GraphModule, context: PassContext) -> int:
+    """Annotate the rewritten graph; returns the number of legal stage cuts."""
+    analysis, options = context.analysis, context.options
     graph = graph_module.graph
     nodes = list(graph.nodes)
     position = {node: index for index, node in enumerate(nodes)}
-    firsts = [node for node in nodes if node.meta.get("mhc_role") == "coefficients_pre_mix"]
+    firsts = [node for node in nodes if ops.spec_of(node.target) is spec.COEFFICIENTS_PRE_MIX]
     blocks_by_first = _blocks_by_first(analysis, firsts)
     annotation = PipelineAnnotation()
     starts = [position[first] for first in firsts] + [len(nodes)]
@@ -108,10 +112,10 @@ def annotate_pipeline(
     last_use = {node: max((position[user] for user in node.users), default=-1) for node in nodes}
     for index, first in enumerate(firsts):
         mix = _post_res_mix_of(first)
-        mix.meta["mhc_overlap"] = True
+        mix.meta[OVERLAP_KEY] = True
         end = starts[index + 1] if index + 1 < len(firsts) else position[mix] + 1
         for node in nodes[starts[index] : end]:
-            node.meta["mhc_block"] = index
+            node.meta[BLOCK_KEY] = index
         block = blocks_by_first.get(first)
         annotation.blocks.append(PipelineBlock(
             index=index,
@@ -122,17 +126,17 @@ def annotate_pipeline(
             cost=_sum(node_costs[node] for node in nodes[starts[index] : end]),
         ))
         if index:
-            cut = _cut_before(index, first, nodes, position, last_use, in_streams, options.n)
-            first.meta["mhc_cut"] = cut
+            cut = _cut_before(index, first, nodes, position, last_use, in_streams)
+            first.meta[CUT_KEY] = cut
             annotation.cuts.append(cut)
     if firsts:
         last_mix = position[_post_res_mix_of(firsts[-1])]
         annotation.prologue = _sum(node_costs[node] for node in nodes[: starts[0]])
         annotation.epilogue = _sum(node_costs[node] for node in nodes[last_mix + 1 :])
     graph_module.meta[ANNOTATION_KEY] = annotation
-    log.info("mhc: %d pipeline blocks, %d legal stage cuts", len(annotation.blocks),
-             sum(cut.legal for cut in annotation.cuts))
-    return graph_module
+    legal = sum(cut.legal for cut in annotation.cuts)
+    log.info("mhc: %d pipeline blocks, %d legal stage cuts", len(annotation.blocks), legal)
+    return legal
 
 
 def _blocks_by_first(analysis: ResidualAnalysis, firsts: list[fx.Node]) -> dict:
@@ -153,7 +157,7 @@ def _post_res_mix_of(coefficients: fx.Node) -> fx.Node:
     """coefficients -> getitem(1) (h_post) -> post_res_mix."""
     for getter in coefficients.users:
         for user in getter.users:
-            if user.meta.get("mhc_role") == "post_res_mix":
+            if ops.spec_of(user.target) is spec.POST_RES_MIX:
                 return user
     raise AssertionError(f"mhc: {coefficients.name} feeds no post/res mix")
 
@@ -169,7 +173,7 @@ def _stream_dependent(nodes: list[fx.Node]) -> set[fx.Node]:
     return dependent
 
 
-def _cut_before(index, first, nodes, position, last_use, in_streams, n) -> CutPoint:
+def _cut_before(index, first, nodes, position, last_use, in_streams) -> CutPoint:
     """What crosses the boundary just before `first` (block `index`'s coefficients), and whether
     that is only the streams plus pass-through values."""
     cut = position[first]
@@ -182,7 +186,7 @@ def _cut_before(index, first, nodes, position, last_use, in_streams, n) -> CutPo
     for node in crossing:
         if node is streams:
             continue
-        value = graph_facts.example_value(node)  # None for nodes the rewrite inserted
+        value = graph_facts.example_value(node)
         if node in in_streams:
             problem = CutProblem.STREAM_VALUE.value.format(name=node.name)
         elif value is not None and not isinstance(value, torch.Tensor):
@@ -194,7 +198,7 @@ def _cut_before(index, first, nodes, position, last_use, in_streams, n) -> CutPo
         node=first.name,
         streams=streams.name,
         pass_through=tuple(node.name for node in crossing if node is not streams),
-        stream_bytes=_stream_bytes(streams, n),
+        stream_bytes=_stream_bytes(streams),
         problem=problem,
     )
 
@@ -204,39 +208,15 @@ def _is_parameter(node: fx.Node) -> bool:
     return node.op == "placeholder" and isinstance(graph_facts.example_value(node), torch.nn.Parameter)
 
 
-def _chain_head(node: fx.Node) -> fx.Node:
-    """The enter_streams node of the chain whose streams `node` reads. Every mhc:: op and every
-    lifted link op takes the streams as its first argument."""
-    head = node
-    while head.target is not stream_layout.enter_streams:
-        head = head.args[0]
-    return head
-
-
-def _chain_value(head: fx.Node):
-    """The [..., C] value (channels last) a chain head (enter_streams) takes."""
-    value = graph_facts.example_value(head.args[0])
-    if not _is_static(value):
-        return None
-    channel_dim = head.args[2]
-    return value if channel_dim in (-1, value.dim() - 1) else value.movedim(channel_dim, -1)
-
-
-def _stream_element_size(head: fx.Node) -> int:
-    """Bytes per stream element: the dtype a chain head stores the streams in (its args[3])."""
-    return head.args[3].itemsize
-
-
-def _stream_bytes(streams: fx.Node, n: int) -> int:
+def _stream_bytes(streams: fx.Node) -> int:
     """Bytes of the [..., n, C] streams a cut sends, for the traced batch."""
-    head = _chain_head(streams)
-    value = _chain_value(head)
-    return 0 if value is None else value.numel() * n * _stream_element_size(head)
+    value = graph_facts.example_value(streams)
+    return value.numel() * value.element_size() if _is_static(value) else 0
 
 
 # --- cost of one node -----------------------------------------------------------------------------
 
-_LINEAR = {F.linear, torch._C._nn.linear}
+_LINEAR = {F.linear}
 _MATMUL = {torch.matmul, operator.matmul, torch.bmm, torch.mm}
 _MATMUL_METHODS = {"matmul", "bmm", "mm", "__matmul__"}
 _CONV = {F.conv1d, F.conv2d, F.conv3d}
@@ -247,7 +227,6 @@ _VIEW_FUNCTIONS = {operator.getitem, torch.transpose, torch.reshape, torch.flatt
                    torch.squeeze, torch.permute, stream_layout.enter_streams,
                    stream_layout.to_channels_last, stream_layout.from_channels_last,
                    stream_layout.read_streams}
-_MHC_OPS = {"coefficients_pre_mix", "post_res_mix"}  # the roles rewrite_mhc gives its op calls
 
 
 def _node_cost(node: fx.Node, options: MHCOptions) -> BlockCost:
@@ -255,31 +234,26 @@ def _node_cost(node: fx.Node, options: MHCOptions) -> BlockCost:
         return BlockCost()
     if node.target in _VIEW_FUNCTIONS or (node.op == "call_method" and node.target in _VIEW_METHODS):
         return BlockCost()
-    role = node.meta.get("mhc_role")
-    if role in _MHC_OPS:
-        return _mhc_op_cost(node, role, options)
+    op = ops.spec_of(node.target)
+    if op is not None:
+        return _mhc_op_cost(node, op, options)
     output = graph_facts.example_value(node)
     inputs = [graph_facts.example_value(source) for source in node.all_input_nodes]
     flops = _flops(node, output, inputs)
     moved = sum(_nbytes(value) for value in (*inputs, output))
-    return BlockCost(flops, moved, costs.roofline_cost(flops, moved))
+    return BlockCost(flops, moved, spec.roofline_cost(flops, moved))
 
 
-def _mhc_op_cost(node: fx.Node, role: str, options: MHCOptions) -> BlockCost:
-    """mhc:: ops carry no example values (inserted by the rewrite); size them from the chain head."""
-    head = _chain_head(node.args[0])
-    value = _chain_value(head)
-    if value is None:
+def _mhc_op_cost(node: fx.Node, op: spec.OpSpec, options: MHCOptions) -> BlockCost:
+    """An mhc:: op's cost from the spec: its kernels' stream traffic and flops per token."""
+    streams = graph_facts.example_value(node.args[op.streams_at])
+    if not _is_static(streams):
         return BlockCost()
-    channels = value.shape[-1]
-    tokens = value.numel() // channels
-    n = options.n
-    flops = tokens * costs.mhc_op_flops_per_token(role, n, channels, options.sinkhorn_iters)
-    # Paper Table 2, fused: coefficients read nC, pre-mix reads nC and writes C.
-    stream_elements = {"coefficients_pre_mix": (2 * n + 1) * channels,
-                       "post_res_mix": (2 * n + 1) * channels}[role]
-    moved = tokens * stream_elements * _stream_element_size(head)
-    return BlockCost(flops, moved, costs.roofline_cost(flops, moved))
+    n, channels = streams.shape[-2:]
+    tokens = streams.numel() // (n * channels)
+    flops = tokens * spec.op_flops_per_token(op, n, channels, options.sinkhorn_iters)
+    moved = tokens * op.stream_elements(n) * channels * streams.element_size()
+    return BlockCost(flops, moved, spec.roofline_cost(flops, moved))
 
 
 def _flops(node: fx.Node, output, inputs) -> int:
@@ -287,14 +261,14 @@ def _flops(node: fx.Node, output, inputs) -> int:
         return 0
     target = node.target
     if target in _LINEAR and len(inputs) > 1 and isinstance(inputs[1], torch.Tensor):
-        return costs.matmul_flops(output.numel(), inputs[1].shape[-1])
+        return spec.matmul_flops(output.numel(), inputs[1].shape[-1])
     if (target in _MATMUL or (node.op == "call_method" and target in _MATMUL_METHODS)) and inputs:
-        return costs.matmul_flops(output.numel(), inputs[0].shape[-1])
+        return spec.matmul_flops(output.numel(), inputs[0].shape[-1])
     if target in _CONV and len(inputs) > 1:
         weight = inputs[1]
-        return costs.matmul_flops(output.numel(), weight.numel() // weight.shape[0])
+        return spec.matmul_flops(output.numel(), weight.numel() // weight.shape[0])
     if target in _ATTENTION and len(inputs) >= 3:
-        return costs.attention_flops(inputs[0].shape, inputs[1].shape, inputs[2].shape)
+        return spec.attention_flops(inputs[0].shape, inputs[1].shape, inputs[2].shape)
     return output.numel()  # elementwise: about one flop per output element
 
 

@@ -17,6 +17,7 @@ from torch import fx
 
 from mhc_compile.options import MHCOptions
 from mhc_compile.passes import graph_facts
+from mhc_compile.passes.context import PassContext
 from mhc_compile.report import SkipReason
 
 log = logging.getLogger(__name__)
@@ -93,12 +94,12 @@ class _Reachability:
 SiteKey = Callable[[fx.Node], "str | None"]
 
 
-def find_residual_chains(
-    graph_module: fx.GraphModule, options: MHCOptions, parameters: set[fx.Node], site_key: SiteKey
-) -> ResidualAnalysis:
-    """Find every residual block and chain. `parameters` are the placeholders holding weights;
-    `site_key(weight)` names the module of a block's first weight (a parameter placeholder or a
-    call_module node) below the module that will hold its mHC parameters, None if none can."""
+def find_residual_chains(graph_module: fx.GraphModule, context: PassContext) -> int:
+    """Find every residual block and chain into `context.analysis`; returns how many blocks.
+    The context's parameter_inputs are the placeholders holding weights; its `site_key(weight)`
+    names the module of a block's first weight (a parameter placeholder or a call_module node)
+    below the module that will hold its mHC parameters, None if none can."""
+    options, parameters, site_key = context.options, context.parameter_inputs, context.site_key
     reach = _Reachability(graph_module.graph)
     weights = _weight_derived(graph_module.graph, parameters)
     site = _Site(graph_module, parameters, weights, site_key)
@@ -119,7 +120,8 @@ def find_residual_chains(
     _check_blocks(blocks, options, reach.order)
     chains = _link_chains(blocks)
     log.info("mhc: %d residual blocks, %d chains", len(blocks), len(chains))
-    return ResidualAnalysis(blocks, chains)
+    context.analysis = ResidualAnalysis(blocks, chains)
+    return len(blocks)
 
 
 def _weight_derived(graph: fx.Graph, parameters: set[fx.Node]) -> set[fx.Node]:

@@ -7,7 +7,7 @@ backward already writes grad streams in one kernel pass; handed the other gradie
 `accumulate` argument, it reads it there and the add disappears (one read instead of three passes).
 
 This runs on Inductor's post-grad graphs (post_grad_custom_post_pass, installed by
-`private_apis.compile_with_inductor`), where the backend's ops are whole: the opaque twins (it
+`backend.compile_whole_ops`), where the backend's ops are whole: the opaque twins (it
 traces under ops.keep_ops_whole), or the public ops where Triton is missing; passes/inline_kernels.py
 opens them afterwards. Where AOT autograd traced into the kernels (torch.compile of the public ops
 without our backend) there is no op node to hand the gradient to, and the add stays.
@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from mhc_compile import private_apis
-from mhc_compile.passes.recompute_policy import op_name
+from mhc_compile import ops, private_apis, spec
+from mhc_compile.passes.context import PassContext
 
 log = logging.getLogger(__name__)
 
-COEFFICIENTS_BACKWARD = "mhc::coefficients_pre_mix_backward"
+_ACCUMULATE_AT = spec.COEFFICIENTS_PRE_MIX_BACKWARD.argument_names.index("accumulate")
 
 
 @dataclass
@@ -39,13 +39,13 @@ class GradStreamsAdd:
     other: fx.Node
 
 
-def fuse_grad_streams(graph: fx.Graph) -> int:
+def fuse_grad_streams(graph: fx.Graph, context: PassContext) -> int:
     """Rewrite add(grad streams of a coefficient backward, other) into that backward with
     `accumulate=other`; returns the number of adds removed. The backwards left as they are are
     logged at DEBUG with the reason."""
     position = {node: index for index, node in enumerate(graph.nodes)}
     fused = 0
-    for backward in [node for node in graph.nodes if op_name(node) == COEFFICIENTS_BACKWARD]:
+    for backward in [node for node in graph.nodes if ops.spec_of(node.target) is spec.COEFFICIENTS_PRE_MIX_BACKWARD]:
         found = _grad_streams_add(backward, position)
         if isinstance(found, str):
             log.debug("mhc: %s keeps its grad-streams add: %s", backward.name, found)
@@ -61,7 +61,7 @@ def fuse_grad_streams(graph: fx.Graph) -> int:
 
 def _grad_streams_add(backward: fx.Node, position: dict[fx.Node, int]) -> GradStreamsAdd | str:
     """The add that `backward`'s grad streams feed when folding it is exact, else why not."""
-    if len(backward.args) != _accumulate_position(backward) or backward.kwargs:
+    if len(backward.args) != _ACCUMULATE_AT or backward.kwargs:
         return "it has an accumulate already"
     grad_streams = [user for user in backward.users
                     if user.target is operator.getitem and user.args[1] == 0]
@@ -80,11 +80,6 @@ def _grad_streams_add(backward: fx.Node, position: dict[fx.Node, int]) -> GradSt
     if not _same_tensor_type(grad_streams[0], other, add):
         return "the addends differ in shape, dtype or device (a broadcast or a promotion)"
     return GradStreamsAdd(add, grad_streams[0], other)
-
-
-def _accumulate_position(backward: fx.Node) -> int:
-    """Where `accumulate`, the last argument, sits in the backward op's schema (mhc_compile/ops.py)."""
-    return [argument.name for argument in backward.target._schema.arguments].index("accumulate")
 
 
 def _same_tensor_type(*nodes: fx.Node) -> bool:

@@ -20,14 +20,14 @@ _INPLACE = {operator.iadd, torch.Tensor.add_, "add_", "__iadd__"}
 _WEIGHTED_FUNCTIONS = {
     F.linear, F.bilinear, torch.matmul, operator.matmul, torch.mm, torch.bmm, torch.addmm,
     torch.baddbmm, torch.einsum, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d,
-    F.conv_transpose2d, F.conv_transpose3d, torch._C._nn.linear,
+    F.conv_transpose2d, F.conv_transpose3d,
     F.multi_head_attention_forward,  # nn.MultiheadAttention: its projections inside one call
 }
 _WEIGHTED_METHODS = {"matmul", "mm", "bmm", "__matmul__", "addmm", "baddbmm"}
 _CONV_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
                    F.conv_transpose3d}
 _CONV_TRANSPOSE_FUNCTIONS = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
-_LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear}
+_LINEAR_FUNCTIONS = {F.linear}
 _NORM_FUNCTIONS = {F.layer_norm, F.group_norm, F.batch_norm, F.instance_norm, F.rms_norm}
 _ATTENTION_FUNCTIONS = {F.scaled_dot_product_attention, F.softmax, torch.softmax,
                         F.multi_head_attention_forward}

@@ -23,13 +23,14 @@ from torch import fx
 from torch.utils.checkpoint import CheckpointPolicy
 
 from mhc_compile import private_apis
+from mhc_compile.passes.context import PassContext
 
 log = logging.getLogger(__name__)
 
 _TAGGED_OPS = ("call_function", "call_method", "call_module")
 
 
-def inline_checkpoint_regions(graph_module: fx.GraphModule) -> int:
+def inline_checkpoint_regions(graph_module: fx.GraphModule, context: PassContext) -> int:
     """Copy every plain checkpoint region's body into the graph, tagged; returns how many."""
     inlined = 0
     while True:  # an inlined body may hold nested regions
@@ -88,8 +89,7 @@ def _inline(graph_module: fx.GraphModule, call: fx.Node, body: fx.GraphModule,
             else:
                 copied = graph.node_copy(inner, env.__getitem__)
             if inner.op in _TAGGED_OPS:
-                copied.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
-                copied.meta["ac_graph_id"] = region_id
+                private_apis.tag_for_partitioner(copied, CheckpointPolicy.PREFER_RECOMPUTE, region_id)
             env[inner] = copied
     for user in list(call.users):  # getitems (_can_inline)
         user.replace_all_uses_with(outputs[user.args[1]])

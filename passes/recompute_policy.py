@@ -10,14 +10,14 @@ least at L_r ~ sqrt(n L / (n + 2)) for a chain of L blocks: L/L_r kept streams o
 L_r (n + 2)C live while one group is rebuilt.
 
 This pass runs on AOT autograd's joint graph (Inductor's joint_custom_pre_pass, installed by
-`private_apis.compile_with_inductor`) and steers the min-cut partitioner with the tags that
+`backend.compile_whole_ops`) and steers the min-cut partitioner with the tags that
 selective activation checkpointing uses: node.meta["recompute"] = MUST_RECOMPUTE or MUST_SAVE,
 and one "ac_graph_id" per group. The partitioner then saves only what the tags allow, and its
 `reordering_to_mimic_autograd_engine` rebuilds each group just before that group's backward.
 Nodes that the user's own torch.utils.checkpoint regions tagged keep their tags: the user's
 choice wins inside their regions.
 
-What is recomputed is keyed on op names, here and nowhere else: the outputs of RECOMPUTED_OPS (the
+What is recomputed is keyed on ops (spec.py), here and nowhere else: the outputs of RECOMPUTED_OPS (the
 ops that produce a block's output streams) and the stream-wise ops between blocks (a lifted ReLU
 or norm) are rebuilt; every other mhc:: forward op (coefficients, pre-mix, or a fused
 coefficients + pre-mix op) and F's output are kept.
@@ -34,11 +34,12 @@ import torch
 from torch import fx
 from torch.utils.checkpoint import CheckpointPolicy
 
+from mhc_compile import ops, private_apis, spec
+from mhc_compile.passes.context import PassContext
+
 log = logging.getLogger(__name__)
 
-NAMESPACE = "mhc"
-OPAQUE_SUFFIX = "_opaque"  # mhc_compile.ops: the twin of each public op that Inductor keeps whole
-RECOMPUTED_OPS = frozenset({"mhc::post_res_mix"})  # outputs: a block's streams x_{l+1}
+RECOMPUTED_OPS = frozenset({spec.POST_RES_MIX})  # outputs: a block's streams x_{l+1}
 
 # Our groups' ac_graph_ids sit above any id torch gives a user's checkpoint region (a counter
 # from 1), so the partitioner's boundary rule (a recomputed node whose user is recomputed under a
@@ -69,8 +70,10 @@ class StreamChain:
     lifted: list[list[fx.Node]] = field(default_factory=list)
 
 
-def tag_recompute(graph: fx.Graph, setting: str | int | bool) -> int:
-    """Tag the joint graph's mHC nodes for the partitioner; returns the number of chains tagged."""
+def tag_recompute(graph: fx.Graph, context: PassContext) -> int:
+    """Tag the joint graph's mHC nodes for the partitioner as `context.options.recompute` says;
+    returns the number of chains tagged."""
+    setting = context.options.recompute
     if setting is False:
         return 0
     forward = _forward_nodes(graph)
@@ -79,7 +82,7 @@ def tag_recompute(graph: fx.Graph, setting: str | int | bool) -> int:
         n = chain.producers[0].meta["val"].shape[-2]
         _tag_chain(chain, group_size(setting, n, len(chain.producers)))
     for node in forward:
-        if _is_mhc_op(node) and op_name(node) not in RECOMPUTED_OPS:
+        if (op := ops.spec_of(node.target)) is not None and op not in RECOMPUTED_OPS:
             _tag(node, CheckpointPolicy.MUST_SAVE, None)  # coefficients, pre-mix: never rebuilt
     log.info("mhc: recompute policy %r tagged %d chains", setting, len(chains))
     return len(chains)
@@ -102,11 +105,9 @@ def _tag_chain(chain: StreamChain, group: int) -> None:
 
 
 def _tag(node: fx.Node, policy: CheckpointPolicy, group_id: int | None) -> None:
-    if not isinstance(node, fx.Node) or "recompute" in node.meta:
+    if not isinstance(node, fx.Node) or private_apis.partitioner_tagged(node):
         return  # the user's checkpoint region (or an earlier rule) decided already
-    node.meta["recompute"] = policy
-    if group_id is not None:
-        node.meta["ac_graph_id"] = group_id
+    private_apis.tag_for_partitioner(node, policy, group_id)
 
 
 def _stream_chains(graph: fx.Graph, forward: set[fx.Node]) -> list[StreamChain]:
@@ -115,7 +116,7 @@ def _stream_chains(graph: fx.Graph, forward: set[fx.Node]) -> list[StreamChain]:
     chain_of: dict[fx.Node, StreamChain] = {}
     chains: list[StreamChain] = []
     for node in graph.nodes:
-        if node not in forward or op_name(node) not in RECOMPUTED_OPS:
+        if node not in forward or ops.spec_of(node.target) not in RECOMPUTED_OPS:
             continue
         previous, between = _previous_producer(node)
         chain = chain_of.get(previous)
@@ -135,7 +136,7 @@ def _previous_producer(node: fx.Node) -> tuple[fx.Node | None, list[fx.Node]]:
     between = []
     current = node.args[0]
     while isinstance(current, fx.Node) and current.op == "call_function":
-        if op_name(current) in RECOMPUTED_OPS:
+        if ops.spec_of(current.target) in RECOMPUTED_OPS:
             return current, between
         if not _has_shape(current, shape) or not current.args:
             break
@@ -155,21 +156,6 @@ def _forward_nodes(graph: fx.Graph) -> set[fx.Node]:
     """Nodes of the joint graph that do not depend on a tangent (the forward part)."""
     backward: set[fx.Node] = set()
     for node in graph.nodes:
-        tangent = node.op == "placeholder" and "tangents" in str(node.target)
-        if tangent or any(arg in backward for arg in node.all_input_nodes):
+        if private_apis.is_tangent(node) or any(arg in backward for arg in node.all_input_nodes):
             backward.add(node)
     return {node for node in graph.nodes if node not in backward}
-
-
-def _is_mhc_op(node: fx.Node) -> bool:
-    return op_name(node) is not None
-
-
-def op_name(node: fx.Node) -> str | None:
-    """"mhc::post_res_mix" for a call of an mhc:: op overload, None for anything else. The joint
-    graph holds the public ops' opaque twins (the backend traces under ops.keep_ops_whole), named
-    here by their public op."""
-    name = getattr(node.target, "name", None)
-    if node.op != "call_function" or getattr(node.target, "namespace", None) != NAMESPACE:
-        return None
-    return name().split(".")[0].removesuffix(OPAQUE_SUFFIX) if callable(name) else None

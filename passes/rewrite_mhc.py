@@ -7,46 +7,36 @@ For a chain of blocks x_{k+1} = x_k + f_k(x_k):
     streams = mhc::post_res_mix(streams, f_k(...), h_post, h_res)  (paper Eq. 3)
 and every other reader of an x_k (the chain's output, hidden states returned on the side) reads
 the mean of the streams. The ops carry their own autograd, so this runs before AOT autograd.
+Every node added carries its example value (meta "example_value" as Dynamo's nodes, and "val"),
+computed in the trace's fake mode.
 """
 
 from __future__ import annotations
 
 import logging
 import operator
-from dataclasses import dataclass
 
 import torch
 from torch import fx
 
-from mhc_compile import ops  # noqa: F401  (registers torch.ops.mhc)
+from mhc_compile import ops, private_apis
 from mhc_compile.options import MHCOptions
-from mhc_compile.passes import stream_layout
-from mhc_compile.passes.find_residual_blocks import ResidualAnalysis, ResidualBlock, ResidualChain
+from mhc_compile.passes import graph_facts, stream_layout
+from mhc_compile.passes.context import PassContext
+from mhc_compile.passes.find_residual_blocks import ResidualChain
+from mhc_compile.spec import BlockParameters
 
 log = logging.getLogger(__name__)
 
 # What a new node takes from the node it stands for: its module path (reports, pipeline cuts) and
 # the user's activation-checkpoint tags (mHC ops inside a checkpointed region recompute with it).
-_KEPT_META = ("nn_module_stack", "stack_trace", "recompute", "ac_graph_id")
+_KEPT_META = ("nn_module_stack", "stack_trace", *private_apis.PARTITIONER_META_KEYS)
 
 
-@dataclass(frozen=True)
-class BlockParameterNodes:
-    """The placeholders that feed one block's mHC parameters into the graph."""
-
-    phi: fx.Node
-    alpha: fx.Node
-    b_pre: fx.Node
-    b_post: fx.Node
-    b_res: fx.Node
-
-
-def rewrite_mhc(
-    graph_module: fx.GraphModule,
-    analysis: ResidualAnalysis,
-    parameters: dict[ResidualBlock, BlockParameterNodes],
-    options: MHCOptions,
-) -> fx.GraphModule:
+def rewrite_mhc(graph_module: fx.GraphModule, context: PassContext) -> int:
+    """Rewrite every chain of `context.analysis` whose blocks have parameter nodes in
+    `context.parameter_nodes`; returns the number of chains rewritten."""
+    analysis, parameters, options = context.analysis, context.parameter_nodes, context.options
     # A chain may start where another ends (their blocks differ in layout or device): its head
     # then reads the earlier chain's output, which that chain's rewrite replaced by the mean.
     reduced: dict[fx.Node, fx.Node] = {}
@@ -57,7 +47,7 @@ def rewrite_mhc(
     graph_module.graph.lint()
     graph_module.recompile()
     log.info("mhc: rewrote %d chains", len(analysis.chains))
-    return graph_module
+    return len(analysis.chains)
 
 
 def _rewrite_chain(graph: fx.Graph, chain: ResidualChain, parameters,
@@ -79,13 +69,12 @@ def _rewrite_chain(graph: fx.Graph, chain: ResidualChain, parameters,
     return _reduce_other_readers(graph, chain, stream_of, channel_dim, residual_dtype)
 
 
-def _rewrite_block(graph, block: ResidualBlock, streams, params: BlockParameterNodes, options):
+def _rewrite_block(graph, block, streams, params: BlockParameters[fx.Node], options: MHCOptions):
     channel_dim = block.channel_dim
     with graph.inserting_before(block.body[0]):
         coefficients = _call(
-            graph, torch.ops.mhc.coefficients_pre_mix.default, streams, params.phi, params.alpha,
-            params.b_pre, params.b_post, params.b_res, options.sinkhorn_iters, options.constraint,
-            like=block.add, role="coefficients_pre_mix",
+            graph, torch.ops.mhc.coefficients_pre_mix.default, streams, *params,
+            options.sinkhorn_iters, options.constraint, like=block.add,
         )
         # Output 0, h_pre, is only read inside the op (by the pre-mix), and outputs 4 and 5 (the
         # projection and the sums of squares) by its backward.
@@ -102,7 +91,7 @@ def _rewrite_block(graph, block: ResidualBlock, streams, params: BlockParameterN
             written = _call(graph, operator.add, written, branch, like=block.add)
         written = _call(graph, stream_layout.to_channels_last, written, channel_dim, like=block.add)
         return _call(graph, torch.ops.mhc.post_res_mix.default, streams, written, h_post, h_res,
-                     like=block.add, role="post_res_mix")
+                     like=block.add)
 
 
 def _lift(graph: fx.Graph, node: fx.Node, streams: fx.Node) -> fx.Node:
@@ -116,6 +105,10 @@ def _lift(graph: fx.Graph, node: fx.Node, streams: fx.Node) -> fx.Node:
     with graph.inserting_before(node):
         lifted = graph.create_node(node.op, target, (streams, *node.args[1:]), kwargs)
     lifted.meta.update({k: v for k, v in node.meta.items() if k in _KEPT_META})
+    # A stream-wise op keeps the streams' shape and gives the original op's dtype.
+    with private_apis.in_fake_mode([graph_facts.example_value(streams)]):
+        _set_value(lifted, torch.empty_like(graph_facts.example_value(streams),
+                                            dtype=graph_facts.example_value(node).dtype))
     return lifted
 
 
@@ -143,12 +136,20 @@ def _graph_position(graph: fx.Graph):
     return order.__getitem__
 
 
-def _call(graph: fx.Graph, target, *args, like: fx.Node, role: str | None = None) -> fx.Node:
-    """A call_function node that keeps the module path (reports, pipeline cuts) of `like`."""
+def _call(graph: fx.Graph, target, *args, like: fx.Node) -> fx.Node:
+    """A call_function node that keeps the module path (reports, pipeline cuts) of `like`, with
+    its example value."""
     node = graph.call_function(target, args)
     for key in _KEPT_META:
         if key in like.meta:
             node.meta[key] = like.meta[key]
-    if role is not None:
-        node.meta["mhc_role"] = role
+    values = fx.map_arg(args, graph_facts.example_value)
+    # Whole ops: their fake implementation, not the kernels' glue, gives the value; no autograd
+    # graph is recorded for it.
+    with private_apis.in_fake_mode(list(values)), ops.keep_ops_whole(), torch.no_grad():
+        _set_value(node, target(*values))
     return node
+
+
+def _set_value(node: fx.Node, value) -> None:
+    node.meta["example_value"] = node.meta["val"] = value

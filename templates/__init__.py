@@ -56,15 +56,19 @@ KERNELS = "triton kernels"
 def implementation(device: torch.device | str, dtype: torch.dtype, n: int) -> str:
     """What the mhc:: ops run for streams of this device, dtype and n: KERNELS, or "reference"
     and why (the report shows it per block)."""
-    device = torch.device(device)
+    reason = _reference_reason(torch.device(device), dtype, n)
+    return KERNELS if reason is None else f"reference ({reason})"
+
+
+def _reference_reason(device: torch.device, dtype: torch.dtype, n: int) -> str | None:
+    """Why streams of this device, dtype and n keep the reference, or None: they take the kernels."""
     if not kernels_active(device):
-        missing_triton = device.type == "cuda" and not triton_available()
-        return f"reference ({'Triton not installed' if missing_triton else device.type})"
+        return "Triton not installed" if device.type == "cuda" and not triton_available() else device.type
     if n > MAX_STREAMS:
-        return f"reference (n > {MAX_STREAMS})"
+        return f"n > {MAX_STREAMS}"
     if dtype not in STREAM_DTYPES:
-        return f"reference ({str(dtype).removeprefix('torch.')})"
-    return KERNELS
+        return str(dtype).removeprefix("torch.")
+    return None
 
 
 def kernels_active(device: torch.device | str) -> bool:
@@ -76,7 +80,7 @@ def kernels_apply(streams: torch.Tensor, args: tuple) -> bool:
     """Whether the kernels take these op arguments: CUDA, non-empty streams of a kernel dtype with
     n <= MAX_STREAMS, and no float64 coefficients (those keep the reference)."""
     return (
-        implementation(streams.device, streams.dtype, streams.shape[-2]) == KERNELS
+        _reference_reason(streams.device, streams.dtype, streams.shape[-2]) is None
         and streams.numel() > 0
         and all(a.dtype in STREAM_DTYPES for a in args if isinstance(a, torch.Tensor))
     )
@@ -100,13 +104,13 @@ def tune_sublayer(
     Progress goes to the "mhc_compile.templates" logger at INFO. Choices are kept in memory and in
     Triton's cache directory, so later processes reuse them.
     """
-    from mhc_compile import ops
+    from mhc_compile import ops, spec
 
     device = torch.device("cuda")
     streams = torch.randn(tokens, n, channels, device=device).to(dtype).requires_grad_()
-    phi = (torch.randn(n * channels, n * n + 2 * n, device=device) / (n * channels) ** 0.5)
-    parameters = [phi, torch.rand(3, device=device) + 0.5, *(torch.randn(s, device=device)
-                  for s in ((n,), (n,), (n, n)))]
+    parameters = [torch.randn(shape, device=device) for shape in spec.parameter_shapes(n, channels)]
+    parameters[0] /= (n * channels) ** 0.5  # phi: unit-scale projections
+    parameters[1] = parameters[1].abs() + 0.5  # alpha: positive gates
     parameters = [p.requires_grad_() for p in parameters]
     _, h_post, h_res, mixed, *_ = ops.coefficients_pre_mix(
         streams, *parameters, sinkhorn_iters, "sinkhorn"

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mhc_compile import costs, kernel_launch, reference
+from mhc_compile import kernel_launch, reference, spec
 from mhc_compile.templates import configs
 from mhc_compile.templates.tiles import per_token, token_block, token_rows
 
@@ -355,7 +355,7 @@ def mhc_coefficients_fwd(
     h_pre = torch.empty((tokens, n), dtype=torch.float32, device=x.device)
     h_post = torch.empty_like(h_pre)
     h_res = torch.empty((tokens, n, n), dtype=torch.float32, device=x.device)
-    n_phi = costs.coefficient_count(n)
+    n_phi = spec.coefficient_count(n)
     proj = torch.empty((tokens, n_phi), dtype=torch.float32, device=x.device)
     sumsq = torch.empty((tokens,), dtype=torch.float32, device=x.device)
 
@@ -540,7 +540,7 @@ def mhc_coefficients_bwd(
     of the streams) is added into grad streams."""
     x = token_rows(streams)
     tokens, n, channels = x.shape
-    n_columns, n_phi = n * channels, costs.coefficient_count(n)
+    n_columns, n_phi = n * channels, spec.coefficient_count(n)
     phi_padded = _padded_phi(phi)
     gate_parameters = _fp32(alpha, b_pre, b_post, b_res)
     device = x.device

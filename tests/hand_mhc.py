@@ -56,3 +56,11 @@ def randomize_mhc(model, seed=1):
             parameter.copy_(scale * torch.randn(parameter.shape, generator=generator,
                                                 dtype=parameter.dtype))
     return model
+
+
+def fused_forward_bytes(n: int, channels: int, element_bytes: int) -> int:
+    """What the forward kernels issue per token beyond the plain add (3C): the coefficient pass
+    and the pre-mix read x twice and write u, the post/res mix reads x and y and writes x'; plus
+    the fp32 projection written and read."""
+    stream_elements = (2 * n + 1) + (2 * n + 1) - 3
+    return stream_elements * channels * element_bytes + 2 * (n * n + 2 * n) * 4

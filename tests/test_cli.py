@@ -22,14 +22,14 @@ def test_report_example_gpt_prints_the_table(capsys, tmp_path):
 
 def test_report_counts_the_bytes_of_the_chosen_stream_dtype(tmp_path):
     """--stream-dtype bfloat16 on the float32 example: 2-byte stream elements in the estimate."""
-    from mhc_compile import costs
+    from hand_mhc import fused_forward_bytes
 
     for flags, element_bytes in (([], 4), (["--stream-dtype", "bfloat16"], 2)):
         path = tmp_path / f"{element_bytes}.json"
         assert cli.main(["report", "--example", "gpt", "--json", str(path), *flags]) == 0
         blocks = json.loads(path.read_text())["blocks"]
         assert blocks and all(
-            b["extra_bytes_per_token"] == costs.extra_bytes_per_token(4, b["shape"][-1], element_bytes)
+            b["extra_bytes_per_token"] == fused_forward_bytes(4, b["shape"][-1], element_bytes)
             for b in blocks
         )
 

@@ -8,6 +8,8 @@ import torch
 from torch import fx
 
 from mhc_compile import ops, reference  # noqa: F401  (registers the mhc:: ops)
+from mhc_compile.options import MHCOptions
+from mhc_compile.passes import PassContext
 from mhc_compile.passes.fuse_grad_streams import _grad_streams_add, fuse_grad_streams
 
 N, C, TOKENS = 4, 8, 6
@@ -50,7 +52,7 @@ def _backward_graph(other_shape=STREAMS_SHAPE, other_dtype=torch.float32, other_
 
 def test_folds_the_add_into_the_backward():
     graph, backward = _backward_graph()
-    assert fuse_grad_streams(graph) == 1
+    assert fuse_grad_streams(graph, PassContext(MHCOptions())) == 1
     assert backward.args[-1].name == "other" and len(backward.args) == ARGUMENTS + 1
     assert not [node for node in graph.nodes if node.target is torch.ops.aten.add.Tensor]
     (output,) = graph.output_node().args[0]
@@ -72,14 +74,14 @@ def test_leaves_adds_it_cannot_fold_exactly(case, reason):
     before = [(node.name, node.args, dict(node.kwargs)) for node in graph.nodes]
     position = {node: index for index, node in enumerate(graph.nodes)}
     assert _grad_streams_add(backward, position) == reason
-    assert fuse_grad_streams(graph) == 0
+    assert fuse_grad_streams(graph, PassContext(MHCOptions())) == 0
     assert [(node.name, node.args, dict(node.kwargs)) for node in graph.nodes] == before
     assert len(backward.args) == ARGUMENTS
 
 
 def test_a_backward_folds_at_most_once():
     graph, backward = _backward_graph()
-    fuse_grad_streams(graph)
+    fuse_grad_streams(graph, PassContext(MHCOptions()))
     position = {node: index for index, node in enumerate(graph.nodes)}
     assert _grad_streams_add(backward, position) == "it has an accumulate already"
 

@@ -15,21 +15,22 @@ from torch._inductor import config as inductor_config
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import mhc_compile
-from mhc_compile import private_apis, ops, templates
+from mhc_compile import private_apis, templates
 from mhc_compile.examples import llama
-from mhc_compile.passes import inline_kernels
+from mhc_compile.options import MHCOptions
+from mhc_compile.passes import PassContext, inline_kernels
 
 N, C, TOKENS = 4, 24, 6
 
 
 def _sublayer_through_opaque_ops(streams, y, phi, alpha, b_pre, b_post, b_res, grad_out):
     """A sublayer's forward and backward as the opaque ops (y stands in for F(mixed))."""
-    h_pre, h_post, h_res, mixed, proj, sum_squares = ops.coefficients_pre_mix_opaque(
+    h_pre, h_post, h_res, mixed, proj, sum_squares = torch.ops.mhc.coefficients_pre_mix_opaque(
         streams, phi, alpha, b_pre, b_post, b_res, 20, "sinkhorn")
-    out = ops.post_res_mix_opaque(streams, y, h_post, h_res)
-    grad_streams, grad_y, grad_h_post, grad_h_res = ops.post_res_mix_backward_opaque(
+    out = torch.ops.mhc.post_res_mix_opaque(streams, y, h_post, h_res)
+    grad_streams, grad_y, grad_h_post, grad_h_res = torch.ops.mhc.post_res_mix_backward_opaque(
         grad_out, streams, y, h_post, h_res)
-    grads = ops.coefficients_pre_mix_backward_opaque(
+    grads = torch.ops.mhc.coefficients_pre_mix_backward_opaque(
         torch.zeros_like(h_pre), grad_h_post, grad_h_res, grad_y, h_pre, proj, sum_squares, streams,
         phi, alpha, b_pre, b_post, b_res, 20, "sinkhorn", grad_streams)
     return out, grads[0]
@@ -53,7 +54,7 @@ def replaced(monkeypatch):
     """The launcher names inline_kernels would splice in, in graph order (nothing is spliced)."""
     names = []
     monkeypatch.setattr(templates, "launcher", lambda name: name)
-    monkeypatch.setattr(private_apis, "replace_with_functional_trace",
+    monkeypatch.setattr(inline_kernels, "_splice_launcher",
                         lambda node, launcher, traces: names.append(launcher))
     return names
 
@@ -65,23 +66,23 @@ def kernels_on_cpu(monkeypatch):
 
 
 def test_static_calls_whose_kernels_apply_are_handed_over(kernels_on_cpu, replaced):
-    assert inline_kernels.inline_kernels(_graph("fake")) == 4
+    assert inline_kernels.inline_kernels(_graph("fake"), PassContext(MHCOptions())) == 4
     assert replaced == ["coefficients_pre_mix", "post_res_mix", "post_res_mix_backward",
                         "coefficients_pre_mix_backward"]
 
 
 def test_symbolic_shapes_keep_the_opaque_ops(kernels_on_cpu, replaced):
-    assert inline_kernels.inline_kernels(_graph("symbolic")) == 0
+    assert inline_kernels.inline_kernels(_graph("symbolic"), PassContext(MHCOptions())) == 0
     assert replaced == []
 
 
 def test_more_streams_than_the_kernels_take_keep_the_opaque_ops(kernels_on_cpu, replaced):
-    assert inline_kernels.inline_kernels(_graph("fake", templates.MAX_STREAMS + 1)) == 0
+    assert inline_kernels.inline_kernels(_graph("fake", templates.MAX_STREAMS + 1), PassContext(MHCOptions())) == 0
     assert replaced == []
 
 
 def test_cpu_streams_keep_the_opaque_ops(replaced):
-    assert inline_kernels.inline_kernels(_graph("fake")) == 0
+    assert inline_kernels.inline_kernels(_graph("fake"), PassContext(MHCOptions())) == 0
     assert replaced == []
 
 
@@ -165,7 +166,7 @@ def test_ttir_of_mhc_kernels_is_generated_once_per_signature(generated_ttir):
 
 
 def test_a_trace_is_reused_only_for_the_same_signature():
-    """private_apis._trace_key: calls share a trace only with equal launchers, constants and
+    """inline_kernels._trace_key: calls share a trace only with equal launchers, constants and
     tensor layouts, and with the same pattern of repeated arguments (make_fx traces a tensor
     passed twice as one input, which must not serve two different tensors). Symbolic sizes are
     never keyed."""
@@ -180,10 +181,9 @@ def test_a_trace_is_reused_only_for_the_same_signature():
     transposed = placeholder("transposed", torch.empty(8, 4).t())
     wider = placeholder("wider", torch.empty(4, 9))
     half = placeholder("half", torch.empty(4, 8, dtype=torch.float16))
-    spec = "two tensors and a constant"
 
-    def key(*leaves, function=len):
-        return private_apis._trace_key(function, list(leaves), spec)
+    def key(*arguments, function=len):
+        return inline_kernels._trace_key(function, list(arguments))
 
     assert key(a, b, 20) == key(b, a, 20)  # other nodes, same layouts: one trace
     assert key(a, a, 20) != key(a, b, 20)  # a repeated argument is traced as one input
@@ -263,12 +263,13 @@ def test_handed_over_ops_become_their_kernels():
     output = _run_without_interpreter("""
 import test_inline_kernels as here
 from mhc_compile import private_apis, ops, templates
-from mhc_compile.passes import inline_kernels
+from mhc_compile.options import MHCOptions
+from mhc_compile.passes import PassContext, inline_kernels
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 
 traces = []
-functional_trace = private_apis._functional_trace
-private_apis._functional_trace = lambda *args: traces.append(1) or functional_trace(*args)
+functional_trace = private_apis.functional_trace
+private_apis.functional_trace = lambda *args: traces.append(1) or functional_trace(*args)
 
 from torch._guards import detect_fake_mode
 from torch._inductor.virtualized import V
@@ -278,10 +279,10 @@ graph = here._graph("fake", function=here._two_sublayers)
 # Inductor runs its post-grad passes in the graph's fake mode (V.fake_mode).
 fake_mode = detect_fake_mode([node.meta["val"] for node in graph.nodes if node.op == "placeholder"])
 with V.set_fake_mode(fake_mode):
-    print("inlined", inline_kernels.inline_kernels(graph))
+    print("inlined", inline_kernels.inline_kernels(graph, PassContext(MHCOptions())))
 graph.lint()
 calls = [node for node in graph.nodes if node.op == "call_function"]
-print("opaque", sum(node.target in ops.OPAQUE_KERNELS for node in calls))
+print("opaque", sum(node.target in ops.OPAQUE_OPS for node in calls))
 wrapper = torch.ops.higher_order.triton_kernel_wrapper_functional
 names = [kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.fn.__name__
          for node in calls if node.target is wrapper]

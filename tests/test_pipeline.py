@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import mhc_compile
-from mhc_compile import cli, costs
+from mhc_compile import cli, spec
 from mhc_compile.examples import gpt, llama
 from mhc_compile.pipeline import (
     PipelineError, build_stage_modules, post_res_mix_on_side_stream, schedule_names, stage_indices)
@@ -94,7 +94,7 @@ def test_annotation_marks_blocks_cuts_costs_and_overlappable_mixes():
             lambda: layer.feed_forward(layer.ffn_norm(x)))):
         with FlopCounterMode(display=False) as counter:
             f()
-        mhc = tokens * sum(costs.mhc_op_flops_per_token(op, n, width, 20) for op in costs.MHC_OPS)
+        mhc = tokens * sum(spec.op_flops_per_token(op, n, width, 20) for op in spec.FORWARD_OPS)
         matmuls = counter.get_total_flops() + mhc
         assert matmuls <= block.cost.flops <= 1.1 * matmuls, (block.key, block.cost.flops, matmuls)
         assert block.cost.bytes > 0 and block.cost.cost >= block.cost.flops

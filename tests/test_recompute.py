@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 import mhc_compile
 from mhc_compile.examples import LLaMA, llama
 from mhc_compile.options import MHCOptions
+from mhc_compile import passes
 from mhc_compile.passes import inline_kernels
 from mhc_compile.passes.recompute_policy import group_size
 
@@ -71,12 +72,12 @@ def test_ops_trace_as_their_opaque_twins_while_kept_whole(monkeypatch):
 
     monkeypatch.setattr(templates, "kernels_apply", lambda streams, args: True)
     streams = torch.randn(2, N, WIDTH)
-    assert ops._kernels_traced(streams, (streams,))
+    assert ops.launches_kernels(streams, (streams,))
     with ops.keep_ops_whole():
-        assert not ops._kernels_traced(streams, (streams,))
+        assert not ops.launches_kernels(streams, (streams,))
         with ops.keep_ops_whole(False):
-            assert ops._kernels_traced(streams, (streams,))
-    assert ops._kernels_traced(streams, (streams,))
+            assert ops.launches_kernels(streams, (streams,))
+    assert ops.launches_kernels(streams, (streams,))
 
 
 class _GraphRecorder:
@@ -85,15 +86,16 @@ class _GraphRecorder:
 
     def __init__(self, monkeypatch):
         self.graphs, self.final = [], []
-        inline = inline_kernels.inline_kernels
 
-        def record(graph):
+        def record(graph, context):
             self.graphs.append(copy.deepcopy(graph))
-            inlined = inline(graph)
+            inlined = inline_kernels.inline_kernels(graph, context)
             self.final.append(graph)
             return inlined
 
-        monkeypatch.setattr(inline_kernels, "inline_kernels", record)
+        stage = tuple(record if graph_pass is inline_kernels.inline_kernels else graph_pass
+                      for graph_pass in passes.POST_GRAD_PASSES)
+        monkeypatch.setitem(passes.STAGES, "post_grad", stage)
 
 
 def _saved_shapes(compiled, args):
