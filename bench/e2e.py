@@ -29,14 +29,16 @@ activations), cold compile (prepare() plus the first step less a median step, wi
 of each compile phase in the JSON and the main ones printed; `--cold-repeats N` compiles each
 variant cold N times, taking turns at the end of the run, and reports the median), and warm compile
 (the same in a new process on the Inductor and Triton caches the cold run filled, for baseline and
-mhc when time is left; every variant also records a recompile after torch._dynamo.reset() in its
+mhc when time is left; every variant also records a recompile after torch.compiler.reset() in its
 own process, where even the in-memory caches are warm).
 
-The bytes floor: mHC moves about 45C elements per token per sublayer in a training step (forward
-about (3n+2)C, backward about twice that and more, n=4); at the measured copy bandwidth that is the
-least time mHC can add to a step. It is reported for 2-byte elements (the issue's count) and for
-the dtype the variant stores its streams in: the residual's own by default (float32 here: autocast
-leaves the embedding output and so the residual adds in float32), bf16 for the mhc_bf16 variants.
+The bytes floor: the stream elements mHC must move per token per sublayer in a training step
+(mhc_compile/spec.py's training_floor_elements: the forward's (3n+2)C, both backwards', and the
+post/res mix the recompute policy runs again, where it is on: 50C at n=4, 41C without recompute);
+at the measured copy bandwidth that is the least time mHC can add to a step. It is reported for
+2-byte elements (the issue's count) and for the dtype the variant stores its streams in: the
+residual's own by default (float32 here: autocast leaves the embedding output and so the residual
+adds in float32), bf16 for the mhc_bf16 variants.
 """
 
 from __future__ import annotations
@@ -44,7 +46,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import platform
 import statistics
@@ -53,16 +54,17 @@ import sys
 import tempfile
 import time
 import traceback
-from datetime import date
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common import copy_bandwidth, log, out_dir, pyplot, synchronize, versions, write_json, write_table
+from mhc_compile import private_apis, spec
+
 N_STREAMS = 4
 SINKHORN_ITERS = 20
-ELEMENTS_PER_TOKEN_PER_SUBLAYER = 45  # times C: mHC's bytes floor in a training step (issue 4)
 VOCAB = 32000
 
 SIZES = {
@@ -84,10 +86,6 @@ MHC_VARIANTS = {
 }
 WARMUP_STEPS = 3
 WARM_VARIANTS = ("baseline", "mhc")  # warm compiles measured (in a new process) when time is left
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
 
 
 # --- models ---------------------------------------------------------------------------------------
@@ -204,7 +202,7 @@ def prepare_variant(variant: str, model: nn.Module, ids: torch.Tensor, device: t
         return naive, torch.compile(naive), time.perf_counter() - start
     # Per piece: every layer compiled on its own. One frame serves all layers (parameters are
     # graph inputs), but keep Dynamo from giving up on recompiles across the instances.
-    torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+    private_apis.raise_recompile_limit(64)
     for layer in naive.layers:
         layer.compile()
     return naive, naive, time.perf_counter() - start
@@ -227,22 +225,17 @@ def make_step(forward, optimizer, ids: torch.Tensor, device: torch.device):
 
 def timed(step, device: torch.device) -> float:
     """Seconds for one step, the device drained before and after."""
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     loss = step()
-    _synchronize(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     if not torch.isfinite(loss):
         raise RuntimeError(f"the loss is not finite: {loss.item()}")
     return seconds
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-# Where a cold compile goes (torch._dynamo.utils.compile_times; phases nest: the backward's
+# Where a cold compile goes (Dynamo's compile timers; phases nest: the backward's
 # compile also counts in AOT autograd's, lowering and codegen in the compiler's).
 SHOWN_COMPILE_PHASES = {
     "Dynamo": "bytecode_tracing", "AOT autograd + Inductor": "create_aot_dispatcher_function",
@@ -257,8 +250,7 @@ SHOWN_COMPILE_PHASES = {
 
 def compile_phases() -> dict[str, float]:
     """Seconds per compile phase in this process so far, summed over calls."""
-    names, seconds = torch._dynamo.utils.compile_times(repr="csv", aggregate=True)
-    return {name: float(value) for name, value in zip(names, seconds)}
+    return private_apis.compile_phase_seconds()
 
 
 def run_variant(size_name: str, size: dict, variant: str, device: torch.device) -> dict:
@@ -290,7 +282,7 @@ def run_variant(size_name: str, size: dict, variant: str, device: torch.device) 
     profiled = profile_steps(step, device) if os.environ.get("MHC_BENCH_PROFILE") else None
     again_s = None
     if not os.environ.get("MHC_BENCH_NO_WARM"):
-        torch._dynamo.reset()  # recompile in this process: fresh Dynamo, every cache warm
+        torch.compiler.reset()  # recompile in this process: fresh Dynamo, every cache warm
         _, forward, again_prepare_s = _recompile(variant, trained, model, ids, device)
         again_s = again_prepare_s + timed(make_step(forward, optimizer, ids, device), device) - median
     tokens = size["batch"] * size["seq"]
@@ -432,23 +424,6 @@ def _residual_dtype(model, ids, device) -> torch.dtype:
         return model.tok_embeddings(ids[:1, :2]).dtype
 
 
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes read + written per second by a device-to-device copy (2 GiB on CUDA)."""
-    numel = 2**29 if device.type == "cuda" else 2**24
-    source = torch.randn(numel, device=device)
-    target = torch.empty_like(source)
-    for _ in range(3):
-        target.copy_(source)
-    times = []
-    for _ in range(20):
-        _synchronize(device)
-        start = time.perf_counter()
-        target.copy_(source)
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 2 * numel * source.element_size() / statistics.median(times)
-
-
 def worker(args) -> int:
     size = {**SIZES, **TINY}[args.size]
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
@@ -508,7 +483,8 @@ def summarize(rows: list[dict]) -> list[dict]:
                      and "error" not in r), None)
         entry = dict(row)
         sublayers = 2 * row["depth"]
-        elements = ELEMENTS_PER_TOKEN_PER_SUBLAYER * row["width"] * row["tokens_per_step"] * sublayers
+        elements = (floor_elements_per_token(row["variant"]) * row["width"] * row["tokens_per_step"]
+                    * sublayers)
         stream_bytes = getattr(torch, row["stream_dtype"]).itemsize
         if base is not None:
             entry["step_overhead"] = row["step_ms_median"] / base["step_ms_median"] - 1
@@ -524,6 +500,13 @@ def summarize(rows: list[dict]) -> list[dict]:
                     entry[f"{label}_overhead"] = floor_ms / base["step_ms_median"]
         summary.append(entry)
     return summary
+
+
+def floor_elements_per_token(variant: str) -> int:
+    """Stream elements (times C) one sublayer's training step must move per token: with the post/res
+    mix recomputed where backend="mhc" runs its recompute policy."""
+    recompute = variant in MHC_VARIANTS and MHC_VARIANTS[variant].get("recompute", "auto") is not False
+    return spec.training_floor_elements(N_STREAMS, recompute=recompute)
 
 
 def table(summary: list[dict]) -> str:
@@ -557,13 +540,8 @@ def table(summary: list[dict]) -> str:
 
 
 def plot(summary: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib is not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     figure, (steps, memory) = plt.subplots(1, 2, figsize=(11, 4.2))
     for variant in dict.fromkeys(r["variant"] for r in summary):
@@ -585,13 +563,8 @@ def plot(summary: list[dict], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
-def _out_dir(args) -> Path:
-    return Path(args.out or os.environ.get("OUT") or Path(__file__).parent / "out")
-
-
 def driver(args) -> int:
-    out = _out_dir(args)
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_dir(args.out)
     sizes = list(TINY) if args.tiny else args.sizes
     variants = args.variants + (["naive_whole"] if args.naive_whole else [])
     deadline = time.perf_counter() + args.budget_s
@@ -602,8 +575,7 @@ def driver(args) -> int:
     if args.profile:
         os.environ["MHC_BENCH_PROFILE"] = "1"
     header = {
-        "date": date.today().isoformat(), "torch": torch.__version__,
-        "python": platform.python_version(), "n": N_STREAMS, "sinkhorn_iters": SINKHORN_ITERS,
+        **versions(), "n": N_STREAMS, "sinkhorn_iters": SINKHORN_ITERS,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny
         else platform.processor() or "cpu",
         "commit": _commit(),
@@ -644,15 +616,13 @@ def driver(args) -> int:
                                             f"cold compile {row['cold_compile_s']:.1f} s"))
             if row.get("profile"):
                 log(profile_text(row["profile"]))
-        (out / "e2e.json").write_text(json.dumps({**header, "rows": summarize(rows)}, indent=1))
+        write_json(out / "e2e.json", {**header, "rows": summarize(rows)})
     summary = summarize(rows)
     bandwidth = next((r["copy_bandwidth"] for r in rows if r.get("copy_bandwidth")), None)
     log("")
     if bandwidth:
         log(f"copy bandwidth {bandwidth / 1e12:.3f} TB/s (device-to-device, read + write)")
-    text = table(summary)
-    log(text)
-    (out / "e2e.md").write_text(text + "\n")
+    write_table(out / "e2e.md", table(summary))
     plot(summary, out / "e2e.png")
     failed = [r for r in summary if "error" in r]
     return 1 if args.tiny and failed else 0
@@ -712,10 +682,8 @@ def merge(paths: list[str], out: Path) -> int:
                   key=lambda row: (row.get("width", 0), ORDER.index(row["variant"])
                                    if row["variant"] in ORDER else len(ORDER)))
     out.mkdir(parents=True, exist_ok=True)
-    text = table(rows)
-    log(text)
-    (out / "e2e.md").write_text(text + "\n")
-    (out / "e2e.json").write_text(json.dumps({**runs[0], "rows": rows, "merged_from": paths}, indent=1))
+    write_table(out / "e2e.md", table(rows))
+    write_json(out / "e2e.json", {**runs[0], "rows": rows, "merged_from": paths})
     plot(rows, out / "e2e.png")
     return 0
 
@@ -748,7 +716,7 @@ def main() -> int:
     parser.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.merge:
-        return merge(args.merge, _out_dir(args))
+        return merge(args.merge, out_dir(args.out))
     return worker(args) if args.worker else driver(args)
 
 

@@ -43,23 +43,24 @@ from __future__ import annotations
 import argparse
 import cProfile
 import functools
+import importlib.util
 import io
-import json
 import logging
-import os
-import platform
 import pstats
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
-import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
-from mhc_compile import ops, reference
+from common import (
+    copy_bandwidth, log, out_dir, poisoned_allocations, pyplot, relative_error, versions,
+    write_json, write_table,
+)
+from mhc_compile import ops, private_apis, reference, spec
 from mhc_compile.backend import compile_whole_ops
+from mhc_compile.options import MHCOptions
 from mhc_compile.templates import (
     coefficients, coefficients_pre_mix, configs, kernels_active, post_res_mix, pre_mix,
 )
@@ -77,10 +78,6 @@ TOLERANCE = 1e-2
 WHOLE_OPS_GRAPHED = "ours+whole-ops (CUDA graph)"
 PROVIDERS = ("ours", "ours+inductor", "ours+whole-ops", "ours+whole-ops+graphs", "naive",
              "naive+inductor", "liger")
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
 
 
 # --- inputs and the sublayer -------------------------------------------------------------------
@@ -117,7 +114,8 @@ def ours(*inputs):
 def whole_ops_inductor(graph_module, example_inputs, cudagraphs: bool = False):
     """Inductor as backend="mhc" runs it: the ops traced whole, the grad-streams fold, then
     (passes/inline_kernels.py) the kernels handed to Inductor."""
-    return compile_whole_ops(graph_module, example_inputs, cudagraphs=cudagraphs)
+    return compile_whole_ops(graph_module, example_inputs,
+                             MHCOptions(recompute=False, cudagraphs=cudagraphs))
 
 
 def naive(*inputs):
@@ -127,36 +125,10 @@ def naive(*inputs):
 # --- 1. correctness ------------------------------------------------------------------------------
 
 
-class _PoisonedAllocations:
-    """Float buffers from torch.empty(_like) start as NaN while active (unwritten output = NaN)."""
-
-    def __enter__(self):
-        self.saved = torch.empty, torch.empty_like
-
-        def poison(allocate):
-            def allocate_nan(*args, **kwargs):
-                tensor = allocate(*args, **kwargs)
-                return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
-
-            return allocate_nan
-
-        torch.empty, torch.empty_like = (poison(a) for a in self.saved)
-
-    def __exit__(self, *exc):
-        torch.empty, torch.empty_like = self.saved
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.detach().double(), expected.detach().double()
-    if actual.isnan().any():
-        return float("nan")
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
-
-
 def check(tokens: int, n: int, channels: int, seed: int) -> dict[str, float]:
     """Relative errors of every output and gradient of the sublayer through our kernels."""
     inputs = make_inputs(tokens, n, channels, seed)
-    with _PoisonedAllocations():
+    with poisoned_allocations():
         parts = sublayer_parts(ops, *inputs)
         for part in parts.values():
             part.retain_grad()
@@ -186,37 +158,39 @@ def check(tokens: int, n: int, channels: int, seed: int) -> dict[str, float]:
 # --- 2. timing -----------------------------------------------------------------------------------
 
 
-def copy_bandwidth() -> float:
-    """Bytes read + written per second by a 2 GiB device-to-device copy."""
-    source = torch.randn(2**29, device=DEVICE)
-    target = torch.empty_like(source)
-    ms = do_bench(lambda: target.copy_(source), warmup=50, rep=300, return_mode="median")
-    return 2 * source.numel() * source.element_size() / (ms * 1e-3)
-
-
 def floor_bytes(tokens: int, n: int, channels: int) -> int:
-    """Forward floor: (3n+2)C stream elements per token (the issue's count: coefficients fused with
-    the pre-mix read x once and write u; post/res reads x and y and writes x_{l+1}). Our forward
-    moves exactly these through HBM when the fused kernel's second read of x hits L2."""
-    return (3 * n + 2) * channels * tokens * STREAM_DTYPE.itemsize
+    """Forward floor: (3n+2)C stream elements per token (spec.forward_floor_elements: coefficients
+    fused with the pre-mix read x once and write u; post/res reads x and y and writes x_{l+1}). Our
+    forward moves exactly these through HBM when the fused kernel's second read of x hits L2."""
+    return spec.forward_floor_elements(n) * channels * tokens * STREAM_DTYPE.itemsize
 
 
 def kernel_bytes(tokens: int, n: int, channels: int) -> dict[str, int]:
-    """Stream bytes each of our kernels moves (coefficient-sized traffic left out)."""
-    per_token = {
-        "projection": n,  # read x (inside the coefficients' forward)
-        "coefficients_fwd": n,  # read x
-        "pre_mix_fwd": n + 1,  # read x, write u
-        "coefficients_pre_mix_fwd": 2 * n + 1,  # the op: the two above
-        "post_res_mix_fwd": 2 * n + 1,  # read x, y; write x'
-        "post_res_mix_bwd": 3 * n + 2,  # read dx', x, y; write dx, dy
-        "pre_mix_bwd": 2 * n + 1,  # read du, x; write its share of dx
-        "coefficients_bwd": 3 * n,  # read x, the pre-mix's dx; write dx
-        "coefficients_pre_mix_bwd": 5 * n + 1,  # the op: the two above
-        "coefficients_pre_mix_bwd+acc": 6 * n + 1,  # + read post/res's dx (the fold)
-        "grad_accumulate_add": 3 * n,  # autograd sums the two ops' dx: read 2, write 1
+    """Stream bytes each call of time_kernels moves (coefficient-sized traffic left out)."""
+    return {name: elements * channels * tokens * STREAM_DTYPE.itemsize
+            for name, elements in kernel_elements(n).items()}
+
+
+def kernel_elements(n: int) -> dict[str, int]:
+    """Stream elements per token (times C) each call of time_kernels moves, from the ops' kernel
+    passes in mhc_compile/spec.py. The coefficient-and-pre-mix backward runs without the fold
+    (passes/fuse_grad_streams.py) unless "+acc": then its pre-mix pass also reads post/res's dx."""
+    passes = {kernel.name: kernel.elements(n) for op in spec.OPS for kernel in op.passes}
+    folded = spec.COEFFICIENTS_PRE_MIX_BACKWARD.stream_elements(n)
+    unfolded = folded - n  # less the read of the other reader's dx
+    return {
+        "projection": passes["coefficients_fwd"],  # read x, inside the coefficients' forward
+        "coefficients_fwd": passes["coefficients_fwd"],
+        "pre_mix_fwd": passes["pre_mix_fwd"],
+        "coefficients_pre_mix_fwd": spec.COEFFICIENTS_PRE_MIX.stream_elements(n),
+        "post_res_mix_fwd": passes["post_res_mix_fwd"],
+        "post_res_mix_bwd": passes["post_res_mix_bwd"],
+        "pre_mix_bwd": passes["pre_mix_bwd"] - n,  # timed unfolded: no accumulate to read
+        "coefficients_bwd": passes["coefficients_bwd"],
+        "coefficients_pre_mix_bwd": unfolded,
+        "coefficients_pre_mix_bwd+acc": folded,
+        "grad_accumulate_add": spec.GRAD_STREAMS_ADD.elements(n),
     }
-    return {k: v * channels * tokens * STREAM_DTYPE.itemsize for k, v in per_token.items()}
 
 
 def bench(fn, grad_to_none=None) -> float:
@@ -271,7 +245,7 @@ def whole_ops_graphed(inputs) -> tuple:
     also keep the shared ones' AccumulateGrad nodes off the cudagraph trees' stream."""
     static_inputs = [t.detach().clone().requires_grad_() for t in inputs]
     for tensor in static_inputs:
-        torch._dynamo.mark_static_address(tensor)
+        private_apis.mark_static_address(tensor)
     compiled = torch.compile(ours, backend=functools.partial(whole_ops_inductor, cudagraphs=True))
 
     def replay(*_):
@@ -293,7 +267,7 @@ def time_providers(
     replayed as a CUDA graph (no host overhead: what torch.compile(mode="reduce-overhead") gets).
     With timed=False every provider only runs once (compiles, autotunes)."""
     grad_out = torch.randn_like(inputs[0])
-    torch._dynamo.reset()
+    torch.compiler.reset()
     sublayers = {
         "ours": (ours, inputs),
         "ours+inductor": (torch.compile(ours), inputs),
@@ -335,7 +309,7 @@ def profile_host(inputs, channels: int, out: Path, repeats: int = 50) -> None:
     calls of "ours" and "ours+whole-ops", the GPU not waited for, functions by their own time and
     by their cumulative time."""
     grad_out = torch.randn_like(inputs[0])
-    torch._dynamo.reset()
+    torch.compiler.reset()
     whole_ops = torch.compile(ours, backend=whole_ops_inductor)
     reports = [_host_profile(name, sublayer, inputs, grad_out, repeats)
                for name, sublayer in (("ours", ours), ("ours+whole-ops", whole_ops))]
@@ -409,6 +383,11 @@ def split_host_and_gpu(call) -> dict[str, float]:
 # --- 3. report -----------------------------------------------------------------------------------
 
 
+def percent_of_copy(nbytes: int, ms: float, copy_bw: float) -> float:
+    """`nbytes` moved in `ms`, as % of the measured copy bandwidth."""
+    return 100 * nbytes / (ms * 1e-3) / copy_bw
+
+
 def summarize(row: dict, copy_bw: float) -> None:
     """Print one shape: per provider ms, GB/s and % of copy bandwidth on the floor, speedups."""
     floor = row["floor_bytes"]
@@ -419,7 +398,8 @@ def summarize(row: dict, copy_bw: float) -> None:
         f"{'ours x fwd':>10s} {'ours x f+b':>10s}")
     for name, times in providers.items():
         gbps = floor / (times["fwd_ms"] * 1e-3) / 1e9
-        log(f"  {name:21s} {times['fwd_ms']:8.3f} {gbps:7.0f} {100 * gbps * 1e9 / copy_bw:5.1f}% "
+        log(f"  {name:21s} {times['fwd_ms']:8.3f} {gbps:7.0f} "
+            f"{percent_of_copy(floor, times['fwd_ms'], copy_bw):5.1f}% "
             f"{times['fwd_bwd_ms']:11.3f} {times['fwd_ms'] / mine['fwd_ms']:10.2f} "
             f"{times['fwd_bwd_ms'] / mine['fwd_bwd_ms']:10.2f}")
     log(f"  {'our kernels alone':28s} {'ms':>7s} {'%copy':>6s} {'host ms':>8s} {'GPU ms':>7s} "
@@ -444,7 +424,7 @@ def markdown_table(rows: list[dict], copy_bw: float) -> str:
     for row in rows:
         providers = row["providers"]
         for name, times in providers.items():
-            pct = 100 * row["floor_bytes"] / (times["fwd_ms"] * 1e-3) / copy_bw
+            pct = percent_of_copy(row["floor_bytes"], times["fwd_ms"], copy_bw)
             ratios = [
                 " / ".join(f"{times[key] / providers[ours][key]:.2f}"
                            for key in ("fwd_ms", "fwd_bwd_ms")) if ours in providers else "-"
@@ -458,18 +438,14 @@ def markdown_table(rows: list[dict], copy_bw: float) -> str:
 
 
 def plot(rows: list[dict], copy_bw: float, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib is not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     figure, (bandwidth, total) = plt.subplots(1, 2, figsize=(12, 4.5))
     channels = [row["C"] for row in rows]
     for name in rows[0]["providers"]:
-        fwd = [row["floor_bytes"] / (row["providers"][name]["fwd_ms"] * 1e-3) / copy_bw * 100 for row in rows]
+        fwd = [percent_of_copy(row["floor_bytes"], row["providers"][name]["fwd_ms"], copy_bw)
+               for row in rows]
         bandwidth.plot(channels, fwd, marker="o", label=name)
         total.plot(channels, [row["providers"][name]["fwd_bwd_ms"] for row in rows], marker="o", label=name)
     bandwidth.axhline(80, linestyle="--", color="grey", label="target 80%")
@@ -487,6 +463,40 @@ def plot(rows: list[dict], copy_bw: float, path: Path) -> None:
     log(f"wrote {path}")
 
 
+# --- the run -------------------------------------------------------------------------------------
+
+
+def check_shapes(tokens: int, n: int, channels_list: list[int]) -> tuple[list[int], dict]:
+    """Step 1 at every shape, logged: (the C that failed, the autotune timings per C)."""
+    failures, tuning = [], {}
+    for seed, channels in enumerate(channels_list):
+        errors = check(tokens, n, channels, seed)
+        tuning[channels] = configs.config_timings()  # the check tuned this shape's kernels
+        worst = max(errors, key=lambda k: errors[k] if errors[k] == errors[k] else float("inf"))
+        passed = all(e <= TOLERANCE for e in errors.values())
+        log(f"check C={channels}: {'ok' if passed else 'FAILED'}, worst {worst} {errors[worst]:.1e}; "
+            + " ".join(f"{k}={v:.1e}" for k, v in errors.items()))
+        failures += [] if passed else [channels]
+        torch.cuda.empty_cache()
+    return failures, tuning
+
+
+def time_shape(inputs, n: int, channels: int, skip: set[str], copy_bw: float) -> dict:
+    """Step 2 at one shape: the providers' times and each kernel's, with its bytes and % of copy
+    bandwidth (eager and as a CUDA graph)."""
+    tokens = inputs[0].shape[0]
+    providers = time_providers(inputs, channels, n, skip)
+    moved = kernel_bytes(tokens, n, channels)
+    kernels = {
+        name: {**times, "bytes": moved[name],
+               "pct_copy": percent_of_copy(moved[name], times["ms"], copy_bw),
+               "gpu_pct_copy": percent_of_copy(moved[name], times["gpu_ms"], copy_bw)}
+        for name, times in time_kernels(inputs).items()
+    }
+    return {"C": channels, "floor_bytes": floor_bytes(tokens, n, channels),
+            "providers": providers, "kernels": kernels, "configs": configs.chosen_configs()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=16384)
@@ -502,35 +512,22 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(format="%(name)s: %(message)s")
     logging.getLogger("mhc_compile.templates").setLevel(logging.INFO)  # autotuning progress
-    out = Path(os.environ.get("OUT") or Path(__file__).parent / "out")
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_dir()
     assert kernels_active(DEVICE), "the mhc:: ops do not run the Triton kernels on this machine"
 
     skip = set(args.skip)
-    try:
-        import liger_kernel  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("liger_kernel") is None:
         log("liger-kernel is not installed: no liger column")
         skip.add("liger")
     device = torch.cuda.get_device_name()
     header = {
-        "device": device, "date": date.today().isoformat(), "torch": torch.__version__,
-        "triton": triton.__version__, "python": platform.python_version(),
+        "device": device, **versions(),
         "tokens": args.tokens, "n": args.n, "dtype": "bf16", "sinkhorn_iters": ITERS,
         "title": f"mHC sublayer, {device}, n={args.n}, tokens={args.tokens}, bf16",
     }
-    log(f"{header['title']}; torch {torch.__version__}, triton {triton.__version__}")
+    log(f"{header['title']}; torch {header['torch']}, triton {header['triton']}")
 
-    failures, tuning = [], {}
-    for seed, channels in enumerate(args.channels):
-        errors = check(args.tokens, args.n, channels, seed)
-        tuning[channels] = configs.config_timings()  # the check tuned this shape's kernels
-        worst = max(errors, key=lambda k: errors[k] if errors[k] == errors[k] else float("inf"))
-        passed = all(e <= TOLERANCE for e in errors.values())
-        log(f"check C={channels}: {'ok' if passed else 'FAILED'}, worst {worst} {errors[worst]:.1e}; "
-            + " ".join(f"{k}={v:.1e}" for k, v in errors.items()))
-        failures += [] if passed else [channels]
-        torch.cuda.empty_cache()
+    failures, tuning = check_shapes(args.tokens, args.n, args.channels)
     if failures or args.check_only:
         return 1 if failures else 0
     if args.host_profile:
@@ -545,36 +542,20 @@ def main() -> int:
             torch.cuda.empty_cache()
         return 0
 
-    copy_bw = copy_bandwidth()
+    copy_bw = copy_bandwidth(DEVICE)
     log(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (2 GiB device-to-device, read + write)")
     rows = []
     for seed, channels in enumerate(args.channels):
         log(f"\ntiming C={channels}")
         inputs = make_inputs(args.tokens, args.n, channels, 100 + seed)
-        providers = time_providers(inputs, channels, args.n, skip)
-        kernel_times = time_kernels(inputs)
-        moved = kernel_bytes(args.tokens, args.n, channels)
-        rows.append({
-            **header, "C": channels, "floor_bytes": floor_bytes(args.tokens, args.n, channels),
-            "providers": providers,
-            "kernels": {
-                k: {
-                    **times, "bytes": moved[k],
-                    "pct_copy": 100 * moved[k] / (times["ms"] * 1e-3) / copy_bw,
-                    "gpu_pct_copy": 100 * moved[k] / (times["gpu_ms"] * 1e-3) / copy_bw,
-                }
-                for k, times in kernel_times.items()
-            },
-            "configs": configs.chosen_configs(),
-            "config_timings": tuning[channels],
-        })
+        rows.append({**header, **time_shape(inputs, args.n, channels, skip, copy_bw),
+                     "config_timings": tuning[channels]})
         summarize(rows[-1], copy_bw)
-        (out / "kernels.json").write_text(json.dumps({"copy_bw": copy_bw, "rows": rows}, indent=1))
+        write_json(out / "kernels.json", {"copy_bw": copy_bw, "rows": rows})
         del inputs
         torch.cuda.empty_cache()
-    table = markdown_table(rows, copy_bw)
-    (out / "kernels.md").write_text(table + "\n")
-    log("\n" + table)
+    log("")
+    write_table(out / "kernels.md", markdown_table(rows, copy_bw))
     plot(rows, copy_bw, out / "kernels.png")
     return 0
 

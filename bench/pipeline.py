@@ -26,7 +26,6 @@ overlap settings) against the same stage modules run microbatch by microbatch in
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -43,7 +42,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import mhc_compile  # noqa: E402
-from mhc_compile import _pipelining_compat  # noqa: E402
+from common import synchronize, versions, write_json  # noqa: E402
+from mhc_compile import private_apis  # noqa: E402
 from mhc_compile.examples import llama  # noqa: E402
 from mhc_compile.pipeline import build_stage_modules  # noqa: E402
 
@@ -80,20 +80,15 @@ class PlainStage(nn.Module):
         return x if self.first else self.output(self.norm(x))
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn, device, repeats):
     """Median wall time (ms) of fn() over `repeats` runs after one warm-up, device synchronised."""
     fn()
     times = []
     for _ in range(repeats):
-        sync(device)
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        sync(device)
+        synchronize(device)
         times.append(1e3 * (time.perf_counter() - start))
     return statistics.median(times)
 
@@ -179,11 +174,11 @@ def pipeline_step_ms(step, model, device, warmup, steps):
         model.zero_grad(set_to_none=True)
     times = []
     for _ in range(steps):
-        sync(device)
+        synchronize(device)
         dist.barrier()
         start = time.perf_counter()
         step()
-        sync(device)
+        synchronize(device)
         times.append(1e3 * (time.perf_counter() - start))
         model.zero_grad(set_to_none=True)
     return max_over_ranks(statistics.median(times), device)
@@ -204,7 +199,7 @@ def check_correctness(device, dtype, rank, cut):
     count = size[5]
     rows = []
     for overlap in (False, True):
-        torch._dynamo.reset()
+        torch.compiler.reset()
         model, ids, target = build(size, device, dtype, seed=1)
         mhc_compile.prepare(model, ids[:1])
         with torch.no_grad():
@@ -235,7 +230,7 @@ def bench_size(name, size, device, dtype, rank, args):
     cut = f"layers.{depth // 2}"
     result = {"size": name, "width": width, "depth": depth, "heads": heads, "seq": seq,
               "microbatch": micro, "microbatches": count, "vocab": vocab, "n": args.n}
-    torch._dynamo.reset()
+    torch.compiler.reset()
     plain, ids, target = build(size, device, dtype)
     mb_ids, mb_target = ids[:micro], target[:micro]
     plain_stages = [PlainStage(plain, True, depth // 2), PlainStage(plain, False, depth // 2)]
@@ -277,12 +272,12 @@ def bench_size(name, size, device, dtype, rank, args):
         ("mHC, no overlap", False, False), ("mHC, async exchange only", False, True),
         ("mHC, overlap", True, True),
     ):
-        torch._dynamo.reset()
+        torch.compiler.reset()
         if overlap is None:
             from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
             stage = PipelineStage(plain_stages[rank], rank, 2, device)
-            schedule = _pipelining_compat.build_schedule(
+            schedule = private_apis.build_schedule(
                 Schedule1F1B, [stage], count, loss_fn=loss_fn, scale_grads=True,
                 async_exchange=async_exchange)
 
@@ -371,7 +366,7 @@ def main():
     sizes = SMOKE if args.smoke else {k: SIZES[k] for k in (args.sizes or SIZES)}
     results = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-        "torch": torch.__version__, "triton": _triton_version(), "dtype": str(dtype),
+        **versions(), "dtype": str(dtype),
         "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST")},
         "schedule": "1F1B", "stages": 2,
     }
@@ -390,20 +385,12 @@ def main():
         if rank == 0:
             print(f"{name} done at {time.perf_counter() - started:.0f} s", flush=True)
             out.mkdir(parents=True, exist_ok=True)
-            (out / "pipeline.json").write_text(json.dumps(results, indent=2))
+            write_json(out / "pipeline.json", results)
     if rank == 0:
         print_table(results)
         print(f"wrote {out / 'pipeline.json'}; skipped for time: {results['skipped_sizes']}")
     dist.barrier()
     dist.destroy_process_group()
-
-
-def _triton_version():
-    try:
-        import triton
-        return triton.__version__
-    except ImportError:
-        return None
 
 
 if __name__ == "__main__":

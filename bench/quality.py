@@ -39,16 +39,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import json
 import math
-import platform
 import statistics
 import sys
 import sysconfig
 import time
 import zlib
-from dataclasses import dataclass, field
-from datetime import date
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -56,6 +53,8 @@ import torch
 import torch.nn.functional as F
 
 import mhc_compile
+from mhc_compile import private_apis
+from common import log, pyplot, synchronize, versions, write_json
 from mhc_compile.examples import LLaMA
 
 VARIANTS: dict[str, dict[str, Any] | None] = {
@@ -103,10 +102,6 @@ FULL = Config(device="cuda", width=256, depth=8, heads=4, seq=256, batch=32)
 TINY = Config(device="cpu", width=32, depth=2, heads=2, seq=32, batch=4, lr_grid=(3e-3, 3e-2),
               evals=2, val_batches=2, probe_every=5, probe_sequences=2, steps=20, min_steps=10,
               step_multiple=5, inductor=False, max_files=80, calibration_steps=3)
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
 
 
 # --- corpus ----------------------------------------------------------------------------------------
@@ -238,16 +233,12 @@ class PausableTimer:
     def __init__(self, device: str):
         self.device, self.total, self.started = device, 0.0, None
 
-    def _sync(self) -> None:
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-
     def resume(self) -> None:
-        self._sync()
+        synchronize(self.device)
         self.started = time.perf_counter()
 
     def pause(self) -> None:
-        self._sync()
+        synchronize(self.device)
         if self.started is not None:
             self.total += time.perf_counter() - self.started
         self.started = None
@@ -451,11 +442,7 @@ def summary(runs: list[dict], seeds) -> str:
 
 
 def plot(runs: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()  # main() refuses to start without matplotlib
     colors = {"plain": "tab:gray", "HC": "tab:red", "mHC": "tab:blue"}
     figure, axes = plt.subplots(2, 2, figsize=(13, 9))
     for run in runs:
@@ -489,16 +476,9 @@ def plot(runs: list[dict], path: Path) -> None:
 
 
 def environment(cfg: Config) -> dict[str, Any]:
-    info = {"date": str(date.today()), "torch": torch.__version__, "python": platform.python_version(),
-            "device": cfg.device}
+    info = {**versions(), "device": cfg.device}
     if cfg.device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
-        try:
-            import triton
-
-            info["triton"] = triton.__version__
-        except ImportError:
-            pass
     return info
 
 
@@ -511,9 +491,7 @@ def run(cfg: Config, out: Path) -> dict[str, Any]:
     if cfg.device == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls; parameters and streams fp32
     # Each variant adds Dynamo cache entries on LLaMA.forward (prepare, training graph, probe).
-    dynamo_config = torch._dynamo.config
-    limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-    setattr(dynamo_config, limit, 64)
+    private_apis.raise_recompile_limit(64)
     corpus = load_corpus(cfg.max_files)
     train_data, val_data = corpus.train.to(cfg.device), corpus.validation.to(cfg.device)
     log(f"corpus {corpus.root}: train {len(corpus.train):,} bytes ({corpus.train_files} files), "
@@ -528,7 +506,7 @@ def run(cfg: Config, out: Path) -> dict[str, Any]:
                    "validation_files": corpus.validation_files},
         "checks": {}, "timing": {}, "runs": [],
     }
-    save = lambda: (out / "quality.json").write_text(json.dumps(result, indent=1))
+    save = lambda: write_json(out / "quality.json", result)
 
     example = train_data[: cfg.batch * cfg.seq].long().view(cfg.batch, cfg.seq)
     variants = {name: build_variant(name, cfg, example, weights[cfg.seeds[0]]) for name in VARIANTS}

@@ -17,7 +17,6 @@ without TRITON_INTERPRET: the interpreter replaces the kernels it must compile.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -34,6 +33,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from common import write_json  # noqa: E402
 from mhc_compile import kernel_launch, templates  # noqa: E402
 from mhc_compile.templates import configs  # noqa: E402
 
@@ -142,7 +142,7 @@ def main() -> int:
     rows = [row for n in args.n
             for row in kernel_rows(n, args.channels, dtype, args.arch, set(args.kernels))]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "registers.json").write_text(json.dumps({"arch": args.arch, "rows": rows}, indent=1))
+    write_json(args.out / "registers.json", {"arch": args.arch, "rows": rows})
     print(f"sm_{args.arch}, C={args.channels}, {args.dtype} streams (ptxas -v)")
     print("| kernel | n | constexprs | config | kept by model | registers | spill stores B |")
     print("|---|---|---|---|---|---|---|")

@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
-import os
-from pathlib import Path
 
 import torch
 
 import e2e
+from common import out_dir, write_json
 
 
 def saved_bytes_by_kind(forward, ids: torch.Tensor, model: torch.nn.Module, width: int,
@@ -70,7 +68,7 @@ SIZES = {**e2e.SIZES, **e2e.TINY}
 def measure(size_name: str, tokens: int, variant: str, device: torch.device) -> dict[str, int]:
     size = dict(SIZES[size_name], batch=1, seq=tokens)
     model, ids = e2e.build_llama(size, device)
-    torch._dynamo.reset()
+    torch.compiler.reset()
     _, forward, _ = e2e.prepare_variant(variant, model, ids, device)
     inputs = ids[:, :-1]
     with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -109,11 +107,8 @@ def main() -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = {variant: measure(args.size, args.tokens, variant, device) for variant in args.variants}
     print(table(args.size, args.tokens, rows))
-    out = Path(os.environ.get("OUT") or Path(__file__).parent / "out")
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"saved_activations_{args.size}_{device.type}.json"
-    path.write_text(json.dumps({"size": args.size, "tokens": args.tokens, "device": device.type,
-                                "bytes": rows}, indent=2))
+    path = out_dir() / f"saved_activations_{args.size}_{device.type}.json"
+    write_json(path, {"size": args.size, "tokens": args.tokens, "device": device.type, "bytes": rows})
     print(f"wrote {path}")
     return 0
 

@@ -3,22 +3,18 @@
 import importlib.util
 import json
 import random
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).parent.parent / "bench" / "e2e.py"
+BENCH = Path(__file__).parent.parent / "bench"
 
 
 @pytest.fixture(scope="module")
 def e2e():
-    spec = importlib.util.spec_from_file_location("e2e_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(BENCH)  # the bench imports its neighbour common.py
+        yield importlib.import_module("e2e")
 
 
 def _worker_row(size: str, width: int, variant: str, step_ms: float, peak_gib: float) -> dict:

@@ -1,7 +1,7 @@
 """bench/saved_activations.py on the tiny LLaMA (CPU, compiled): the saved streams it attributes
 are exactly the ones the recompute policy keeps, counted independently from the policy's L_r."""
 
-import sys
+import importlib
 from pathlib import Path
 
 import pytest
@@ -14,13 +14,9 @@ BENCH = Path(__file__).parent.parent / "bench"
 
 @pytest.fixture(scope="module")
 def saved_activations():
-    sys.path.insert(0, str(BENCH))  # the bench imports its neighbour e2e.py
-    try:
-        import saved_activations
-
-        yield saved_activations
-    finally:
-        sys.path.remove(str(BENCH))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(BENCH)  # the bench imports its neighbours e2e.py and common.py
+        yield importlib.import_module("saved_activations")
 
 
 def test_kept_streams_are_counted_by_kind(saved_activations):

@@ -1,0 +1,139 @@
+"""What the benches share: logging, where results go and what they record, the copy bandwidth they
+are measured against, and the numeric checks (NaN-poisoned buffers, relative error) that
+tests/test_kernels.py uses as well.
+
+A bench imports it as its neighbour (`import common`: a script's folder is on sys.path); the tests
+put bench/ on sys.path first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+import time
+from datetime import date
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+# --- results -------------------------------------------------------------------------------------
+
+
+def out_dir(given: str | Path | None = None) -> Path:
+    """Where a bench writes (created): `given`, else $OUT (the folder a device run brings back),
+    else bench/out."""
+    out = Path(given or os.environ.get("OUT") or Path(__file__).parent / "out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def versions() -> dict[str, str | None]:
+    """The date and the versions a result was measured with (Triton's None where it is absent)."""
+    try:
+        triton = metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        triton = None
+    return {"date": date.today().isoformat(), "torch": torch.__version__, "triton": triton,
+            "python": platform.python_version()}
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=1))
+
+
+def write_table(path: Path, table: str) -> None:
+    """Print a markdown table and write it to `path`."""
+    log(table)
+    path.write_text(table + "\n")
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files (Agg), or None, said in the log, without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        log("matplotlib is not installed: no plot")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# --- timing --------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (nothing to wait for on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device | str) -> float:
+    """Bytes read + written per second by a device-to-device copy: of 2 GiB on CUDA, the median
+    of triton.testing.do_bench; of 64 MiB on the CPU, the median of 20 timed copies."""
+    device = torch.device(device)
+    source = torch.randn(2**29 if device.type == "cuda" else 2**24, device=device)
+    target = torch.empty_like(source)
+    seconds = _median_seconds(lambda: target.copy_(source), device)
+    return 2 * source.numel() * source.element_size() / seconds
+
+
+def _median_seconds(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=50, rep=300, return_mode="median") * 1e-3
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(20):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+# --- numeric checks ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def poisoned_allocations() -> Iterator[None]:
+    """While active, float buffers from torch.empty and torch.empty_like start as NaN, so an element
+    a kernel fails to write cannot pass as a plausible value."""
+    saved = torch.empty, torch.empty_like
+    torch.empty, torch.empty_like = (_nan_filled(allocate) for allocate in saved)
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = saved
+
+
+def _nan_filled(allocate: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def allocate_nan(*args, **kwargs) -> torch.Tensor:
+        tensor = allocate(*args, **kwargs)
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+    return allocate_nan
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected||, in float64 on expected's device; NaN when `actual`
+    holds a NaN. An `expected` that is exactly zero (n = 1: H_res is always 1) is measured against
+    a floor of 1e-6 per element."""
+    actual = actual.detach().to(expected.device, torch.float64)
+    expected = expected.detach().double()
+    if actual.isnan().any():
+        return float("nan")
+    scale = max(expected.norm().item(), 1e-6 * expected.numel() ** 0.5)
+    return ((actual - expected).norm() / scale).item()
