@@ -17,54 +17,33 @@ from __future__ import annotations
 
 import torch
 
+from mhc_compile import spec
 from mhc_compile.templates.coefficients import mhc_coefficients_bwd, mhc_coefficients_fwd
 from mhc_compile.templates.pre_mix import mhc_pre_mix_bwd, mhc_pre_mix_fwd
 
 
-def mhc_coefficients_pre_mix_fwd(
-    streams: torch.Tensor,
-    phi: torch.Tensor,
-    alpha: torch.Tensor,
-    b_pre: torch.Tensor,
-    b_post: torch.Tensor,
-    b_res: torch.Tensor,
-    sinkhorn_iters: int,
-    constraint: str,
-) -> tuple[torch.Tensor, ...]:
-    """streams [..., n, C] (bf16/fp16/fp32), phi [n*C, n*n+2n], alpha [3], b_pre [n], b_post [n],
-    b_res [n, n] -> h_pre [..., n], h_post [..., n], h_res [..., n, n] (fp32), mixed [..., C]
-    in the stream dtype, and the projection [..., n*n+2n] and sums of squares [...] (fp32) that
-    the backward takes."""
-    h_pre, h_post, h_res, proj, sumsq = mhc_coefficients_fwd(
-        streams, phi, alpha, b_pre, b_post, b_res, sinkhorn_iters, constraint
-    )
+def mhc_coefficients_pre_mix_fwd(streams: torch.Tensor, *parameters_and_settings) -> tuple:
+    """mhc::coefficients_pre_mix's kernels, called with its arguments (spec.COEFFICIENTS_PRE_MIX):
+    streams [..., n, C] (bf16/fp16/fp32), the block's parameters, sinkhorn_iters, constraint ->
+    h_pre [..., n], h_post [..., n], h_res [..., n, n] (fp32), mixed [..., C] in the stream dtype,
+    and the projection [..., n*n+2n] and sums of squares [...] (fp32) that the backward takes."""
+    h_pre, h_post, h_res, proj, sumsq = mhc_coefficients_fwd(streams, *parameters_and_settings)
     return h_pre, h_post, h_res, mhc_pre_mix_fwd(streams, h_pre), proj, sumsq
 
 
-def mhc_coefficients_pre_mix_bwd(
-    grad_h_pre: torch.Tensor,
-    grad_h_post: torch.Tensor,
-    grad_h_res: torch.Tensor,
-    grad_mixed: torch.Tensor,
-    h_pre: torch.Tensor,
-    proj: torch.Tensor,
-    sumsq: torch.Tensor,
-    streams: torch.Tensor,
-    phi: torch.Tensor,
-    alpha: torch.Tensor,
-    b_pre: torch.Tensor,
-    b_post: torch.Tensor,
-    b_res: torch.Tensor,
-    sinkhorn_iters: int,
-    constraint: str,
-    accumulate: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, ...]:
-    """Gradients of (streams, phi, alpha, b_pre, b_post, b_res) from the gradients of the first four
-    outputs, `accumulate` [..., n, C] added to grad streams when given; h_pre, proj and sumsq are
-    the forward's (saved, so the pre-mix backward can run first and the projection is not
-    recomputed)."""
-    grad_streams_pre_mix, grad_h_pre_mix = mhc_pre_mix_bwd(grad_mixed, streams, h_pre, accumulate)
+def mhc_coefficients_pre_mix_bwd(*args) -> tuple:
+    """mhc::coefficients_pre_mix_backward's kernels, called with its arguments
+    (spec.COEFFICIENTS_PRE_MIX_BACKWARD): gradients of streams and the parameters from the
+    gradients of the first four outputs, `accumulate` [..., n, C] added to grad streams when
+    given; h_pre, the projection and the sums of squares are the forward's (saved, so the pre-mix
+    backward can run first and the projection is not recomputed)."""
+    named = spec.COEFFICIENTS_PRE_MIX_BACKWARD.bind(args)
+    streams, h_pre = named["streams"], named["h_pre"]
+    grad_streams_pre_mix, grad_h_pre_mix = mhc_pre_mix_bwd(
+        named["grad_mixed"], streams, h_pre, named["accumulate"])
     return mhc_coefficients_bwd(
-        grad_h_pre + grad_h_pre_mix, grad_h_post, grad_h_res, proj, sumsq, streams, phi, alpha,
-        b_pre, b_post, b_res, sinkhorn_iters, constraint, accumulate=grad_streams_pre_mix,
+        named["grad_h_pre"] + grad_h_pre_mix, named["grad_h_post"], named["grad_h_res"],
+        named["projection"], named["sum_squares"], streams,
+        *(named[name] for name in spec.PARAMETER_NAMES), named["sinkhorn_iters"],
+        named["constraint"], accumulate=grad_streams_pre_mix,
     )
