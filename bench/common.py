@@ -85,21 +85,28 @@ def copy_bandwidth(device: torch.device | str) -> float:
     device = torch.device(device)
     source = torch.randn(2**29 if device.type == "cuda" else 2**24, device=device)
     target = torch.empty_like(source)
-    seconds = _median_seconds(lambda: target.copy_(source), device)
-    return 2 * source.numel() * source.element_size() / seconds
-
-
-def _median_seconds(fn: Callable[[], object], device: torch.device) -> float:
+    copy = lambda: target.copy_(source)  # noqa: E731
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        return do_bench(fn, warmup=50, rep=300, return_mode="median") * 1e-3
-    for _ in range(3):
+        seconds = do_bench(copy, warmup=50, rep=300, return_mode="median") * 1e-3
+    else:
+        seconds = median_seconds(copy, device, repeats=20, warmup=3)
+    return 2 * source.numel() * source.element_size() / seconds
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device | str, repeats: int,
+                   warmup: int = 1) -> float:
+    """Median wall time of fn() over `repeats` runs after `warmup` runs, the device drained
+    before and after each."""
+    for _ in range(warmup):
         fn()
     times = []
-    for _ in range(20):
+    for _ in range(repeats):
+        synchronize(device)
         started = time.perf_counter()
         fn()
+        synchronize(device)
         times.append(time.perf_counter() - started)
     return statistics.median(times)
 

@@ -62,6 +62,7 @@ from torch import nn
 
 from common import copy_bandwidth, log, out_dir, pyplot, synchronize, versions, write_json, write_table
 from mhc_compile import private_apis, spec
+from mhc_compile.options import MHCOptions
 
 N_STREAMS = 4
 SINKHORN_ITERS = 20
@@ -107,7 +108,6 @@ class NaiveMHCSublayer(nn.Module):
 
     def __init__(self, f, width: int, position: int, device: torch.device):
         super().__init__()
-        from mhc_compile.options import MHCOptions
         from mhc_compile.parameters import MHCBlockParameters
 
         self.f = f
@@ -504,9 +504,10 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def floor_elements_per_token(variant: str) -> int:
     """Stream elements (times C) one sublayer's training step must move per token: with the post/res
-    mix recomputed where backend="mhc" runs its recompute policy."""
-    recompute = variant in MHC_VARIANTS and MHC_VARIANTS[variant].get("recompute", "auto") is not False
-    return spec.training_floor_elements(N_STREAMS, recompute=recompute)
+    mix recomputed where backend="mhc" runs its recompute policy (a group size of 1 rebuilds
+    nothing)."""
+    options = MHCOptions.from_kwargs(MHC_VARIANTS.get(variant, {"recompute": False}))
+    return spec.training_floor_elements(N_STREAMS, recompute=options.recompute not in (False, 1))
 
 
 def table(summary: list[dict]) -> str:

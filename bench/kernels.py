@@ -92,7 +92,7 @@ def make_inputs(tokens: int, n: int, channels: int, seed: int) -> list[torch.Ten
         return torch.randn(*shape, device=DEVICE, generator=generator) * scale
 
     streams = randn(tokens, n, channels).to(STREAM_DTYPE)
-    phi = randn(n * channels, n * n + 2 * n, scale=(n * channels) ** -0.5)
+    phi = randn(n * channels, spec.coefficient_count(n), scale=(n * channels) ** -0.5)
     alpha = torch.rand(3, device=DEVICE, generator=generator) + 0.5
     tensors = [streams, phi, alpha, randn(n), randn(n), randn(n, n)]
     return [t.requires_grad_() for t in tensors]
@@ -175,7 +175,7 @@ def kernel_elements(n: int) -> dict[str, int]:
     """Stream elements per token (times C) each call of time_kernels moves, from the ops' kernel
     passes in mhc_compile/spec.py. The coefficient-and-pre-mix backward runs without the fold
     (passes/fuse_grad_streams.py) unless "+acc": then its pre-mix pass also reads post/res's dx."""
-    passes = {kernel.name: kernel.elements(n) for op in spec.OPS for kernel in op.passes}
+    passes = {kernel.name: kernel.elements(n) for op in spec.OPS for kernel in op.kernel_passes}
     folded = spec.COEFFICIENTS_PRE_MIX_BACKWARD.stream_elements(n)
     unfolded = folded - n  # less the read of the other reader's dx
     return {

@@ -30,7 +30,6 @@ import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 # NVLink multicast stays off on shared machines (see the device notes); torchrun's env keeps these.
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -42,7 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import mhc_compile  # noqa: E402
-from common import synchronize, versions, write_json  # noqa: E402
+from common import log, median_seconds, out_dir, synchronize, versions, write_json  # noqa: E402
 from mhc_compile import private_apis  # noqa: E402
 from mhc_compile.examples import llama  # noqa: E402
 from mhc_compile.pipeline import build_stage_modules  # noqa: E402
@@ -78,19 +77,6 @@ class PlainStage(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin)
         return x if self.first else self.output(self.norm(x))
-
-
-def timed(fn, device, repeats):
-    """Median wall time (ms) of fn() over `repeats` runs after one warm-up, device synchronised."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times)
 
 
 def build(size, device, dtype, seed=0):
@@ -140,7 +126,7 @@ def stage_times(modules, ids, target, device, repeats):
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
             return outs
 
-        times.append(timed(run, device, repeats))
+        times.append(1e3 * median_seconds(run, device, repeats))
         with torch.no_grad():
             out = module(*leaves)
         inputs = out if isinstance(out, tuple) else (out,)
@@ -159,7 +145,7 @@ def transfer_ms(tensors, device, rank, repeats):
             else:
                 dist.recv(buffer, 0)
                 dist.send(buffer, 0)
-    return timed(exchange, device, repeats)
+    return 1e3 * median_seconds(exchange, device, repeats)
 
 
 def max_over_ranks(value, device):
@@ -234,8 +220,9 @@ def bench_size(name, size, device, dtype, rank, args):
     plain, ids, target = build(size, device, dtype)
     mb_ids, mb_target = ids[:micro], target[:micro]
     plain_stages = [PlainStage(plain, True, depth // 2), PlainStage(plain, False, depth // 2)]
+    plain_step = single_gpu_step(plain, ids, target, count)
     result["single_gpu_plain_ms"] = max_over_ranks(
-        timed(single_gpu_step(plain, ids, target, count), device, args.repeats), device)
+        1e3 * median_seconds(plain_step, device, args.repeats), device)
     plain_times = stage_times(plain_stages, mb_ids, mb_target, device, args.repeats)
     plain.zero_grad(set_to_none=True)
 
@@ -243,8 +230,9 @@ def bench_size(name, size, device, dtype, rank, args):
     mhc_compile.prepare(mhc_model, mb_ids, options={"n": args.n})
     plan = mhc_compile.plan_pipeline(mhc_model, (mb_ids,), 2, cuts=[cut], n=args.n)
     modules = build_stage_modules(plan, range(2))
+    mhc_step = single_gpu_step(chained(modules), ids, target, count)
     result["single_gpu_mhc_ms"] = max_over_ranks(
-        timed(single_gpu_step(chained(modules), ids, target, count), device, args.repeats), device)
+        1e3 * median_seconds(mhc_step, device, args.repeats), device)
     mhc_times = stage_times(modules, mb_ids, mb_target, device, args.repeats)
     mhc_model.zero_grad(set_to_none=True)
     with torch.no_grad():
@@ -320,16 +308,16 @@ def bench_size(name, size, device, dtype, rank, args):
 
 
 def print_table(results):
-    print(f"\n{'size':10} {'variant':26} {'step ms':>9} {'vs plain':>9} {'idle':>6} "
+    log(f"\n{'size':10} {'variant':26} {'step ms':>9} {'vs plain':>9} {'idle':>6} "
           f"{'exposed comm ms':>16} {'MB/step':>9} {'comm hidden':>12}")
     for result in results["sizes"]:
         for v in result["variants"]:
             hidden = f"{v['comm_hidden']:.0%}" if "comm_hidden" in v else ""
-            print(f"{result['size']:10} {v['variant']:26} {v['step_ms']:9.2f} {v['vs_plain']:9.3f} "
+            log(f"{result['size']:10} {v['variant']:26} {v['step_ms']:9.2f} {v['vs_plain']:9.3f} "
                   f"{v['idle_share']:6.0%} {v['exposed_comm_ms']:16.2f} {v['bytes_per_step'] / 2**20:9.1f} "
                   f"{hidden:>12}")
         t = result["targets"]
-        print(f"{result['size']:10} single GPU: plain {result['single_gpu_plain_ms']:.2f} ms, mHC "
+        log(f"{result['size']:10} single GPU: plain {result['single_gpu_plain_ms']:.2f} ms, mHC "
               f"{result['single_gpu_mhc_ms']:.2f} ms, overhead {result['single_gpu_overhead']:.3f}; "
               f"pipeline overhead with overlap {t['pipeline_overhead_overlap']:.3f} "
               f"(ratio within 1.2x: {t['ratio_within_1.2x_single_gpu']}, excess within 1.2x: "
@@ -347,7 +335,7 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default="bench/out")
+    parser.add_argument("--out", help="output folder (default $OUT, else bench/out)")
     parser.add_argument("--budget-s", type=float, default=1e9,
                         help="start no further size after this many seconds (device time limits)")
     args = parser.parse_args()
@@ -373,9 +361,9 @@ def main():
     started = time.perf_counter()
     results["correctness"] = check_correctness(device, dtype, rank, "layers.1")
     if rank == 0:
-        print("correctness:", results["correctness"], flush=True)
+        log(f"correctness: {results['correctness']}")
     results["sizes"], results["skipped_sizes"] = [], []
-    out = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(args.out)
+    out = out_dir(args.out)
     for name, size in sizes.items():
         # decided together (the slowest rank's clock), or one rank would wait alone in a collective
         if max_over_ranks(time.perf_counter() - started, device) > args.budget_s:
@@ -383,12 +371,11 @@ def main():
             continue
         results["sizes"].append(bench_size(name, size, device, dtype, rank, args))
         if rank == 0:
-            print(f"{name} done at {time.perf_counter() - started:.0f} s", flush=True)
-            out.mkdir(parents=True, exist_ok=True)
+            log(f"{name} done at {time.perf_counter() - started:.0f} s")
             write_json(out / "pipeline.json", results)
     if rank == 0:
         print_table(results)
-        print(f"wrote {out / 'pipeline.json'}; skipped for time: {results['skipped_sizes']}")
+        log(f"wrote {out / 'pipeline.json'}; skipped for time: {results['skipped_sizes']}")
     dist.barrier()
     dist.destroy_process_group()
 

@@ -33,8 +33,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from common import write_json  # noqa: E402
-from mhc_compile import kernel_launch, templates  # noqa: E402
+from common import log, write_json  # noqa: E402
+from mhc_compile import kernel_launch, spec, templates  # noqa: E402
 from mhc_compile.templates import configs  # noqa: E402
 
 POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32",
@@ -50,8 +50,7 @@ def recorded_launches(n: int, channels: int, dtype: torch.dtype, tokens: int = 6
     kernel_launch.launch = lambda name, grid, *args, **kwargs: launches.append((name, args, kwargs))
     try:
         streams = torch.randn(tokens, n, channels).to(dtype)
-        phi = torch.randn(n * channels, n * n + 2 * n)
-        parameters = (phi, torch.rand(3), torch.randn(n), torch.randn(n), torch.randn(n, n))
+        parameters = tuple(torch.randn(shape) for shape in spec.parameter_shapes(n, channels))
         h_pre, h_post, h_res, mixed, proj, sum_squares = templates.launcher("coefficients_pre_mix")(
             streams, *parameters, SINKHORN_ITERS, "sinkhorn")
         backward = templates.launcher("coefficients_pre_mix_backward")
@@ -109,7 +108,7 @@ def resource_usage(jit_function, values: dict, config: triton.Config, arch: int)
 def kernel_rows(n: int, channels: int, dtype: torch.dtype, arch: int, only: set[str]) -> list[dict]:
     rows, seen = [], set()
     for name, args, kwargs in recorded_launches(n, channels, dtype):
-        tuned = configs._TUNED[name]
+        tuned = configs.TUNED[name]
         values = {**dict(zip(tuned.fn.arg_names, args)), **kwargs}
         variant = tuple(sorted((k, v) for k, v in kwargs.items() if not isinstance(v, torch.Tensor)))
         if (only and name not in only) or (name, variant) in seen:
@@ -143,16 +142,16 @@ def main() -> int:
             for row in kernel_rows(n, args.channels, dtype, args.arch, set(args.kernels))]
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "registers.json", {"arch": args.arch, "rows": rows})
-    print(f"sm_{args.arch}, C={args.channels}, {args.dtype} streams (ptxas -v)")
-    print("| kernel | n | constexprs | config | kept by model | registers | spill stores B |")
-    print("|---|---|---|---|---|---|---|")
+    log(f"sm_{args.arch}, C={args.channels}, {args.dtype} streams (ptxas -v)")
+    log("| kernel | n | constexprs | config | kept by model | registers | spill stores B |")
+    log("|---|---|---|---|---|---|---|")
     for row in rows:
         constexprs = " ".join(f"{k}={v}" for k, v in row["constexprs"].items())
-        print(f"| {row['kernel']} | {row['n']} | {constexprs} | {row['config']} | "
+        log(f"| {row['kernel']} | {row['n']} | {constexprs} | {row['config']} | "
               f"{'yes' if row['kept_by_model'] else 'no'} | {row['registers']} | "
               f"{row['spill_store_bytes']} |")
     spilling = [r for r in rows if r["kept_by_model"] and r["spill_store_bytes"]]
-    print(f"\n{len(spilling)} kept configs spill" + "".join(
+    log(f"\n{len(spilling)} kept configs spill" + "".join(
         f"\n  {r['kernel']} n={r['n']} {r['config']}: {r['spill_store_bytes']} B" for r in spilling))
     return 0
 

@@ -26,7 +26,7 @@ import collections
 import torch
 
 import e2e
-from common import out_dir, write_json
+from common import log, out_dir, write_json
 
 
 def saved_bytes_by_kind(forward, ids: torch.Tensor, model: torch.nn.Module, width: int,
@@ -106,10 +106,10 @@ def main() -> int:
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = {variant: measure(args.size, args.tokens, variant, device) for variant in args.variants}
-    print(table(args.size, args.tokens, rows))
+    log(table(args.size, args.tokens, rows))
     path = out_dir() / f"saved_activations_{args.size}_{device.type}.json"
     write_json(path, {"size": args.size, "tokens": args.tokens, "device": device.type, "bytes": rows})
-    print(f"wrote {path}")
+    log(f"wrote {path}")
     return 0
 
 

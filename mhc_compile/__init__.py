@@ -19,7 +19,7 @@ from typing import Any, Mapping
 from torch import nn
 
 from mhc_compile.backend import (
-    GraphRecord, GraphTracer, MHCBackend, bind_parameters, rewrite, run_as_traced, trace,
+    GraphRecord, GraphTracer, MHCBackend, bind_and_rewrite, run_as_traced, trace,
 )
 from mhc_compile.gain import GainLogger, GainProbe, GainReport, gain
 from mhc_compile.options import MHCOptions
@@ -56,8 +56,8 @@ def prepare(model: nn.Module, /, *example_args: Any, options: Mapping[str, Any] 
     attention_mask, pixel_values, labels); options is a mapping of mHC options (MHCOptions: n,
     constraint, sinkhorn_iters, include, exclude, ...), which the blocks' parameters are created
     with and which a checkpoint's blocks must match when loaded (their state_dict records n,
-    constraint and sinkhorn_iters). Older calls passed options as keywords: a keyword that names
-    an option and that model.forward does not declare is still taken as one, with a FutureWarning.
+    constraint and sinkhorn_iters). Options as keywords are deprecated: a keyword that names an
+    option and that model.forward does not declare is taken as one, with a FutureWarning.
 
     Traces `model(*example_args, **model_kwargs)` once through the mhc backend with grad enabled,
     which creates the parameters, and runs the traced graph unchanged (the mHC ops would compute
@@ -75,10 +75,7 @@ def prepare(model: nn.Module, /, *example_args: Any, options: Mapping[str, Any] 
 def _create_parameters(record: GraphRecord):
     """prepare's step: bind (creating the parameters) and rewrite, raising what a compile would,
     then run the graph as traced."""
-    if not record.rewritten:
-        return record.graph_module
-    bind_parameters(record, warn_late=False)
-    rewrite(record)
+    bind_and_rewrite(record)
     return run_as_traced(record)
 
 

@@ -87,10 +87,9 @@ def analyse(graph_module: fx.GraphModule, example_inputs: Sequence[Any], options
         site_key=site_key,
     )
     run_passes("analysis", copied, context)
-    record = GraphRecord(index, graph_module, copied, list(example_inputs), context,
-                         list(_block_reports(context.analysis, index, options)), owners, weights,
-                         sites)
-    return record
+    return GraphRecord(index, graph_module, copied, list(example_inputs), context,
+                       list(_block_reports(context.analysis, index, options)), owners, weights,
+                       sites)
 
 
 def bind_parameters(record: GraphRecord, warn_late: bool = True) -> None:
@@ -109,6 +108,13 @@ def bind_parameters(record: GraphRecord, warn_late: bool = True) -> None:
 def rewrite(record: GraphRecord) -> None:
     """Rewrite the bound blocks into mHC (passes.REWRITE_PASSES)."""
     run_passes("rewrite", record.graph_module, record.context)
+
+
+def bind_and_rewrite(record: GraphRecord, warn_late: bool = False) -> None:
+    """`bind_parameters`, then `rewrite`, where the graph has blocks to rewrite."""
+    if record.rewritten:
+        bind_parameters(record, warn_late)
+        rewrite(record)
 
 
 def compile_graph(record: GraphRecord) -> Callable:
@@ -140,19 +146,18 @@ def compile_for_training(record: GraphRecord) -> Callable:
                        record.owners.compiled_module(),
                        _without_their_mhc(placeholders, record.context.parameter_inputs,
                                           rewritten_sites, record.example_inputs, record.owners))
-    if not record.rewritten:
-        return _compile(record.graph_module, record.example_inputs, record.context.options)
-    private_apis.fail_past_recompile_limit()
-    bind_parameters(record)
-    rewrite(record)
+    if record.rewritten:
+        private_apis.fail_past_recompile_limit()
+    bind_and_rewrite(record, warn_late=True)
     return compile_graph(record)
 
 
 class GraphTracer:
     """A torch.compile backend: `analyse` each graph Dynamo hands it, then `finish(record)`, which
     returns what runs the graph. Its `report` collects the blocks of every graph, `traced_graphs`
-    counts them (no record is kept: it holds the call's tensors). `top_module` owns the mHC parameters of every block whose weights it owns (prepare,
-    report, gain and pipeline name the model they trace)."""
+    counts them (no record is kept: it holds the call's tensors). `top_module` owns the mHC
+    parameters of every block whose weights it owns (prepare, report, gain and pipeline name the
+    model they trace)."""
 
     def __init__(self, options: MHCOptions, finish: Callable[[GraphRecord], Callable],
                  top_module: nn.Module | None = None):
@@ -278,7 +283,8 @@ def _sources_hash() -> bytes:
     from mhc_compile import passes
 
     folders = [Path(__file__).parent, Path(passes.__file__).parent, Path(templates.__file__).parent]
-    return private_apis.hash_files(sorted(path for folder in folders for path in folder.glob("*.py")))
+    sources = sorted(path for folder in folders for path in folder.glob("*.py"))
+    return private_apis.hash_files(sources)
 
 
 def _compile(graph_module: fx.GraphModule, example_inputs, options: MHCOptions) -> Callable:
@@ -381,13 +387,13 @@ def _add_parameter_placeholders(graph_module: fx.GraphModule, blocks: list[Resid
     the static fake values Dynamo would give a parameter."""
     graph = graph_module.graph
     first = next(iter(graph.nodes))
-    fake_mode = private_apis.fake_mode_of(
-        [graph_facts.example_value(node) for node in graph.nodes if node.op == "placeholder"])
+    fake_mode = private_apis.fake_mode_of([graph_facts.example_value(node) for node in graph.nodes])
     nodes = {}
     count = len(spec.PARAMETER_NAMES)
     with graph.inserting_before(first):
         for index, block in enumerate(blocks):
-            placeholders = [graph.placeholder(f"mhc_{index}_{name}") for name in spec.PARAMETER_NAMES]
+            placeholders = [graph.placeholder(f"mhc_{index}_{name}")
+                            for name in spec.PARAMETER_NAMES]
             for node, tensor in zip(placeholders, parameters[count * index : count * (index + 1)]):
                 private_apis.mark_parameter_input(node, tensor, fake_mode)
             nodes[block] = spec.BlockParameters(*placeholders)

@@ -35,7 +35,7 @@ import torch
 from torch import fx, nn
 
 from mhc_compile import ops, private_apis, spec
-from mhc_compile.backend import GraphRecord, GraphTracer, bind_parameters, compile_graph, rewrite
+from mhc_compile.backend import GraphRecord, GraphTracer, bind_and_rewrite, compile_graph
 from mhc_compile.options import MHCOptions
 from mhc_compile.parameters import SUBMODULE, MHCParameters
 from mhc_compile.quiet import run_without_side_effects, split_keywords
@@ -226,12 +226,10 @@ class _CoefficientTaps:
 
     def __call__(self, record: GraphRecord) -> Callable:
         """Bind, rewrite and tap the record's graph; returns it, to run eagerly."""
-        if not record.rewritten:
-            return record.graph_module
-        bind_parameters(record, warn_late=False)
-        rewrite(record)
-        self._tap_coefficients(record.graph_module, record.index, record.analysis.chains,
-                               record.context.parameter_nodes)
+        bind_and_rewrite(record)
+        if record.rewritten:
+            self._tap_coefficients(record.graph_module, record.index, record.analysis.chains,
+                                   record.context.parameter_nodes)
         return compile_graph(record)
 
     def _tap_coefficients(self, graph_module: fx.GraphModule, graph_index: int, chains,

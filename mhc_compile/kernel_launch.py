@@ -51,7 +51,7 @@ def launch(kernel_name: str, grid, *args, **kwargs) -> None:
     (n, C, dtypes) key logs its progress at INFO (what `mhc-compile autotune` prints). Once a
     binary has run for arguments of one specialisation, later launches of that specialisation call
     it directly (_COMPILED): Triton's own path costs several times the launch itself in host time."""
-    tuned = configs._TUNED[kernel_name]
+    tuned = configs.TUNED[kernel_name]
     if _traced(args) and not configs.INTERPRETING:
         torch.library.wrap_triton(tuned)[grid](*args, **kwargs)
         return
@@ -64,7 +64,7 @@ def launch(kernel_name: str, grid, *args, **kwargs) -> None:
     first_time = len(tuned.configs) > 1 and key not in launched
     started = time.perf_counter()
     if first_time:
-        candidates = tuned.early_config_prune(tuned.configs, {}, **kwargs)
+        candidates = private_apis.autotune_candidates(tuned, kwargs)
         log.info("autotuning %s for n=%s C=%s %s: %d configs", kernel_name, key[0], key[1],
                  _dtype_names(args), len(candidates))
         _compile_in_parallel(tuned, candidates, grid, args, kwargs)
@@ -84,7 +84,7 @@ def _specialisation(kernel_name: str, args: tuple, kwargs: dict) -> tuple:
     (Triton specialises on these). Finer than Triton is harmless (one more entry); coarser would
     run a binary compiled for other arguments."""
     by_value = _value_parameters(kernel_name)
-    names = configs._TUNED[kernel_name].fn.arg_names
+    names = private_apis.kernel_argument_names(configs.TUNED[kernel_name].fn)
     return (
         kernel_name,
         torch.cuda.current_device(),
@@ -97,7 +97,7 @@ def _specialisation(kernel_name: str, args: tuple, kwargs: dict) -> tuple:
 def _value_parameters(kernel_name: str) -> frozenset[str]:
     """The arguments whose every value gets its own binary: the kernel's constexprs (compiled in)
     and its autotune key (tuned per value)."""
-    tuned = configs._TUNED[kernel_name]
+    tuned = configs.TUNED[kernel_name]
     return private_apis.triton_value_parameters(tuned.fn) | set(tuned.keys)
 
 
@@ -114,7 +114,7 @@ def _compile_in_parallel(tuned, candidates: list[triton.Config], grid, args: tup
     """Compile every candidate config at once before Triton's autotuner benchmarks them: its loop
     compiles each one lazily, one after the other, and at a cold start those compiles, not the
     timings, are most of the tuning time. Triton's compiler releases the GIL, so threads overlap
-    (8 of our kernels' sm_90 compiles: 3.8 s serial, 2.4 s on this 2-core CI machine).
+    (8 of our kernels' sm_90 compiles: 3.8 s serially, 2.4 s on two CPU cores).
 
     Compile errors are left to the autotuner, which meets them again and skips that config; so is
     any failure of this speed-up itself (logged), since the launch that follows compiles whatever

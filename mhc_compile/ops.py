@@ -84,14 +84,12 @@ def _define(op: spec.OpSpec, reference_impl: Callable, fake_impl: Callable) -> C
     Triton kernels on CUDA where they apply. The public op is a torch.library.triton_op when
     Triton is installed, else a custom op; its body is its own fake implementation (run on fake
     tensors it takes the same branch)."""
-    launcher_name = op.name
-
     def opaque_impl(*args):
         return reference_impl(*args)
 
     def on_cuda(*args):
         if templates.kernels_apply(args[op.streams_at], args):
-            return templates.launcher(launcher_name)(*args)
+            return templates.launcher(op.name)(*args)
         return reference_impl(*args)
 
     opaque_impl.__signature__ = op.signature()
@@ -104,7 +102,7 @@ def _define(op: spec.OpSpec, reference_impl: Callable, fake_impl: Callable) -> C
 
     def body(*args):
         if launches_kernels(args[op.streams_at], args):
-            return templates.launcher(launcher_name)(*args)
+            return templates.launcher(op.name)(*args)
         return opaque(*args)
 
     body.__signature__ = op.signature()

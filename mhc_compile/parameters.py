@@ -37,7 +37,8 @@ _NO_SETTINGS = object()  # stands in for the extra state a checkpoint saved befo
 
 
 class MHCBlockParameters(nn.Module):
-    """phi [n*C, n^2+2n], alpha [3] (pre, post, res), b_pre [n], b_post [n], b_res [n, n].
+    """One block's mHC parameters, shaped as spec.parameter_shapes: phi [n*C, n^2+2n], alpha [3]
+    (pre, post, res), b_pre [n], b_post [n], b_res [n, n].
 
     Initialised so that the rewritten block computes what the plain residual did (paper Table 5
     gates, HC's identity init): phi = 0 silences the dynamic terms; sigmoid(b_pre) sums to 1 over
@@ -50,14 +51,14 @@ class MHCBlockParameters(nn.Module):
                  dtype: torch.dtype, device: torch.device):
         super().__init__()
         factory = {"dtype": dtype, "device": device}
-        width = spec.coefficient_count(n)
+        shapes = spec.parameter_shapes(n, channels)
         self.n, self.channels = n, channels
         self.key = ""  # the block's site key, set by the store that names it
         # What the block's coefficients depend on besides its tensors: read back by the gain
         # diagnostics (gain.py), so they measure the mapping the model really computes.
         self.constraint, self.sinkhorn_iters = options.constraint, options.sinkhorn_iters
-        self.phi = nn.Parameter(torch.zeros(n * channels, width, **factory))
-        self.alpha = nn.Parameter(torch.full((3,), float(options.alpha_init), **factory))
+        self.phi = nn.Parameter(torch.zeros(shapes.phi, **factory))
+        self.alpha = nn.Parameter(torch.full(shapes.alpha, float(options.alpha_init), **factory))
         self.b_pre = nn.Parameter(_pre_bias(n, position % n).to(**factory))
         self.b_post = nn.Parameter(torch.zeros(n, **factory))
         identity = torch.eye(n, **factory)

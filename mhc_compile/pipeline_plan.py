@@ -15,7 +15,7 @@ from torch import fx, nn
 
 from mhc_compile import private_apis
 from mhc_compile.backend import (
-    GraphRecord, GraphTracer, bind_parameters, rewrite, trace, with_parameters,
+    GraphRecord, GraphTracer, bind_and_rewrite, trace, with_parameters,
 )
 from mhc_compile.options import MHCOptions
 from mhc_compile.passes import graph_facts
@@ -163,9 +163,8 @@ def capture(model: nn.Module, example_args: tuple, options: MHCOptions) -> Captu
 
     def capture_rewritten(record: GraphRecord):
         """Bind, rewrite and annotate (passes.PIPELINE_PASSES); keep the graph and its inputs."""
+        bind_and_rewrite(record)
         if record.rewritten:
-            bind_parameters(record, warn_late=False)
-            rewrite(record)
             run_passes("pipeline", record.graph_module, record.context)
         captured.append(CapturedGraph(record.graph_module,
                                       [*record.parameters, *record.example_inputs],
@@ -180,13 +179,13 @@ def capture(model: nn.Module, example_args: tuple, options: MHCOptions) -> Captu
             "mhc pipeline: the model must trace as one graph to be split into stages, but "
             f"torch.compile(fullgraph=True) stopped: {str(error).splitlines()[0]}"
         ) from error
-    captured = captured[-1]
-    if ANNOTATION_KEY not in captured.graph_module.meta:
+    last = captured[-1]
+    if ANNOTATION_KEY not in last.graph_module.meta:
         raise PipelineError(
             "mhc pipeline: no residual block of the model was rewritten, so there is no stage cut; "
             "mhc_compile.report(model, *example_args) says why"
         )
-    return captured
+    return last
 
 
 def balance(costs: Sequence[int], legal_starts: set[int], num_stages: int) -> list[int] | None:

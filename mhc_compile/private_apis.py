@@ -80,7 +80,8 @@ def graph_pass(run: Callable[[fx.Graph], None], uuid: Callable[[], bytes | None]
 
 
 def graph_pass_uuid(graph_pass_object: Callable) -> bytes | None:
-    """A custom pass's cache key: CustomGraphPass.uuid(), None for a plain function."""
+    """A custom pass's cache key: CustomGraphPass.uuid(), None for a plain function (the class is
+    private to torch._inductor, as `graph_pass` says; torch 2.11, 2.13)."""
     return graph_pass_object.uuid() if isinstance(graph_pass_object, CustomGraphPass) else None
 
 
@@ -118,9 +119,19 @@ def fake_mode_of(values: Sequence[Any]):
 
 
 def in_fake_mode(values: Sequence[Any]):
-    """A context computing in the fake mode of these example values (`fake_mode_of`); a null
-    context when they hold no fake tensor."""
+    """A context computing in the fake mode of these example values (`fake_mode_of`: private, as
+    it says); a null context when they hold no fake tensor."""
     mode = fake_mode_of(values)
+    return mode if mode is not None else contextlib.nullcontext()
+
+
+def in_tracing_fake_mode(values: Sequence[Any]):
+    """A context computing in the fake mode Inductor compiles a graph in: the tracing context's,
+    else that of these values (torch._guards.detect_fake_mode, no public alias; torch 2.11,
+    2.13). Inductor's post-grad graphs hold values of that mode."""
+    from torch._guards import detect_fake_mode
+
+    mode = detect_fake_mode([value for value in values if isinstance(value, torch.Tensor)])
     return mode if mode is not None else contextlib.nullcontext()
 
 
@@ -212,7 +223,8 @@ def append_argument(node: fx.Node, argument: fx.Node) -> None:
     """Give a custom-op call in a post-grad graph one more positional argument. Inductor lowers
     such a call against the example inputs it recorded at trace time, in the private
     node.meta["eager_input_vals"] (it zips them with the arguments, so they must match in number):
-    the new argument's example value joins them."""
+    the new argument's example value joins them. No public API edits a post-grad node's
+    arguments; checked on torch 2.11 and 2.13."""
     node.args = (*node.args, argument)
     if "eager_input_vals" in node.meta:
         example_args, example_kwargs = node.meta["eager_input_vals"]
@@ -224,7 +236,8 @@ def _static_unless_traced(example_inputs: Sequence[Any]) -> list[Any]:
     backend adds) as a fake tensor of static shape in Dynamo's fake mode. AOT autograd gives such an
     input symbolic sizes, finding no symbolic context for it in the private
     TracingContext.tensor_to_context: phi would be [s0, s1], which keeps the ops' kernels from
-    Inductor (passes/inline_kernels.py takes static shapes only) and adds guards nobody needs."""
+    Inductor (passes/inline_kernels.py takes static shapes only) and adds guards nobody needs.
+    Checked on torch 2.11 and 2.13."""
     context = torch._guards.TracingContext.try_get()
     if context is None or context.fake_mode is None:
         return list(example_inputs)
@@ -241,7 +254,8 @@ def mark_parameter_input(placeholder: fx.Node, parameter: torch.Tensor, fake_mod
     Dynamo graph has `_dynamo_source` (None is allowed, as DDP's graph splitter does), and reads
     the static-input mark (as Dynamo sets for parameters) to keep CUDA graphs from copying it.
     Its example value is the parameter as a static fake tensor of `fake_mode` (the graph's,
-    `fake_mode_of`), as Dynamo's own placeholders hold theirs; the parameter itself without one."""
+    `fake_mode_of`), as Dynamo's own placeholders hold theirs; the parameter itself without one.
+    No public API adds an input to a Dynamo graph; checked on torch 2.11 and 2.13."""
     placeholder._dynamo_source = None
     placeholder.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
     value = (parameter if fake_mode is None
@@ -288,13 +302,15 @@ def fail_past_recompile_limit() -> None:
 def falling_back_past_recompile_limit():
     """A context in which Dynamo runs a frame eagerly past its recompile limit (its default), for
     our own traces (prepare, report, gain): they detect that no graph reached their backend and
-    raise their own error, which says what to do, where Dynamo's would not."""
+    raise their own error, which says what to do, where Dynamo's would not. The switch is the
+    private torch._dynamo.config's, as `fail_past_recompile_limit` says (torch 2.11, 2.13)."""
     return torch._dynamo.config.patch(fail_on_recompile_limit_hit=False)
 
 
 def is_compiled_module(module: nn.Module) -> bool:
     """Whether `module` is the wrapper torch.compile returns (an OptimizedModule): the gain
-    diagnostics must compile the model itself, and torch has no public name for the wrapper."""
+    diagnostics must compile the model itself, and torch has no public name for the wrapper
+    (torch._dynamo.eval_frame.OptimizedModule; torch 2.11, 2.13)."""
     from torch._dynamo.eval_frame import OptimizedModule
 
     return isinstance(module, OptimizedModule)
@@ -319,7 +335,8 @@ def checkpoint_region_body(graph_module: fx.GraphModule, node: fx.Node) -> fx.Gr
 
 
 def is_selective_checkpoint_region(graph_module: fx.GraphModule, node: fx.Node) -> bool:
-    """A `tag_activation_checkpoint` call whose region has a context_fn (left as it is)."""
+    """A `tag_activation_checkpoint` call whose region has a context_fn (left as it is); the op
+    is private to torch, as `checkpoint_region_body` says (torch 2.11, 2.13)."""
     hop = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
     return (hop is not None and node.op == "call_function" and node.target is hop
             and checkpoint_region_body(graph_module, node) is None)
@@ -327,7 +344,8 @@ def is_selective_checkpoint_region(graph_module: fx.GraphModule, node: fx.Node) 
 
 def new_checkpoint_region_id() -> int:
     """A fresh ac_graph_id from the counter torch numbers its own checkpoint regions with, so
-    regions inlined by us and regions torch traces itself never share an id."""
+    regions inlined by us and regions torch traces itself never share an id. The counter is
+    torch._higher_order_ops.wrap.uid, with no public accessor (torch 2.11, 2.13)."""
     from torch._higher_order_ops import wrap
 
     counter = getattr(wrap, "uid", None)
@@ -355,7 +373,7 @@ def triton_value_parameters(jit_function) -> frozenset[str]:
     """The names of a @triton.jit kernel's constexpr parameters: the compiled binary depends on
     their values. Triton's KernelParam reads them from the annotations (strings or objects) and
     has no public accessor; built here from the signature because the interpreter's functions
-    keep no KernelParams."""
+    keep no KernelParams. Checked against Triton 3.6."""
     from triton.runtime.jit import KernelParam
 
     parameters = inspect.signature(jit_function.fn).parameters.values()
@@ -364,6 +382,19 @@ def triton_value_parameters(jit_function) -> frozenset[str]:
         for number, parameter in enumerate(parameters)
         if KernelParam(number, parameter, False, False).is_constexpr
     )
+
+
+def autotune_candidates(autotuner, kwargs: dict) -> list:
+    """The configs a triton.autotune'd kernel benchmarks for these arguments, after its
+    prune_configs_by early prune: the Autotuner keeps that function as the private attribute
+    early_config_prune (checked against Triton 3.6)."""
+    return autotuner.early_config_prune(autotuner.configs, {}, **kwargs)
+
+
+def kernel_argument_names(jit_function) -> list[str]:
+    """A @triton.jit kernel's parameter names in order (JITFunction.arg_names, no public accessor;
+    Triton 3.6)."""
+    return jit_function.arg_names
 
 
 def compiled_triton_launcher(autotuner, grid, args: tuple, kwargs: dict) -> Callable:
@@ -402,20 +433,26 @@ PARTITIONER_META_KEYS = ("recompute", "ac_graph_id")
 
 
 def partitioner_tagged(node: fx.Node) -> bool:
-    """Whether a user's checkpoint region (or an earlier rule) decided this node's fate."""
+    """Whether a user's checkpoint region (or an earlier rule) decided this node's fate (the
+    section's private meta keys)."""
     return "recompute" in node.meta
 
 
 def tag_for_partitioner(node: fx.Node, policy, region_id: int | None = None) -> None:
+    """Tell the partitioner to save or recompute `node` (a CheckpointPolicy), in region
+    `region_id` when given (the section's private meta keys)."""
     node.meta["recompute"] = policy
     if region_id is not None:
         node.meta["ac_graph_id"] = region_id
 
 
 def is_tangent(node: fx.Node) -> bool:
-    """A joint graph's backward input: AOT autograd names those placeholders tangents_<i>."""
+    """A joint graph's backward input: AOT autograd names those placeholders tangents_<i>, and
+    says so nowhere public (torch 2.11, 2.13)."""
     return node.op == "placeholder" and str(node.target).startswith("tangents")
 
+
+# --- Dynamo's errors ------------------------------------------------------------------------------
 
 
 def dynamo_unsupported_error() -> type[Exception]:

@@ -11,7 +11,8 @@ counts and floors. Shapes per token follow the mHC paper (arXiv 2512.24880):
 
 Traffic is counted in stream elements per token, as `a*n + b` times C ("reads (2, 1)" is (2n+1)C):
 what each kernel pass issues, and the floor an ideal kernel of the op would move (every tensor
-read or written once). Coefficient-sized traffic (n^2+2n floats a token) is counted apart.
+read or written once). Coefficient-sized traffic (about n^2+2n floats a token per tensor) is
+counted apart (`coefficient_bytes_per_token`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Callable, Generic, NamedTuple, TypeVar
 
 from torch import Tensor
 
-COEFFICIENT_BYTES = 4  # H_pre, H_post, H_res and the projection are fp32 (fp64 for fp64 streams)
+COEFFICIENT_BYTES = 4  # the kernels keep H_pre, H_post, H_res and the projection in fp32
 
 Item = TypeVar("Item")
 
@@ -73,7 +74,8 @@ class Traffic:
 
 @dataclass(frozen=True)
 class KernelPass:
-    """One kernel of an op: its name in profiles and benches, and what it issues."""
+    """One pass of an op's kernels over the streams (one launch, or a few launches that split the
+    work): its name in profiles and benches, and what it issues."""
 
     name: str
     reads: Traffic
@@ -93,7 +95,7 @@ class OpSpec:
     name: str
     arguments: tuple[tuple[str, str], ...]
     outputs: tuple[str, ...]
-    passes: tuple[KernelPass, ...]
+    kernel_passes: tuple[KernelPass, ...]
     floor: Traffic
 
     @property
@@ -123,7 +125,7 @@ class OpSpec:
 
     def stream_elements(self, n: int) -> int:
         """Stream elements per token its kernels issue, all passes (times C)."""
-        return sum(kernel.elements(n) for kernel in self.passes)
+        return sum(kernel.elements(n) for kernel in self.kernel_passes)
 
 
 def _tensors(*names: str) -> tuple[tuple[str, str], ...]:
@@ -139,7 +141,7 @@ COEFFICIENTS_PRE_MIX = OpSpec(
     name="coefficients_pre_mix",
     arguments=(*_tensors("streams"), *_PARAMETERS, *_SETTINGS),
     outputs=("h_pre", "h_post", "h_res", "mixed", "projection", "sum_squares"),
-    passes=(
+    kernel_passes=(
         KernelPass("coefficients_fwd", Traffic(1), Traffic(0),
                    "read x: RMS and projection v @ phi, gates, Sinkhorn"),
         KernelPass("pre_mix_fwd", Traffic(1), Traffic(0, 1), "read x again, write u = H_pre x"),
@@ -150,7 +152,7 @@ POST_RES_MIX = OpSpec(
     name="post_res_mix",
     arguments=_tensors("streams", "y", "h_post", "h_res"),
     outputs=("streams_out",),
-    passes=(KernelPass("post_res_mix_fwd", Traffic(1, 1), Traffic(1),
+    kernel_passes=(KernelPass("post_res_mix_fwd", Traffic(1, 1), Traffic(1),
                        "read x and y, write x' = H_res x + H_post^T y"),),
     floor=Traffic(2, 1),
 )
@@ -160,7 +162,7 @@ COEFFICIENTS_PRE_MIX_BACKWARD = OpSpec(
                          "projection", "sum_squares", "streams"),
                *_PARAMETERS, *_SETTINGS, *_ACCUMULATE),
     outputs=("grad_streams", *(f"grad_{name}" for name in PARAMETER_NAMES)),
-    passes=(
+    kernel_passes=(
         KernelPass("pre_mix_bwd", Traffic(2, 1), Traffic(1),
                    "read du, x and the other reader's dx (accumulate); write their share of dx"),
         KernelPass("coefficients_bwd", Traffic(2), Traffic(1),
@@ -172,7 +174,7 @@ POST_RES_MIX_BACKWARD = OpSpec(
     name="post_res_mix_backward",
     arguments=_tensors("grad_out", "streams", "y", "h_post", "h_res"),
     outputs=("grad_streams", "grad_y", "grad_h_post", "grad_h_res"),
-    passes=(KernelPass("post_res_mix_bwd", Traffic(2, 1), Traffic(1, 1),
+    kernel_passes=(KernelPass("post_res_mix_bwd", Traffic(2, 1), Traffic(1, 1),
                        "read dx', x and y; write dx and dy"),),
     floor=Traffic(3, 2),
 )
@@ -201,8 +203,11 @@ def training_floor_elements(n: int, recompute: bool = True) -> int:
 
 
 def coefficient_bytes_per_token(n: int) -> int:
-    """Forward coefficient traffic: the projection's n^2+2n floats written, then read."""
-    return 2 * coefficient_count(n) * COEFFICIENT_BYTES
+    """Forward coefficient traffic: H_pre, H_post and H_res (n^2+2n floats) written once and read
+    once (by the pre-mix and the post/res mix), the projection (n^2+2n) and the sum of squares
+    written for the backward. The projection's split-K partial sums, whose count depends on the
+    autotuned config, are left out: a lower bound."""
+    return (3 * coefficient_count(n) + 1) * COEFFICIENT_BYTES
 
 
 def extra_bytes_per_token(n: int, channels: int, element_bytes: int) -> int:
@@ -236,15 +241,6 @@ def op_flops_per_token(op: OpSpec, n: int, channels: int, sinkhorn_iters: int) -
 def extra_flops_per_token(n: int, channels: int, sinkhorn_iters: int) -> int:
     """The block's forward flops less the plain add's."""
     return sum(op_flops_per_token(op, n, channels, sinkhorn_iters) for op in FORWARD_OPS) - channels
-
-
-def forward_op(name: str) -> OpSpec:
-    """The forward op called `name` ("post_res_mix")."""
-    for op in FORWARD_OPS:
-        if op.name == name:
-            return op
-    raise ValueError(f"unknown mhc forward op {name!r}; expected one of "
-                     f"{[op.name for op in FORWARD_OPS]}")
 
 
 # --- Whole-graph estimates for pipeline balancing (passes/annotate_pipeline.py) --------------------

@@ -135,7 +135,7 @@ def annotate_pipeline(graph_module: fx.GraphModule, context: PassContext) -> int
         annotation.epilogue = _sum(node_costs[node] for node in nodes[last_mix + 1 :])
     graph_module.meta[ANNOTATION_KEY] = annotation
     legal = sum(cut.legal for cut in annotation.cuts)
-    log.info("mhc: %d pipeline blocks, %d legal stage cuts", len(annotation.blocks), legal)
+    log.debug("mhc: %d pipeline blocks, %d legal stage cuts", len(annotation.blocks), legal)
     return legal
 
 

@@ -119,7 +119,7 @@ def find_residual_chains(graph_module: fx.GraphModule, context: PassContext) -> 
         blocks.append(block)
     _check_blocks(blocks, options, reach.order)
     chains = _link_chains(blocks)
-    log.info("mhc: %d residual blocks, %d chains", len(blocks), len(chains))
+    log.debug("mhc: %d residual blocks, %d chains", len(blocks), len(chains))
     context.analysis = ResidualAnalysis(blocks, chains)
     return len(blocks)
 

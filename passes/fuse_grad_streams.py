@@ -55,7 +55,7 @@ def fuse_grad_streams(graph: fx.Graph, context: PassContext) -> int:
         graph.erase_node(found.add)
         fused += 1
     if fused:
-        log.info("mhc: folded %d grad-streams adds into the coefficient backward", fused)
+        log.debug("mhc: folded %d grad-streams adds into the coefficient backward", fused)
     return fused
 
 

@@ -55,7 +55,7 @@ def inline_checkpoint_regions(graph_module: fx.GraphModule, context: PassContext
     if inlined:
         graph_module.graph.lint()
         graph_module.recompile()
-        log.info("mhc: inlined %d activation checkpoint regions", inlined)
+        log.debug("mhc: inlined %d activation checkpoint regions", inlined)
     return inlined
 
 

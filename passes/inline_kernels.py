@@ -17,7 +17,6 @@ devices keep the twin (mhc_compile/ops.py says why).
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Callable
 
 import torch
@@ -26,7 +25,6 @@ from torch import fx
 from mhc_compile import ops, private_apis, spec, templates
 from mhc_compile.passes.context import PassContext
 
-log = logging.getLogger(__name__)
 
 
 def inline_kernels(graph: fx.Graph, context: PassContext) -> int:
@@ -39,13 +37,13 @@ def inline_kernels(graph: fx.Graph, context: PassContext) -> int:
         if op is not None:
             _splice_launcher(node, templates.launcher(op.name), traces)
             inlined += 1
-    if inlined:
-        log.info("mhc: handed the kernels of %d ops to Inductor", inlined)
     return inlined
 
 
 def _traceable_op(node: fx.Node) -> spec.OpSpec | None:
     if node.op != "call_function" or (op := ops.OPAQUE_OPS.get(node.target)) is None:
+        return None
+    if node.kwargs:  # the splice takes positional arguments only; the opaque op stays
         return None
     values = [_example(arg) for arg in node.args]
     return op if ops.kernels_traceable(values[op.streams_at], values) else None
@@ -65,8 +63,6 @@ def _splice_launcher(node: fx.Node, launcher: Callable, traces: dict) -> None:
     milliseconds (seconds of a 12-layer model's cold compile, bench/RESULTS.md). Splicing copies a
     trace into the graph without changing it, so one trace serves every call of one graph; the
     copied nodes then get example values of their own (`_fresh_values`)."""
-    if node.kwargs:
-        raise RuntimeError(f"mhc: cannot replace {node.format_node()}: keyword arguments")
     arguments = list(node.args)
     traced_at = [i for i, argument in enumerate(arguments) if isinstance(argument, fx.Node)]
 
@@ -97,7 +93,7 @@ def _fresh_values(nodes: list[fx.Node]) -> None:
     those storages: a buffer that shares one with a later splice's buffer is never written in
     place, and its kernel gets a clone of it (a copy of every output buffer). Fake tensors are
     cheap to recompute (each kernel wrapper's fake clones its outputs)."""
-    with private_apis.in_fake_mode([node.meta.get("val") for node in nodes]):
+    with private_apis.in_tracing_fake_mode([node.meta.get("val") for node in nodes]):
         for node in nodes:
             if node.op != "call_function" or "val" not in node.meta:
                 continue

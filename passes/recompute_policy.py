@@ -84,7 +84,7 @@ def tag_recompute(graph: fx.Graph, context: PassContext) -> int:
     for node in forward:
         if (op := ops.spec_of(node.target)) is not None and op not in RECOMPUTED_OPS:
             _tag(node, CheckpointPolicy.MUST_SAVE, None)  # coefficients, pre-mix: never rebuilt
-    log.info("mhc: recompute policy %r tagged %d chains", setting, len(chains))
+    log.debug("mhc: recompute policy %r tagged %d chains", setting, len(chains))
     return len(chains)
 
 

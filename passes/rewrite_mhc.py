@@ -13,7 +13,6 @@ computed in the trace's fake mode.
 
 from __future__ import annotations
 
-import logging
 import operator
 
 import torch
@@ -26,7 +25,6 @@ from mhc_compile.passes.context import PassContext
 from mhc_compile.passes.find_residual_blocks import ResidualChain
 from mhc_compile.spec import BlockParameters
 
-log = logging.getLogger(__name__)
 
 # What a new node takes from the node it stands for: its module path (reports, pipeline cuts) and
 # the user's activation-checkpoint tags (mHC ops inside a checkpointed region recompute with it).
@@ -34,7 +32,7 @@ _KEPT_META = ("nn_module_stack", "stack_trace", *private_apis.PARTITIONER_META_K
 
 
 def rewrite_mhc(graph_module: fx.GraphModule, context: PassContext) -> int:
-    """Rewrite every chain of `context.analysis` whose blocks have parameter nodes in
+    """Rewrite every chain of `context.analysis`, each block reading its mHC parameters from
     `context.parameter_nodes`; returns the number of chains rewritten."""
     analysis, parameters, options = context.analysis, context.parameter_nodes, context.options
     # A chain may start where another ends (their blocks differ in layout or device): its head
@@ -46,7 +44,6 @@ def rewrite_mhc(graph_module: fx.GraphModule, context: PassContext) -> int:
         reduced.update(_rewrite_chain(graph_module.graph, chain, parameters, options))
     graph_module.graph.lint()
     graph_module.recompile()
-    log.info("mhc: rewrote %d chains", len(analysis.chains))
     return len(analysis.chains)
 
 
@@ -105,11 +102,19 @@ def _lift(graph: fx.Graph, node: fx.Node, streams: fx.Node) -> fx.Node:
     with graph.inserting_before(node):
         lifted = graph.create_node(node.op, target, (streams, *node.args[1:]), kwargs)
     lifted.meta.update({k: v for k, v in node.meta.items() if k in _KEPT_META})
-    # A stream-wise op keeps the streams' shape and gives the original op's dtype.
-    with private_apis.in_fake_mode([graph_facts.example_value(streams)]):
-        _set_value(lifted, torch.empty_like(graph_facts.example_value(streams),
-                                            dtype=graph_facts.example_value(node).dtype))
+    _set_value(lifted, _lifted_value(node, graph_facts.example_value(streams)))
     return lifted
+
+
+def _lifted_value(node: fx.Node, streams):
+    """A stream-wise op keeps the streams' shape; it keeps their dtype too unless the original
+    op changed its input's (a norm computing in float32, say). Computed from that rule, not by
+    running the op: a module's real weights cannot meet fake streams."""
+    before = graph_facts.example_value(node.args[0])
+    after = graph_facts.example_value(node)
+    dtype = streams.dtype if after.dtype == before.dtype else after.dtype
+    with private_apis.in_fake_mode([streams]):
+        return torch.empty_like(streams, dtype=dtype)
 
 
 def _reduce_other_readers(graph, chain: ResidualChain, stream_of, channel_dim: int,
@@ -144,8 +149,9 @@ def _call(graph: fx.Graph, target, *args, like: fx.Node) -> fx.Node:
         if key in like.meta:
             node.meta[key] = like.meta[key]
     values = fx.map_arg(args, graph_facts.example_value)
-    # Whole ops: their fake implementation, not the kernels' glue, gives the value; no autograd
-    # graph is recorded for it.
+    # Whole ops: their fake implementation, not the kernels' glue, gives the value. Values
+    # describe shape, dtype, device and strides; no autograd graph is recorded for them (so they
+    # do not require grad, unlike Dynamo's own).
     with private_apis.in_fake_mode(list(values)), ops.keep_ops_whole(), torch.no_grad():
         _set_value(node, target(*values))
     return node

@@ -24,6 +24,8 @@ from collections.abc import Callable
 
 import triton
 
+from mhc_compile import spec
+
 ENV_VAR = "MHC_TRITON_CONFIG"
 # Triton's own switch: the interpreter runs kernels on CPU tensors and cannot time configs.
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -50,7 +52,7 @@ def padded_streams(n: int) -> int:
 
 def padded_phi_columns(n: int) -> int:
     """The n*n + 2n columns of phi rounded up to a power of two, at least 16 for tl.dot."""
-    return max(16, next_power_of_2(n * n + 2 * n))
+    return max(16, next_power_of_2(spec.coefficient_count(n)))
 
 
 def _config(num_warps: int, num_stages: int, **blocks: int) -> triton.Config:
@@ -170,7 +172,7 @@ def forced_configs(setting: str | None) -> dict[str, triton.Config]:
 
 
 _FORCED = forced_configs(os.environ.get(ENV_VAR))
-_TUNED: dict[str, triton.runtime.Autotuner] = {}  # kernel name -> autotuner (kernel_launch runs it)
+TUNED: dict[str, triton.runtime.Autotuner] = {}  # kernel name -> autotuner (kernel_launch runs it)
 
 
 def active_configs(stage: str) -> list[triton.Config]:
@@ -183,7 +185,7 @@ def active_configs(stage: str) -> list[triton.Config]:
 def smallest(kernel_name: str, name: str) -> int:
     """The smallest value of block parameter `name` among the configs kernel `kernel_name` chooses
     from: sizes the buffers whose extent depends on the config chosen later, at launch."""
-    return min(config.kwargs[name] for config in _TUNED[kernel_name].configs)
+    return min(config.kwargs[name] for config in TUNED[kernel_name].configs)
 
 
 def _time_candidate(kernel_call: Callable, quantiles) -> list[float]:
@@ -215,7 +217,7 @@ def autotune(stage: str, kernel_name: str) -> Callable:
             do_bench=_time_candidate,
             cache_results=True,
         )(kernel)
-        _TUNED[kernel_name] = tuned
+        TUNED[kernel_name] = tuned
         return tuned
 
     return decorate
@@ -231,7 +233,7 @@ def chosen_configs() -> dict[str, str]:
     """The config each kernel ran with last (for reports and benchmarks)."""
     return {
         name: describe(tuned.best_config)
-        for name, tuned in _TUNED.items()
+        for name, tuned in TUNED.items()
         if getattr(tuned, "best_config", None) is not None
     }
 
@@ -240,6 +242,6 @@ def config_timings() -> dict[str, dict[str, float]]:
     """Per kernel, the median ms of every config benchmarked for its last tuned key (diagnosis)."""
     return {
         name: {describe(c): ms[0] if isinstance(ms, list) else ms for c, ms in timings.items()}
-        for name, tuned in _TUNED.items()
+        for name, tuned in TUNED.items()
         if (timings := getattr(tuned, "configs_timings", None))
     }

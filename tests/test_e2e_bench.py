@@ -7,14 +7,11 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).parent.parent / "bench"
-
+import benches
 
 @pytest.fixture(scope="module")
 def e2e():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(BENCH)  # the bench imports its neighbour common.py
-        yield importlib.import_module("e2e")
+    return benches.load("e2e")
 
 
 def _worker_row(size: str, width: int, variant: str, step_ms: float, peak_gib: float) -> dict:

@@ -15,7 +15,7 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
+
 
 import pytest
 import torch
@@ -26,6 +26,7 @@ ON_GPU = torch.cuda.is_available()
 import triton.language as triton_language
 from triton.runtime.jit import JITFunction
 
+import benches
 from mhc_compile import kernel_launch, ops, reference
 from mhc_compile.templates import configs, kernels_active
 
@@ -37,8 +38,8 @@ if not ON_GPU and isinstance(triton_language.zeros, JITFunction):
 from mhc_compile.templates import coefficients_pre_mix, post_res_mix  # noqa: E402
 
 # NaN-poisoned buffers and the relative error: bench/common.py's, which bench/kernels.py checks with.
-sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
-from common import poisoned_allocations, relative_error  # noqa: E402
+_common = benches.load("common")
+poisoned_allocations, relative_error = _common.poisoned_allocations, _common.relative_error
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 
@@ -252,7 +253,7 @@ def test_coefficients_backward_does_not_depend_on_what_autotuning_left_in_its_bu
     pruned configs alone). Here the coefficient backward's launch runs BLOCK_T=16, then
     BLOCK_T=64 (the winner, which covers the tokens with fewer programs) on the same buffers: the
     parameter gradients must still match the float64 reference."""
-    tuned = configs._TUNED["mhc_coefficients_bwd"]
+    tuned = configs.TUNED["mhc_coefficients_bwd"]
     narrow, wide = (
         configs._overridden(configs._STAGE_CONFIGS["coefficients"][0], {"BLOCK_T": block_t, "num_warps": 4})
         for block_t in (16, 64)
@@ -385,8 +386,8 @@ def test_every_kernel_times_its_candidates_with_the_short_windows():
     import mhc_compile.templates.post_res_mix  # noqa: F401
     import mhc_compile.templates.pre_mix  # noqa: F401
 
-    assert {f"_{name}_kernel" for name in configs._TUNED} == KERNELS
-    for name, tuned in configs._TUNED.items():
+    assert {f"_{name}_kernel" for name in configs.TUNED} == KERNELS
+    for name, tuned in configs.TUNED.items():
         assert tuned.do_bench is configs._time_candidate, name
 
 
@@ -606,7 +607,7 @@ def test_repeated_launches_run_the_compiled_binary(monkeypatch, poisoned):
         raise AssertionError("launched through triton.autotune again")
 
     for kernel in ("mhc_post_res_mix_fwd", "mhc_post_res_mix_bwd"):
-        monkeypatch.setattr(configs._TUNED[kernel], "run", triton_launch_path)
+        monkeypatch.setattr(configs.TUNED[kernel], "run", triton_launch_path)
     _check_post_res_mix(4, 96, (48,), torch.bfloat16, 20, "sinkhorn", y_dtype=torch.bfloat16)
 
 
@@ -625,7 +626,7 @@ def test_cli_autotune_prints_the_chosen_configs(capsys):
     assert cli.main(["autotune", "--C", "96", "--tokens", "64"]) == 0
     out = capsys.readouterr().out
     assert "n=4 C=96 bf16, 64 tokens:" in out
-    for kernel in configs._TUNED:
+    for kernel in configs.TUNED:
         assert kernel in out, f"{kernel} missing from the chosen configs:\n{out}"
 
 
@@ -634,7 +635,7 @@ def test_autotuning_every_candidate_compiles_them_in_parallel(tmp_path):
     """A fresh process with nothing forced and an empty Triton cache: every kernel of a sublayer
     tunes among its candidates, whose compiles go through the thread pool first. A failure of that
     path would be logged ("... in parallel failed") and is a defect here."""
-    assert len(configs._TUNED) == 8  # the kernel modules were imported above
+    assert len(configs.TUNED) == 8  # the kernel modules were imported above
     env = {key: value for key, value in os.environ.items() if key != configs.ENV_VAR}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     done = subprocess.run(
@@ -642,5 +643,5 @@ def test_autotuning_every_candidate_compiles_them_in_parallel(tmp_path):
         env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "in parallel failed" not in done.stdout + done.stderr
-    for kernel in configs._TUNED:
+    for kernel in configs.TUNED:
         assert f"autotuned {kernel} for n=4 C=96" in done.stdout, done.stdout

@@ -14,7 +14,7 @@ from torch._inductor import config as inductor_config
 
 import mhc_compile
 from mhc_compile import passes
-from mhc_compile.backend import GraphTracer, bind_parameters, rewrite, trace, with_parameters
+from mhc_compile.backend import GraphTracer, bind_and_rewrite, trace, with_parameters
 from mhc_compile.options import MHCOptions
 from zoo import ZOO
 
@@ -68,8 +68,7 @@ def _rewritten_graph(name: str, options: MHCOptions):
     captured = []
 
     def keep_rewritten(record):
-        bind_parameters(record, warn_late=False)
-        rewrite(record)
+        bind_and_rewrite(record)
         captured.append((record.graph_module, [*record.parameters, *record.example_inputs]))
         return with_parameters(record, record.graph_module)
 

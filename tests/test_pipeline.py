@@ -22,6 +22,7 @@ from mhc_compile import cli, spec
 from mhc_compile.examples import gpt, llama
 from mhc_compile.pipeline import (
     PipelineError, build_stage_modules, post_res_mix_on_side_stream, schedule_names, stage_indices)
+from mhc_compile.passes.annotate_pipeline import CUT_KEY, OVERLAP_KEY
 from mhc_compile.pipeline_plan import balance, capture, plan_pipeline
 from mhc_compile.options import MHCOptions
 
@@ -80,11 +81,11 @@ def test_annotation_marks_blocks_cuts_costs_and_overlappable_mixes():
     torch._dynamo.reset()
     half = capture(model, (ids,), MHCOptions(stream_dtype="bfloat16")).annotation
     assert {cut.stream_bytes for cut in half.cuts} == {tokens * n * width * 2}
-    mixes = [node for node in graph.nodes if node.meta.get("mhc_overlap")]
+    mixes = [node for node in graph.nodes if node.meta.get(OVERLAP_KEY)]
     assert [node.name for node in mixes] == [b.post_res_mix for b in annotation.blocks]
     assert all(node.target is torch.ops.mhc.post_res_mix.default for node in mixes)
-    cut_nodes = [node for node in graph.nodes if "mhc_cut" in node.meta]
-    assert [node.meta["mhc_cut"] for node in cut_nodes] == annotation.cuts
+    cut_nodes = [node for node in graph.nodes if CUT_KEY in node.meta]
+    assert [node.meta[CUT_KEY] for node in cut_nodes] == annotation.cuts
     # block flops: f counted independently by torch's FlopCounterMode, plus the mHC ops
     x = torch.randn(2, 16, width)
     cos, sin = model.cos[:16], model.sin[:16]

@@ -1,6 +1,5 @@
 """bench/quality.py: its pure parts, and its --tiny smoke mode end to end (CPU, a few seconds)."""
 
-import importlib
 import json
 import os
 import subprocess
@@ -10,21 +9,19 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).parent.parent / "bench"
+import benches
 
 
 @pytest.fixture(scope="module")
 def quality():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(BENCH)  # the bench imports its neighbour common.py
-        yield importlib.import_module("quality")
+    return benches.load("quality")
 
 
 def _validation_files_in_a_fresh_process(files: list[str], hash_seed: str) -> set[str]:
     """The split as another interpreter computes it, with its own string-hash seed: a split that
     used hash() (randomised per process) would differ between them."""
     script = (f"import json, sys\n"
-              f"sys.path.insert(0, {str(BENCH)!r})\n"
+              f"sys.path.insert(0, {str(benches.BENCH)!r})\n"
               "import quality\n"
               "files = json.loads(sys.stdin.read())\n"
               "print(json.dumps([f for f in files if quality.is_validation_file(f)]))\n")

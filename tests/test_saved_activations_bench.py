@@ -1,22 +1,17 @@
 """bench/saved_activations.py on the tiny LLaMA (CPU, compiled): the saved streams it attributes
 are exactly the ones the recompute policy keeps, counted independently from the policy's L_r."""
 
-import importlib
-from pathlib import Path
 
 import pytest
 import torch
 
+import benches
 from mhc_compile.passes.recompute_policy import group_size
-
-BENCH = Path(__file__).parent.parent / "bench"
 
 
 @pytest.fixture(scope="module")
 def saved_activations():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(BENCH)  # the bench imports its neighbours e2e.py and common.py
-        yield importlib.import_module("saved_activations")
+    return benches.load("saved_activations")
 
 
 def test_kept_streams_are_counted_by_kind(saved_activations):
