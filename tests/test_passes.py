@@ -101,8 +101,9 @@ def _described(value):
 @pytest.mark.parametrize("name, options", [
     ("llama", {}),
     ("resnet", {"n": 2}),  # channels-first streams [B, H, W, n, C], links through ReLU
+    ("resnet", {"stream_dtype": "bfloat16"}),  # ReLU links on bf16 streams of float32 blocks
     ("gpt", {"stream_dtype": "bfloat16", "n": 3}),
-], ids=["llama", "resnet-n2", "gpt-bf16-n3"])
+], ids=["llama", "resnet-n2", "resnet-bf16", "gpt-bf16-n3"])
 def test_every_node_the_rewrite_adds_carries_its_value(name, options):
     """meta["val"] (and Dynamo's "example_value") of every node matches what the node computes
     on the real inputs: shape, dtype, device."""
