@@ -29,16 +29,11 @@ if os.environ.get("TRITON_INTERPRET"):
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
 from common import log, write_json  # noqa: E402
-from mhc_compile import kernel_launch, spec, templates  # noqa: E402
+from mhc_compile import kernel_launch, private_apis, spec, templates  # noqa: E402
 from mhc_compile.templates import configs  # noqa: E402
 
-POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32",
-                 torch.int64: "*i64", torch.int32: "*i32"}
 SINKHORN_ITERS = 20
 
 
@@ -67,38 +62,16 @@ def recorded_launches(n: int, channels: int, dtype: torch.dtype, tokens: int = 6
     return launches
 
 
-def _signature(jit_function, values: dict) -> tuple[dict, dict, dict]:
-    """Triton's signature, constexprs and attributes (16-byte aligned pointers, as real buffers
-    are) for these argument values."""
-    signature, constexprs, attrs = {}, {}, {}
-    for index, (name, param) in enumerate(zip(jit_function.arg_names, jit_function.params)):
-        value = values[name]
-        if param.is_constexpr:
-            signature[name], constexprs[name] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            signature[name] = POINTER_TYPES[value.dtype]
-            attrs[(index,)] = [["tt.divisibility", 16]]
-        elif isinstance(value, bool):
-            signature[name] = "i1"
-        elif isinstance(value, int):
-            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-        else:
-            signature[name] = "fp32"
-    return signature, constexprs, attrs
-
-
 def resource_usage(jit_function, values: dict, config: triton.Config, arch: int) -> dict:
     """Registers per thread and spill bytes of one compiled config, from ptxas -v."""
-    signature, constexprs, attrs = _signature(jit_function, {**values, **config.kwargs})
-    compiled = triton.compile(
-        ASTSource(jit_function, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    ptx_text = private_apis.compile_to_ptx(jit_function, {**values, **config.kwargs},
+                                           config.num_warps, config.num_stages, arch)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
-        ptx.write(compiled.asm["ptx"])
+        ptx.write(ptx_text)
         ptx.flush()
         report = subprocess.run(
-            [get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}a", "-o", os.devnull, ptx.name],
-            capture_output=True, text=True, check=True).stderr
+            [private_apis.ptxas_path(arch), "-v", f"--gpu-name=sm_{arch}a", "-o", os.devnull,
+             ptx.name], capture_output=True, text=True, check=True).stderr
     registers = re.search(r"Used (\d+) registers", report)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     return {"registers": int(registers.group(1)),
@@ -109,15 +82,16 @@ def kernel_rows(n: int, channels: int, dtype: torch.dtype, arch: int, only: set[
     rows, seen = [], set()
     for name, args, kwargs in recorded_launches(n, channels, dtype):
         tuned = configs.TUNED[name]
-        values = {**dict(zip(tuned.fn.arg_names, args)), **kwargs}
+        names = private_apis.kernel_argument_names(tuned.fn)
+        values = {**dict(zip(names, args)), **kwargs}
         variant = tuple(sorted((k, v) for k, v in kwargs.items() if not isinstance(v, torch.Tensor)))
         if (only and name not in only) or (name, variant) in seen:
             continue
         seen.add((name, variant))
-        kept = tuned.early_config_prune(tuned.configs, {}, **kwargs)
+        kept = private_apis.autotune_candidates(tuned, kwargs)
         constexprs = {argument: values[argument]
-                      for argument, param in zip(tuned.fn.arg_names, tuned.fn.params)
-                      if param.is_constexpr and argument in kwargs and argument != "n"}
+                      for argument in private_apis.triton_value_parameters(tuned.fn)
+                      if argument in kwargs and argument != "n"}
         for config in tuned.configs:
             rows.append({
                 "kernel": name, "n": n, "C": channels, "dtype": str(dtype).removeprefix("torch."),

@@ -397,6 +397,52 @@ def kernel_argument_names(jit_function) -> list[str]:
     return jit_function.arg_names
 
 
+def compile_to_ptx(jit_function, values: dict, num_warps: int, num_stages: int, arch: int) -> str:
+    """The PTX Triton makes of a @triton.jit kernel for these argument values and launch options on
+    sm_`arch`, without a GPU (bench/registers.py). Triton's ahead-of-time path (ASTSource, its
+    signature strings and attribute specs) is private; checked against Triton 3.6."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, constexprs, attrs = _triton_signature(jit_function, values)
+    compiled = triton.compile(ASTSource(jit_function, signature, constexprs, attrs),
+                              target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    return compiled.asm["ptx"]
+
+
+_POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32",
+                  torch.int64: "*i64", torch.int32: "*i32"}
+
+
+def _triton_signature(jit_function, values: dict) -> tuple[dict, dict, dict]:
+    """Triton's signature, constexprs and attributes (16-byte aligned pointers, as real buffers
+    are) for these argument values."""
+    signature, constexprs, attrs = {}, {}, {}
+    for index, (name, param) in enumerate(zip(jit_function.arg_names, jit_function.params)):
+        value = values[name]
+        if param.is_constexpr:
+            signature[name], constexprs[name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = _POINTER_TYPES[value.dtype]
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+        else:
+            signature[name] = "fp32"
+    return signature, constexprs, attrs
+
+
+def ptxas_path(arch: int) -> str:
+    """The ptxas binary Triton ships for sm_`arch` (its NVIDIA backend's get_ptxas; Triton 3.6)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return get_ptxas(arch).path
+
+
 def compiled_triton_launcher(autotuner, grid, args: tuple, kwargs: dict) -> Callable:
     """A launcher of the binary `autotuner` (a triton.autotune'd kernel) has just run for these
     arguments, called as launcher(grid, args, kwargs) with arguments Triton would specialise the
