@@ -67,7 +67,7 @@ def prepare(model: nn.Module, /, *example_args: Any, options: Mapping[str, Any] 
     that trace.
     """
     chosen, model_kwargs = split_keywords("prepare", model, options, model_kwargs)
-    chosen = MHCOptions.from_kwargs(chosen).replace(eager=True)
+    chosen = MHCOptions.from_kwargs(chosen)
     return trace(model, example_args, GraphTracer(chosen, _create_parameters, top_module=model),
                   model_kwargs=model_kwargs)
 

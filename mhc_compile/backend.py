@@ -29,7 +29,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import fx, nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from mhc_compile import ops, private_apis, reference, spec, templates
 from mhc_compile.quiet import run_without_side_effects
@@ -326,7 +325,7 @@ class _Binding:
     def __init__(self, blocks, weights: _Weights, options: MHCOptions, warn_late: bool):
         self.blocks, self.weights, self.options, self.warn_late = blocks, weights, options, warn_late
         # first block's weight -> (weak references to every block's weight, stores, parameters)
-        self.bound = WeakIdKeyDictionary()
+        self.bound = private_apis.weak_id_dictionary()
 
     def bind(self, args: Sequence[Any], sites: list[Site | None] | None = None) -> list[torch.Tensor]:
         """Every block's (phi, alpha, b_pre, b_post, b_res) for the instance `args` call,

@@ -35,8 +35,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_pre_hook
-from torch.utils.weak import WeakIdKeyDictionary
 
+from mhc_compile import private_apis
 from mhc_compile.parameters import SUBMODULE, MHCParameters
 
 _handle: torch.utils.hooks.RemovableHandle | None = None
@@ -63,7 +63,7 @@ class _Check:
 _CHECKS: "weakref.WeakKeyDictionary[Optimizer, _Check]" = weakref.WeakKeyDictionary()
 # mHC parameter -> the optimizers that hold it, among those that stepped (by identity: a Tensor's
 # == compares values, so no WeakSet of tensors).
-_HELD = WeakIdKeyDictionary()
+_HELD = private_apis.weak_id_dictionary()
 
 
 def install_step_check() -> None:

@@ -171,7 +171,7 @@ def capture(model: nn.Module, example_args: tuple, options: MHCOptions) -> Captu
                                       example_args, model))
         return with_parameters(record, record.graph_module)
 
-    backend = GraphTracer(options.replace(eager=True), capture_rewritten, top_module=model)
+    backend = GraphTracer(options, capture_rewritten, top_module=model)
     try:
         trace(model, example_args, backend, fullgraph=True)
     except private_apis.dynamo_unsupported_error() as error:

@@ -263,6 +263,15 @@ def mark_parameter_input(placeholder: fx.Node, parameter: torch.Tensor, fake_mod
     placeholder.meta["example_value"] = placeholder.meta["val"] = value
 
 
+def weak_id_dictionary() -> dict:
+    """A dictionary keyed on tensors (or modules) by identity that does not keep its keys alive:
+    weakref.WeakKeyDictionary compares keys with ==, which a tensor answers elementwise.
+    torch.utils.weak.WeakIdKeyDictionary serves, undocumented (torch 2.11, 2.13)."""
+    from torch.utils.weak import WeakIdKeyDictionary
+
+    return WeakIdKeyDictionary()
+
+
 def modules_on_call_stack() -> list[nn.Module]:
     """The nn.Modules whose methods are running in this thread, innermost first, each
     torch.compile wrapper (OptimizedModule) given as the module it wraps.

@@ -83,10 +83,10 @@ class Report:
         return json.dumps(self.to_dict(), indent=2)
 
     def summary(self) -> str:
-        chains = {(b.graph, b.chain) for b in self.rewritten}
+        chains = len({(b.graph, b.chain) for b in self.rewritten})
         return (
-            f"mHC n={self.n} ({self.constraint}): {len(self.rewritten)} blocks rewritten in "
-            f"{len(chains)} chains, {len(self.skipped)} skipped, "
+            f"mHC n={self.n} ({self.constraint}): {_count(len(self.rewritten), 'block')} rewritten "
+            f"in {_count(chains, 'chain')}, {len(self.skipped)} skipped, "
             f"{self.params_added:,} parameters added"
         )
 
@@ -126,3 +126,7 @@ def print_rich(renderable: Any, file=None) -> None:
     stream = file or sys.stdout
     # Piped output (CI logs, files) gets a wide table instead of rich's 80-column default.
     Console(file=stream, width=None if stream.isatty() else 180).print(renderable)
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")

@@ -1,8 +1,10 @@
 """The graph passes of the mhc backend, stage by stage, in the order they run.
 
 Every pass is called as `pass(graph_or_graph_module, context)` with one PassContext and returns how
-many things it matched or changed, which `run_passes` logs (logger "mhc_compile.passes", INFO; at
-DEBUG it also prints the graph after each pass).
+many things it found or changed (its GraphPass says what), which `run_passes` logs (logger
+"mhc_compile.passes", INFO; at DEBUG it also prints the graph after each pass). Inductor's and AOT
+autograd's caches serve a compiled graph without running the joint and post-grad passes again:
+TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 shows every stage.
 
     Dynamo graph (mhc_compile/backend.py, one per graph Dynamo hands the backend)
         ANALYSIS_PASSES    inline_checkpoint_regions, find_residual_chains
@@ -18,7 +20,7 @@ DEBUG it also prints the graph after each pass).
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 from torch import fx
 
@@ -30,18 +32,34 @@ from mhc_compile.passes.context import PassContext
 
 log = logging.getLogger(__name__)
 
-GraphPass = Callable[[fx.Graph | fx.GraphModule, PassContext], int]
+
+
+class GraphPass(NamedTuple):
+    """One pass: `run(graph_or_graph_module, context)` returns how many `counts` it found or
+    changed."""
+
+    run: Callable[[fx.Graph | fx.GraphModule, PassContext], int]
+    counts: str
+
+    @property
+    def name(self) -> str:
+        return self.run.__name__
+
 
 # Blocks inside the user's checkpointed layers come into sight, then the blocks are found.
-ANALYSIS_PASSES: tuple[GraphPass, ...] = (inline_checkpoint.inline_checkpoint_regions,
-                                          find_residual_blocks.find_residual_chains)
-REWRITE_PASSES: tuple[GraphPass, ...] = (rewrite_mhc.rewrite_mhc,)
-PIPELINE_PASSES: tuple[GraphPass, ...] = (annotate_pipeline.annotate_pipeline,)
+ANALYSIS_PASSES = (
+    GraphPass(inline_checkpoint.inline_checkpoint_regions, "checkpoint regions inlined"),
+    GraphPass(find_residual_blocks.find_residual_chains, "residual blocks found"),
+)
+REWRITE_PASSES = (GraphPass(rewrite_mhc.rewrite_mhc, "chains rewritten"),)
+PIPELINE_PASSES = (GraphPass(annotate_pipeline.annotate_pipeline, "legal stage cuts"),)
 # Before the partitioner: which mHC tensors backward keeps and which it rebuilds.
-JOINT_PASSES: tuple[GraphPass, ...] = (recompute_policy.tag_recompute,)
+JOINT_PASSES = (GraphPass(recompute_policy.tag_recompute, "chains tagged for recompute"),)
 # The grad-streams fold needs whole ops, so it runs before their kernels are handed to Inductor.
-POST_GRAD_PASSES: tuple[GraphPass, ...] = (fuse_grad_streams.fuse_grad_streams,
-                                           inline_kernels.inline_kernels)
+POST_GRAD_PASSES = (
+    GraphPass(fuse_grad_streams.fuse_grad_streams, "grad-streams adds folded"),
+    GraphPass(inline_kernels.inline_kernels, "ops handed to Inductor as kernels"),
+)
 
 STAGES = {"analysis": ANALYSIS_PASSES, "rewrite": REWRITE_PASSES, "pipeline": PIPELINE_PASSES,
           "joint": JOINT_PASSES, "post_grad": POST_GRAD_PASSES}
@@ -52,8 +70,8 @@ def run_passes(stage: str, graph: fx.Graph | fx.GraphModule, context: PassContex
     what each matched."""
     passes: Sequence[GraphPass] = STAGES[stage]
     for graph_pass in passes:
-        count = graph_pass(graph, context)
-        log.info("mhc %s: %s matched %d", stage, graph_pass.__name__, count)
+        count = graph_pass.run(graph, context)
+        log.info("mhc %s: %s: %d %s", stage, graph_pass.name, count, graph_pass.counts)
         if log.isEnabledFor(logging.DEBUG):
             shown = graph.graph if isinstance(graph, fx.GraphModule) else graph
-            log.debug("mhc %s: graph after %s:\n%s", stage, graph_pass.__name__, shown)
+            log.debug("mhc %s: graph after %s:\n%s", stage, graph_pass.name, shown)

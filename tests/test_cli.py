@@ -53,7 +53,7 @@ def test_report_file_factory(tmp_path, capsys):
     '''))
     assert cli.main(["report", f"{target}:build", "--n", "2"]) == 0
     out = capsys.readouterr().out
-    assert "mHC n=2 (sinkhorn): 1 blocks rewritten in 1 chains" in out
+    assert "mHC n=2 (sinkhorn): 1 block rewritten in 1 chain" in out
 
 
 def test_bad_targets_and_options_are_clear_errors(tmp_path, capsys):

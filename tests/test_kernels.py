@@ -578,7 +578,8 @@ def test_backend_hands_the_kernels_to_inductor(monkeypatch, shape, dtype):
         graphs.append(graph)
         return 0
 
-    monkeypatch.setitem(passes.STAGES, "post_grad", (*passes.POST_GRAD_PASSES, record_graph))
+    monkeypatch.setitem(passes.STAGES, "post_grad",
+                        (*passes.POST_GRAD_PASSES, passes.GraphPass(record_graph, "graphs kept")))
     launches = _recorded_launches(monkeypatch)
     torch._dynamo.reset()
     compiled = torch.compile(_sublayer_through_ops, backend=compile_whole_ops, fullgraph=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 
 import pytest
 import torch
@@ -23,10 +24,10 @@ def test_every_pass_takes_a_graph_and_the_context():
     for stage, stage_passes in passes.STAGES.items():
         assert stage_passes, stage
         for graph_pass in stage_passes:
-            parameters = list(inspect.signature(graph_pass).parameters.values())
+            parameters = list(inspect.signature(graph_pass.run).parameters.values())
             assert [p.annotation for p in parameters] == [
                 "fx.GraphModule" if stage in ("analysis", "rewrite", "pipeline") else "fx.Graph",
-                "PassContext"], (stage, graph_pass.__name__)
+                "PassContext"], (stage, graph_pass.name)
 
 
 def test_a_compile_logs_every_stage_in_order(caplog):
@@ -41,13 +42,16 @@ def test_a_compile_logs_every_stage_in_order(caplog):
         compiled = torch.compile(model, backend="mhc")
         ZOO["gpt"].loss(compiled(*args), args).backward()
     ran = [record.getMessage() for record in caplog.records if record.name == "mhc_compile.passes"]
-    expected = [f"mhc {stage}: {graph_pass.__name__} matched"
+    pattern = re.compile(r"mhc (\w+): (\w+): (\d+) (.+)")
+    parsed = [pattern.fullmatch(message).groups() for message in ran]
+    expected = [(stage, graph_pass.name, graph_pass.counts)
                 for stage in ("analysis", "rewrite", "joint", "post_grad", "post_grad")
                 for graph_pass in passes.STAGES[stage]]
-    assert [message.rsplit(" ", 1)[0] for message in ran] == expected, ran
-    counts = {message.rsplit(" ", 1)[0]: int(message.rsplit(" ", 1)[1]) for message in ran}
-    assert counts["mhc analysis: find_residual_chains matched"] == 2 * 2  # attention and MLP
-    assert counts["mhc rewrite: rewrite_mhc matched"] == 1  # one chain
+    assert [(stage, name, counts) for stage, name, _, counts in parsed] == expected, ran
+    count = {(stage, name): int(number) for stage, name, number, _ in parsed}
+    assert count["analysis", "find_residual_chains"] == 2 * 2  # attention and MLP
+    assert count["rewrite", "rewrite_mhc"] == 1  # one chain
+    assert count["joint", "tag_recompute"] == 1
 
 
 def test_debug_level_prints_the_graph_after_each_pass(caplog):

@@ -93,7 +93,8 @@ class _GraphRecorder:
             self.final.append(graph)
             return inlined
 
-        stage = tuple(record if graph_pass is inline_kernels.inline_kernels else graph_pass
+        stage = tuple(graph_pass._replace(run=record)
+                      if graph_pass.run is inline_kernels.inline_kernels else graph_pass
                       for graph_pass in passes.POST_GRAD_PASSES)
         monkeypatch.setitem(passes.STAGES, "post_grad", stage)
 
