@@ -18,6 +18,7 @@ counted apart (`coefficient_bytes_per_token`).
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Callable, Generic, NamedTuple, TypeVar
 
@@ -52,13 +53,7 @@ def parameter_shapes(n: int, channels: int) -> BlockParameters[tuple[int, ...]]:
 
 
 def parameter_count(n: int, channels: int) -> int:
-    total = 0
-    for shape in parameter_shapes(n, channels):
-        count = 1
-        for size in shape:
-            count *= size
-        total += count
-    return total
+    return sum(math.prod(shape) for shape in parameter_shapes(n, channels))
 
 
 @dataclass(frozen=True)
@@ -89,14 +84,16 @@ class KernelPass:
 @dataclass(frozen=True)
 class OpSpec:
     """One mhc:: op: `torch.ops.mhc.<name>`, its arguments (name, schema type), its outputs, where
-    its streams are, its kernel passes and the floor of its traffic. An optional tensor ("Tensor?")
-    defaults to None."""
+    its streams are, its kernel passes and the floor of its traffic, and for a forward op its flops
+    per token as forward_flops(n, C, sinkhorn_iters). An optional tensor ("Tensor?") defaults to
+    None."""
 
     name: str
     arguments: tuple[tuple[str, str], ...]
     outputs: tuple[str, ...]
     kernel_passes: tuple[KernelPass, ...]
     floor: Traffic
+    forward_flops: Callable[[int, int, int], int] | None = None
 
     @property
     def argument_names(self) -> tuple[str, ...]:
@@ -137,6 +134,19 @@ _SETTINGS = (("sinkhorn_iters", "int"), ("constraint", "str"))
 _ACCUMULATE = (("accumulate", "Tensor?"),)
 _ANNOTATIONS = {"Tensor": Tensor, "Tensor?": Tensor | None, "int": int, "str": str}
 
+def _coefficients_pre_mix_flops(n: int, channels: int, sinkhorn_iters: int) -> int:
+    """RMS, projection v @ phi, gates, Sinkhorn in log space, then the pre-mix."""
+    rms = 2 * n * channels
+    projection = 2 * n * channels * coefficient_count(n)
+    sinkhorn = sinkhorn_iters * 2 * 3 * n * n
+    return rms + projection + 4 * coefficient_count(n) + sinkhorn + 2 * n * channels
+
+
+def _post_res_mix_flops(n: int, channels: int, sinkhorn_iters: int) -> int:
+    """H_res x (n x n per channel) and H_post^T y."""
+    return 2 * n * n * channels + 2 * n * channels
+
+
 COEFFICIENTS_PRE_MIX = OpSpec(
     name="coefficients_pre_mix",
     arguments=(*_tensors("streams"), *_PARAMETERS, *_SETTINGS),
@@ -147,6 +157,7 @@ COEFFICIENTS_PRE_MIX = OpSpec(
         KernelPass("pre_mix_fwd", Traffic(1), Traffic(0, 1), "read x again, write u = H_pre x"),
     ),
     floor=Traffic(1, 1),  # x once (the second read hits L2 at training sizes), u
+    forward_flops=_coefficients_pre_mix_flops,
 )
 POST_RES_MIX = OpSpec(
     name="post_res_mix",
@@ -155,6 +166,7 @@ POST_RES_MIX = OpSpec(
     kernel_passes=(KernelPass("post_res_mix_fwd", Traffic(1, 1), Traffic(1),
                        "read x and y, write x' = H_res x + H_post^T y"),),
     floor=Traffic(2, 1),
+    forward_flops=_post_res_mix_flops,
 )
 COEFFICIENTS_PRE_MIX_BACKWARD = OpSpec(
     name="coefficients_pre_mix_backward",
@@ -217,30 +229,9 @@ def extra_bytes_per_token(n: int, channels: int, element_bytes: int) -> int:
     return issued * channels * element_bytes + coefficient_bytes_per_token(n)
 
 
-# --- Flops ----------------------------------------------------------------------------------------
-
-
-def _coefficients_flops(n: int, channels: int, sinkhorn_iters: int) -> int:
-    """RMS, projection v @ phi, gates, Sinkhorn in log space."""
-    rms = 2 * n * channels
-    projection = 2 * n * channels * coefficient_count(n)
-    return rms + projection + 4 * coefficient_count(n) + sinkhorn_iters * 2 * 3 * n * n
-
-
-_FORWARD_FLOPS: dict[str, Callable[[int, int, int], int]] = {
-    COEFFICIENTS_PRE_MIX.name: lambda n, c, iters: _coefficients_flops(n, c, iters) + 2 * n * c,
-    POST_RES_MIX.name: lambda n, c, iters: 2 * n * n * c + 2 * n * c,
-}
-
-
-def op_flops_per_token(op: OpSpec, n: int, channels: int, sinkhorn_iters: int) -> int:
-    """Forward flops per token of one forward op."""
-    return _FORWARD_FLOPS[op.name](n, channels, sinkhorn_iters)
-
-
 def extra_flops_per_token(n: int, channels: int, sinkhorn_iters: int) -> int:
     """The block's forward flops less the plain add's."""
-    return sum(op_flops_per_token(op, n, channels, sinkhorn_iters) for op in FORWARD_OPS) - channels
+    return sum(op.forward_flops(n, channels, sinkhorn_iters) for op in FORWARD_OPS) - channels
 
 
 # --- Whole-graph estimates for pipeline balancing (passes/annotate_pipeline.py) --------------------

@@ -251,7 +251,7 @@ def _mhc_op_cost(node: fx.Node, op: spec.OpSpec, options: MHCOptions) -> BlockCo
         return BlockCost()
     n, channels = streams.shape[-2:]
     tokens = streams.numel() // (n * channels)
-    flops = tokens * spec.op_flops_per_token(op, n, channels, options.sinkhorn_iters)
+    flops = tokens * op.forward_flops(n, channels, options.sinkhorn_iters)
     moved = tokens * op.stream_elements(n) * channels * streams.element_size()
     return BlockCost(flops, moved, spec.roofline_cost(flops, moved))
 
