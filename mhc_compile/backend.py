@@ -20,6 +20,7 @@ entry point; do not also register the name here (the entry point would then fail
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import warnings
 import weakref
@@ -278,7 +279,9 @@ def _after_users_pass(users: Callable | None, ours: Callable[[fx.Graph], None],
     return private_apis.graph_pass(both, both_uuid)
 
 
+@functools.cache
 def _sources_hash() -> bytes:
+    """Our sources, hashed once per process: Inductor asks for every pass's uuid at each compile."""
     from mhc_compile import passes
 
     folders = [Path(__file__).parent, Path(passes.__file__).parent, Path(templates.__file__).parent]

@@ -97,8 +97,9 @@ def _define(op: spec.OpSpec, reference_impl: Callable, fake_impl: Callable) -> C
                                      mutates_args=())
     opaque.register_fake(fake_impl)
     torch.library.register_kernel(opaque, "cuda", on_cuda)
-    OPAQUE_OPS[getattr(torch.ops.mhc, f"{op.name}{OPAQUE_SUFFIX}").default] = op
-    _SPEC_OF[getattr(torch.ops.mhc, f"{op.name}{OPAQUE_SUFFIX}").default] = op
+    namespace = getattr(torch.ops, NAMESPACE)
+    opaque_overload = getattr(namespace, f"{op.name}{OPAQUE_SUFFIX}").default
+    OPAQUE_OPS[opaque_overload] = _SPEC_OF[opaque_overload] = op
 
     def body(*args):
         if launches_kernels(args[op.streams_at], args):
@@ -111,7 +112,7 @@ def _define(op: spec.OpSpec, reference_impl: Callable, fake_impl: Callable) -> C
     else:
         public = torch.library.custom_op(f"{NAMESPACE}::{op.name}", body, mutates_args=())
         public.register_fake(body)
-    _SPEC_OF[getattr(torch.ops.mhc, op.name).default] = op
+    _SPEC_OF[getattr(namespace, op.name).default] = op
     return public
 
 
