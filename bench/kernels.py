@@ -174,7 +174,7 @@ def kernel_bytes(tokens: int, n: int, channels: int) -> dict[str, int]:
 def kernel_elements(n: int) -> dict[str, int]:
     """Stream elements per token (times C) each call of time_kernels moves, from the ops' kernel
     passes in mhc_compile/spec.py. The coefficient-and-pre-mix backward runs without the fold
-    (passes/fuse_grad_streams.py) unless "+acc": then its pre-mix pass also reads post/res's dx."""
+    (passes/fuse_grad_streams.py) unless "+acc": then its grad-streams pass also reads post/res's dx."""
     passes = {kernel.name: kernel.elements(n) for op in spec.OPS for kernel in op.kernel_passes}
     folded = spec.COEFFICIENTS_PRE_MIX_BACKWARD.stream_elements(n)
     unfolded = folded - n  # less the read of the other reader's dx
@@ -185,8 +185,8 @@ def kernel_elements(n: int) -> dict[str, int]:
         "coefficients_pre_mix_fwd": spec.COEFFICIENTS_PRE_MIX.stream_elements(n),
         "post_res_mix_fwd": passes["post_res_mix_fwd"],
         "post_res_mix_bwd": passes["post_res_mix_bwd"],
-        "pre_mix_bwd": passes["pre_mix_bwd"] - n,  # timed unfolded: no accumulate to read
-        "coefficients_bwd": passes["coefficients_bwd"],
+        "pre_mix_grad_h_pre": passes["pre_mix_grad_h_pre"],
+        "coefficients_bwd": passes["coefficients_bwd"],  # timed with accumulate
         "coefficients_pre_mix_bwd": unfolded,
         "coefficients_pre_mix_bwd+acc": folded,
         "grad_accumulate_add": spec.GRAD_STREAMS_ADD.elements(n),
@@ -353,10 +353,10 @@ def time_kernels(inputs) -> dict[str, dict[str, float]]:
         "post_res_mix_fwd": lambda: post_res_mix.mhc_post_res_mix_fwd(streams, mixed, h_post, h_res),
         "post_res_mix_bwd": lambda: post_res_mix.mhc_post_res_mix_bwd(
             grad_streams, streams, mixed, h_post, h_res),
-        "pre_mix_bwd": lambda: pre_mix.mhc_pre_mix_bwd(mixed, streams, h_pre),
+        "pre_mix_grad_h_pre": lambda: pre_mix.mhc_pre_mix_grad_h_pre(mixed, streams),
         "coefficients_bwd": lambda: coefficients.mhc_coefficients_bwd(
-            *grad_outputs[:3], proj, sum_squares, *parameters, ITERS, "sinkhorn",
-            accumulate=grad_streams),
+            *grad_outputs[:3], proj, sum_squares, *parameters, ITERS, "sinkhorn", mixed, h_pre,
+            grad_streams),
         "coefficients_pre_mix_bwd": lambda: coefficients_pre_mix.mhc_coefficients_pre_mix_bwd(
             *grad_outputs, h_pre, proj, sum_squares, *parameters, ITERS, "sinkhorn"),
         "coefficients_pre_mix_bwd+acc": lambda: (

@@ -175,10 +175,10 @@ COEFFICIENTS_PRE_MIX_BACKWARD = OpSpec(
                *_PARAMETERS, *_SETTINGS, *_ACCUMULATE),
     outputs=("grad_streams", *(f"grad_{name}" for name in PARAMETER_NAMES)),
     kernel_passes=(
-        KernelPass("pre_mix_bwd", Traffic(2, 1), Traffic(1),
-                   "read du, x and the other reader's dx (accumulate); write their share of dx"),
-        KernelPass("coefficients_bwd", Traffic(2), Traffic(1),
-                   "read x and the pre-mix's share; write dx"),
+        KernelPass("pre_mix_grad_h_pre", Traffic(1, 1), Traffic(0),
+                   "read x and du: H_pre's gradient through the pre-mix"),
+        KernelPass("coefficients_bwd", Traffic(2, 1), Traffic(1),
+                   "read x, du and the other reader's dx (accumulate); write the whole dx"),
     ),
     floor=Traffic(3, 1),  # read du, x and the other reader's dx; write dx
 )

@@ -464,26 +464,32 @@ def _mhc_coefficients_bwd_kernel(
     tl.store(proj_row + padding, tl.zeros((BLOCK_T, KP), tl.float32), mask=padding_mask)
 
 
-# --- backward, step 2: d streams = d proj @ phi^T + 2 d sumsq x + accumulate;  d phi = x^T d proj --
+# --- backward, step 2: d x_j = d proj @ phi_j^T + 2 d sumsq x_j + h_pre_j du (+ accumulate);
+#     d phi = x^T d proj ----------------------------------------------------------------------------
 
 
 @configs.autotune("coefficients_bwd_streams", "mhc_coefficients_bwd_streams")
 @triton.jit
 def _mhc_coefficients_bwd_streams_kernel(
-    streams_ptr, phi_ptr, grad_proj_ptr, grad_sumsq_ptr, accumulate_ptr, grad_streams_ptr,
-    grad_phi_partial_ptr, T, C, tokens_per_split,
-    n: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_NC: tl.constexpr,
+    streams_ptr, phi_ptr, grad_proj_ptr, grad_sumsq_ptr, grad_mixed_ptr, h_pre_ptr, accumulate_ptr,
+    grad_streams_ptr, grad_phi_partial_ptr, T, C, tokens_per_split,
+    n: tl.constexpr, KP: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     K: tl.constexpr = n * n + 2 * n
     nC = n * C
-    columns = tl.program_id(0) * BLOCK_NC + tl.arange(0, BLOCK_NC)
-    column_valid = columns < nC
+    # A program owns one channel block of one stream; the stream varies fastest in the grid, so
+    # the n programs reading the same du tiles run together and du comes from L2 after the first.
+    stream = tl.program_id(0) % n
+    channels = (tl.program_id(0) // n) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_valid = channels < C
+    columns = stream * C + channels
     k = tl.arange(0, KP)
     # This program's slice of the padded phi [n*C, KP] stays on chip for its whole token range.
     phi_t = tl.trans(
-        tl.load(phi_ptr + columns[:, None] * KP + k[None, :], mask=column_valid[:, None], other=0.0)
+        tl.load(phi_ptr + columns[:, None] * KP + k[None, :], mask=channel_valid[:, None], other=0.0)
     )
-    grad_phi = tl.zeros((BLOCK_NC, KP), dtype=tl.float32)
+    grad_phi = tl.zeros((BLOCK_C, KP), dtype=tl.float32)
     split = tl.program_id(1)
     first = split.to(tl.int64) * tokens_per_split
     last = tl.minimum(first + tokens_per_split, T)
@@ -491,23 +497,27 @@ def _mhc_coefficients_bwd_streams_kernel(
         tokens = first + offset + tl.arange(0, BLOCK_T)
         token_valid = tokens < last
         x_offsets = tokens[:, None] * nC + columns[None, :]
-        x_mask = token_valid[:, None] & column_valid[None, :]
+        x_mask = token_valid[:, None] & channel_valid[None, :]
         x = tl.load(streams_ptr + x_offsets, mask=x_mask, other=0.0)
         grad_proj = tl.load(
             grad_proj_ptr + tokens[:, None] * KP + k[None, :], mask=token_valid[:, None], other=0.0
         )
         grad_sumsq = tl.load(grad_sumsq_ptr + tokens, mask=token_valid, other=0.0)
+        h_pre = tl.load(h_pre_ptr + tokens * n + stream, mask=token_valid, other=0.0)
+        grad_mixed = tl.load(
+            grad_mixed_ptr + tokens[:, None] * C + channels[None, :], mask=x_mask, other=0.0
+        ).to(tl.float32)
         # The stream gradient is rounded to the stream dtype: tf32 is accurate enough here.
         grad_x = tl.dot(grad_proj, phi_t, input_precision="tf32")
-        grad_x += 2.0 * grad_sumsq[:, None] * x.to(tl.float32)
-        # The other share of grad streams (the pre-mix's), added here: one tensor written, no add.
-        grad_x += tl.load(accumulate_ptr + x_offsets, mask=x_mask, other=0.0).to(tl.float32)
+        grad_x += 2.0 * grad_sumsq[:, None] * x.to(tl.float32) + h_pre[:, None] * grad_mixed
+        if ACCUMULATE:  # the streams' gradient from their other reader, added: one tensor written
+            grad_x += tl.load(accumulate_ptr + x_offsets, mask=x_mask, other=0.0).to(tl.float32)
         tl.store(grad_streams_ptr + x_offsets, grad_x.to(grad_streams_ptr.dtype.element_ty), mask=x_mask)
         grad_phi = _dot_fp32_operand(tl.trans(x), grad_proj, grad_phi)
     # Only the K real columns of grad phi are kept: [splits, n*C, K].
     tl.store(
         grad_phi_partial_ptr + split.to(tl.int64) * (nC * K) + columns[:, None] * K + k[None, :],
-        grad_phi, mask=column_valid[:, None] & (k < K)[None, :],
+        grad_phi, mask=channel_valid[:, None] & (k < K)[None, :],
     )
 
 
@@ -532,12 +542,16 @@ def mhc_coefficients_bwd(
     b_res: torch.Tensor,
     sinkhorn_iters: int,
     constraint: str,
-    accumulate: torch.Tensor,
+    grad_mixed: torch.Tensor,
+    h_pre: torch.Tensor,
+    accumulate: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Gradients of (streams, phi, alpha, b_pre, b_post, b_res), each in its input's dtype and shape,
-    from grad_h_pre [..., n], grad_h_post [..., n], grad_h_res [..., n, n]; proj [..., n*n+2n] and
-    sumsq [...] are the forward's (mhc_coefficients_fwd); `accumulate` [..., n, C] (another gradient
-    of the streams) is added into grad streams."""
+    from grad_h_pre [..., n] (the whole of it, the pre-mix's share included), grad_h_post [..., n],
+    grad_h_res [..., n, n]; proj [..., n*n+2n] and sumsq [...] are the forward's
+    (mhc_coefficients_fwd). Grad streams also gets the pre-mix's share h_pre_j * grad_mixed
+    (grad_mixed [..., C], h_pre [..., n]) and, when given, `accumulate` [..., n, C] (the streams'
+    gradient from their other reader)."""
     x = token_rows(streams)
     tokens, n, channels = x.shape
     n_columns, n_phi = n * channels, spec.coefficient_count(n)
@@ -572,12 +586,16 @@ def mhc_coefficients_bwd(
     grad_phi_partial = torch.empty((splits, n_columns, n_phi), dtype=torch.float32, device=device)
 
     def column_grid(meta):
-        return configs.ceil_div(n_columns, meta["BLOCK_NC"]), splits
+        return n * configs.ceil_div(channels, meta["BLOCK_C"]), splits
 
     kernel_launch.launch(
         "mhc_coefficients_bwd_streams", column_grid, x, phi_padded, grad_proj, grad_sumsq,
-        token_rows(accumulate), grad_streams, grad_phi_partial, T=tokens, C=channels,
+        grad_mixed.contiguous().view(tokens, channels), per_token(h_pre, 1),
+        # Without `accumulate` the kernel never reads its pointer: the streams stand in.
+        x if accumulate is None else token_rows(accumulate),
+        grad_streams, grad_phi_partial, T=tokens, C=channels,
         tokens_per_split=configs.ceil_div(tokens, splits), n=n, KP=phi_padded.shape[1],
+        ACCUMULATE=accumulate is not None,
     )
     # Each gradient is its own tensor: a custom op's outputs may not alias one another.
     return (

@@ -5,12 +5,12 @@ Forward: projection, coefficient math with Sinkhorn, then the pre-mix, which rea
 second time (a one-launch design that re-reads them from L2 is slower, 0.33 against 0.14 ms at
 C = 1024 on an H100: docs/design.md, Kernels); the projection and the sums of squares are outputs
 too, saved for the backward.
-Backward: the pre-mix backward first (it yields <grad_mixed, x_j>, the gradient of H_pre through
-the pre-mix, and its share of grad streams), then the coefficient backward with the total
-grad H_pre, whose last kernel adds the pre-mix's share while writing grad streams: the op returns
-one grad streams, written once, instead of two that autograd would add. `accumulate`, the streams'
-gradient from the post/res mix (passes/fuse_grad_streams.py hands it over in compiled backward
-graphs), joins in the pre-mix backward, so the block's whole grad streams is written by this op.
+Backward, two passes over the streams: the pre-mix's reduction <grad_mixed, x_j> (H_pre's gradient
+through the pre-mix; it only reads), then the coefficient backward with the total grad H_pre, whose
+last kernel writes the block's whole grad streams: the coefficients' share, the pre-mix's
+h_pre_j * grad_mixed, and `accumulate`, the streams' gradient from the post/res mix
+(passes/fuse_grad_streams.py hands it over in compiled backward graphs). So grad streams is written
+once, and no pass writes a partial one for another to read back.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 from mhc_compile import spec
 from mhc_compile.templates.coefficients import mhc_coefficients_bwd, mhc_coefficients_fwd
-from mhc_compile.templates.pre_mix import mhc_pre_mix_bwd, mhc_pre_mix_fwd
+from mhc_compile.templates.pre_mix import mhc_pre_mix_fwd, mhc_pre_mix_grad_h_pre
 
 
 def mhc_coefficients_pre_mix_fwd(streams: torch.Tensor, *parameters_and_settings) -> tuple:
@@ -35,15 +35,14 @@ def mhc_coefficients_pre_mix_bwd(*args) -> tuple:
     """mhc::coefficients_pre_mix_backward's kernels, called with its arguments
     (spec.COEFFICIENTS_PRE_MIX_BACKWARD): gradients of streams and the parameters from the
     gradients of the first four outputs, `accumulate` [..., n, C] added to grad streams when
-    given; h_pre, the projection and the sums of squares are the forward's (saved, so the pre-mix
-    backward can run first and the projection is not recomputed)."""
+    given; h_pre, the projection and the sums of squares are the forward's (saved, so the
+    projection is not recomputed)."""
     named = spec.COEFFICIENTS_PRE_MIX_BACKWARD.bind(args)
-    streams, h_pre = named["streams"], named["h_pre"]
-    grad_streams_pre_mix, grad_h_pre_mix = mhc_pre_mix_bwd(
-        named["grad_mixed"], streams, h_pre, named["accumulate"])
+    streams, grad_mixed = named["streams"], named["grad_mixed"]
+    grad_h_pre_mix = mhc_pre_mix_grad_h_pre(grad_mixed, streams).view(named["h_pre"].shape)
     return mhc_coefficients_bwd(
         named["grad_h_pre"] + grad_h_pre_mix, named["grad_h_post"], named["grad_h_res"],
         named["projection"], named["sum_squares"], streams,
         *(named[name] for name in spec.PARAMETER_NAMES), named["sinkhorn_iters"],
-        named["constraint"], accumulate=grad_streams_pre_mix,
+        named["constraint"], grad_mixed, named["h_pre"], named["accumulate"],
     )

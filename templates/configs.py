@@ -84,13 +84,14 @@ _STAGE_CONFIGS: dict[str, list[triton.Config]] = {
         _config(num_warps, 1, BLOCK_T=block_t)
         for block_t, num_warps in ((16, 4), (32, 4), (64, 8), (32, 2))
     ],
-    # Grid over (n*C columns, token splits): g_streams tiles and per-split grad phi partials.
+    # Grid over (channel blocks of each stream, token splits): g_streams tiles and per-split grad
+    # phi partials.
     "coefficients_bwd_streams": [
-        _config(num_warps, 3, BLOCK_T=block_t, BLOCK_NC=block_nc)
-        for block_nc, block_t, num_warps in ((64, 32, 8), (64, 64, 8), (64, 64, 4), (128, 32, 8))
+        _config(num_warps, 3, BLOCK_T=block_t, BLOCK_C=block_c)
+        for block_c, block_t, num_warps in ((64, 32, 8), (64, 64, 8), (64, 64, 4), (128, 32, 8))
     ],
     **{stage: _MIX_CONFIGS
-       for stage in ("pre_mix_fwd", "pre_mix_bwd", "post_res_mix_fwd", "post_res_mix_bwd")},
+       for stage in ("pre_mix_fwd", "pre_mix_grad_h_pre", "post_res_mix_fwd", "post_res_mix_bwd")},
 }
 STAGES = tuple(_STAGE_CONFIGS)
 
@@ -103,8 +104,8 @@ def _live_elements(stage: str, config: triton.Config, n: int) -> int:
         return blocks["BLOCK_T"] * (blocks["BLOCK_K"] + padded_phi_columns(n))
     if stage == "coefficients":  # the backward's live Sinkhorn iterates and gradients [BLOCK_T, n, n]
         return 6 * blocks["BLOCK_T"] * streams * streams
-    if stage == "coefficients_bwd_streams":  # phi slice / grad phi [BLOCK_NC, columns], x tile
-        return blocks["BLOCK_NC"] * (padded_phi_columns(n) + blocks["BLOCK_T"])
+    if stage == "coefficients_bwd_streams":  # phi slice / grad phi [BLOCK_C, columns], x tile
+        return blocks["BLOCK_C"] * (padded_phi_columns(n) + blocks["BLOCK_T"])
     tile = blocks["BLOCK_T"] * streams * blocks["BLOCK_C"]  # [BLOCK_T, n, BLOCK_C]
     if stage.startswith("post_res"):
         # x and the mixed tile; mixing several tokens' n x n matrices at once spills for n = 8.

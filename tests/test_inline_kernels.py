@@ -326,7 +326,7 @@ print("projections_read_a_post_res_output", ",".join(
     assert output["kernels"].split(",") == 2 * [
         "_mhc_projection_kernel", "_mhc_coefficients_fwd_kernel", "_mhc_pre_mix_fwd_kernel",
         "_mhc_post_res_mix_fwd_kernel", "_mhc_post_res_mix_bwd_kernel",
-        "_mhc_pre_mix_bwd_kernel", "_mhc_coefficients_bwd_kernel",
+        "_mhc_pre_mix_grad_h_pre_kernel", "_mhc_coefficients_bwd_kernel",
         "_mhc_coefficients_bwd_streams_kernel",
     ]
     # Once per kernel and signature, not per launch (the backward reads the forward's projection).

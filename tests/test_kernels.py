@@ -518,7 +518,7 @@ cuda_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 # Every kernel of a sublayer's forward and backward.
 KERNELS = {
     "_mhc_projection_kernel", "_mhc_coefficients_fwd_kernel", "_mhc_pre_mix_fwd_kernel",
-    "_mhc_post_res_mix_fwd_kernel", "_mhc_post_res_mix_bwd_kernel", "_mhc_pre_mix_bwd_kernel",
+    "_mhc_post_res_mix_fwd_kernel", "_mhc_post_res_mix_bwd_kernel", "_mhc_pre_mix_grad_h_pre_kernel",
     "_mhc_coefficients_bwd_kernel", "_mhc_coefficients_bwd_streams_kernel",
 }
 
