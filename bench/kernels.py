@@ -345,7 +345,7 @@ def time_kernels(inputs) -> dict[str, dict[str, float]]:
     grad_streams = torch.randn_like(streams)
     grad_outputs = [torch.randn_like(t) for t in outputs[:4]]
     calls = {
-        "projection": lambda: coefficients._projection(streams, coefficients._padded_phi(phi)),
+        "projection": lambda: coefficients._projection(streams, phi),
         "coefficients_fwd": lambda: coefficients.mhc_coefficients_fwd(*parameters, ITERS, "sinkhorn"),
         "pre_mix_fwd": lambda: pre_mix.mhc_pre_mix_fwd(streams, h_pre),
         "coefficients_pre_mix_fwd": lambda: coefficients_pre_mix.mhc_coefficients_pre_mix_fwd(

@@ -67,7 +67,7 @@ def _dot_fp32_operand(a, b_fp32, acc):
 @configs.autotune("projection", "mhc_projection")
 @triton.jit
 def _mhc_projection_kernel(
-    streams_ptr, phi_ptr, proj_ptr, sumsq_ptr, T, C, columns_per_split,
+    streams_ptr, phi_high_ptr, phi_low_ptr, proj_ptr, sumsq_ptr, T, C, columns_per_split,
     n: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     tokens, token_valid = token_block(tl.program_id(0), T, BLOCK_T)
@@ -87,8 +87,13 @@ def _mhc_projection_kernel(
         x_fp32 = x.to(tl.float32)
         sumsq += tl.sum(x_fp32 * x_fp32, axis=1)
         # Padded phi rows [KP] are contiguous and need no column mask: 16-byte loads, from L2.
-        phi = tl.load(phi_ptr + k[:, None] * KP + phi_columns[None, :], mask=k_valid[:, None], other=0.0)
-        proj = _dot_fp32_operand(x, phi, proj)
+        phi_offsets = k[:, None] * KP + phi_columns[None, :]
+        phi_high = tl.load(phi_high_ptr + phi_offsets, mask=k_valid[:, None], other=0.0)
+        if x.dtype == tl.float32:
+            proj = tl.dot(x, phi_high, proj, input_precision="ieee")
+        else:
+            phi_low = tl.load(phi_low_ptr + phi_offsets, mask=k_valid[:, None], other=0.0)
+            proj = tl.dot(x, phi_low, tl.dot(x, phi_high, proj))
     partial_row = split.to(tl.int64) * T + tokens
     tl.store(sumsq_ptr + partial_row, sumsq, mask=token_valid)
     tl.store(proj_ptr + partial_row[:, None] * KP + phi_columns[None, :], proj, mask=token_valid[:, None])
@@ -102,11 +107,23 @@ def _padded_phi(phi: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(phi.float(), (0, configs.padded_phi_columns(n) - n_phi))
 
 
+def _phi_operands(phi: torch.Tensor, stream_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The projection's phi operands [n*C, KP]: for 16-bit streams phi's high and low halves in the
+    stream dtype (high + low keeps about 16 bits of phi, finer than tf32; split once per call, not
+    in every program's every step), for fp32 streams the fp32 phi (the low half unused)."""
+    padded = _padded_phi(phi)
+    if stream_dtype == torch.float32:
+        return padded, padded
+    high = padded.to(stream_dtype)
+    return high, (padded - high.float()).to(stream_dtype)
+
+
 def _projection(x: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, n, C], padded phi [n*C, KP] fp32 -> per-split partials of v @ phi [splits, T, KP] and
-    of the sums of squares [splits, T], fp32."""
+    """x [T, n, C], phi [n*C, n*n+2n] -> per-split partials of v @ phi [splits, T, KP] and of the
+    sums of squares [splits, T], fp32."""
     tokens, n, channels = x.shape
-    n_columns, kp = n * channels, phi.shape[1]
+    phi_high, phi_low = _phi_operands(phi, x.dtype)
+    n_columns, kp = n * channels, phi_high.shape[1]
     # Split the columns so that the grid fills the GPU (counted for 64-token blocks), keeping at
     # least 512 columns per split so the partials stay a few % of the stream bytes.
     wanted = configs.ceil_div(_PROGRAMS_PER_SM * _multiprocessors(x.device), configs.ceil_div(tokens, 64))
@@ -120,7 +137,7 @@ def _projection(x: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor, torch
         return configs.ceil_div(tokens, meta["BLOCK_T"]), splits
 
     kernel_launch.launch(
-        "mhc_projection", grid, x, phi, proj, sumsq, T=tokens, C=channels,
+        "mhc_projection", grid, x, phi_high, phi_low, proj, sumsq, T=tokens, C=channels,
         columns_per_split=columns_per_split, n=n, KP=kp,
     )
     return proj, sumsq
@@ -351,7 +368,7 @@ def mhc_coefficients_fwd(
     x = token_rows(streams)
     tokens, n, channels = x.shape
     gate_parameters = _fp32(alpha, b_pre, b_post, b_res)
-    proj_partials, sumsq_partials = _projection(x, _padded_phi(phi))
+    proj_partials, sumsq_partials = _projection(x, phi)
     h_pre = torch.empty((tokens, n), dtype=torch.float32, device=x.device)
     h_post = torch.empty_like(h_pre)
     h_res = torch.empty((tokens, n, n), dtype=torch.float32, device=x.device)
