@@ -2,6 +2,9 @@
 
     python3 bench/e2e.py --out DIR          # GPU: C=1024 (12 layers, 8 x 1024 tokens) and
                                             # C=2048 (16 layers, 4 x 2048 tokens)
+    python3 bench/e2e.py --sizes C512 C4096 --out DIR   # also: C=512 (12 layers, 8 x 1024
+                                            # tokens: host overhead weighs most) and C=4096
+                                            # (12 layers, 4 x 2048 tokens: what one 80 GB GPU holds)
     python3 bench/e2e.py --tiny --out DIR   # CPU smoke run of the same code on a tiny model
     python3 bench/e2e.py --merge A.json B.json --out DIR   # one table and plot from several runs
 
@@ -12,6 +15,18 @@ SwiGLU) trains with bf16 autocast and fused AdamW, in these variants:
     mhc               the same unmodified model, torch.compile(backend="mhc"), n=4, recompute "auto"
     naive_pieces      mHC written by hand in PyTorch with mhc_compile/reference.py's math, one module
                       per sublayer, each transformer layer compiled on its own (Module.compile)
+    liger             the same hand wrapping with liger-kernel's LigerMHC around each sublayer
+                      (hc=n, tmax=20, phi in bf16, bf16 streams: LigerMHC refuses fp32 ones), each
+                      layer compiled on its own with fullgraph=True: what a user gets by wrapping
+                      by hand without the backend. Dynamo traces LigerMHC's three autograd.Functions
+                      (forward and backward) into the layer's graph, their Triton launches as
+                      user-defined Triton kernels (triton_kernel_wrapper_mutation), without a graph
+                      break: one graph with six autograd_function_apply per layer, seen tracing a
+                      liger-wrapped layer on the CPU with Dynamo's Triton detection forced on, not
+                      yet on a GPU. Inductor then launches liger's kernels as they are and fuses
+                      only the ops around them. fullgraph turns a break (under another torch or
+                      liger version) into an error row rather than a step that runs partly eager.
+                      Needs CUDA and liger-kernel: left out, said in one log line, without either
     mhc_no_recompute  backend="mhc" with recompute=False (every block's streams kept)
     mhc_bf16          backend="mhc" with stream_dtype="bfloat16": the streams in bf16 (the
                       paper's storage; autocast leaves the residual, and so default streams, fp32)
@@ -38,12 +53,17 @@ post/res mix the recompute policy runs again, where it is on: 50C at n=4, 41C wi
 at the measured copy bandwidth that is the least time mHC can add to a step. It is reported for
 2-byte elements (the issue's count) and for the dtype the variant stores its streams in: the
 residual's own by default (float32 here: autocast leaves the embedding output and so the residual
-adds in float32), bf16 for the mhc_bf16 variants.
+adds in float32), bf16 for the mhc_bf16 variants and liger.
+
+Against the hand-wrapped liger model, what mHC adds to a step: each variant's step time less its
+size's baseline (overhead ms) and, where the run has a liger row of that size, liger's overhead
+over the variant's (vs liger, mHC share; the issue's target: at least 1.5x at every size).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -69,13 +89,28 @@ SINKHORN_ITERS = 20
 VOCAB = 32000
 
 SIZES = {
+    "C512": dict(width=512, depth=12, heads=8, batch=8, seq=1024, vocab=VOCAB, steps=20),
     "C1024": dict(width=1024, depth=12, heads=8, batch=8, seq=1024, vocab=VOCAB, steps=15),
     "C2048": dict(width=2048, depth=16, heads=16, batch=4, seq=2048, vocab=VOCAB, steps=10),
+    # Depth: what one 80 GB H100 (79 GiB usable) holds for the baseline and every backend="mhc"
+    # variant. A layer has 4C^2 + 3C * 10928 (SwiGLU's hidden, 8C/3 rounded up to 16) = 201M
+    # parameters, 3.2 GB at 16 B each (fp32 weights and grads, AdamW's two moments), and keeps
+    # for backward 37 B per token and channel (C1024's and C2048's forward_kept_bytes agree,
+    # bench/RESULTS.md) plus autocast's bf16 weight copies: 1.24 + 0.40 GB at 4 x 2048 tokens.
+    # Embedding and LM head add 262M parameters (4.2 GB) and 0.5 GB of logits. 12 layers:
+    # 4.7 + 12 * 4.9 = 63 GB (59 GiB) for the baseline, the sum overestimating C2048's measured
+    # peak by 2%. Streams add, per token and channel of a layer (C2048's peaks): mhc_bf16 3.4 B,
+    # mhc 10.4 B, liger's bf16 streams ~20 B (LigerMHC saves each sublayer's input streams and
+    # its layer's output), mhc_no_recompute 36.8 B (every block's fp32 streams): 60, 63, 66 and
+    # 73 GiB. A 13th layer would take mhc_no_recompute to 78 GiB. naive_pieces (+64 B: 83 GiB)
+    # does not fit.
+    "C4096": dict(width=4096, depth=12, heads=32, batch=4, seq=2048, vocab=VOCAB, steps=8),
 }
+DEFAULT_SIZES = ["C1024", "C2048"]
 TINY = {"tiny": dict(width=64, depth=2, heads=4, batch=2, seq=32, vocab=128, steps=3)}
-ORDER = ["baseline", "mhc", "naive_pieces", "mhc_no_recompute", "mhc_bf16", "mhc_bf16_graphs",
-         "mhc_graphs"]
-LIMIT_S = {"baseline": 150, "mhc": 200, "naive_pieces": 200, "mhc_no_recompute": 170,
+ORDER = ["baseline", "mhc", "naive_pieces", "liger", "mhc_no_recompute", "mhc_bf16",
+         "mhc_bf16_graphs", "mhc_graphs"]
+LIMIT_S = {"baseline": 150, "mhc": 200, "naive_pieces": 200, "liger": 200, "mhc_no_recompute": 170,
            "mhc_bf16": 170, "mhc_bf16_graphs": 170, "mhc_graphs": 170, "naive_whole": 300}
 # backend="mhc" options of each mHC variant
 MHC_VARIANTS = {
@@ -114,23 +149,39 @@ class NaiveMHCSublayer(nn.Module):
         self.hc = MHCBlockParameters(N_STREAMS, width, position, MHCOptions(n=N_STREAMS),
                                      torch.float32, device)
 
-    def forward(self, streams, *extra):
+    def forward(self, streams):
         from mhc_compile import reference
 
         p = self.hc
         h_pre, h_post, h_res = reference.coefficients(
             streams, p.phi, p.alpha, p.b_pre, p.b_post, p.b_res, SINKHORN_ITERS)
-        y = self.f(reference.pre_mix(streams, h_pre), *extra)
+        y = self.f(reference.pre_mix(streams, h_pre))
         return reference.post_res_mix(streams, y, h_post, h_res)
 
 
+def liger_sublayer(f, width: int, position: int, device: torch.device) -> nn.Module:
+    """f wrapped in liger-kernel's LigerMHC, as its docs show, phi in bf16 (its tensor-core path).
+    LigerMHC initialises its own coefficients (phi ~ 0.02 randn, zero biases, unit alphas) on f's
+    device, the same at every position."""
+    from liger_kernel.transformers.mhc import LigerMHC
+
+    return LigerMHC(f, hc=N_STREAMS, c=width, tmax=SINKHORN_ITERS, phi_dtype=torch.bfloat16)
+
+
 class _Attention(nn.Module):
-    def __init__(self, layer):
+    """A layer's attention sublayer called with its input alone, as LigerMHC calls its layer: it
+    holds the model's rotary tables (the same tensors) and takes the rows of the input's
+    positions."""
+
+    def __init__(self, layer, cos: torch.Tensor, sin: torch.Tensor):
         super().__init__()
         self.norm, self.attention = layer.attention_norm, layer.attention
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, x, cos, sin):
-        return self.attention(self.norm(x), cos, sin)
+    def forward(self, x):
+        seq = x.shape[1]
+        return self.attention(self.norm(x), self.cos[:seq], self.sin[:seq])
 
 
 class _FeedForward(nn.Module):
@@ -138,42 +189,56 @@ class _FeedForward(nn.Module):
         super().__init__()
         self.norm, self.feed_forward = layer.ffn_norm, layer.feed_forward
 
-    def forward(self, x, cos, sin):
+    def forward(self, x):
         return self.feed_forward(self.norm(x))
 
 
 class NaiveMHCLayer(nn.Module):
-    """A LLaMA layer's two sublayers as hand-written mHC sublayers over [B, S, n, C] streams."""
+    """A LLaMA layer's two sublayers, each wrapped by `sublayer(f, width, position, device)` into an
+    mHC sublayer over [B, S, n, C] streams."""
 
-    def __init__(self, layer, width: int, index: int, device: torch.device):
+    def __init__(self, layer, base, index: int, device: torch.device, sublayer=NaiveMHCSublayer):
         super().__init__()
-        self.attention = NaiveMHCSublayer(_Attention(layer), width, 2 * index, device)
-        self.feed_forward = NaiveMHCSublayer(_FeedForward(layer), width, 2 * index + 1, device)
+        width = base.tok_embeddings.embedding_dim
+        self.attention = sublayer(_Attention(layer, base.cos, base.sin), width, 2 * index, device)
+        self.feed_forward = sublayer(_FeedForward(layer), width, 2 * index + 1, device)
 
-    def forward(self, streams, cos, sin):
-        return self.feed_forward(self.attention(streams, cos, sin), cos, sin)
+    def forward(self, streams):
+        return self.feed_forward(self.attention(streams))
 
 
 class NaiveMHCLLaMA(nn.Module):
-    """The benchmark's LLaMA with its residuals replaced by hand-written mHC: streams replicated
-    at the head, averaged at the tail (reference.expand_streams / reduce_streams)."""
+    """The benchmark's LLaMA with its residuals replaced by mHC wrapped by hand around each
+    sublayer (NaiveMHCSublayer, or liger_sublayer): streams replicated at the head, averaged at
+    the tail (reference.expand_streams / reduce_streams), kept in `stream_dtype` (None: the
+    embedding output's)."""
 
-    def __init__(self, base, device: torch.device):
+    def __init__(self, base, device: torch.device, sublayer=NaiveMHCSublayer,
+                 stream_dtype: torch.dtype | None = None):
         super().__init__()
-        width = base.tok_embeddings.embedding_dim
         self.base = base
+        self.stream_dtype = stream_dtype
         self.layers = nn.ModuleList(
-            NaiveMHCLayer(layer, width, i, device) for i, layer in enumerate(base.layers))
+            NaiveMHCLayer(layer, base, i, device, sublayer) for i, layer in enumerate(base.layers))
 
     def forward(self, idx):
         from mhc_compile import reference
 
-        base, seq = self.base, idx.shape[1]
-        cos, sin = base.cos[:seq], base.sin[:seq]
+        base = self.base
         streams = reference.expand_streams(base.tok_embeddings(idx), N_STREAMS)
+        if self.stream_dtype is not None:
+            streams = streams.to(self.stream_dtype)
         for layer in self.layers:
-            streams = layer(streams, cos, sin)
+            streams = layer(streams)
         return base.output(base.norm(reference.reduce_streams(streams)))
+
+
+def hand_wrapped_llama(variant: str, base, device: torch.device) -> NaiveMHCLLaMA:
+    if variant == "liger":
+        # LigerMHC refuses fp32 streams (allow_fp32 would take it off its tensor-core path), and
+        # under autocast the embedding output, so the residual, is fp32.
+        return NaiveMHCLLaMA(base, device, liger_sublayer, stream_dtype=torch.bfloat16)
+    return NaiveMHCLLaMA(base, device)
 
 
 # --- one variant, in its own process --------------------------------------------------------------
@@ -197,15 +262,21 @@ def prepare_variant(variant: str, model: nn.Module, ids: torch.Tensor, device: t
         compiled = torch.compile(model, backend=backend)
         compiled.mhc_report = backend.report  # read after the first step: what training rewrote
         return model, compiled, time.perf_counter() - start
-    naive = NaiveMHCLLaMA(model, device)
+    naive = hand_wrapped_llama(variant, model, device)
     if variant == "naive_whole":
         return naive, torch.compile(naive), time.perf_counter() - start
-    # Per piece: every layer compiled on its own. One frame serves all layers (parameters are
-    # graph inputs), but keep Dynamo from giving up on recompiles across the instances.
+    compile_layers(variant, naive)
+    return naive, naive, time.perf_counter() - start
+
+
+def compile_layers(variant: str, naive: NaiveMHCLLaMA) -> None:
+    """Every layer compiled on its own. One frame serves all layers (parameters are graph inputs),
+    but keep Dynamo from giving up on recompiles across the instances."""
     private_apis.raise_recompile_limit(64)
     for layer in naive.layers:
-        layer.compile()
-    return naive, naive, time.perf_counter() - start
+        # liger's layers whole or an error: a graph break would run some of LigerMHC's kernels
+        # eagerly between compiled pieces, another thing than the variant says it measures.
+        layer.compile(fullgraph=variant == "liger")
 
 
 def make_step(forward, optimizer, ids: torch.Tensor, device: torch.device):
@@ -298,8 +369,7 @@ def run_variant(size_name: str, size: dict, variant: str, device: torch.device) 
         "recompile_in_process_s": again_s,
         "parameters": sum(p.numel() for p in trained.parameters()),
         "forward_kept_bytes": kept,
-        "stream_dtype": MHC_VARIANTS.get(variant, {}).get("stream_dtype")
-        or str(_residual_dtype(model, ids, device)).removeprefix("torch."),
+        "stream_dtype": _stream_dtype(variant, trained, model, ids, device),
     }
     if profiled is not None:
         result["profile"] = profiled
@@ -413,15 +483,19 @@ def _recompile(variant, trained, model, ids, device):
             time.perf_counter() - start
     if variant == "naive_whole":
         return trained, torch.compile(trained), time.perf_counter() - start
-    for layer in trained.layers:
-        layer.compile()
+    compile_layers(variant, trained)
     return trained, trained, time.perf_counter() - start
 
 
-def _residual_dtype(model, ids, device) -> torch.dtype:
-    """The residual stream's dtype under autocast: the embedding output's."""
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
-        return model.tok_embeddings(ids[:1, :2]).dtype
+def _stream_dtype(variant: str, trained: nn.Module, model, ids, device) -> str:
+    """The dtype a variant stores its streams in: its own where it sets one, else the residual's
+    under autocast (the embedding output's)."""
+    dtype = (MHC_VARIANTS.get(variant, {}).get("stream_dtype")
+             or getattr(trained, "stream_dtype", None))
+    if dtype is None:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+            dtype = model.tok_embeddings(ids[:1, :2]).dtype
+    return str(dtype).removeprefix("torch.")
 
 
 def worker(args) -> int:
@@ -472,7 +546,8 @@ def launch(size_name: str, variant: str, limit_s: float, tiny: bool,
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Overheads against the baseline of the same size, and the bytes floor."""
+    """Overheads against the baseline of the same size, against the liger variant's
+    (mhc_share_vs_liger), and the bytes floor."""
     bandwidth = next((r["copy_bandwidth"] for r in rows if r.get("copy_bandwidth")), None)
     summary = []
     for row in rows:
@@ -488,6 +563,8 @@ def summarize(rows: list[dict]) -> list[dict]:
         stream_bytes = getattr(torch, row["stream_dtype"]).itemsize
         if base is not None:
             entry["step_overhead"] = row["step_ms_median"] / base["step_ms_median"] - 1
+            if row["variant"] != "baseline":
+                entry["step_overhead_ms"] = row["step_ms_median"] - base["step_ms_median"]
             if row["peak_memory_bytes"] and base["peak_memory_bytes"]:
                 entry["memory_overhead"] = row["peak_memory_bytes"] / base["peak_memory_bytes"] - 1
             entry["cold_compile_ratio"] = row["cold_compile_s"] / max(base["cold_compile_s"], 1e-9)
@@ -499,7 +576,20 @@ def summarize(rows: list[dict]) -> list[dict]:
                     entry[f"{label}_ms"] = floor_ms
                     entry[f"{label}_overhead"] = floor_ms / base["step_ms_median"]
         summary.append(entry)
+    _add_share_vs_liger(summary)
     return summary
+
+
+def _add_share_vs_liger(summary: list[dict]) -> None:
+    """mhc_share_vs_liger: how many times the liger variant's overhead over the baseline is the
+    variant's, both of one size in one run: how much faster a variant does mHC's share of the step
+    than LigerMHC wrapped by hand. Left out where either overhead is not positive (no share to
+    compare: the difference is noise)."""
+    for entry in summary:
+        liger = next((e for e in summary if e["size"] == entry["size"] and e["variant"] == "liger"
+                      and e.get("step_overhead_ms", 0) > 0), None)
+        if liger is not None and entry is not liger and entry.get("step_overhead_ms", 0) > 0:
+            entry["mhc_share_vs_liger"] = liger["step_overhead_ms"] / entry["step_overhead_ms"]
 
 
 def floor_elements_per_token(variant: str) -> int:
@@ -510,13 +600,17 @@ def floor_elements_per_token(variant: str) -> int:
     return spec.training_floor_elements(N_STREAMS, recompute=options.recompute not in (False, 1))
 
 
+TABLE_COLUMNS = ("size", "variant", "step ms", "overhead", "overhead ms", "vs liger, mHC share",
+                 "floor (2 B / stream dtype)", "tokens/s", "peak GiB", "memory", "fwd kept GiB",
+                 "cold compile s", "warm compile s")
+
+
 def table(summary: list[dict]) -> str:
-    header = ("| size | variant | step ms | overhead | floor (2 B / stream dtype) | tokens/s | "
-              "peak GiB | memory | fwd kept GiB | cold compile s | warm compile s |")
-    lines = [header, "|" + "---|" * 11]
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     for r in summary:
         if "error" in r:
-            lines.append(f"| {r['size']} | {r['variant']} | {r['error']} |" + " |" * 8)
+            lines.append(f"| {r['size']} | {r['variant']} | {r['error']} |"
+                         + " |" * (len(TABLE_COLUMNS) - 3))
             continue
 
         def pct(key):
@@ -533,10 +627,12 @@ def table(summary: list[dict]) -> str:
         warm = (f"{r['warm_compile_s']:.1f}" if "warm_compile_s" in r
                 else f"- (same process: {r['recompile_in_process_s']:.1f})"
                 if r.get("recompile_in_process_s") is not None else "-")
+        overhead_ms = f"{r['step_overhead_ms']:+.1f}" if "step_overhead_ms" in r else "-"
+        vs_liger = f"{r['mhc_share_vs_liger']:.2f}x" if "mhc_share_vs_liger" in r else "-"
         lines.append(
             f"| {r['size']} | {r['variant']} | {r['step_ms_median']:.1f} | {pct('step_overhead')} | "
-            f"{floor} | {r['tokens_per_s']:,.0f} | {peak} | {pct('memory_overhead')} | {kept} | {cold} | "
-            f"{warm} |")
+            f"{overhead_ms} | {vs_liger} | {floor} | {r['tokens_per_s']:,.0f} | {peak} | "
+            f"{pct('memory_overhead')} | {kept} | {cold} | {warm} |")
     return "\n".join(lines)
 
 
@@ -567,7 +663,8 @@ def plot(summary: list[dict], path: Path) -> None:
 def driver(args) -> int:
     out = out_dir(args.out)
     sizes = list(TINY) if args.tiny else args.sizes
-    variants = args.variants + (["naive_whole"] if args.naive_whole else [])
+    on_cuda = torch.cuda.is_available() and not args.tiny
+    variants = runnable(args.variants, on_cuda) + (["naive_whole"] if args.naive_whole else [])
     deadline = time.perf_counter() + args.budget_s
     if args.no_warm:
         os.environ["MHC_BENCH_NO_WARM"] = "1"  # the workers skip their in-process recompile too
@@ -577,8 +674,7 @@ def driver(args) -> int:
         os.environ["MHC_BENCH_PROFILE"] = "1"
     header = {
         **versions(), "n": N_STREAMS, "sinkhorn_iters": SINKHORN_ITERS,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny
-        else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name() if on_cuda else platform.processor() or "cpu",
         "commit": _commit(),
     }
     log(f"e2e bench on {header['device']}, torch {header['torch']}, commit {header['commit']}")
@@ -627,6 +723,20 @@ def driver(args) -> int:
     plot(summary, out / "e2e.png")
     failed = [r for r in summary if "error" in r]
     return 1 if args.tiny and failed else 0
+
+
+def runnable(variants: list[str], on_cuda: bool) -> list[str]:
+    """The variants this machine can run: liger needs CUDA and liger-kernel (its kernels are
+    Triton's, for GPUs); where either is missing it is left out, said in one log line."""
+    if "liger" not in variants:
+        return variants
+    if not on_cuda:
+        log("liger needs CUDA (LigerMHC's kernels are Triton's): no liger row")
+    elif importlib.util.find_spec("liger_kernel") is None:
+        log("liger-kernel is not installed: no liger row")
+    else:
+        return variants
+    return [v for v in variants if v != "liger"]
 
 
 def _measured_row(rows: list[dict], size_name: str, variant: str) -> dict | None:
@@ -693,7 +803,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="output folder (default $OUT, else bench/out)")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny model")
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=DEFAULT_SIZES, choices=list(SIZES),
+                        help=f"default: {' '.join(DEFAULT_SIZES)}")
     parser.add_argument("--variants", nargs="+", default=ORDER, choices=ORDER)
     parser.add_argument("--naive-whole", action="store_true",
                         help="also compile the hand-written mHC as one model (slow)")

@@ -76,3 +76,50 @@ def test_cold_compile_ratio_is_of_the_medians(e2e):
     summary = e2e.summarize([baseline, mhc])
     assert summary[1]["cold_compile_ratio"] == pytest.approx(70.0 / 33.0)
     assert "70.0 (2.12x), median of 70.0, 66.0, 90.0" in e2e.table(summary)
+
+
+def test_overhead_ms_and_mhc_share_vs_liger_of_the_same_size(e2e):
+    rows = [_worker_row(size, width, variant, ms, 1.0)
+            for size, width in (("C1024", 1024), ("C2048", 2048))
+            for variant, ms in (("baseline", 30.0), ("mhc", 40.0), ("liger", 55.0))]
+    rows[4]["step_ms_median"] = 70.0  # C2048's mhc: a share of 40 ms against liger's 25
+    summary = {(r["size"], r["variant"]): r for r in e2e.summarize(rows)}
+    assert "step_overhead_ms" not in summary["C1024", "baseline"]
+    assert summary["C1024", "mhc"]["step_overhead_ms"] == pytest.approx(10.0)
+    assert summary["C1024", "mhc"]["mhc_share_vs_liger"] == pytest.approx(2.5)
+    assert summary["C2048", "mhc"]["mhc_share_vs_liger"] == pytest.approx(25.0 / 40.0)
+    assert "mhc_share_vs_liger" not in summary["C1024", "liger"]
+    text = e2e.table(list(summary.values()))
+    assert "| C1024 | mhc | 40.0 | +33.3% | +10.0 | 2.50x |" in text
+    assert "| C1024 | liger | 55.0 | +83.3% | +25.0 | - |" in text
+
+
+def test_no_liger_share_without_a_liger_row(e2e):
+    rows = [_worker_row("C1024", 1024, "baseline", 30.0, 1.0),
+            _worker_row("C1024", 1024, "mhc", 40.0, 1.0),
+            {"size": "C1024", "variant": "liger", "error": "did not finish in 200 s"}]
+    summary = e2e.summarize(rows)
+    assert "mhc_share_vs_liger" not in summary[1]
+    assert e2e.table(summary).count("\n") == 4
+
+
+def test_liger_is_left_out_in_one_line_without_cuda(e2e, capsys):
+    assert e2e.runnable(e2e.ORDER, on_cuda=False) == [v for v in e2e.ORDER if v != "liger"]
+    assert capsys.readouterr().out.count("no liger row") == 1
+    assert e2e.runnable(["baseline", "mhc"], on_cuda=False) == ["baseline", "mhc"]
+
+
+def test_liger_wraps_each_sublayer_over_bf16_streams(e2e):
+    """The hand-wrapped liger model builds on the CPU (its forward needs CUDA)."""
+    pytest.importorskip("liger_kernel")
+    from liger_kernel.transformers.mhc import LigerMHC
+    import torch
+
+    model, _ = e2e.build_llama(e2e.TINY["tiny"], torch.device("cpu"))
+    liger = e2e.hand_wrapped_llama("liger", model, torch.device("cpu"))
+    sublayers = [s for layer in liger.layers for s in (layer.attention, layer.feed_forward)]
+    assert len(sublayers) == 2 * len(model.layers)
+    assert all(isinstance(s, LigerMHC) and s.hc == e2e.N_STREAMS and s.phi.dtype == torch.bfloat16
+               for s in sublayers)
+    assert liger.stream_dtype == torch.bfloat16
+    assert sublayers[0].layer.cos is model.cos  # the model's rotary tables, not copies
