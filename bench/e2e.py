@@ -21,10 +21,10 @@ SwiGLU) trains with bf16 autocast and fused AdamW, in these variants:
                       by hand without the backend. Dynamo traces LigerMHC's three autograd.Functions
                       (forward and backward) into the layer's graph, their Triton launches as
                       user-defined Triton kernels (triton_kernel_wrapper_mutation), without a graph
-                      break: one graph with six autograd_function_apply per layer, seen tracing a
-                      liger-wrapped layer on the CPU with Dynamo's Triton detection forced on, not
-                      yet on a GPU. Inductor then launches liger's kernels as they are and fuses
-                      only the ops around them. fullgraph turns a break (under another torch or
+                      break: one graph with six autograd_function_apply per layer (it compiled
+                      with fullgraph=True on an H100, torch 2.11, liger-kernel 0.8.5: RESULTS.md,
+                      e2e run 16). Inductor launches liger's kernels as they are and fuses only
+                      the ops around them. fullgraph turns a break (under another torch or
                       liger version) into an error row rather than a step that runs partly eager.
                       Needs CUDA and liger-kernel: left out, said in one log line, without either
     mhc_no_recompute  backend="mhc" with recompute=False (every block's streams kept)
@@ -103,7 +103,8 @@ SIZES = {
     # mhc 10.4 B, liger's bf16 streams ~20 B (LigerMHC saves each sublayer's input streams and
     # its layer's output), mhc_no_recompute 36.8 B (every block's fp32 streams): 60, 63, 66 and
     # 73 GiB. A 13th layer would take mhc_no_recompute to 78 GiB. naive_pieces (+64 B: 83 GiB)
-    # does not fit.
+    # does not fit. Measured (e2e run 17, H100): baseline 51.9 GiB, mhc_bf16_graphs 53.3 GiB, so
+    # the estimate is 14% high at this width.
     "C4096": dict(width=4096, depth=12, heads=32, batch=4, seq=2048, vocab=VOCAB, steps=8),
 }
 DEFAULT_SIZES = ["C1024", "C2048"]

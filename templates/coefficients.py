@@ -12,12 +12,13 @@ gets the block sizes, warps and occupancy that suit it:
               projection [T, n*n+2n] and sums of squares [T] are written for the backward;
   backward    per token block, from the forward's projection, the gradient of the gates and of
               Sinkhorn (iterates recomputed on chip, `_sinkhorn_bwd`) w.r.t. the projection and the
-              sum of squares, with per-group partial sums for alpha and the biases; then, per (n*C
-              column block, token split), grad streams = grad_proj @ phi^T + 2 grad_sumsq x +
-              `accumulate` (the pre-mix's share, so that the op writes one grad streams) and grad
-              phi partials x^T @ grad_proj.
+              sum of squares, with per-group partial sums for alpha and the biases; then, per
+              (channel block of one stream, token split), grad streams x_j = grad_proj @ phi_j^T
+              + 2 grad_sumsq x_j + h_pre_j du (the pre-mix's share) + `accumulate` (the post/res
+              mix's dx, when given), so that the op writes one grad streams, and grad phi partials
+              x^T @ grad_proj.
 Every reduction across programs writes partials that are summed afterwards in a fixed order: no
-atomics, deterministic. Saved between forward and backward: the op's inputs and the projection
+atomics, deterministic. Saved between forward and backward: the op's inputs, H_pre and the projection
 ((n*n + 2n + 1) fp32 per token, about 1% of the bf16 streams' bytes at C = 1024), so the backward
 reads the streams once, not twice: recomputing the projection costs a whole pass over them (about
 0.066 ms of the sublayer's 1.02 ms at C = 1024 on an H100; docs/design.md, Kernels).
@@ -491,14 +492,14 @@ def _mhc_coefficients_bwd_streams_kernel(
     streams_ptr, phi_ptr, grad_proj_ptr, grad_sumsq_ptr, grad_mixed_ptr, h_pre_ptr, accumulate_ptr,
     grad_streams_ptr, grad_phi_partial_ptr, T, C, tokens_per_split,
     n: tl.constexpr, KP: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    BLOCK_COLUMNS: tl.constexpr,
 ):
     K: tl.constexpr = n * n + 2 * n
     nC = n * C
     # A program owns one channel block of one stream; the stream varies fastest in the grid, so
     # the n programs reading the same du tiles run together and du comes from L2 after the first.
     stream = tl.program_id(0) % n
-    channels = (tl.program_id(0) // n) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channels = (tl.program_id(0) // n) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
     channel_valid = channels < C
     columns = stream * C + channels
     k = tl.arange(0, KP)
@@ -506,7 +507,7 @@ def _mhc_coefficients_bwd_streams_kernel(
     phi_t = tl.trans(
         tl.load(phi_ptr + columns[:, None] * KP + k[None, :], mask=channel_valid[:, None], other=0.0)
     )
-    grad_phi = tl.zeros((BLOCK_C, KP), dtype=tl.float32)
+    grad_phi = tl.zeros((BLOCK_COLUMNS, KP), dtype=tl.float32)
     split = tl.program_id(1)
     first = split.to(tl.int64) * tokens_per_split
     last = tl.minimum(first + tokens_per_split, T)
@@ -603,7 +604,7 @@ def mhc_coefficients_bwd(
     grad_phi_partial = torch.empty((splits, n_columns, n_phi), dtype=torch.float32, device=device)
 
     def column_grid(meta):
-        return n * configs.ceil_div(channels, meta["BLOCK_C"]), splits
+        return n * configs.ceil_div(channels, meta["BLOCK_COLUMNS"]), splits
 
     kernel_launch.launch(
         "mhc_coefficients_bwd_streams", column_grid, x, phi_padded, grad_proj, grad_sumsq,

@@ -84,11 +84,12 @@ _STAGE_CONFIGS: dict[str, list[triton.Config]] = {
         _config(num_warps, 1, BLOCK_T=block_t)
         for block_t, num_warps in ((16, 4), (32, 4), (64, 8), (32, 2))
     ],
-    # Grid over (channel blocks of each stream, token splits): g_streams tiles and per-split grad
-    # phi partials.
+    # Grid over (column blocks of each stream, token splits): g_streams tiles and per-split grad
+    # phi partials. Its own key for the column block, not BLOCK_C: a dot tile of 64-128 columns,
+    # which the mixes' BLOCK_C (256-2048 channels) forced for every stage must not reach.
     "coefficients_bwd_streams": [
-        _config(num_warps, 3, BLOCK_T=block_t, BLOCK_C=block_c)
-        for block_c, block_t, num_warps in ((64, 32, 8), (64, 64, 8), (64, 64, 4), (128, 32, 8))
+        _config(num_warps, 3, BLOCK_T=block_t, BLOCK_COLUMNS=block_columns)
+        for block_columns, block_t, num_warps in ((64, 32, 8), (64, 64, 8), (64, 32, 4), (128, 32, 8))
     ],
     **{stage: _MIX_CONFIGS
        for stage in ("pre_mix_fwd", "pre_mix_grad_h_pre", "post_res_mix_fwd", "post_res_mix_bwd")},
@@ -104,8 +105,10 @@ def _live_elements(stage: str, config: triton.Config, n: int) -> int:
         return blocks["BLOCK_T"] * (blocks["BLOCK_K"] + padded_phi_columns(n))
     if stage == "coefficients":  # the backward's live Sinkhorn iterates and gradients [BLOCK_T, n, n]
         return 6 * blocks["BLOCK_T"] * streams * streams
-    if stage == "coefficients_bwd_streams":  # phi slice / grad phi [BLOCK_C, columns], x tile
-        return blocks["BLOCK_C"] * (padded_phi_columns(n) + blocks["BLOCK_T"])
+    if stage == "coefficients_bwd_streams":
+        # phi slice and grad phi [BLOCK_COLUMNS, KP]; the x tile and the du (or accumulate) tile
+        # [BLOCK_T, BLOCK_COLUMNS]
+        return blocks["BLOCK_COLUMNS"] * (padded_phi_columns(n) + 2 * blocks["BLOCK_T"])
     tile = blocks["BLOCK_T"] * streams * blocks["BLOCK_C"]  # [BLOCK_T, n, BLOCK_C]
     if stage.startswith("post_res"):
         # x and the mixed tile; mixing several tokens' n x n matrices at once spills for n = 8.

@@ -323,6 +323,7 @@ def test_forced_configs():
     assert everywhere["pre_mix_fwd"].kwargs["BLOCK_C"] == 128
     assert everywhere["coefficients"].num_warps == 2
     assert "BLOCK_C" not in everywhere["coefficients"].kwargs
+    assert "BLOCK_C" not in everywhere["coefficients_bwd_streams"].kwargs
     one = configs.forced_configs("post_res_mix_bwd:BLOCK_T=2,num_stages=3")
     assert set(one) == {"post_res_mix_bwd"} and one["post_res_mix_bwd"].kwargs["BLOCK_T"] == 2
     for wrong in ("BLOCK_Q=1", "nonexistent:BLOCK_C=1", "coefficients:BLOCK_C=64", "BLOCK_C"):
