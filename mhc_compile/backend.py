@@ -180,6 +180,39 @@ class MHCBackend(GraphTracer):
     def __init__(self, options: MHCOptions):
         super().__init__(options, compile_for_training)
 
+    def __call__(self, graph_module: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        if private_apis.inside_ddp_forward():
+            _refuse_ddp_graph_splitting()
+        return super().__call__(graph_module, example_inputs)
+
+
+def _refuse_ddp_graph_splitting() -> None:
+    """Under DDP, Dynamo's default cuts each graph at gradient-bucket boundaries and compiles the
+    pieces apart: every piece would expand and reduce its own streams, another model than one
+    process trains (and one that changes with the bucket size), so it is refused, not compiled."""
+    mode = private_apis.ddp_graph_splitting()
+    if mode != "no_optimization":
+        raise RuntimeError(
+            "mhc: backend='mhc' under DistributedDataParallel needs Dynamo's DDP graph splitting "
+            f"off (torch._dynamo.config.optimize_ddp is {mode!r}): it cuts the graph at gradient-"
+            "bucket boundaries and compiles each piece apart, which would cut the mHC stream "
+            "chain and train another model than one process does. Set "
+            "torch._dynamo.config.optimize_ddp = False before the first compiled call; DDP then "
+            "all-reduces the gradients after the backward instead of overlapping it."
+        )
+
+
+def _refuse_late_parameters_under_ddp() -> None:
+    """DDP all-reduces the parameters it saw when it was built; mHC parameters created at the
+    first compiled call, inside its forward, would train apart on every rank."""
+    if private_apis.inside_ddp_forward():
+        raise RuntimeError(
+            "mhc: the model runs inside DistributedDataParallel, but its mHC parameters did not "
+            "exist when DDP was built, so DDP would not all-reduce their gradients and the ranks' "
+            "models would drift apart. Call mhc_compile.prepare(model, *example_args) before "
+            "wrapping the model in DDP."
+        )
+
 
 # Each distinct warning once per compiled module, however many recompiles and graphs it has.
 _WARNED: "weakref.WeakKeyDictionary[Any, set[str]]" = weakref.WeakKeyDictionary()
@@ -352,6 +385,8 @@ class _Binding:
         return cached
 
     def _create(self, sites: list[Site]) -> tuple[list, list[torch.Tensor]]:
+        if not all(site.has_parameters() for site in sites):
+            _refuse_late_parameters_under_ddp()
         created, flat, stores = [], [], []
         for block, site in zip(self.blocks, sites):
             store = site.store()

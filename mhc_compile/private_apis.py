@@ -516,6 +516,25 @@ def dynamo_unsupported_error() -> type[Exception]:
     return torch._dynamo.exc.Unsupported
 
 
+# --- DistributedDataParallel under Dynamo (checked on torch 2.13) ---------------------------------
+
+
+def inside_ddp_forward() -> bool:
+    """Whether this runs inside a DistributedDataParallel forward (compiling a frame, or running
+    a compiled one): DDP's class-level record of its active module, which Dynamo's own DDP
+    handling reads (convert_frame); no public accessor exists."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel._get_active_ddp_module() is not None
+
+
+def ddp_graph_splitting() -> str:
+    """Dynamo's handling of DDP graphs, torch._dynamo.config.optimize_ddp normalised to its mode
+    name ("ddp_optimizer" splits graphs at gradient-bucket boundaries, "no_optimization" does not);
+    the config is documented for DDP users but has no public accessor."""
+    return torch._dynamo.utils.get_optimize_ddp_mode()
+
+
 # --- torch.distributed.pipelining's action runtime (checked on torch 2.11 and 2.13) ---------------
 
 

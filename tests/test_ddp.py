@@ -1,0 +1,106 @@
+"""DistributedDataParallel: backend="mhc" under DDP trains the model one process trains.
+
+Two gloo processes, each with half of the batch, against the single-process run of the same
+rewritten model on the whole batch (float64): the loss's gradients of every parameter, the mHC
+parameters among them, after DDP's all-reduce. And the two ways DDP would train another model,
+each a clear error: Dynamo's DDP graph splitting (torch._dynamo.config.optimize_ddp, on by
+default) and mHC parameters created after DDP was built.
+"""
+
+import copy
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import mhc_compile
+from mhc_compile.examples import gpt
+
+SIZES = dict(depth=2, batch=4, seq=8, width=32, heads=2)
+
+
+def _loss(logits, target):
+    return F.cross_entropy(logits.flatten(0, 1), target.flatten())
+
+
+def _model(prepared=True, seed=0):
+    """A float64 example model; prepared, with perturbed mHC parameters (not the init that keeps
+    the plain model's function, whose gradients would hide a missing mHC)."""
+    torch._dynamo.reset()
+    model, (ids,) = gpt(seed=seed, **SIZES)
+    model = model.double()
+    if prepared:
+        mhc_compile.prepare(model, ids[:1])
+        generator = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for param in model.mhc.parameters():
+                param.add_(0.1 * torch.randn(param.shape, generator=generator, dtype=param.dtype))
+    return model, ids, torch.roll(ids, 1, dims=1)
+
+
+def _single_process_grads(model, ids, target):
+    reference = copy.deepcopy(model)
+    torch._dynamo.reset()
+    _loss(torch.compile(reference, backend=mhc_compile.backend(eager=True))(ids), target).backward()
+    assert all(p.grad is not None for p in reference.mhc.parameters()), "reference not rewritten"
+    return {name: p.grad for name, p in reference.named_parameters()}
+
+
+def _ddp_step(rank, wrap, eager):
+    """One step under DDP on this rank's half of the batch; the parameters' gradients by name, and
+    the single-process ones."""
+    model, ids, target = _model()
+    expected = _single_process_grads(model, ids, target)
+    torch._dynamo.reset()
+    backend = mhc_compile.backend(eager=eager)
+    if wrap == "compile(DDP)":
+        run = torch.compile(DDP(model), backend=backend)
+    else:
+        run = DDP(torch.compile(model, backend=backend))
+    half = slice(2 * rank, 2 * rank + 2)  # DDP averages the two halves' gradients
+    _loss(run(ids[half]), target[half]).backward()
+    return {name: p.grad for name, p in model.named_parameters()}, expected
+
+
+def _assert_same_training(rank, wrap, eager):
+    grads, expected = _ddp_step(rank, wrap, eager)
+    assert set(grads) == set(expected)
+    for name, grad in grads.items():
+        assert grad is not None, f"{wrap}: {name} got no gradient"
+        torch.testing.assert_close(grad, expected[name], rtol=1e-9, atol=1e-12,
+                                   msg=lambda message: f"{wrap}, {name}: {message}")
+
+
+def _assert_refused(rank, prepared, expected_text):
+    model, ids, target = _model(prepared=prepared)
+    torch._dynamo.reset()
+    run = torch.compile(DDP(model), backend=mhc_compile.backend(eager=True))
+    with pytest.raises(Exception) as error:
+        run(ids[2 * rank: 2 * rank + 2])
+    assert "mhc:" in str(error.value) and expected_text in str(error.value), str(error.value)
+    assert not hasattr(model, "mhc") or prepared, "a refused compile left mHC parameters behind"
+
+
+def _worker(rank, port):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        with torch._dynamo.config.patch(optimize_ddp=False):
+            _assert_same_training(rank, "compile(DDP)", eager=True)
+            _assert_same_training(rank, "DDP(compile)", eager=False)  # through Inductor
+            _assert_refused(rank, prepared=False, expected_text="mhc_compile.prepare(model")
+        # Dynamo's default for DDP graphs: split at gradient-bucket boundaries.
+        _assert_refused(rank, prepared=True, expected_text="torch._dynamo.config.optimize_ddp = False")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_trains_the_single_process_model_and_refuses_what_would_not():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_worker, args=(port,), nprocs=2, join=True)
