@@ -183,6 +183,7 @@ class MHCBackend(GraphTracer):
     def __call__(self, graph_module: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         if private_apis.inside_ddp_forward():
             _refuse_ddp_graph_splitting()
+        _refuse_fsdp2_submodule_graphs()
         return super().__call__(graph_module, example_inputs)
 
 
@@ -199,6 +200,26 @@ def _refuse_ddp_graph_splitting() -> None:
             "chain and train another model than one process does. Set "
             "torch._dynamo.config.optimize_ddp = False before the first compiled call; DDP then "
             "all-reduces the gradients after the backward instead of overlapping it."
+        )
+
+
+def _refuse_fsdp2_submodule_graphs() -> None:
+    """Dynamo compiles each fully_shard (FSDP2) module's forward as a graph of its own, its hooks
+    run between them: every sharded block would be its own mHC chain, its streams expanded at its
+    start and reduced at its end, another model than one process trains."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    *inner, _outermost = private_apis.modules_on_call_stack() or [None]
+    sharded = next((module for module in inner if isinstance(module, FSDPModule)), None)
+    if sharded is not None:
+        raise RuntimeError(
+            f"mhc: backend='mhc' is compiling the forward of a fully_shard (FSDP2) module "
+            f"({type(sharded).__name__}) as a graph of its own: FSDP2 breaks the graph at every "
+            "sharded module, so each would get its own mHC chain (streams expanded at its start, "
+            "reduced at its end), another model than one process trains. FSDP2 is not supported "
+            "yet; DistributedDataParallel is (README, Several GPUs: data parallelism)."
         )
 
 

@@ -1,10 +1,11 @@
-"""DistributedDataParallel: backend="mhc" under DDP trains the model one process trains.
+"""Data parallelism: backend="mhc" under DDP trains the model one process trains; FSDP2 is refused.
 
 Two gloo processes, each with half of the batch, against the single-process run of the same
 rewritten model on the whole batch (float64): the loss's gradients of every parameter, the mHC
-parameters among them, after DDP's all-reduce. And the two ways DDP would train another model,
-each a clear error: Dynamo's DDP graph splitting (torch._dynamo.config.optimize_ddp, on by
-default) and mHC parameters created after DDP was built.
+parameters among them, after DDP's all-reduce. And the ways data parallelism would train another
+model, each a clear error: Dynamo's DDP graph splitting (torch._dynamo.config.optimize_ddp, on by
+default), mHC parameters created after DDP was built, and fully_shard (FSDP2) modules, which
+Dynamo compiles one graph each.
 """
 
 import copy
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import mhc_compile
@@ -75,10 +77,20 @@ def _assert_same_training(rank, wrap, eager):
                                    msg=lambda message: f"{wrap}, {name}: {message}")
 
 
-def _assert_refused(rank, prepared, expected_text):
+def _ddp(model):
+    return DDP(model)
+
+
+def _fully_sharded(model):
+    for block in model.blocks:
+        fully_shard(block)
+    return fully_shard(model)
+
+
+def _assert_refused(rank, prepared, expected_text, wrap=_ddp):
     model, ids, target = _model(prepared=prepared)
     torch._dynamo.reset()
-    run = torch.compile(DDP(model), backend=mhc_compile.backend(eager=True))
+    run = torch.compile(wrap(model), backend=mhc_compile.backend(eager=True))
     with pytest.raises(Exception) as error:
         run(ids[2 * rank: 2 * rank + 2])
     assert "mhc:" in str(error.value) and expected_text in str(error.value), str(error.value)
@@ -95,11 +107,13 @@ def _worker(rank, port):
             _assert_refused(rank, prepared=False, expected_text="mhc_compile.prepare(model")
         # Dynamo's default for DDP graphs: split at gradient-bucket boundaries.
         _assert_refused(rank, prepared=True, expected_text="torch._dynamo.config.optimize_ddp = False")
+        _assert_refused(rank, prepared=True, expected_text="fully_shard (FSDP2) module",
+                        wrap=_fully_sharded)
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_trains_the_single_process_model_and_refuses_what_would_not():
+def test_ddp_trains_the_single_process_model_and_what_would_not_is_refused():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
