@@ -5,6 +5,10 @@ and with overlap. Launch one process per GPU:
         torchrun --nproc-per-node 2 bench/pipeline.py --out bench/out
     torchrun --nproc-per-node 2 bench/pipeline.py --device cpu --smoke     # gloo, tiny, no GPU
 
+Stage modules run compiled, as mhc_compile.pipeline runs them (Inductor with our kernels and the
+recompute policy per stage; the plain model's halves and single-GPU step through torch.compile's
+default Inductor); `--eager` runs every one of them uncompiled, as before the stages compiled.
+
 Per model size it measures, on every rank at once (each on its own GPU):
   single GPU   one training step (forward + backward of every microbatch, no optimizer) of the
                plain model and of the mHC model (the same stage modules the pipeline runs,
@@ -44,7 +48,7 @@ import mhc_compile  # noqa: E402
 from common import log, median_seconds, out_dir, synchronize, versions, write_json  # noqa: E402
 from mhc_compile import private_apis  # noqa: E402
 from mhc_compile.examples import llama  # noqa: E402
-from mhc_compile.pipeline import build_stage_modules  # noqa: E402
+from mhc_compile.pipeline import build_stage_modules, compile_stage_modules  # noqa: E402
 
 SIZES = {  # name: (width, depth, heads, seq, microbatch size, microbatches, vocab)
     "C1024-L4": (1024, 4, 8, 2048, 2, 8, 8192),
@@ -179,7 +183,7 @@ def run_step(run, ids, target, rank):
 # --- correctness ----------------------------------------------------------------------------------
 
 
-def check_correctness(device, dtype, rank, cut):
+def check_correctness(device, dtype, rank, cut, eager):
     """Pipelined gradients (overlap off and on) vs the same stage modules run in one process."""
     size = (64, 2, 4, 64, 2, 4, 96) if device.type == "cpu" else (256, 2, 4, 256, 2, 4, 512)
     count = size[5]
@@ -192,12 +196,15 @@ def check_correctness(device, dtype, rank, cut):
             for param in model.mhc.parameters():
                 param.add_(0.05 * torch.randn_like(param))
         run = mhc_compile.pipeline(model, (ids,), 2, "1F1B", loss_fn=loss_fn, n_microbatches=count,
-                                   cuts=[cut], overlap=overlap, async_exchange=overlap)
+                                   cuts=[cut], overlap=overlap, async_exchange=overlap, eager=eager)
         losses = []
         run.step(*((ids,) if rank == 0 else ()), target=target, losses=losses)
         got = {name: p.grad.clone() for m in run.modules for name, p in m.named_parameters()}
         model.zero_grad(set_to_none=True)
-        single_gpu_step(chained(build_stage_modules(run.plan, range(2))), ids, target, count)()
+        reference = build_stage_modules(run.plan, range(2))
+        if not (overlap and device.type == "cuda"):  # the pipeline compiles these stages
+            compile_stage_modules(reference, run.plan.captured.options)
+        single_gpu_step(chained(reference), ids, target, count)()
         expected = dict(model.named_parameters())
         worst = max((got[n] - expected[n].grad).norm().item() / expected[n].grad.norm().item()
                      for n in got)
@@ -220,7 +227,10 @@ def bench_size(name, size, device, dtype, rank, args):
     plain, ids, target = build(size, device, dtype)
     mb_ids, mb_target = ids[:micro], target[:micro]
     plain_stages = [PlainStage(plain, True, depth // 2), PlainStage(plain, False, depth // 2)]
-    plain_step = single_gpu_step(plain, ids, target, count)
+    if not args.eager:
+        for stage in plain_stages:
+            stage.compile()
+    plain_step = single_gpu_step(plain if args.eager else torch.compile(plain), ids, target, count)
     result["single_gpu_plain_ms"] = max_over_ranks(
         1e3 * median_seconds(plain_step, device, args.repeats), device)
     plain_times = stage_times(plain_stages, mb_ids, mb_target, device, args.repeats)
@@ -228,8 +238,9 @@ def bench_size(name, size, device, dtype, rank, args):
 
     mhc_model, _, _ = build(size, device, dtype)
     mhc_compile.prepare(mhc_model, mb_ids, options={"n": args.n})
-    plan = mhc_compile.plan_pipeline(mhc_model, (mb_ids,), 2, cuts=[cut], n=args.n)
+    plan = mhc_compile.plan_pipeline(mhc_model, (mb_ids,), 2, cuts=[cut], n=args.n, eager=args.eager)
     modules = build_stage_modules(plan, range(2))
+    compile_stage_modules(modules, plan.captured.options)
     mhc_step = single_gpu_step(chained(modules), ids, target, count)
     result["single_gpu_mhc_ms"] = max_over_ranks(
         1e3 * median_seconds(mhc_step, device, args.repeats), device)
@@ -275,7 +286,7 @@ def bench_size(name, size, device, dtype, rank, args):
         else:
             run = mhc_compile.pipeline(mhc_model, (ids,), 2, "1F1B", loss_fn=loss_fn,
                                        n_microbatches=count, cuts=[cut], overlap=overlap,
-                                       async_exchange=async_exchange, n=args.n)
+                                       async_exchange=async_exchange, n=args.n, eager=args.eager)
             step, model, kind = run_step(run, ids, target, rank), mhc_model, "mhc"
         step_ms = pipeline_step_ms(step, model, device, args.warmup, args.steps)
         busiest = count * max(result[f"{kind}_stage_ms"])
@@ -332,6 +343,8 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="tiny model (CPU check of the script)")
     parser.add_argument("--sizes", nargs="*", default=None, help=f"of {list(SIZES)}")
     parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--eager", action="store_true",
+                        help="stage modules and the plain model uncompiled (the default compiles them)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
@@ -356,10 +369,10 @@ def main():
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
         **versions(), "dtype": str(dtype),
         "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST")},
-        "schedule": "1F1B", "stages": 2,
+        "schedule": "1F1B", "stages": 2, "compiled": not args.eager,
     }
     started = time.perf_counter()
-    results["correctness"] = check_correctness(device, dtype, rank, "layers.1")
+    results["correctness"] = check_correctness(device, dtype, rank, "layers.1", args.eager)
     if rank == 0:
         log(f"correctness: {results['correctness']}")
     results["sizes"], results["skipped_sizes"] = [], []

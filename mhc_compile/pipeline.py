@@ -11,8 +11,9 @@
 The model is traced once through the mhc rewrite at the shape of one microbatch; the rewritten
 graph is cut at mHC block boundaries (legal cuts: the state crossing is the n-stream tensor plus
 pass-through values, passes/annotate_pipeline.py), balanced by the cost estimate, and each stage
-becomes an fx.GraphModule holding the model's own Parameter objects. torch's PipelineStage and
-schedules do the rest: no runtime of our own.
+becomes an fx.GraphModule holding the model's own Parameter objects, compiled as backend="mhc"
+compiles a rewritten graph (Inductor, our kernels, the recompute policy within the stage; not with
+eager=True). torch's PipelineStage and schedules do the rest: no runtime of our own.
 
 Overlap (CUDA, opt-in with overlap=True): the post/res mix of every block the annotation marks runs
 on a dedicated high-priority stream (paper: DualPipe runs F_post,res on one), and one-stage-per-rank
@@ -23,6 +24,7 @@ not wait for a send before the next compute (Schedule1F1B waits each send with t
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -31,11 +33,12 @@ import torch.distributed as dist
 from torch import fx, nn
 
 from mhc_compile import private_apis
+from mhc_compile.backend import compile_whole_ops
 from mhc_compile.passes.annotate_pipeline import OVERLAP_KEY
 from mhc_compile.pipeline_plan import PipelineError, PipelinePlan, plan_pipeline
 
 __all__ = ["Pipeline", "PipelineError", "pipeline", "schedule_names", "stage_indices",
-           "build_stage_modules", "post_res_mix_on_side_stream"]
+           "build_stage_modules", "compile_stage_modules", "post_res_mix_on_side_stream"]
 
 # Schedule names as torch spells them (get_schedule_class), in the order the docs list them.
 _SCHEDULE_CLASSES = {
@@ -122,6 +125,7 @@ def pipeline(
     overlap: run marked post/res mixes on a high-priority CUDA stream (no effect on CPU). Off by
         default: on 2 H200s it makes 1F1B steps 7-16% slower (bench/RESULTS.md): the boundary
         transfer it could hide is about 1% of the step there, less than the cross-stream waits cost.
+        Its stage modules run eagerly (uncompiled), and a warning says so.
     async_exchange: run GPipe/1F1B on torch's action runtime (early receives, sends waited at the
         end of the step); default the same as overlap. Multi-stage schedules always use it.
     scale_grads: divide accumulated gradients by n_microbatches (for a loss_fn that averages).
@@ -145,7 +149,15 @@ def pipeline(
     device = torch.device(device) if device is not None else _model_device(model)
     overlap = False if overlap is None else bool(overlap)
     async_exchange = overlap if async_exchange is None else bool(async_exchange)
-    modules = build_stage_modules(plan, local, overlap=overlap and device.type == "cuda")
+    side_stream = overlap and device.type == "cuda"
+    modules = build_stage_modules(plan, local, overlap=side_stream)
+    if side_stream and not plan.captured.options.eager:
+        warnings.warn(
+            "mhc pipeline: overlap=True runs the stage modules eagerly (not compiled): the "
+            "side-stream post/res mix is a Python call between streams that the compiled stages "
+            "do not lower yet. Without overlap the stages run through Inductor.", stacklevel=2)
+    else:
+        compile_stage_modules(modules, plan.captured.options)
     from torch.distributed.pipelining import PipelineStage
 
     stages = [
@@ -158,10 +170,22 @@ def pipeline(
     )
     return Pipeline(
         schedule=built, stages=stages, modules=modules, stage_indices=local, plan=plan,
-        overlap=overlap and device.type == "cuda", async_exchange=async_exchange,
+        overlap=side_stream, async_exchange=async_exchange,
         n_microbatches=n_microbatches,
         bytes_per_microbatch={index: plan.stages[index].bytes_sent for index in local},
     )
+
+
+def compile_stage_modules(modules: Sequence[fx.GraphModule], options) -> None:
+    """Compile stage modules in place (their names and parameters stay the module's) as
+    backend="mhc" compiles a rewritten graph: the graph is rewritten already, so it goes straight
+    to Inductor with our passes (compile_whole_ops), not through the rewrite again. Nothing with
+    eager=True."""
+    if options.eager:
+        return
+    for module in modules:
+        module.compile(backend=functools.partial(compile_whole_ops, options=options),
+                       fullgraph=True, dynamic=False)
 
 
 def stage_indices(schedule: str, num_stages: int, world_size: int, rank: int) -> list[int]:

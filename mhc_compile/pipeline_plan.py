@@ -37,6 +37,7 @@ class CapturedGraph:
     inputs: list[Any]  # aligned with the placeholders: mHC parameters, then Dynamo's inputs
     args: tuple = ()  # the example arguments the model was called with
     model: nn.Module | None = None  # the traced model (names its parameters and buffers)
+    options: MHCOptions | None = None  # what it was rewritten with (the stages compile with them)
 
     @property
     def annotation(self) -> PipelineAnnotation:
@@ -168,7 +169,7 @@ def capture(model: nn.Module, example_args: tuple, options: MHCOptions) -> Captu
             run_passes("pipeline", record.graph_module, record.context)
         captured.append(CapturedGraph(record.graph_module,
                                       [*record.parameters, *record.example_inputs],
-                                      example_args, model))
+                                      example_args, model, options))
         return with_parameters(record, record.graph_module)
 
     backend = GraphTracer(options, capture_rewritten, top_module=model)
