@@ -48,7 +48,7 @@ def backend(**options: Any) -> MHCBackend:
 
 def prepare(model: nn.Module, /, *example_args: Any, options: Mapping[str, Any] | None = None,
             **model_kwargs: Any) -> Report:
-    """Do the first compilation's work now, so optimizers, checkpoint loading and FSDP come after.
+    """Do the first compilation's work now, so optimizers, checkpoint loading and DDP come after.
 
         mhc_compile.prepare(model, input_ids, attention_mask=mask, options={"n": 2})
 
