@@ -183,7 +183,7 @@ class MHCBackend(GraphTracer):
     def __call__(self, graph_module: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         if private_apis.inside_ddp_forward():
             _refuse_ddp_graph_splitting()
-        _refuse_fsdp2_submodule_graphs()
+        _refuse_fsdp2_modules()
         return super().__call__(graph_module, example_inputs)
 
 
@@ -195,7 +195,7 @@ def _refuse_ddp_graph_splitting() -> None:
     if mode != "no_optimization":
         raise RuntimeError(
             "mhc: backend='mhc' under DistributedDataParallel needs Dynamo's DDP graph splitting "
-            f"off (torch._dynamo.config.optimize_ddp is {mode!r}): it cuts the graph at gradient-"
+            f"off (torch._dynamo.config.optimize_ddp is {mode!r}): it may cut the graph at gradient-"
             "bucket boundaries and compiles each piece apart, which would cut the mHC stream "
             "chain and train another model than one process does. Set "
             "torch._dynamo.config.optimize_ddp = False before the first compiled call; DDP then "
@@ -203,23 +203,24 @@ def _refuse_ddp_graph_splitting() -> None:
         )
 
 
-def _refuse_fsdp2_submodule_graphs() -> None:
+def _refuse_fsdp2_modules() -> None:
     """Dynamo compiles each fully_shard (FSDP2) module's forward as a graph of its own, its hooks
     run between them: every sharded block would be its own mHC chain, its streams expanded at its
-    start and reduced at its end, another model than one process trains."""
+    start and reduced at its end, another model than one process trains. Any FSDP2 module on the
+    call stack is refused (a sharded root alone is not tested across ranks)."""
     if not torch.distributed.is_available():
         return
     from torch.distributed.fsdp import FSDPModule
 
-    *inner, _outermost = private_apis.modules_on_call_stack() or [None]
-    sharded = next((module for module in inner if isinstance(module, FSDPModule)), None)
+    sharded = next((module for module in private_apis.modules_on_call_stack()
+                    if isinstance(module, FSDPModule)), None)
     if sharded is not None:
         raise RuntimeError(
             f"mhc: backend='mhc' is compiling the forward of a fully_shard (FSDP2) module "
-            f"({type(sharded).__name__}) as a graph of its own: FSDP2 breaks the graph at every "
-            "sharded module, so each would get its own mHC chain (streams expanded at its start, "
-            "reduced at its end), another model than one process trains. FSDP2 is not supported "
-            "yet; DistributedDataParallel is (README, Several GPUs: data parallelism)."
+            f"({type(sharded).__name__}): FSDP2 breaks the graph at every sharded module, so "
+            "each would get its own mHC chain (streams expanded at its start, reduced at its "
+            "end), another model than one process trains. FSDP2 is not supported yet; "
+            "DistributedDataParallel is (README, Several GPUs: data parallelism)."
         )
 
 

@@ -34,6 +34,7 @@ from torch import fx, nn
 
 from mhc_compile import private_apis
 from mhc_compile.backend import compile_whole_ops
+from mhc_compile.options import MHCOptions
 from mhc_compile.passes.annotate_pipeline import OVERLAP_KEY
 from mhc_compile.pipeline_plan import PipelineError, PipelinePlan, plan_pipeline
 
@@ -51,6 +52,9 @@ _SCHEDULE_CLASSES = {
     "DualPipeV": "ScheduleDualPipeV",
 }
 _V_SHAPED = ("ZBVZeroBubble", "DualPipeV")  # two stages per rank: r and 2W-1-r
+# Schedules that run a stage's backward in two parts (input, then weight gradients), retaining its
+# graph in between: a compiled backward donates its buffers and refuses retain_graph.
+_SPLIT_BACKWARD = ("InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
 
 
 def schedule_names() -> list[str]:
@@ -125,7 +129,8 @@ def pipeline(
     overlap: run marked post/res mixes on a high-priority CUDA stream (no effect on CPU). Off by
         default: on 2 H200s it makes 1F1B steps 7-16% slower (bench/RESULTS.md): the boundary
         transfer it could hide is about 1% of the step there, less than the cross-stream waits cost.
-        Its stage modules run eagerly (uncompiled), and a warning says so.
+        Its stage modules run eagerly (uncompiled), and a warning says so; so do those of the
+        schedules that split a stage's backward (InterleavedZeroBubble, ZBVZeroBubble, DualPipeV).
     async_exchange: run GPipe/1F1B on torch's action runtime (early receives, sends waited at the
         end of the step); default the same as overlap. Multi-stage schedules always use it.
     scale_grads: divide accumulated gradients by n_microbatches (for a loss_fn that averages).
@@ -151,11 +156,10 @@ def pipeline(
     async_exchange = overlap if async_exchange is None else bool(async_exchange)
     side_stream = overlap and device.type == "cuda"
     modules = build_stage_modules(plan, local, overlap=side_stream)
-    if side_stream and not plan.captured.options.eager:
-        warnings.warn(
-            "mhc pipeline: overlap=True runs the stage modules eagerly (not compiled): the "
-            "side-stream post/res mix is a Python call between streams that the compiled stages "
-            "do not lower yet. Without overlap the stages run through Inductor.", stacklevel=2)
+    why_eager = _why_stages_stay_eager(canonical, side_stream)
+    if why_eager and not plan.captured.options.eager:
+        warnings.warn(f"mhc pipeline: the stage modules run eagerly (not compiled): {why_eager}",
+                      stacklevel=2)
     else:
         compile_stage_modules(modules, plan.captured.options)
     from torch.distributed.pipelining import PipelineStage
@@ -176,7 +180,18 @@ def pipeline(
     )
 
 
-def compile_stage_modules(modules: Sequence[fx.GraphModule], options) -> None:
+def _why_stages_stay_eager(schedule: str, side_stream: bool) -> str | None:
+    if side_stream:
+        return ("overlap=True's side-stream post/res mix is a Python call between CUDA streams "
+                "that compiled stages do not lower yet; without overlap they run through Inductor")
+    if schedule in _SPLIT_BACKWARD:
+        return (f"{schedule} runs each stage's backward in two parts with its graph retained in "
+                "between, which a compiled backward refuses (it donates its buffers); 1F1B, GPipe "
+                "and Interleaved1F1B run compiled stages")
+    return None
+
+
+def compile_stage_modules(modules: Sequence[fx.GraphModule], options: MHCOptions) -> None:
     """Compile stage modules in place (their names and parameters stay the module's) as
     backend="mhc" compiles a rewritten graph: the graph is rewritten already, so it goes straight
     to Inductor with our passes (compile_whole_ops), not through the rewrite again. Nothing with
