@@ -146,9 +146,9 @@ def compile_for_training(record: GraphRecord) -> Callable:
                        record.owners.compiled_module(),
                        _without_their_mhc(placeholders, record.context.parameter_inputs,
                                           rewritten_sites, record.example_inputs, record.owners))
+    bind_and_rewrite(record, warn_late=True)  # may refuse (DDP): before any global change
     if record.rewritten:
         private_apis.fail_past_recompile_limit()
-    bind_and_rewrite(record, warn_late=True)
     return compile_graph(record)
 
 

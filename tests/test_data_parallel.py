@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import mhc_compile
 from mhc_compile.examples import gpt
+from mhc_compile.parameters import MHCParameters
 
 SIZES = dict(depth=2, batch=4, seq=8, width=32, heads=2)
 
@@ -94,7 +95,8 @@ def _assert_refused(rank, prepared, expected_text, wrap=_ddp):
     with pytest.raises(Exception) as error:
         run(ids[2 * rank: 2 * rank + 2])
     assert "mhc:" in str(error.value) and expected_text in str(error.value), str(error.value)
-    assert not hasattr(model, "mhc") or prepared, "a refused compile left mHC parameters behind"
+    left = [m for m in model.modules() if isinstance(m, MHCParameters)]
+    assert prepared or not left, "a refused compile left mHC parameters behind"
 
 
 def _worker(rank, port):
