@@ -204,24 +204,32 @@ def _refuse_ddp_graph_splitting() -> None:
 
 
 def _refuse_fsdp2_modules() -> None:
-    """Dynamo compiles each fully_shard (FSDP2) module's forward as a graph of its own, its hooks
-    run between them: every sharded block would be its own mHC chain, its streams expanded at its
-    start and reduced at its end, another model than one process trains. Any FSDP2 module on the
-    call stack is refused (a sharded root alone is not tested across ranks)."""
+    """fully_shard (FSDP2) on submodules: Dynamo compiles each sharded module's forward as a
+    graph of its own, its hooks run between them, so every sharded block would be its own mHC
+    chain (streams expanded at its start, reduced at its end), another model than one process
+    trains. One unit, the compiled module itself sharded and nothing inside or around it, is one
+    graph and one chain (tests/test_data_parallel.py)."""
     if not torch.distributed.is_available():
         return
     from torch.distributed.fsdp import FSDPModule
 
-    sharded = next((module for module in private_apis.modules_on_call_stack()
-                    if isinstance(module, FSDPModule)), None)
-    if sharded is not None:
-        raise RuntimeError(
-            f"mhc: backend='mhc' is compiling the forward of a fully_shard (FSDP2) module "
-            f"({type(sharded).__name__}): FSDP2 breaks the graph at every sharded module, so "
-            "each would get its own mHC chain (streams expanded at its start, reduced at its "
-            "end), another model than one process trains. FSDP2 is not supported yet; "
-            "DistributedDataParallel is (README, Several GPUs: data parallelism)."
-        )
+    stack = private_apis.modules_on_call_stack()
+    sharded = [module for module in stack if isinstance(module, FSDPModule)]
+    if not sharded:
+        return
+    compiled = stack[0]
+    inner = [module for module in compiled.modules()
+             if module is not compiled and isinstance(module, FSDPModule)]
+    if sharded == [compiled] and not inner:
+        return
+    raise RuntimeError(
+        f"mhc: backend='mhc' is compiling the forward of {type(compiled).__name__} with "
+        "fully_shard (FSDP2) applied to submodules: FSDP2 breaks the graph at every sharded "
+        "module, so each would get its own mHC chain (streams expanded at its start, reduced at "
+        "its end), another model than one process trains. Shard the compiled model as one unit "
+        "(fully_shard(model) alone) or use DistributedDataParallel (README, Several GPUs: data "
+        "parallelism)."
+    )
 
 
 def _refuse_late_parameters_under_ddp() -> None:

@@ -1,11 +1,11 @@
-"""Data parallelism: backend="mhc" under DDP trains the model one process trains; FSDP2 is refused.
+"""Data parallelism: backend="mhc" under DDP or FSDP2 (one unit) trains the model one process trains.
 
 Two gloo processes, each with half of the batch, against the single-process run of the same
 rewritten model on the whole batch (float64): the loss's gradients of every parameter, the mHC
 parameters among them, after DDP's all-reduce. And the ways data parallelism would train another
 model, each a clear error: Dynamo's DDP graph splitting (torch._dynamo.config.optimize_ddp, on by
-default), mHC parameters created after DDP was built, and fully_shard (FSDP2) modules, which
-Dynamo compiles one graph each.
+default), mHC parameters created after DDP was built, and fully_shard (FSDP2) on submodules, which
+Dynamo compiles one graph each. FSDP2 on the compiled model alone, one unit, is one graph.
 """
 
 import copy
@@ -54,19 +54,25 @@ def _single_process_grads(model, ids, target):
 
 
 def _ddp_step(rank, wrap, eager):
-    """One step under DDP on this rank's half of the batch; the parameters' gradients by name, and
-    the single-process ones."""
+    """One step on this rank's half of the batch; the parameters' gradients by name (whole, where
+    FSDP2 shards them), and the single-process ones."""
     model, ids, target = _model()
     expected = _single_process_grads(model, ids, target)
     torch._dynamo.reset()
     backend = mhc_compile.backend(eager=eager)
     if wrap == "compile(DDP)":
         run = torch.compile(DDP(model), backend=backend)
-    else:
+    elif wrap == "DDP(compile)":
         run = DDP(torch.compile(model, backend=backend))
-    half = slice(2 * rank, 2 * rank + 2)  # DDP averages the two halves' gradients
+    else:  # "FSDP2, one unit"
+        run = torch.compile(fully_shard(model), backend=backend)
+    half = slice(2 * rank, 2 * rank + 2)  # both average the two halves' gradients
     _loss(run(ids[half]), target[half]).backward()
-    return {name: p.grad for name, p in model.named_parameters()}, expected
+    return {name: _whole(p.grad) for name, p in model.named_parameters()}, expected
+
+
+def _whole(grad):
+    return grad.full_tensor() if grad is not None and hasattr(grad, "full_tensor") else grad
 
 
 def _assert_same_training(rank, wrap, eager):
@@ -106,10 +112,11 @@ def _worker(rank, port):
         with torch._dynamo.config.patch(optimize_ddp=False):
             _assert_same_training(rank, "compile(DDP)", eager=True)
             _assert_same_training(rank, "DDP(compile)", eager=False)  # through Inductor
+            _assert_same_training(rank, "FSDP2, one unit", eager=True)
             _assert_refused(rank, prepared=False, expected_text="mhc_compile.prepare(model")
         # Dynamo's default for DDP graphs: split at gradient-bucket boundaries.
         _assert_refused(rank, prepared=True, expected_text="torch._dynamo.config.optimize_ddp = False")
-        _assert_refused(rank, prepared=True, expected_text="fully_shard (FSDP2) module",
+        _assert_refused(rank, prepared=True, expected_text="fully_shard (FSDP2) applied to submodules",
                         wrap=_fully_sharded)
     finally:
         dist.destroy_process_group()
