@@ -5,7 +5,8 @@ rewritten model on the whole batch (float64): the loss's gradients of every para
 parameters among them, after DDP's all-reduce. And the ways data parallelism would train another
 model, each a clear error: Dynamo's DDP graph splitting (torch._dynamo.config.optimize_ddp, on by
 default), mHC parameters created after DDP was built, and fully_shard (FSDP2) on submodules, which
-Dynamo compiles one graph each. FSDP2 on the compiled model alone, one unit, is one graph.
+Dynamo compiles one graph each. FSDP2 on the compiled model alone, one unit, is one graph, and
+torch.distributed.checkpoint round-trips its sharded mHC parameters.
 """
 
 import copy
@@ -105,7 +106,27 @@ def _assert_refused(rank, prepared, expected_text, wrap=_ddp):
     assert prepared or not left, "a refused compile left mHC parameters behind"
 
 
-def _worker(rank, port):
+def _assert_checkpoint_round_trip(directory):
+    """FSDP2 (one unit): torch.distributed.checkpoint saves the sharded mHC parameters with the
+    others and loads them into a fresh prepared, sharded model, each rank its shard."""
+    import torch.distributed.checkpoint as dcp
+
+    original, _, _ = _model(seed=0)
+    fully_shard(original)
+    dcp.save({"model": original.state_dict()}, checkpoint_id=directory)
+    fresh, _, _ = _model(seed=5)  # other weights and mHC parameters
+    fully_shard(fresh)
+    state = {"model": fresh.state_dict()}
+    dcp.load(state, checkpoint_id=directory)
+    fresh.load_state_dict(state["model"])
+    saved = {name: _whole(p.detach()) for name, p in original.named_parameters()}
+    loaded = {name: _whole(p.detach()) for name, p in fresh.named_parameters()}
+    assert any(name.startswith("mhc.") for name in loaded)
+    for name, tensor in loaded.items():
+        torch.testing.assert_close(tensor, saved[name], rtol=0, atol=0, msg=name)
+
+
+def _worker(rank, port, directory):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
@@ -113,6 +134,7 @@ def _worker(rank, port):
             _assert_same_training(rank, "compile(DDP)", eager=True)
             _assert_same_training(rank, "DDP(compile)", eager=False)  # through Inductor
             _assert_same_training(rank, "FSDP2, one unit", eager=True)
+            _assert_checkpoint_round_trip(directory)
             _assert_refused(rank, prepared=False, expected_text="mhc_compile.prepare(model")
         # Dynamo's default for DDP graphs: split at gradient-bucket boundaries.
         _assert_refused(rank, prepared=True, expected_text="torch._dynamo.config.optimize_ddp = False")
@@ -122,8 +144,8 @@ def _worker(rank, port):
         dist.destroy_process_group()
 
 
-def test_ddp_trains_the_single_process_model_and_what_would_not_is_refused():
+def test_ddp_trains_the_single_process_model_and_what_would_not_is_refused(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_worker, args=(port,), nprocs=2, join=True)
+    mp.spawn(_worker, args=(port, str(tmp_path / "checkpoint")), nprocs=2, join=True)
