@@ -9,56 +9,32 @@ Dynamo compiles one graph each. FSDP2 on the compiled model alone, one unit, is 
 torch.distributed.checkpoint round-trips its sharded mHC parameters.
 """
 
-import copy
 import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import mhc_compile
 from mhc_compile.examples import gpt
 from mhc_compile.parameters import MHCParameters
+from single_process import example_model, loss_of, single_process_run
 
 SIZES = dict(depth=2, batch=4, seq=8, width=32, heads=2)
 
 
-def _loss(logits, target):
-    return F.cross_entropy(logits.flatten(0, 1), target.flatten())
-
-
 def _model(prepared=True, seed=0):
-    """A float64 example model; prepared, with perturbed mHC parameters (not the init that keeps
-    the plain model's function, whose gradients would hide a missing mHC)."""
-    torch._dynamo.reset()
-    model, (ids,) = gpt(seed=seed, **SIZES)
-    model = model.double()
-    if prepared:
-        mhc_compile.prepare(model, ids[:1])
-        generator = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for param in model.mhc.parameters():
-                param.add_(0.1 * torch.randn(param.shape, generator=generator, dtype=param.dtype))
-    return model, ids, torch.roll(ids, 1, dims=1)
-
-
-def _single_process_grads(model, ids, target):
-    reference = copy.deepcopy(model)
-    torch._dynamo.reset()
-    _loss(torch.compile(reference, backend=mhc_compile.backend(eager=True))(ids), target).backward()
-    assert all(p.grad is not None for p in reference.mhc.parameters()), "reference not rewritten"
-    return {name: p.grad for name, p in reference.named_parameters()}
+    return example_model(gpt, seed=seed, prepared=prepared, **SIZES)
 
 
 def _ddp_step(rank, wrap, eager):
     """One step on this rank's half of the batch; the parameters' gradients by name (whole, where
     FSDP2 shards them), and the single-process ones."""
     model, ids, target = _model()
-    expected = _single_process_grads(model, ids, target)
+    _, expected = single_process_run(model, ids, target)
     torch._dynamo.reset()
     backend = mhc_compile.backend(eager=eager)
     if wrap == "compile(DDP)":
@@ -68,7 +44,7 @@ def _ddp_step(rank, wrap, eager):
     else:  # "FSDP2, one unit"
         run = torch.compile(fully_shard(model), backend=backend)
     half = slice(2 * rank, 2 * rank + 2)  # both average the two halves' gradients
-    _loss(run(ids[half]), target[half]).backward()
+    loss_of(run(ids[half]), target[half]).backward()
     return {name: _whole(p.grad) for name, p in model.named_parameters()}, expected
 
 

@@ -4,7 +4,6 @@ Every pipelined result is compared with the single-process run of the same rewri
 (same mHC parameters) in float64: loss and every gradient.
 """
 
-import copy
 import importlib
 import itertools
 import random
@@ -16,7 +15,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -28,36 +26,10 @@ from mhc_compile.pipeline import (
 from mhc_compile.passes.annotate_pipeline import CUT_KEY, OVERLAP_KEY
 from mhc_compile.pipeline_plan import balance, capture, plan_pipeline
 from mhc_compile.options import MHCOptions
+from single_process import example_model, loss_of, single_process_run
 
 # The module, not mhc_compile.pipeline the function, which shadows it as an attribute.
 pipeline_module = importlib.import_module("mhc_compile.pipeline")
-
-
-def _loss(logits, target):
-    return F.cross_entropy(logits.flatten(0, 1), target.flatten())
-
-
-def _model(build=gpt, seed=0, **sizes):
-    """A float64 example model with perturbed mHC parameters (not the function-keeping init)."""
-    torch._dynamo.reset()
-    model, (ids,) = build(seed=seed, **sizes)
-    model = model.double()
-    mhc_compile.prepare(model, ids[:1])
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for param in model.mhc.parameters():
-            param.add_(0.1 * torch.randn(param.shape, generator=generator, dtype=param.dtype))
-    return model, ids, torch.roll(ids, 1, dims=1)
-
-
-def _reference(model, ids, target):
-    """Loss and gradients (by parameter name) of the single-process rewritten model."""
-    reference = copy.deepcopy(model)
-    torch._dynamo.reset()
-    loss = _loss(torch.compile(reference, backend=mhc_compile.backend(eager=True))(ids), target)
-    loss.backward()
-    assert all(p.grad is not None for p in reference.mhc.parameters()), "reference was not rewritten"
-    return loss.detach(), {name: p.grad for name, p in reference.named_parameters()}
 
 
 def _assert_grads(modules, expected, rtol=1e-9):
@@ -140,28 +112,28 @@ def _chain(modules, ids):
     pytest.param(llama, ["layers.0.feed_forward", "layers.2"], id="llama-3-named-cuts"),
 ])
 def test_stage_modules_chained_equal_the_rewritten_model(build, cuts):
-    model, ids, target = _model(build, depth=3, batch=2, seq=8, width=32, heads=2)
-    expected_loss, expected_grads = _reference(model, ids, target)
+    model, ids, target = example_model(build, depth=3, batch=2, seq=8, width=32, heads=2)
+    expected_loss, expected_grads = single_process_run(model, ids, target)
     plan = plan_pipeline(model, (ids,), 3, cuts=cuts)
     if cuts:
         assert plan.starts == [0, 1, 4]
     modules = build_stage_modules(plan, range(3))
     names = [name for module in modules for name, _ in module.named_parameters()]
     assert sorted(names) == sorted(name for name, _ in model.named_parameters())
-    loss = _loss(_chain(modules, ids), target)
+    loss = loss_of(_chain(modules, ids), target)
     loss.backward()
     torch.testing.assert_close(loss, expected_loss, rtol=1e-12, atol=0)
     _assert_grads(modules, expected_grads)
 
 
 def test_overlap_modules_call_the_side_stream_mix_and_compute_the_same():
-    model, ids, target = _model(gpt, depth=1, batch=2, seq=8, width=32, heads=2)
-    expected_loss, expected_grads = _reference(model, ids, target)
+    model, ids, target = example_model(gpt, depth=1, batch=2, seq=8, width=32, heads=2)
+    expected_loss, expected_grads = single_process_run(model, ids, target)
     modules = build_stage_modules(plan_pipeline(model, (ids,), 2), range(2), overlap=True)
     targets = [n.target for m in modules for n in m.graph.nodes if n.op == "call_function"]
     assert targets.count(post_res_mix_on_side_stream) == 2
     assert torch.ops.mhc.post_res_mix.default not in targets
-    loss = _loss(_chain(modules, ids), target)
+    loss = loss_of(_chain(modules, ids), target)
     loss.backward()
     torch.testing.assert_close(loss, expected_loss, rtol=1e-12, atol=0)
     _assert_grads(modules, expected_grads)
@@ -203,7 +175,7 @@ class SideOutput(nn.Module):
 
 
 def test_bad_stage_counts_and_cuts_are_clear_errors():
-    model, ids, _ = _model(gpt, depth=2, batch=2, seq=8, width=32, heads=2)
+    model, ids, _ = example_model(gpt, depth=2, batch=2, seq=8, width=32, heads=2)
     messages = [
         (5, None, "mhc pipeline: 5 stages need at least 5 mHC blocks (a stage begins only at a block "
                    "boundary), but the model has 4; use at most 4 stages"),
@@ -282,8 +254,8 @@ def test_report_cli_proposes_stage_cuts(capsys):
 def _run_schedule(rank, schedule, num_stages, **kwargs):
     """One step of `schedule` against the single-process run. Stages compile through Inductor
     unless kwargs say eager=True (the schedules' own logic, quickly)."""
-    model, ids, target = _model(gpt, depth=2, batch=4, seq=8, width=32, heads=2)
-    expected_loss, expected_grads = _reference(model, ids, target)
+    model, ids, target = example_model(gpt, depth=2, batch=4, seq=8, width=32, heads=2)
+    expected_loss, expected_grads = single_process_run(model, ids, target)
     compiled, compile_whole_ops = [], pipeline_module.compile_whole_ops
 
     def counted_compile(graph_module, example_inputs, options):
@@ -293,7 +265,7 @@ def _run_schedule(rank, schedule, num_stages, **kwargs):
     with mock.patch.object(pipeline_module, "compile_whole_ops", counted_compile), \
             warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        run = mhc_compile.pipeline(model, (ids,), num_stages, schedule, loss_fn=_loss,
+        run = mhc_compile.pipeline(model, (ids,), num_stages, schedule, loss_fn=loss_of,
                                    n_microbatches=4, **kwargs)
         losses = []
         run.step(*((ids,) if 0 in run.stage_indices else ()), target=target, losses=losses)
@@ -319,14 +291,14 @@ def _worker(rank, port, cases):
     try:
         for schedule, num_stages, kwargs in cases:
             _run_schedule(rank, schedule, num_stages, **kwargs)
-        model, ids, _ = _model(gpt, depth=2, batch=4, seq=8, width=32, heads=2)
+        model, ids, _ = example_model(gpt, depth=2, batch=4, seq=8, width=32, heads=2)
         with pytest.raises(PipelineError) as error:
-            mhc_compile.pipeline(model, (ids,), 3, "1F1B", loss_fn=_loss)
+            mhc_compile.pipeline(model, (ids,), 3, "1F1B", loss_fn=loss_of)
         assert str(error.value) == (
             "mhc pipeline: schedule '1F1B' runs one stage per rank, so num_stages must equal the "
             "world size; got num_stages=3 with world size 2")
         with pytest.raises(PipelineError) as error:
-            mhc_compile.pipeline(model, (ids,), 2, "1F1B", loss_fn=_loss, n_microbatches=3)
+            mhc_compile.pipeline(model, (ids,), 2, "1F1B", loss_fn=loss_of, n_microbatches=3)
         assert str(error.value) == (
             "mhc pipeline: example_args[0] has batch size 4 in dimension 0, which does not split "
             "into n_microbatches=3 equal microbatches")
