@@ -220,7 +220,10 @@ def check_correctness(device, dtype, rank, cut, eager):
 # --- one model size -------------------------------------------------------------------------------
 
 
-def bench_size(name, size, device, dtype, rank, args):
+def single_device_part(name, size, device, dtype, args, over_ranks):
+    """What one GPU measures alone: a training step of the plain model and of the mHC stage
+    modules chained in one process, and forward + backward of one microbatch through each stage.
+    `over_ranks` turns a rank's number into the one every rank records (identity on one device)."""
     width, depth, heads, seq, micro, count, vocab = size
     cut = f"layers.{depth // 2}"
     result = {"size": name, "width": width, "depth": depth, "heads": heads, "seq": seq,
@@ -233,9 +236,8 @@ def bench_size(name, size, device, dtype, rank, args):
         for stage in plain_stages:
             stage.compile()
     plain_step = single_gpu_step(plain if args.eager else torch.compile(plain), ids, target, count)
-    result["single_gpu_plain_ms"] = max_over_ranks(
-        1e3 * median_seconds(plain_step, device, args.repeats), device)
-    plain_times = stage_times(plain_stages, mb_ids, mb_target, device, args.repeats)
+    result["single_gpu_plain_ms"] = over_ranks(1e3 * median_seconds(plain_step, device, args.repeats))
+    result["plain_stage_ms"] = stage_times(plain_stages, mb_ids, mb_target, device, args.repeats)
     plain.zero_grad(set_to_none=True)
 
     mhc_model, _, _ = build(size, device, dtype)
@@ -244,15 +246,72 @@ def bench_size(name, size, device, dtype, rank, args):
     modules = build_stage_modules(plan, range(2))
     compile_stage_modules(modules, plan.captured.options)
     mhc_step = single_gpu_step(chained(modules), ids, target, count)
-    result["single_gpu_mhc_ms"] = max_over_ranks(
-        1e3 * median_seconds(mhc_step, device, args.repeats), device)
-    mhc_times = stage_times(modules, mb_ids, mb_target, device, args.repeats)
+    result["single_gpu_mhc_ms"] = over_ranks(1e3 * median_seconds(mhc_step, device, args.repeats))
+    result["mhc_stage_ms"] = stage_times(modules, mb_ids, mb_target, device, args.repeats)
     mhc_model.zero_grad(set_to_none=True)
+    result["mhc_sends"] = list(plan.stages[0].sends)
+    result["single_gpu_overhead"] = result["single_gpu_mhc_ms"] / result["single_gpu_plain_ms"]
+    parts = {"plain": plain, "plain_stages": plain_stages, "modules": modules, "mhc_model": mhc_model, "plan": plan,
+             "ids": ids, "target": target, "cut": cut}
+    return result, parts
+
+
+def one_device(name, size, device, dtype, args):
+    """The pipeline's single-GPU parts on one device: each compiled stage's mHC cost beside the
+    cost of the same layers compiled whole by backend="mhc" (issue 21: the per-stage cost matches
+    the single-GPU one), after checking both give the same gradients."""
+    result, parts = single_device_part(name, size, device, dtype, args, over_ranks=lambda v: v)
+    count, mhc_model = result["microbatches"], parts["mhc_model"]
+    with torch.no_grad():  # away from init, where some mHC gradients are exactly zero
+        for param in mhc_model.mhc.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    chained_step = single_gpu_step(chained(parts["modules"]), parts["ids"], parts["target"], count)
+    chained_step()
+    staged = {n: p.grad.clone() for n, p in mhc_model.named_parameters()}
+    mhc_model.zero_grad(set_to_none=True)
+    whole = torch.compile(mhc_model, backend="mhc", options={"n": args.n})
+    whole_step = single_gpu_step(whole, parts["ids"], parts["target"], count)
+    whole_step()
+    worst = max((staged[n] - p.grad).norm().item() / max(p.grad.norm().item(), 1e-30)
+                for n, p in mhc_model.named_parameters())
+    result["stages_vs_whole_worst_relative_grad_error"] = worst
+    if not worst <= (1e-5 if dtype == torch.float32 else 2e-2):
+        raise AssertionError(f"compiled stages and the whole compiled model differ: {worst}")
+    result["whole_model_mhc_ms"] = 1e3 * median_seconds(whole_step, device, args.repeats)
+    mhc_model.zero_grad(set_to_none=True)
+    stage_extra = [m - p for m, p in zip(result["mhc_stage_ms"], result["plain_stage_ms"])]
+    result["stage_extra_ms_per_step"] = [count * extra for extra in stage_extra]
+    result["whole_model_extra_ms"] = result["whole_model_mhc_ms"] - result["single_gpu_plain_ms"]
+    result["stages_extra_vs_whole"] = sum(result["stage_extra_ms_per_step"]) / result["whole_model_extra_ms"]
+    return result
+
+
+def print_one_device_table(results):
+    log(f"\n{'size':10} {'stage':>5} {'plain ms':>9} {'mHC ms':>8} {'x plain':>8} {'mHC extra ms/step':>18}")
+    for r in results["sizes"]:
+        for index, (plain_ms, mhc_ms, extra) in enumerate(
+                zip(r["plain_stage_ms"], r["mhc_stage_ms"], r["stage_extra_ms_per_step"])):
+            log(f"{r['size']:10} {index:5} {plain_ms:9.2f} {mhc_ms:8.2f} {mhc_ms / plain_ms:8.3f} {extra:18.2f}")
+        log(f"{r['size']:10} step (ms): plain {r['single_gpu_plain_ms']:.2f}, compiled stages chained "
+            f"{r['single_gpu_mhc_ms']:.2f} ({r['single_gpu_overhead']:.3f}x), whole model "
+            f"backend=\"mhc\" {r['whole_model_mhc_ms']:.2f} "
+            f"({r['whole_model_mhc_ms'] / r['single_gpu_plain_ms']:.3f}x); stages' mHC extra / whole "
+            f"model's: {r['stages_extra_vs_whole']:.3f}; gradients stages vs whole "
+            f"{r['stages_vs_whole_worst_relative_grad_error']:.1e}")
+
+
+def bench_size(name, size, device, dtype, rank, args):
+    result, parts = single_device_part(
+        name, size, device, dtype, args, over_ranks=lambda v: max_over_ranks(v, device))
+    count, micro = result["microbatches"], result["microbatch"]
+    plain, plain_stages = parts["plain"], parts["plain_stages"]
+    modules, mhc_model = parts["modules"], parts["mhc_model"]
+    ids, target, cut = parts["ids"], parts["target"], parts["cut"]
+    mb_ids = ids[:micro]
+    plain_times, mhc_times = result["plain_stage_ms"], result["mhc_stage_ms"]
     with torch.no_grad():
         boundary = modules[0](mb_ids)
     stream_grad_bytes = boundary[0].numel() * boundary[0].element_size()
-    result["mhc_sends"] = list(plan.stages[0].sends)
-    result["single_gpu_overhead"] = result["single_gpu_mhc_ms"] / result["single_gpu_plain_ms"]
 
     with torch.no_grad():
         plain_boundary = plain_stages[0](mb_ids)
@@ -264,7 +323,6 @@ def bench_size(name, size, device, dtype, rank, args):
     ):
         makespan = sum(stage_time) + (count - 1) * max(stage_time)
         comm = count * max_over_ranks(transfer_ms(tensors, device, rank, args.repeats), device)
-        result[f"{label}_stage_ms"] = stage_time
         result[f"{label}_makespan_ms"] = makespan
         result[f"{label}_transfer_ms_per_step"] = comm
         result[f"{label}_bytes_per_step"] = count * bytes_per_mb
@@ -345,6 +403,25 @@ def print_table(results):
               f"{result['mhc_transfer_ms_per_step']:.2f} ms/step mHC, {result['plain_transfer_ms_per_step']:.2f} plain")
 
 
+def main_one_device(args):
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    sizes = SMOKE if args.smoke else {k: SIZES[k] for k in (args.sizes or SIZES)}
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+               **versions(), "dtype": str(dtype), "mode": "one device", "compiled": not args.eager,
+               "sizes": [], "skipped_sizes": []}
+    started, out = time.perf_counter(), out_dir(args.out)
+    for name, size in sizes.items():
+        if time.perf_counter() - started > args.budget_s:
+            results["skipped_sizes"].append(name)
+            continue
+        results["sizes"].append(one_device(name, size, device, dtype, args))
+        log(f"{name} done at {time.perf_counter() - started:.0f} s")
+        write_json(out / "pipeline_one_device.json", results)
+    print_one_device_table(results)
+    log(f"wrote {out / 'pipeline_one_device.json'}; skipped for time: {results['skipped_sizes']}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -359,7 +436,12 @@ def main():
     parser.add_argument("--out", help="output folder (default $OUT, else bench/out)")
     parser.add_argument("--budget-s", type=float, default=1e9,
                         help="start no further size after this many seconds (device time limits)")
+    parser.add_argument("--one-device", action="store_true",
+                        help="one process, no pipeline: each compiled stage's cost beside the same "
+                             "layers compiled whole (python bench/pipeline.py --one-device)")
     args = parser.parse_args()
+    if args.one_device:
+        return main_one_device(args)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if world != 2:
         raise SystemExit("bench/pipeline.py runs 2 stages on 2 ranks: torchrun --nproc-per-node 2")
