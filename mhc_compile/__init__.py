@@ -27,11 +27,12 @@ from mhc_compile.parameters import MHCParameters
 from mhc_compile.pipeline import Pipeline, PipelinePlan, pipeline, plan_pipeline
 from mhc_compile.quiet import split_keywords
 from mhc_compile.report import BlockReport, Report, SkipReason
+from mhc_compile.sharding import FSDPUnits, fsdp_units
 
 __all__ = [
     "MHCOptions", "MHCParameters", "Report", "BlockReport", "SkipReason",
-    "GainReport", "GainProbe", "GainLogger", "Pipeline", "PipelinePlan",
-    "backend", "prepare", "report", "gain", "pipeline", "plan_pipeline",
+    "GainReport", "GainProbe", "GainLogger", "Pipeline", "PipelinePlan", "FSDPUnits",
+    "backend", "prepare", "report", "gain", "pipeline", "plan_pipeline", "fsdp_units",
 ]
 __version__ = "0.1.0"
 

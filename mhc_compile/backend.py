@@ -208,7 +208,8 @@ def _refuse_fsdp2_modules() -> None:
     graph of its own, its hooks run between them, so every sharded block would be its own mHC
     chain (streams expanded at its start, reduced at its end), another model than one process
     trains. One unit, the compiled module itself sharded and nothing inside or around it, is one
-    graph and one chain (tests/test_data_parallel.py)."""
+    graph and one chain (tests/test_data_parallel.py); per block, mhc_compile.fsdp_units cuts the
+    rewritten graph into modules that pass the streams on."""
     if not torch.distributed.is_available():
         return
     from torch.distributed.fsdp import FSDPModule
@@ -226,8 +227,11 @@ def _refuse_fsdp2_modules() -> None:
         f"mhc: backend='mhc' is compiling the forward of {type(compiled).__name__} with "
         "fully_shard (FSDP2) applied to submodules: FSDP2 breaks the graph at every sharded "
         "module, so each would get its own mHC chain (streams expanded at its start, reduced at "
-        "its end), another model than one process trains. Shard the compiled model as one unit "
-        "(fully_shard(model) alone) or use DistributedDataParallel (README, Several GPUs: data "
+        "its end), another model than one process trains. To shard per block, cut the "
+        "rewritten model into units and shard those: units = mhc_compile.fsdp_units(model, "
+        "(inputs,)); fully_shard(unit) for unit in units.units; fully_shard(units); train "
+        "units, uncompiled (its units are compiled). Or shard the compiled model as one unit "
+        "(fully_shard(model) alone), or use DistributedDataParallel (README, Several GPUs: data "
         "parallelism)."
     )
 

@@ -130,8 +130,14 @@ def plan_pipeline(model: nn.Module, example_args: Sequence[Any], num_stages: int
         as "layers.4.feed_forward.w1"); by default the cuts balance the cost estimate.
     """
     _check_stage_count(num_stages)
-    mhc_options = MHCOptions.from_kwargs(**options)
-    captured = capture(model, tuple(example_args), mhc_options)
+    captured = capture(model, tuple(example_args), MHCOptions.from_kwargs(**options))
+    return plan_captured(captured, num_stages, cuts)
+
+
+def plan_captured(captured: CapturedGraph, num_stages: int,
+                  cuts: Sequence[str] | None = None) -> PipelinePlan:
+    """plan_pipeline's choice of cuts on a graph captured already."""
+    _check_stage_count(num_stages)
     annotation = captured.annotation
     _check_enough_blocks(annotation, num_stages)
     block_costs = [block.cost.cost for block in annotation.blocks]
@@ -143,7 +149,7 @@ def plan_pipeline(model: nn.Module, example_args: Sequence[Any], num_stages: int
             raise PipelineError(_too_few_legal_cuts(annotation, num_stages))
     else:
         starts = resolve_cuts(captured, cuts, num_stages)
-    plan = PipelinePlan(num_stages, mhc_options.n, annotation.blocks, annotation.cuts,
+    plan = PipelinePlan(num_stages, captured.options.n, annotation.blocks, annotation.cuts,
                         captured=captured)
     bounds = [0, *starts, len(annotation.blocks)]
     for index in range(num_stages):

@@ -1,12 +1,14 @@
-"""Data parallelism: backend="mhc" under DDP or FSDP2 (one unit) trains the model one process trains.
+"""Data parallelism: backend="mhc" under DDP or FSDP2 trains the model one process trains.
 
 Two gloo processes, each with half of the batch, against the single-process run of the same
 rewritten model on the whole batch (float64): the loss's gradients of every parameter, the mHC
-parameters among them, after DDP's all-reduce. And the ways data parallelism would train another
-model, each a clear error: Dynamo's DDP graph splitting (torch._dynamo.config.optimize_ddp, on by
-default), mHC parameters created after DDP was built, and fully_shard (FSDP2) on submodules, which
-Dynamo compiles one graph each. FSDP2 on the compiled model alone, one unit, is one graph, and
-torch.distributed.checkpoint round-trips its sharded mHC parameters.
+parameters among them, after DDP's all-reduce or FSDP2's reduce-scatter. FSDP2 shards either the
+compiled model as one unit or, per block, the units mhc_compile.fsdp_units cuts the rewritten model
+into; torch.distributed.checkpoint round-trips the sharded mHC parameters of both. And the ways
+data parallelism would train another model, each a clear error: Dynamo's DDP graph splitting
+(torch._dynamo.config.optimize_ddp, on by default), mHC parameters created after DDP was built,
+fully_shard (FSDP2) on the model's own submodules, which Dynamo compiles one graph each, and
+fsdp_units called at another shape than it was traced at.
 """
 
 import socket
@@ -41,11 +43,28 @@ def _ddp_step(rank, wrap, eager):
         run = torch.compile(DDP(model), backend=backend)
     elif wrap == "DDP(compile)":
         run = DDP(torch.compile(model, backend=backend))
-    else:  # "FSDP2, one unit"
+    elif wrap == "FSDP2, one unit":
         run = torch.compile(fully_shard(model), backend=backend)
+    else:  # "FSDP2 per block"
+        run = _sharded_units(model, ids[:2], eager)
     half = slice(2 * rank, 2 * rank + 2)  # both average the two halves' gradients
     loss_of(run(ids[half]), target[half]).backward()
-    return {name: _whole(p.grad) for name, p in model.named_parameters()}, expected
+    return {name: _whole(p.grad) for name, p in _trained_parameters(run, model)}, expected
+
+
+def _sharded_units(model, ids, eager):
+    units = mhc_compile.fsdp_units(model, (ids,), eager=eager)
+    assert len(units.units) == SIZES["depth"], "not one unit per transformer block"
+    for unit in units.units:
+        fully_shard(unit)
+    return fully_shard(units)
+
+
+def _trained_parameters(run, model):
+    """The trained parameters under the model's names (fsdp_units's are "units.{i}.{name}")."""
+    if isinstance(run, mhc_compile.FSDPUnits):
+        return [(name.split(".", 2)[2], p) for name, p in run.named_parameters()]
+    return model.named_parameters()
 
 
 def _whole(grad):
@@ -82,24 +101,39 @@ def _assert_refused(rank, prepared, expected_text, wrap=_ddp):
     assert prepared or not left, "a refused compile left mHC parameters behind"
 
 
-def _assert_checkpoint_round_trip(directory):
-    """FSDP2 (one unit): torch.distributed.checkpoint saves the sharded mHC parameters with the
-    others and loads them into a fresh prepared, sharded model, each rank its shard."""
+def _one_unit(model, ids):
+    return fully_shard(model)
+
+
+def _per_block(model, ids):
+    return _sharded_units(model, ids, eager=True)
+
+
+def _assert_checkpoint_round_trip(directory, shard):
+    """FSDP2: torch.distributed.checkpoint saves the sharded mHC parameters with the others and
+    loads them into a fresh prepared model sharded the same way, each rank its shard."""
     import torch.distributed.checkpoint as dcp
 
-    original, _, _ = _model(seed=0)
-    fully_shard(original)
+    model, ids, _ = _model(seed=0)
+    original = shard(model, ids[:2])
     dcp.save({"model": original.state_dict()}, checkpoint_id=directory)
-    fresh, _, _ = _model(seed=5)  # other weights and mHC parameters
-    fully_shard(fresh)
+    model, _, _ = _model(seed=5)  # other weights and mHC parameters
+    fresh = shard(model, ids[:2])
     state = {"model": fresh.state_dict()}
     dcp.load(state, checkpoint_id=directory)
     fresh.load_state_dict(state["model"])
     saved = {name: _whole(p.detach()) for name, p in original.named_parameters()}
     loaded = {name: _whole(p.detach()) for name, p in fresh.named_parameters()}
-    assert any(name.startswith("mhc.") for name in loaded)
+    assert any(".mhc." in f".{name}" for name in loaded)
     for name, tensor in loaded.items():
         torch.testing.assert_close(tensor, saved[name], rtol=0, atol=0, msg=name)
+
+
+def _assert_units_refuse_other_shapes():
+    model, ids, _ = _model()
+    units = mhc_compile.fsdp_units(model, (ids[:2],), eager=True)
+    with pytest.raises(ValueError, match=r"traced at \(\(2, 8\)\).*drop_last=True"):
+        units(ids[:1])
 
 
 def _worker(rank, port, directory):
@@ -110,7 +144,10 @@ def _worker(rank, port, directory):
             _assert_same_training(rank, "compile(DDP)", eager=True)
             _assert_same_training(rank, "DDP(compile)", eager=False)  # through Inductor
             _assert_same_training(rank, "FSDP2, one unit", eager=True)
-            _assert_checkpoint_round_trip(directory)
+            _assert_same_training(rank, "FSDP2 per block", eager=False)  # through Inductor
+            _assert_checkpoint_round_trip(f"{directory}/one_unit", _one_unit)
+            _assert_checkpoint_round_trip(f"{directory}/per_block", _per_block)
+            _assert_units_refuse_other_shapes()
             _assert_refused(rank, prepared=False, expected_text="mhc_compile.prepare(model")
         # Dynamo's default for DDP graphs: split at gradient-bucket boundaries.
         _assert_refused(rank, prepared=True, expected_text="torch._dynamo.config.optimize_ddp = False")
