@@ -52,6 +52,7 @@ def launch(kernel_name: str, grid, *args, **kwargs) -> None:
     binary has run for arguments of one specialisation, later launches of that specialisation call
     it directly (_COMPILED): Triton's own path costs several times the launch itself in host time."""
     tuned = configs.TUNED[kernel_name]
+    configs.select_device(next(a.device for a in args if isinstance(a, torch.Tensor)))
     if _traced(args) and not configs.INTERPRETING:
         torch.library.wrap_triton(tuned)[grid](*args, **kwargs)
         return
@@ -65,8 +66,10 @@ def launch(kernel_name: str, grid, *args, **kwargs) -> None:
     started = time.perf_counter()
     if first_time:
         candidates = private_apis.autotune_candidates(tuned, kwargs)
-        log.info("autotuning %s for n=%s C=%s %s: %d configs", kernel_name, key[0], key[1],
-                 _dtype_names(args), len(candidates))
+        log.info("%s %s for n=%s C=%s %s: %s", "autotuning" if len(candidates) > 1 else "compiling",
+                 kernel_name, key[0], key[1], _dtype_names(args),
+                 f"{len(candidates)} configs" if len(candidates) > 1
+                 else f"{configs.describe(candidates[0])} (the autotuning table's choice)")
         _compile_in_parallel(tuned, candidates, grid, args, kwargs)
     tuned[grid](*args, **kwargs)
     launched.add(key)

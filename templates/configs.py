@@ -5,8 +5,11 @@ drops those that would spill registers for the given n (or that are far wider th
 triton.autotune benchmarks the rest once per key (n, C, and the dtypes of the tensor arguments,
 which Triton appends to the key) and keeps the choice in memory and in Triton's disk cache.
 
-MHC_TRITON_CONFIG forces configs instead of benchmarking (read when the kernels are first imported):
+Where an autotuning table (_TUNED_TABLES) holds a kernel's choice for the GPU and the arguments
+(n, C), that one config is compiled and nothing is benchmarked: at a cold start every candidate
+costs a Triton compile. MHC_TRITON_CONFIG (read when the kernels are first imported) changes that:
 
+    autotune                              benchmark every candidate, tables or not (`mhc-compile autotune`)
     default                               every stage's first config, no benchmarking (CI, quick starts)
     BLOCK_C=512,num_warps=4               these values over the first config of every stage that has them
     pre_mix_fwd:BLOCK_C=512;post_res_mix_bwd:BLOCK_T=2    per stage; the stages not named autotune
@@ -19,9 +22,11 @@ How a launch runs on the host (tracing, logging, reusing a binary) is mhc_compil
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 
+import torch
 import triton
 
 from mhc_compile import spec
@@ -96,6 +101,25 @@ _STAGE_CONFIGS: dict[str, list[triton.Config]] = {
 }
 STAGES = tuple(_STAGE_CONFIGS)
 
+# Autotuning tables: per CUDA compute capability, the config each kernel chose, where every
+# autotuning run chose the same (bench/RESULTS.md and bench/results/: the H100 kernel runs of
+# 2026-11-23 (run 12) and 2026-12-06, the H200's of 2026-12-06), for the n and the range of C those
+# runs covered. Elsewhere a kernel autotunes its candidates. The pre-mix kernels chose BLOCK_C 1024
+# at some C and 2048 at others, within 1% of each other; the grad-streams kernel is absent: its
+# candidates changed (749c8b4) after those runs.
+_TUNED_N = 4
+_TUNED_CHANNELS = range(1024, 4096 + 1)
+_TUNED_TABLES: dict[tuple[int, int], dict[str, triton.Config]] = {
+    (9, 0): {  # sm_90: H100, H200
+        "mhc_projection": _config(8, 3, BLOCK_T=128, BLOCK_K=64),
+        "mhc_coefficients_fwd": _config(8, 1, BLOCK_T=64),
+        "mhc_coefficients_bwd": _config(4, 1, BLOCK_T=32),
+        **{kernel: _config(4, 2, BLOCK_T=1, BLOCK_C=1024)
+           for kernel in ("mhc_pre_mix_fwd", "mhc_pre_mix_grad_h_pre", "mhc_post_res_mix_fwd",
+                          "mhc_post_res_mix_bwd")},
+    },
+}
+
 
 def _live_elements(stage: str, config: triton.Config, n: int) -> int:
     """fp32 elements a program keeps live under `config`: a register-pressure model calibrated
@@ -116,7 +140,9 @@ def _live_elements(stage: str, config: triton.Config, n: int) -> int:
     return tile
 
 
-def _prune(stage: str) -> Callable:
+def _prune(stage: str, kernel_name: str = "") -> Callable:
+    """The candidates for (n, C): those that fit n's registers and C's width, or the tabled choice
+    alone where the table of the launching GPU (select_device) has one among them."""
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         args = {**named_args, **kwargs}
         n, channels = args["n"], args["C"]
@@ -127,9 +153,30 @@ def _prune(stage: str) -> Callable:
             # A block over twice as wide as C only adds masked lanes.
             and c.kwargs.get("BLOCK_C", 0) <= max(256, 2 * next_power_of_2(channels))
         ]
+        tabled = _selected_table.get(kernel_name)
+        if (tabled is not None and n == _TUNED_N and channels in _TUNED_CHANNELS
+                and any(describe(c) == describe(tabled) for c in kept)):
+            return [tabled]
         return kept or configs[:1]
 
     return prune
+
+
+# The table of the GPU whose launch is being prepared: kernel_launch.launch selects it before the
+# autotuner prunes (the prune function sees only the kernel's arguments, and under a tracer it
+# must not query the device itself).
+_selected_table: dict[str, triton.Config] = {}
+
+
+def select_device(device: torch.device) -> None:
+    """Make the autotuning table of `device`'s GPU the one the prune functions read."""
+    global _selected_table
+    _selected_table = {} if AUTOTUNE_ALL or device.type != "cuda" else _table_of(device.index)
+
+
+@functools.cache
+def _table_of(device_index: int | None) -> dict[str, triton.Config]:
+    return _TUNED_TABLES.get(torch.cuda.get_device_capability(device_index), {})
 
 
 def _parse_assignments(text: str) -> dict[str, int]:
@@ -151,7 +198,7 @@ def _overridden(config: triton.Config, values: dict[str, int]) -> triton.Config:
 def forced_configs(setting: str | None) -> dict[str, triton.Config]:
     """The config each stage is forced to by an MHC_TRITON_CONFIG value (empty: autotune all)."""
     setting = (setting or "").strip()
-    if not setting:
+    if not setting or setting == "autotune":
         return {}
     if setting == "default":
         return {stage: configs[0] for stage, configs in _STAGE_CONFIGS.items()}
@@ -176,6 +223,8 @@ def forced_configs(setting: str | None) -> dict[str, triton.Config]:
 
 
 _FORCED = forced_configs(os.environ.get(ENV_VAR))
+# Benchmark every candidate, ignoring the autotuning tables (`mhc-compile autotune` sets it too).
+AUTOTUNE_ALL = os.environ.get(ENV_VAR, "").strip() == "autotune"
 TUNED: dict[str, triton.runtime.Autotuner] = {}  # kernel name -> autotuner (kernel_launch runs it)
 
 
@@ -217,7 +266,7 @@ def autotune(stage: str, kernel_name: str) -> Callable:
         tuned = triton.autotune(
             active_configs(stage),
             key=["n", "C"],
-            prune_configs_by={"early_config_prune": _prune(stage)},
+            prune_configs_by={"early_config_prune": _prune(stage, kernel_name)},
             do_bench=_time_candidate,
             cache_results=True,
         )(kernel)

@@ -316,7 +316,7 @@ def test_kernels_name_their_helpers_plainly_for_inductor():
 
 
 def test_forced_configs():
-    assert configs.forced_configs("") == {}
+    assert configs.forced_configs("") == {} == configs.forced_configs("autotune")
     default = configs.forced_configs("default")
     assert set(default) == set(configs.STAGES)
     everywhere = configs.forced_configs("BLOCK_C=128,num_warps=2")
@@ -329,6 +329,61 @@ def test_forced_configs():
     for wrong in ("BLOCK_Q=1", "nonexistent:BLOCK_C=1", "coefficients:BLOCK_C=64", "BLOCK_C"):
         with pytest.raises(ValueError, match=configs.ENV_VAR):
             configs.forced_configs(wrong)
+
+
+_KERNEL_STAGES = {"mhc_projection": "projection", "mhc_coefficients_fwd": "coefficients",
+                  "mhc_coefficients_bwd": "coefficients",
+                  "mhc_coefficients_bwd_streams": "coefficients_bwd_streams",
+                  **{f"mhc_{stage}": stage for stage in
+                     ("pre_mix_fwd", "pre_mix_grad_h_pre", "post_res_mix_fwd", "post_res_mix_bwd")}}
+
+
+@pytest.fixture
+def sm90_device(monkeypatch):
+    """select_device as on an H100 (compute capability 9.0), without one."""
+    configs._table_of.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    yield lambda: configs.select_device(torch.device("cuda", 0))
+    configs._table_of.cache_clear()
+    configs.select_device(torch.device("cpu"))
+
+
+def _candidates(kernel, n, channels, candidates=None):
+    stage = _KERNEL_STAGES[kernel]
+    prune = configs._prune(stage, kernel)
+    return [configs.describe(c) for c in
+            prune(candidates or configs._STAGE_CONFIGS[stage], {"n": n, "C": channels})]
+
+
+def test_the_autotuning_table_compiles_one_config_where_it_applies(sm90_device, monkeypatch):
+    """On a GPU the table covers, for its n and C range, a tabled kernel gets the tabled config
+    alone (one compile, no benchmark); every other kernel, n, C, GPU or an explicit autotune keeps
+    the candidates it has without the table, and a forced config is never replaced."""
+    assert set(_KERNEL_STAGES) == set(configs.TUNED)
+    table = configs._TUNED_TABLES[(9, 0)]
+    for kernel, tabled in table.items():  # choosable: among its stage's candidates
+        assert configs.describe(tabled) in map(configs.describe, configs._STAGE_CONFIGS[_KERNEL_STAGES[kernel]])
+    cases = [(kernel, n, channels) for kernel in _KERNEL_STAGES
+             for n, channels in ((4, 1024), (4, 2048), (4, 4096), (8, 2048), (2, 2048), (4, 512), (4, 8192))]
+    without = {case: _candidates(*case) for case in cases}  # no table selected (CPU)
+    sm90_device()
+    for kernel, n, channels in cases:
+        got = _candidates(kernel, n, channels)
+        if kernel in table and n == 4 and 1024 <= channels <= 4096:
+            assert got == [configs.describe(table[kernel])], (kernel, channels)
+            assert len(without[kernel, n, channels]) > 1, "the table saved nothing here"
+        else:
+            assert got == without[kernel, n, channels], (kernel, n, channels)
+    forced = configs._STAGE_CONFIGS["projection"][0]
+    assert _candidates("mhc_projection", 4, 2048, [forced]) == [configs.describe(forced)]
+    monkeypatch.setattr(configs, "AUTOTUNE_ALL", True)
+    sm90_device()
+    assert _candidates("mhc_projection", 4, 2048) == without["mhc_projection", 4, 2048]
+    monkeypatch.setattr(configs, "AUTOTUNE_ALL", False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 0))
+    configs._table_of.cache_clear()
+    sm90_device()
+    assert _candidates("mhc_projection", 4, 2048) == without["mhc_projection", 4, 2048]
 
 
 def test_a_new_key_compiles_its_candidates_in_parallel_first():
