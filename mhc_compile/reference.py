@@ -18,7 +18,31 @@ from __future__ import annotations
 import torch
 
 RMS_EPS = 1e-6
-CONSTRAINTS = ("sinkhorn", "none")
+CONSTRAINTS = ("sinkhorn", "none")  # what new mHC blocks may be built with (MHCOptions.constraint)
+# An existing hyper-connection lowered onto the ops keeps its own formulation, named in the ops'
+# `constraint` argument with its epsilon: DeepSeek-V4's as transformers writes it
+# (models/deepseek_v4: DeepseekV4HyperConnection), "deepseek_v4:<hc_eps>".
+DEEPSEEK_V4 = "deepseek_v4"
+
+
+def deepseek_v4_constraint(eps: float) -> str:
+    return f"{DEEPSEEK_V4}:{float(eps)!r}"
+
+
+def formulation(constraint: str) -> tuple[str, float]:
+    """(kind, eps) of an ops `constraint`: "sinkhorn" and "none" (eps 0), or "deepseek_v4:<eps>"."""
+    kind, _, eps = constraint.partition(":")
+    if constraint in CONSTRAINTS:
+        return constraint, 0.0
+    if kind == DEEPSEEK_V4 and eps:
+        try:
+            return kind, float(eps)
+        except ValueError:
+            pass
+    raise ValueError(
+        f"mhc: constraint must be one of {', '.join(map(repr, CONSTRAINTS))} or "
+        f"'{DEEPSEEK_V4}:<eps>', got {constraint!r}"
+    )
 
 
 def coefficient_dtype(stream_dtype: torch.dtype) -> torch.dtype:
@@ -37,6 +61,29 @@ def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
         log_m = log_m - torch.logsumexp(log_m, dim=-2, keepdim=True)
         log_m = log_m - torch.logsumexp(log_m, dim=-1, keepdim=True)
     return log_m.exp()
+
+
+def sinkhorn_eps(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """DeepSeek-V4's Sinkhorn on [..., n, n], as transformers writes it on its comb matrix, here on
+    its transpose H_res: a softmax over each column plus eps, the rows divided by their sum plus
+    eps, then `iters` - 1 times the columns and the rows likewise. Rows sum to 1 (nearly)."""
+    matrix = torch.softmax(logits, dim=-2) + eps
+    matrix = matrix / (matrix.sum(dim=-1, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        matrix = matrix / (matrix.sum(dim=-2, keepdim=True) + eps)
+        matrix = matrix / (matrix.sum(dim=-1, keepdim=True) + eps)
+    return matrix
+
+
+def deepseek_v4_parameters(fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, n: int
+                           ) -> tuple[torch.Tensor, ...]:
+    """phi, alpha, b_pre, b_post, b_res of a DeepseekV4HyperConnection's fn [(n+2)n, n*C], base
+    [(n+2)n] and scale [3]: its comb matrix mixes streams as comb^T x, so H_res = comb^T, and its
+    logits' n x n block of fn rows and of base is transposed (differentiable: views, a copy)."""
+    rows = fn.shape[-1]
+    comb_rows = fn[2 * n:].reshape(n, n, rows).transpose(0, 1).reshape(n * n, rows)
+    phi = torch.cat([fn[:2 * n], comb_rows]).t()
+    return phi, scale, base[:n], base[n:2 * n], base[2 * n:].reshape(n, n).t()
 
 
 def projection(streams: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,17 +111,24 @@ def coefficients_of_projection(
     r = RMS of the stream values; h = (v @ phi) / r (the norm is divided after the matmul);
     H_pre = sigmoid(alpha_pre h_pre + b_pre), H_post = 2 sigmoid(alpha_post h_post + b_post),
     H_res = SinkhornKnopp(alpha_res mat(h_res) + b_res), or the raw logits when constraint="none"
-    (unconstrained hyper-connections, the paper's ablation).
+    (unconstrained hyper-connections, the paper's ablation). DeepSeek-V4's formulation
+    ("deepseek_v4:<eps>") adds eps to H_pre and normalises H_res by `sinkhorn_eps`.
     """
+    kind, eps = formulation(constraint)
     n = b_pre.shape[-1]
     dtype = proj.dtype
     rms = torch.sqrt(sum_squares.unsqueeze(-1) / width + RMS_EPS)
     h = proj / rms
     alpha = alpha.to(dtype)
-    h_pre = torch.sigmoid(alpha[0] * h[..., :n] + b_pre.to(dtype))
+    h_pre = torch.sigmoid(alpha[0] * h[..., :n] + b_pre.to(dtype)) + eps
     h_post = 2.0 * torch.sigmoid(alpha[1] * h[..., n : 2 * n] + b_post.to(dtype))
     res_logits = alpha[2] * h[..., 2 * n :].unflatten(-1, (n, n)) + b_res.to(dtype)
-    h_res = sinkhorn(res_logits, sinkhorn_iters) if constraint == "sinkhorn" else res_logits
+    if kind == "sinkhorn":
+        h_res = sinkhorn(res_logits, sinkhorn_iters)
+    elif kind == DEEPSEEK_V4:
+        h_res = sinkhorn_eps(res_logits, sinkhorn_iters, eps)
+    else:
+        h_res = res_logits
     return h_pre, h_post, h_res
 
 

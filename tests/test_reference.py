@@ -170,3 +170,57 @@ def _compile_sublayer_with_inductor():
     for got, want in zip(grads, expected_grads):
         torch.testing.assert_close(got, want)
     assert counter.frame_count == 1
+
+
+def _deepseek_v4_hyper_connection(n, channels, iters, eps, seed):
+    """transformers' DeepseekV4HyperConnection in float64 with random weights (its own init is
+    empty), the ground truth of the "deepseek_v4" formulation."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4HyperConnection
+
+    config = transformers.DeepseekV4Config(hidden_size=channels, hc_mult=n, hc_sinkhorn_iters=iters,
+                                           hc_eps=eps, rms_norm_eps=reference.RMS_EPS)
+    module = DeepseekV4HyperConnection(config).double()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float64))
+        module.fn.mul_(0.3)
+    return module
+
+
+@pytest.mark.parametrize("n, channels, iters, eps", [(4, 8, 20, 1e-6), (2, 5, 3, 1e-2), (3, 4, 1, 1e-3)])
+def test_deepseek_v4_formulation_is_transformers_hyper_connection(n, channels, iters, eps, monkeypatch):
+    """The reference of DeepSeek-V4's formulation, with its parameters mapped
+    (deepseek_v4_parameters), gives the module's pre-mix, post and comb (H_res = comb^T) and the
+    same gradients of every module parameter and of the streams, in float64 (the module's
+    `.float()` calls, its fp32 upcasts, keep float64 here: fp32 rounding would hide eps)."""
+    to_float32 = torch.Tensor.float
+    monkeypatch.setattr(torch.Tensor, "float",
+                        lambda self: self if self.dtype == torch.float64 else to_float32(self))
+    module = _deepseek_v4_hyper_connection(n, channels, iters, eps, seed=n)
+    streams = torch.randn(2, 3, n, channels, dtype=torch.float64, requires_grad=True)
+    post, comb, collapsed = module(streams)
+    constraint = reference.deepseek_v4_constraint(eps)
+    h_pre, h_post, h_res, mixed = reference.coefficients_pre_mix(
+        streams, *reference.deepseek_v4_parameters(module.fn, module.base, module.scale, n),
+        iters, constraint)
+    for got, expected in ((h_post, post), (h_res, comb.transpose(-1, -2)), (mixed, collapsed)):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    weights = [torch.randn_like(t) for t in (post, comb, collapsed)]
+    expected = torch.autograd.grad(
+        sum((w * t).sum() for w, t in zip(weights, (post, comb, collapsed))),
+        [streams, *module.parameters()])
+    got = torch.autograd.grad(
+        sum((w * t).sum() for w, t in zip(weights, (h_post, h_res.transpose(-1, -2), mixed))),
+        [streams, *module.parameters()])
+    for name, g, e in zip(["streams", *dict(module.named_parameters())], got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_formulation_names_what_it_accepts():
+    assert reference.formulation("sinkhorn") == ("sinkhorn", 0.0)
+    assert reference.formulation(reference.deepseek_v4_constraint(1e-6)) == ("deepseek_v4", 1e-6)
+    for wrong in ("deepseek_v4", "deepseek_v4:x", "softmax", "sinkhorn:1"):
+        with pytest.raises(ValueError, match="deepseek_v4:<eps>"):
+            reference.formulation(wrong)
