@@ -37,6 +37,7 @@ from mhc_compile.options import MHCOptions
 from mhc_compile.owners import Owners, Site
 from mhc_compile.passes import PassContext, graph_facts, run_passes
 from mhc_compile.passes.find_residual_blocks import ResidualAnalysis, ResidualBlock
+from mhc_compile.passes.lower_hyper_connections import DeepseekV4Site
 from mhc_compile.report import BlockReport, Report, SkipReason
 
 log = logging.getLogger("mhc_compile")
@@ -66,6 +67,12 @@ class GraphRecord:
     def rewritten(self) -> list[ResidualBlock]:
         return [block for chain in self.analysis.chains for block in chain.blocks]
 
+    @property
+    def lowered(self) -> list[ResidualBlock]:
+        """The model's own hyper-connections that the rewrite lowers onto the mhc:: ops."""
+        return [block for block, site in self.context.hyper_connections.items()
+                if isinstance(site, DeepseekV4Site)]
+
 
 def analyse(graph_module: fx.GraphModule, example_inputs: Sequence[Any], options: MHCOptions,
             owners: Owners, index: int = 0) -> GraphRecord:
@@ -88,7 +95,8 @@ def analyse(graph_module: fx.GraphModule, example_inputs: Sequence[Any], options
     )
     run_passes("analysis", copied, context)
     return GraphRecord(index, graph_module, copied, list(example_inputs), context,
-                       list(_block_reports(context.analysis, index, options)), owners, weights,
+                       list(_block_reports(context.analysis, index, options,
+                                           context.hyper_connections)), owners, weights,
                        sites)
 
 
@@ -111,9 +119,11 @@ def rewrite(record: GraphRecord) -> None:
 
 
 def bind_and_rewrite(record: GraphRecord, warn_late: bool = False) -> None:
-    """`bind_parameters`, then `rewrite`, where the graph has blocks to rewrite."""
+    """`bind_parameters` where the graph has blocks to rewrite, then `rewrite` where it has
+    those or hyper-connections to lower (which read the model's own parameters)."""
     if record.rewritten:
         bind_parameters(record, warn_late)
+    if record.rewritten or record.lowered:
         rewrite(record)
 
 
@@ -271,7 +281,8 @@ def warn_if_incomplete(blocks: list[BlockReport], holds_weights: bool,
     """Say once, loudly, that a compiled graph of `module` kept residual blocks plain, rewrote
     nothing, or runs the weights of existing mHC blocks without their mHC parameters."""
     skipped = [block for block in blocks if block.status == "skipped"]
-    rewritten = len(blocks) - len(skipped)
+    rewritten = sum(block.status == "rewritten" for block in blocks)
+    lowered = sum(block.status == "lowered" for block in blocks)
     name = "a compiled graph" if module is None else f"a compiled graph of {type(module).__name__}"
     if without_mhc:
         message = (
@@ -284,7 +295,9 @@ def warn_if_incomplete(blocks: list[BlockReport], holds_weights: bool,
         reasons = collections.Counter(block.reason for block in skipped).most_common(3)
         message = (
             f"mhc: {len(skipped)} residual block(s) of {name} stay plain residuals "
-            f"({rewritten} rewritten). Main reasons: "
+            f"({rewritten} rewritten"
+            + (f", {lowered} existing hyper-connection(s) lowered" if lowered else "")
+            + "). Main reasons: "
             + "; ".join(f"{count} x {reason}" for reason, count in reasons)
         )
     elif not blocks and holds_weights:
@@ -471,7 +484,18 @@ def _add_parameter_placeholders(graph_module: fx.GraphModule, blocks: list[Resid
     return nodes
 
 
-def _block_reports(analysis: ResidualAnalysis, graph_index: int, options: MHCOptions):
+def _block_reason(block: ResidualBlock, rewritten: bool, hyper_connection) -> str:
+    """Why a block stays plain, or what became of the model's own hyper-connection."""
+    if rewritten:
+        return ""
+    if isinstance(hyper_connection, DeepseekV4Site):
+        return hyper_connection.describe()
+    reason = (block.skip_reason or SkipReason.NO_OWNER_MODULE).value
+    return f"{reason}; not lowered: {hyper_connection}" if hyper_connection else reason
+
+
+def _block_reports(analysis: ResidualAnalysis, graph_index: int, options: MHCOptions,
+                   hyper_connections: dict):
     located = {
         block: (chain_index, position)
         for chain_index, chain in enumerate(analysis.chains)
@@ -481,14 +505,16 @@ def _block_reports(analysis: ResidualAnalysis, graph_index: int, options: MHCOpt
         value = block.value
         chain, position = located.get(block, (None, None))
         rewritten = chain is not None and block.skip_reason is None
+        hyper_connection = hyper_connections.get(block)
+        lowered = isinstance(hyper_connection, DeepseekV4Site)
         channels = value.shape[block.channel_dim] if value.dim() else 1
         fixed = isinstance(channels, int)
         streams_dtype = options.streams_dtype_for(value.dtype)
         yield BlockReport(
             path=block.path,
             key=block.key or "",
-            status="rewritten" if rewritten else "skipped",
-            reason="" if rewritten else (block.skip_reason or SkipReason.NO_OWNER_MODULE).value,
+            status="rewritten" if rewritten else "lowered" if lowered else "skipped",
+            reason=_block_reason(block, rewritten, hyper_connection),
             graph=graph_index,
             chain=chain if rewritten else None,
             position=position if rewritten else None,
@@ -501,8 +527,9 @@ def _block_reports(analysis: ResidualAnalysis, graph_index: int, options: MHCOpt
                 options.n, channels, streams_dtype.itemsize) if rewritten and fixed else 0,
             extra_flops_per_token=spec.extra_flops_per_token(
                 options.n, channels, options.sinkhorn_iters) if rewritten and fixed else 0,
-            ops=(templates.implementation(value.device, streams_dtype, options.n)
-                 if rewritten else ""),
+            ops=(templates.implementation(value.device, streams_dtype, options.n) if rewritten
+                 else templates.implementation(value.device, value.dtype, value.shape[-2])
+                 if lowered else ""),
             where=graph_facts.source_line(block.add),
         )
 

@@ -40,8 +40,8 @@ class BlockReport:
 
     path: str  # module path of the add, from the graph's nn_module_stack ("" is the root)
     key: str  # stable site key: module path of f's first parameterised op; names the parameters
-    status: str  # "rewritten" or "skipped"
-    reason: str  # why skipped ("" when rewritten)
+    status: str  # "rewritten", "lowered" (the model's own hyper-connection) or "skipped"
+    reason: str  # why skipped, or what was lowered ("" when rewritten)
     graph: int  # index of the traced graph (graph breaks make several)
     chain: int | None  # chain index within its graph (None when skipped)
     position: int | None  # position within its chain
@@ -73,6 +73,11 @@ class Report:
         return [b for b in self.blocks if b.status == "skipped"]
 
     @property
+    def lowered(self) -> list[BlockReport]:
+        """The model's own hyper-connections, run on the mhc:: ops."""
+        return [b for b in self.blocks if b.status == "lowered"]
+
+    @property
     def params_added(self) -> int:
         return sum(b.params_added for b in self.rewritten)
 
@@ -84,9 +89,11 @@ class Report:
 
     def summary(self) -> str:
         chains = len({(b.graph, b.chain) for b in self.rewritten})
+        lowered = (f", {_count(len(self.lowered), 'existing hyper-connection')} lowered"
+                   if self.lowered else "")
         return (
             f"mHC n={self.n} ({self.constraint}): {_count(len(self.rewritten), 'block')} rewritten "
-            f"in {_count(chains, 'chain')}, {len(self.skipped)} skipped, "
+            f"in {_count(chains, 'chain')}{lowered}, {len(self.skipped)} skipped, "
             f"{self.params_added:,} parameters added"
         )
 

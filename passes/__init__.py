@@ -7,9 +7,9 @@ autograd's caches serve a compiled graph without running the joint and post-grad
 TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 shows every stage.
 
     Dynamo graph (mhc_compile/backend.py, one per graph Dynamo hands the backend)
-        ANALYSIS_PASSES    inline_checkpoint_regions, find_residual_chains
+        ANALYSIS_PASSES    inline_checkpoint_regions, find_residual_chains, match_hyper_connections
         -- the backend binds each rewritten block's mHC parameters and adds their placeholders --
-        REWRITE_PASSES     rewrite_mhc
+        REWRITE_PASSES     rewrite_mhc, lower_hyper_connections
         PIPELINE_PASSES    annotate_pipeline (mhc_compile.pipeline only: stage cuts and costs)
     AOT autograd's joint graph (Inductor's joint_custom_pre_pass)
         JOINT_PASSES       tag_recompute
@@ -26,7 +26,7 @@ from torch import fx
 
 from mhc_compile.passes import (
     annotate_pipeline, find_residual_blocks, fuse_grad_streams, inline_checkpoint, inline_kernels,
-    recompute_policy, rewrite_mhc,
+    lower_hyper_connections, recompute_policy, rewrite_mhc,
 )
 from mhc_compile.passes.context import PassContext
 
@@ -46,12 +46,17 @@ class GraphPass(NamedTuple):
         return self.run.__name__
 
 
-# Blocks inside the user's checkpointed layers come into sight, then the blocks are found.
+# Blocks inside the user's checkpointed layers come into sight, then the blocks are found, then
+# the model's own hyper-connections among them are matched for lowering.
 ANALYSIS_PASSES = (
     GraphPass(inline_checkpoint.inline_checkpoint_regions, "checkpoint regions inlined"),
     GraphPass(find_residual_blocks.find_residual_chains, "residual blocks found"),
+    GraphPass(lower_hyper_connections.match_hyper_connections, "existing hyper-connections to lower"),
 )
-REWRITE_PASSES = (GraphPass(rewrite_mhc.rewrite_mhc, "chains rewritten"),)
+REWRITE_PASSES = (
+    GraphPass(rewrite_mhc.rewrite_mhc, "chains rewritten"),
+    GraphPass(lower_hyper_connections.lower_hyper_connections, "existing hyper-connections lowered"),
+)
 PIPELINE_PASSES = (GraphPass(annotate_pipeline.annotate_pipeline, "legal stage cuts"),)
 # Before the partitioner: which mHC tensors backward keeps and which it rebuilds.
 JOINT_PASSES = (GraphPass(recompute_policy.tag_recompute, "chains tagged for recompute"),)

@@ -24,6 +24,8 @@ class PassContext:
         no module owns it (analysis; the backend resolves it from the call's arguments).
     analysis: the residual blocks and chains (set by find_residual_chains).
     parameter_nodes: each rewritten block's mHC parameter placeholders (set by the backend).
+    hyper_connections: each block the model writes as a hyper-connection -> its match for lowering
+        (lower_hyper_connections.DeepseekV4Site) or why it has none (set by match_hyper_connections).
     """
 
     options: MHCOptions
@@ -31,3 +33,4 @@ class PassContext:
     site_key: Callable[[fx.Node], str | None] = lambda weight: None
     analysis: ResidualAnalysis | None = None
     parameter_nodes: dict[ResidualBlock, BlockParameters[fx.Node]] = field(default_factory=dict)
+    hyper_connections: dict[ResidualBlock, object] = field(default_factory=dict)

@@ -53,7 +53,7 @@ def _rewrite_chain(graph: fx.Graph, chain: ResidualChain, parameters,
     channel_dim = chain.blocks[0].channel_dim
     residual_dtype = chain.blocks[0].value.dtype
     with graph.inserting_before(chain.blocks[0].body[0]):
-        streams = _call(graph, stream_layout.enter_streams, chain.blocks[0].skip, options.n,
+        streams = call_like(graph, stream_layout.enter_streams, chain.blocks[0].skip, options.n,
                         channel_dim, options.streams_dtype_for(residual_dtype),
                         like=chain.blocks[0].add)
     stream_of: dict[fx.Node, fx.Node] = {}
@@ -69,25 +69,25 @@ def _rewrite_chain(graph: fx.Graph, chain: ResidualChain, parameters,
 def _rewrite_block(graph, block, streams, params: BlockParameters[fx.Node], options: MHCOptions):
     channel_dim = block.channel_dim
     with graph.inserting_before(block.body[0]):
-        coefficients = _call(
+        coefficients = call_like(
             graph, torch.ops.mhc.coefficients_pre_mix.default, streams, *params,
             options.sinkhorn_iters, options.constraint, like=block.add,
         )
         # Output 0, h_pre, is only read inside the op (by the pre-mix), and outputs 4 and 5 (the
         # projection and the sums of squares) by its backward.
         h_post, h_res, mixed = (
-            _call(graph, operator.getitem, coefficients, i, like=block.add) for i in (1, 2, 3)
+            call_like(graph, operator.getitem, coefficients, i, like=block.add) for i in (1, 2, 3)
         )
-        block_input = _call(graph, stream_layout.read_streams, mixed, channel_dim,
+        block_input = call_like(graph, stream_layout.read_streams, mixed, channel_dim,
                             block.value.dtype, like=block.add)
     for node in block.body:
         node.replace_input_with(block.skip, block_input)
     with graph.inserting_before(block.add):
         written = block.branches[0]
         for branch in block.branches[1:]:
-            written = _call(graph, operator.add, written, branch, like=block.add)
-        written = _call(graph, stream_layout.to_channels_last, written, channel_dim, like=block.add)
-        return _call(graph, torch.ops.mhc.post_res_mix.default, streams, written, h_post, h_res,
+            written = call_like(graph, operator.add, written, branch, like=block.add)
+        written = call_like(graph, stream_layout.to_channels_last, written, channel_dim, like=block.add)
+        return call_like(graph, torch.ops.mhc.post_res_mix.default, streams, written, h_post, h_res,
                      like=block.add)
 
 
@@ -127,7 +127,7 @@ def _reduce_other_readers(graph, chain: ResidualChain, stream_of, channel_dim: i
         if not readers:
             continue
         with graph.inserting_before(original):
-            means[original] = _call(graph, stream_layout.leave_streams, streams, channel_dim,
+            means[original] = call_like(graph, stream_layout.leave_streams, streams, channel_dim,
                                     residual_dtype, like=original)
         for reader in readers:
             reader.replace_input_with(original, means[original])
@@ -141,9 +141,9 @@ def _graph_position(graph: fx.Graph):
     return order.__getitem__
 
 
-def _call(graph: fx.Graph, target, *args, like: fx.Node) -> fx.Node:
+def call_like(graph: fx.Graph, target, *args, like: fx.Node) -> fx.Node:
     """A call_function node that keeps the module path (reports, pipeline cuts) of `like`, with
-    its example value."""
+    its example value (the other rewrites add their nodes through it too)."""
     node = graph.call_function(target, args)
     for key in _KEPT_META:
         if key in like.meta:
