@@ -1,0 +1,148 @@
+"""A model that already has hyper-connections: a small random DeepSeek-V4 from transformers (no
+download), one training step (forward + backward) eager, under default torch.compile (Inductor)
+and under backend="mhc", which lowers its hyper-connections onto our kernels
+(passes/lower_hyper_connections.py).
+
+    python bench/hyper_connections.py [--sizes C1024 C2048] [--steps 10]
+    python bench/hyper_connections.py --tiny --device cpu          # CPU smoke run of the script
+
+Per size and variant: the first step's seconds (compile), the median step ms, peak memory, and
+the loss and gradient norm against eager's at the same weights (correctness first: the model's
+hyper-connections computed by the ops must give the eager model's loss within bf16 tolerance).
+Writes hyper_connections.json under $OUT (or bench/out) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+
+import torch
+
+from common import log, median_seconds, out_dir, synchronize, versions, write_json, write_table
+
+# This folder is on sys.path (the script's own), and its kernels.py would shadow the `kernels`
+# package that transformers imports when it is installed.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _HERE]
+
+# name: DeepseekV4Config sizes (hc_mult 4, 20 Sinkhorn iterations: the config's defaults)
+SIZES = {
+    "C1024": dict(hidden_size=1024, intermediate_size=2048, moe_intermediate_size=512,
+                  num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=1, head_dim=128,
+                  q_lora_rank=256, o_lora_rank=256, n_routed_experts=8, num_experts_per_tok=2,
+                  index_head_dim=64, qk_rope_head_dim=64, vocab_size=8192),
+    "C2048": dict(hidden_size=2048, intermediate_size=4096, moe_intermediate_size=1024,
+                  num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=1, head_dim=128,
+                  q_lora_rank=512, o_lora_rank=512, n_routed_experts=8, num_experts_per_tok=2,
+                  index_head_dim=64, qk_rope_head_dim=64, vocab_size=8192),
+}
+TINY = {"tiny": dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                     head_dim=16, q_lora_rank=16, o_lora_rank=16, n_routed_experts=4,
+                     num_experts_per_tok=2, index_head_dim=8, qk_rope_head_dim=8, vocab_size=101)}
+VARIANTS = ("eager", "inductor", "mhc")
+
+
+def build(config: dict, device: torch.device, dtype: torch.dtype, batch: int, seq: int):
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.DeepseekV4ForCausalLM(transformers.DeepseekV4Config(**config))
+    with torch.no_grad():  # transformers leaves the hyper-connection weights to a checkpoint
+        for name, param in model.named_parameters():
+            if "hc" in name:
+                param.normal_(0.0, 0.5 if "base" in name or "scale" in name else 0.02)
+    model = model.to(device=device, dtype=dtype).train()
+    ids = torch.randint(0, config["vocab_size"], (batch, seq), device=device)
+    return model, ids
+
+
+def compiled(model, variant: str):
+    if variant == "eager":
+        return model
+    if variant == "inductor":
+        return torch.compile(model)
+    import mhc_compile
+
+    report = mhc_compile.report(model, torch.zeros(1, 8, dtype=torch.long,
+                                                   device=next(model.parameters()).device))
+    log(f"  {report.summary()}")
+    return torch.compile(model, backend="mhc")
+
+
+def run_variant(base_model, ids, variant: str, device, args) -> dict:
+    torch.compiler.reset()
+    model = copy.deepcopy(base_model)
+    run = compiled(model, variant)
+
+    def step():
+        loss = run(ids, labels=ids).loss
+        loss.backward()
+        return loss
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    synchronize(device)
+    started = time.perf_counter()
+    loss = step()
+    synchronize(device)
+    first_s = time.perf_counter() - started
+    grad_norm = torch.linalg.vector_norm(
+        torch.stack([p.grad.float().norm() for p in model.parameters() if p.grad is not None])).item()
+    model.zero_grad(set_to_none=True)
+    step_ms = 1e3 * median_seconds(lambda: (step(), model.zero_grad(set_to_none=True)), device,
+                                   args.steps, warmup=2)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    return {"variant": variant, "first_step_s": first_s, "step_ms": step_ms, "peak_gib": peak,
+            "loss": loss.item(), "grad_norm": grad_norm}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke run)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--out", help="output folder (default $OUT, else bench/out)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    sizes = TINY if args.tiny else {name: SIZES[name] for name in args.sizes}
+    batch, seq = (2, 16) if args.tiny else (args.batch, args.seq)
+    results = {**versions(), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+               else "cpu", "dtype": str(dtype), "batch": batch, "seq": seq, "rows": []}
+    for name, config in sizes.items():
+        base_model, ids = build(config, device, dtype, batch, seq)
+        rows = []
+        for variant in VARIANTS:
+            log(f"{name} {variant}")
+            rows.append({"size": name, **run_variant(base_model, ids, variant, device, args)})
+        eager = rows[0]
+        for row in rows:
+            row["vs_eager"] = row["step_ms"] / eager["step_ms"]
+            row["vs_inductor"] = row["step_ms"] / rows[1]["step_ms"]
+            row["loss_diff"] = abs(row["loss"] - eager["loss"])
+            row["grad_norm_ratio"] = row["grad_norm"] / eager["grad_norm"]
+        tolerance = 5e-2 if dtype == torch.bfloat16 else 1e-4
+        if rows[2]["loss_diff"] > tolerance * abs(eager["loss"]):
+            raise AssertionError(f"{name}: backend='mhc' loss {rows[2]['loss']} vs eager {eager['loss']}")
+        results["rows"].extend(rows)
+        write_json(out_dir(args.out) / "hyper_connections.json", results)
+    lines = ["| size | variant | first step s | step ms | vs eager | vs inductor | peak GiB | loss | |loss - eager| | grad norm / eager |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in results["rows"]:
+        lines.append(f"| {row['size']} | {row['variant']} | {row['first_step_s']:.1f} | {row['step_ms']:.2f} | "
+                     f"{row['vs_eager']:.3f} | {row['vs_inductor']:.3f} | {row['peak_gib']:.2f} | "
+                     f"{row['loss']:.4f} | {row['loss_diff']:.2e} | {row['grad_norm_ratio']:.4f} |")
+    write_table(out_dir(args.out) / "hyper_connections.md", "\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
