@@ -11,8 +11,8 @@ gets the block sizes, warps and occupancy that suit it:
               bias, sigmoid, 2*sigmoid and the Sinkhorn iterations in registers; the summed
               projection [T, n*n+2n] and sums of squares [T] are written for the backward;
   backward    per token block, from the forward's projection, the gradient of the gates and of
-              Sinkhorn (iterates recomputed on chip, `_sinkhorn_bwd`) w.r.t. the projection and the
-              sum of squares, with per-group partial sums for alpha and the biases; then, per
+              Sinkhorn (iterates recomputed on chip, `_iterations_bwd`) w.r.t. the projection and
+              the sum of squares, with per-group partial sums for alpha and the biases; then, per
               (channel block of one stream, token split), grad streams x_j = grad_proj @ phi_j^T
               + 2 grad_sumsq x_j + h_pre_j du (the pre-mix's share) + `accumulate` (the post/res
               mix's dx, when given), so that the op writes one grad streams, and grad phi partials
@@ -25,7 +25,14 @@ reads the streams once, not twice: recomputing the projection costs a whole pass
 
 Register layouts of the coefficient math: gates [GATES] (entry k is phi column k: H_pre for k < n,
 H_post for n <= k < 2n) and H_res [NP, NP] (entry (i, j) is phi column 2n + i*n + j), padded to
-powers of two and masked; Sinkhorn runs on [BLOCK_T, NP, NP] with padded entries at -inf.
+powers of two and masked; Sinkhorn runs on [BLOCK_T, NP, NP] with padded entries at -inf (log
+space) or 0 (linear space).
+
+The ops' `constraint` picks the formulation (reference.formulation), a constexpr of the two
+coefficient kernels: "sinkhorn" (the paper's, in log space), "none" (raw logits) or DeepSeek-V4's
+"deepseek_v4:<eps>" (eps added to H_pre, and an eps-guarded Sinkhorn in linear space after a
+softmax over each column), its eps a runtime argument. The other kernels take H_pre as the forward
+computed it, whatever the formulation.
 """
 
 from __future__ import annotations
@@ -237,7 +244,11 @@ def _gate_parameters(alpha_ptr, b_pre_ptr, b_post_ptr, n: tl.constexpr, GATES: t
     return alpha, bias, tl.where(is_pre, 1.0, 2.0)
 
 
-# --- Sinkhorn-Knopp in log space (mHC Eq. 8: t_max iterations, columns then rows) -----------------
+# --- Sinkhorn-Knopp (mHC Eq. 8: t_max iterations, columns then rows): the paper's in log space, ----
+#     DeepSeek-V4's in linear space with every sum guarded by + eps (reference.sinkhorn_eps) -------
+# Both run on [BLOCK_T, NP, NP] tiles. An iteration is a @triton.jit function (matrix, valid, eps)
+# with its backward (matrix, valid, eps, grad), passed to `_iterate` and `_iterations_bwd` as
+# constexprs: one segment loop for both.
 
 
 @triton.jit
@@ -251,16 +262,14 @@ def _normalize(log_m, valid, axis: tl.constexpr):
 
 
 @triton.jit
-def _sinkhorn(log_m, valid, iters):
-    """`iters` iterations on [BLOCK_T, NP, NP] log matrices: columns (axis 1), then rows (axis 2)."""
-    for _ in range(iters):
-        log_m = _normalize(log_m, valid, 1)
-        log_m = _normalize(log_m, valid, 2)
-    return log_m
+def _log_iteration(log_m, valid, eps):
+    """One iteration in log space: columns (axis 1), then rows (axis 2). `eps` is unused: every
+    iteration takes it (`_iterate`)."""
+    return _normalize(_normalize(log_m, valid, 1), valid, 2)
 
 
 @triton.jit
-def _sinkhorn_iteration_bwd(log_m, valid, grad):
+def _log_iteration_bwd(log_m, valid, eps, grad):
     """Gradient w.r.t. one iteration's input log_m, given `grad` w.r.t. its output (log space).
 
     B = A - logsumexp_rows(A) gives dA = dB - exp(B) * rowsum(dB); likewise for the columns.
@@ -272,24 +281,115 @@ def _sinkhorn_iteration_bwd(log_m, valid, grad):
 
 
 @triton.jit
-def _sinkhorn_bwd(logits, valid, grad, iters, segment):
-    """Exact gradient w.r.t. the logits, given `grad` w.r.t. the final log iterate.
+def _normalize_eps(m, valid, eps, axis: tl.constexpr):
+    """m / (sum of m along `axis` + eps); padded entries stay 0 (a wholly padded line's 0/0, when
+    eps is 0, is masked out and reaches no sum)."""
+    return tl.where(valid, m / (tl.sum(m, axis=axis, keep_dims=True) + eps), 0.0)
+
+
+@triton.jit
+def _normalize_eps_bwd(m, valid, eps, grad, axis: tl.constexpr):
+    """Gradient w.r.t. m of y = m / (S + eps), S the sum of m along `axis`, given `grad` w.r.t. y:
+    dm = (dy - sum(dy * y)) / (S + eps) along the axis; padded entries get 0."""
+    denominator = tl.sum(m, axis=axis, keep_dims=True) + eps
+    y = tl.where(valid, m / denominator, 0.0)
+    return tl.where(valid, (grad - tl.sum(grad * y, axis=axis, keep_dims=True)) / denominator, 0.0)
+
+
+@triton.jit
+def _eps_iteration(m, valid, eps):
+    """One iteration of DeepSeek-V4's: columns (axis 1), then rows (axis 2), each sum plus eps."""
+    return _normalize_eps(_normalize_eps(m, valid, eps, 1), valid, eps, 2)
+
+
+@triton.jit
+def _eps_iteration_bwd(m, valid, eps, grad):
+    """Gradient w.r.t. one `_eps_iteration`'s input m, given `grad` w.r.t. its output."""
+    cols = _normalize_eps(m, valid, eps, 1)
+    return _normalize_eps_bwd(m, valid, eps, _normalize_eps_bwd(cols, valid, eps, grad, 2), 1)
+
+
+@triton.jit
+def _iterate(matrix, valid, eps, iters, ITERATION: tl.constexpr):
+    """`iters` iterations of ITERATION (`_log_iteration` or `_eps_iteration`) on `matrix`."""
+    for _ in range(iters):
+        matrix = ITERATION(matrix, valid, eps)
+    return matrix
+
+
+@triton.jit
+def _iterations_bwd(
+    start, valid, eps, grad, iters, segment, ITERATION: tl.constexpr, ITERATION_BWD: tl.constexpr
+):
+    """Exact gradient w.r.t. `start`, given `grad` w.r.t. `_iterate(start, valid, eps, iters,
+    ITERATION)`; ITERATION_BWD is ITERATION's backward.
 
     Reverse mode with the iterates recomputed on chip instead of stored: the iterations form
-    segments of `segment` (about sqrt(iters)); each segment's first iterate is recomputed from the
-    logits, then each iteration's input from it. For iters = 20 (segment 5): 30 iterations to reach
+    segments of `segment` (about sqrt(iters)); each segment's first iterate is recomputed from
+    `start`, then each iteration's input from it. For iters = 20 (segment 5): 30 iterations to reach
     the segment starts, 40 inside the segments and 20 iteration backwards, instead of 190 when every
-    input is recomputed from the logits; O(1) registers per token, no per-iteration history in memory.
+    input is recomputed from `start`; O(1) registers per token, no per-iteration history in memory.
     """
     num_segments = (iters + segment - 1) // segment
     for done in range(num_segments):
         first = (num_segments - 1 - done) * segment
-        segment_start = _sinkhorn(logits, valid, first)
+        segment_start = _iterate(start, valid, eps, first, ITERATION)
         length = tl.minimum(segment, iters - first)
         for back in range(length):
-            log_m = _sinkhorn(segment_start, valid, length - 1 - back)
-            grad = _sinkhorn_iteration_bwd(log_m, valid, grad)
+            matrix = _iterate(segment_start, valid, eps, length - 1 - back, ITERATION)
+            grad = ITERATION_BWD(matrix, valid, eps, grad)
     return grad
+
+
+@triton.jit
+def _softmax_columns_plus_eps(log_m, valid, eps):
+    """DeepSeek-V4's first step on the logits (padded entries -inf): the softmax over each column
+    (axis 1), and that softmax plus eps (padded entries 0)."""
+    softmax = tl.exp(_normalize(log_m, valid, 1))
+    return softmax, tl.where(valid, softmax + eps, 0.0)
+
+
+@triton.jit
+def _constrained(log_m, valid, eps, iters, FORMULATION: tl.constexpr):
+    """H_res [BLOCK_T, NP, NP] of the logits log_m (padded entries -inf; they come out 0): the
+    paper's Sinkhorn ("sinkhorn"), or DeepSeek-V4's ("deepseek_v4"): the softmax of each column plus
+    eps, the rows normalised, then `iters` - 1 iterations."""
+    if FORMULATION == "sinkhorn":
+        h_res = tl.exp(_iterate(log_m, valid, eps, iters, _log_iteration))
+    else:
+        _, plus_eps = _softmax_columns_plus_eps(log_m, valid, eps)
+        start = _normalize_eps(plus_eps, valid, eps, 2)
+        h_res = _iterate(start, valid, eps, iters - 1, _eps_iteration)
+    return h_res
+
+
+@triton.jit
+def _constrained_bwd(log_m, valid, eps, grad_h_res, iters, segment, FORMULATION: tl.constexpr):
+    """Exact gradient w.r.t. the logits log_m of `_constrained`, given grad_h_res; the iterates are
+    recomputed on chip (`_iterations_bwd`, segments of `segment`)."""
+    if FORMULATION == "sinkhorn":
+        # H_res = exp(final log iterate): the gradient w.r.t. that iterate is grad * H_res.
+        h_res = tl.exp(_iterate(log_m, valid, eps, iters, _log_iteration))
+        grad_logits = _iterations_bwd(log_m, valid, eps, grad_h_res * h_res, iters, segment,
+                                      _log_iteration, _log_iteration_bwd)
+    else:
+        softmax, plus_eps = _softmax_columns_plus_eps(log_m, valid, eps)
+        start = _normalize_eps(plus_eps, valid, eps, 2)
+        grad_start = _iterations_bwd(start, valid, eps, grad_h_res, iters - 1, segment,
+                                     _eps_iteration, _eps_iteration_bwd)
+        # + eps passes the gradient through; y = softmax(L) along the columns gives
+        # dL = y * (dy - sum(dy * y)).
+        grad_softmax = _normalize_eps_bwd(plus_eps, valid, eps, grad_start, 2)
+        grad_logits = softmax * (grad_softmax - tl.sum(grad_softmax * softmax, axis=1, keep_dims=True))
+    return grad_logits
+
+
+@triton.jit
+def _logit_tiles(logits, res_valid, BLOCK_T: tl.constexpr, NP: tl.constexpr):
+    """Packed H_res logits [BLOCK_T, NP * NP] as [BLOCK_T, NP, NP] tiles, padded entries -inf, and
+    the tiles' validity [1, NP, NP]."""
+    valid = tl.reshape(res_valid, (1, NP, NP))
+    return tl.where(valid, tl.reshape(logits, (BLOCK_T, NP, NP)), float("-inf")), valid
 
 
 # --- forward: H_pre, H_post, H_res per token (mHC Eq. 7-8) ----------------------------------------
@@ -300,8 +400,8 @@ def _sinkhorn_bwd(logits, valid, grad, iters, segment):
 def _mhc_coefficients_fwd_kernel(
     proj_ptr, sumsq_ptr, alpha_ptr, b_pre_ptr, b_post_ptr, b_res_ptr,
     h_pre_ptr, h_post_ptr, h_res_ptr, saved_proj_ptr, saved_sumsq_ptr, T, C, splits, sinkhorn_iters,
-    n: tl.constexpr, KP: tl.constexpr, GATES: tl.constexpr, NP: tl.constexpr,
-    SINKHORN: tl.constexpr, BLOCK_T: tl.constexpr,
+    hc_eps, n: tl.constexpr, KP: tl.constexpr, GATES: tl.constexpr, NP: tl.constexpr,
+    FORMULATION: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     tokens, token_valid = token_block(tl.program_id(0), T, BLOCK_T)
     sumsq, proj_gates, proj_res = _load_projection(
@@ -312,23 +412,27 @@ def _mhc_coefficients_fwd_kernel(
                       proj_res, n, GATES, NP)
     rms = tl.sqrt(sumsq / (n * C) + _RMS_EPS)
 
-    # H_pre = sigmoid(alpha_pre h_pre / r + b_pre), H_post = 2 sigmoid(alpha_post h_post / r + b_post)
+    # H_pre = sigmoid(alpha_pre h_pre / r + b_pre) + eps, H_post = 2 sigmoid(alpha_post h_post / r
+    # + b_post); eps is DeepSeek-V4's, 0 in the paper's formulations.
     alpha, bias, scale = _gate_parameters(alpha_ptr, b_pre_ptr, b_post_ptr, n, GATES)
-    gates = scale[None, :] * tl.sigmoid(alpha[None, :] * (proj_gates / rms[:, None]) + bias[None, :])
+    pre_eps = tl.where(tl.arange(0, GATES) < n, hc_eps, 0.0)
+    gate_logits = alpha[None, :] * (proj_gates / rms[:, None]) + bias[None, :]
+    gates = scale[None, :] * tl.sigmoid(gate_logits) + pre_eps[None, :]
     pre_offsets, pre_mask, post_offsets, post_mask = _gate_offsets(tokens, token_valid, n, GATES)
     tl.store(h_pre_ptr + pre_offsets, gates, mask=pre_mask)
     tl.store(h_post_ptr + post_offsets, gates, mask=post_mask)
 
-    # H_res = SinkhornKnopp(alpha_res mat(h_res) / r + b_res), or the raw logits without constraint
+    # H_res = SinkhornKnopp(alpha_res mat(h_res) / r + b_res) as FORMULATION says, or the raw
+    # logits without constraint
     res_cols, res_valid = _res_columns(n, NP)
     b_res = tl.load(b_res_ptr + (res_cols - 2 * n), mask=res_valid, other=0.0)
     logits = tl.load(alpha_ptr + 2) * (proj_res / rms[:, None]) + b_res[None, :]
-    if SINKHORN:
-        valid = tl.reshape(res_valid, (1, NP, NP))
-        log_m = tl.where(valid, tl.reshape(logits, (BLOCK_T, NP, NP)), float("-inf"))
-        h_res = tl.reshape(tl.exp(_sinkhorn(log_m, valid, sinkhorn_iters)), (BLOCK_T, NP * NP))
-    else:
+    if FORMULATION == "none":
         h_res = logits
+    else:
+        log_m, valid = _logit_tiles(logits, res_valid, BLOCK_T, NP)
+        h_res = _constrained(log_m, valid, hc_eps, sinkhorn_iters, FORMULATION)
+        h_res = tl.reshape(h_res, (BLOCK_T, NP * NP))
     res_offsets = tokens[:, None] * (n * n) + (res_cols - 2 * n)[None, :]
     tl.store(h_res_ptr + res_offsets, h_res, mask=token_valid[:, None] & res_valid[None, :])
 
@@ -341,12 +445,13 @@ def _layout(n: int) -> dict[str, int]:
     )
 
 
-def _is_sinkhorn(constraint: str) -> bool:
-    if constraint not in reference.CONSTRAINTS:
-        raise ValueError(
-            f"mhc coefficients: constraint must be one of {reference.CONSTRAINTS}, got {constraint!r}"
-        )
-    return constraint == "sinkhorn"
+def _formulation(constraint: str) -> dict[str, str | float]:
+    """The kernels' FORMULATION ("none", "sinkhorn" or "deepseek_v4") and hc_eps (0 but for
+    DeepSeek-V4's, so adding it to H_pre changes nothing) of an ops `constraint`, by
+    reference.formulation (a ValueError names the constraints it takes). eps is a runtime argument,
+    not a constexpr: one binary serves every eps."""
+    kind, eps = reference.formulation(constraint)
+    return dict(FORMULATION=kind, hc_eps=eps)
 
 
 def _fp32(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -366,6 +471,7 @@ def mhc_coefficients_fwd(
     """streams [..., n, C] (bf16/fp16/fp32), phi [n*C, n*n+2n], alpha [3], b_pre [n], b_post [n],
     b_res [n, n] -> h_pre [..., n], h_post [..., n], h_res [..., n, n], and for the backward
     v @ phi [..., n*n+2n] and the sums of squares of v [...] (reference.projection), all fp32."""
+    formulation = _formulation(constraint)  # first: a bad constraint launches nothing
     x = token_rows(streams)
     tokens, n, channels = x.shape
     gate_parameters = _fp32(alpha, b_pre, b_post, b_res)
@@ -383,7 +489,7 @@ def mhc_coefficients_fwd(
     kernel_launch.launch(
         "mhc_coefficients_fwd", grid, proj_partials, sumsq_partials, *gate_parameters, h_pre,
         h_post, h_res, proj, sumsq, T=tokens, C=channels, splits=proj_partials.shape[0],
-        sinkhorn_iters=sinkhorn_iters, SINKHORN=_is_sinkhorn(constraint), **_layout(n),
+        sinkhorn_iters=sinkhorn_iters, **formulation, **_layout(n),
     )
     lead = streams.shape[:-2]
     return (h_pre.view(*lead, n), h_post.view(*lead, n), h_res.view(*lead, n, n),
@@ -399,9 +505,9 @@ def _mhc_coefficients_bwd_kernel(
     grad_h_pre_ptr, grad_h_post_ptr, grad_h_res_ptr,
     proj_ptr, sumsq_ptr, alpha_ptr, b_pre_ptr, b_post_ptr, b_res_ptr,
     grad_proj_ptr, grad_sumsq_ptr, grad_bias_partial_ptr, grad_alpha_partial_ptr,
-    T, C, sinkhorn_iters, sinkhorn_segment,
+    T, C, sinkhorn_iters, sinkhorn_segment, hc_eps,
     n: tl.constexpr, KP: tl.constexpr, GATES: tl.constexpr, NP: tl.constexpr,
-    SINKHORN: tl.constexpr, GROUP_T: tl.constexpr, BLOCK_T: tl.constexpr,
+    FORMULATION: tl.constexpr, GROUP_T: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     block = tl.program_id(0)
     tokens, token_valid = token_block(block, T, BLOCK_T)
@@ -411,7 +517,8 @@ def _mhc_coefficients_bwd_kernel(
     )
     rms = tl.sqrt(sumsq / (n * C) + _RMS_EPS)
 
-    # Gates: d/dz of scale * sigmoid(z) is scale * s (1 - s); tokens past T load zero gradients.
+    # Gates: d/dz of scale * sigmoid(z) (+ eps, a constant) is scale * s (1 - s); tokens past T
+    # load zero gradients.
     alpha, bias, scale = _gate_parameters(alpha_ptr, b_pre_ptr, b_post_ptr, n, GATES)
     h_gates = proj_gates / rms[:, None]
     sig = tl.sigmoid(alpha[None, :] * h_gates + bias[None, :])
@@ -421,7 +528,8 @@ def _mhc_coefficients_bwd_kernel(
     )
     grad_gate_logits = grad_gates * scale[None, :] * sig * (1.0 - sig)
 
-    # H_res: through Sinkhorn (recomputed on chip), or the identity without constraint.
+    # H_res: through the formulation's Sinkhorn (recomputed on chip), or the identity without
+    # constraint.
     res_cols, res_valid = _res_columns(n, NP)
     b_res = tl.load(b_res_ptr + (res_cols - 2 * n), mask=res_valid, other=0.0)
     alpha_res = tl.load(alpha_ptr + 2)
@@ -429,17 +537,13 @@ def _mhc_coefficients_bwd_kernel(
     res_offsets = tokens[:, None] * (n * n) + (res_cols - 2 * n)[None, :]
     res_mask = token_valid[:, None] & res_valid[None, :]
     grad_h_res = tl.load(grad_h_res_ptr + res_offsets, mask=res_mask, other=0.0)
-    if SINKHORN:
-        valid = tl.reshape(res_valid, (1, NP, NP))
-        logits = alpha_res * h_res_raw + b_res[None, :]
-        log_m = tl.where(valid, tl.reshape(logits, (BLOCK_T, NP, NP)), float("-inf"))
-        h_res = tl.exp(_sinkhorn(log_m, valid, sinkhorn_iters))
-        # H_res = exp(final log iterate): the gradient w.r.t. that iterate is grad * H_res.
-        grad_log = tl.reshape(grad_h_res, (BLOCK_T, NP, NP)) * h_res
-        grad_logits = _sinkhorn_bwd(log_m, valid, grad_log, sinkhorn_iters, sinkhorn_segment)
-        grad_res_logits = tl.reshape(grad_logits, (BLOCK_T, NP * NP))
-    else:
+    if FORMULATION == "none":
         grad_res_logits = grad_h_res
+    else:
+        log_m, valid = _logit_tiles(alpha_res * h_res_raw + b_res[None, :], res_valid, BLOCK_T, NP)
+        grad_logits = _constrained_bwd(log_m, valid, hc_eps, tl.reshape(grad_h_res, (BLOCK_T, NP, NP)),
+                                       sinkhorn_iters, sinkhorn_segment, FORMULATION)
+        grad_res_logits = tl.reshape(grad_logits, (BLOCK_T, NP * NP))
 
     # d alpha and d bias per group of GROUP_T tokens, summed over groups on the host. Every config
     # writes every group's row, so no row keeps what another config wrote while the autotuner
@@ -595,7 +699,7 @@ def mhc_coefficients_bwd(
         per_token(proj, 1), per_token(sumsq, 0), *gate_parameters, grad_proj, grad_sumsq,
         grad_bias_partial, grad_alpha_partial, T=tokens, C=channels, sinkhorn_iters=sinkhorn_iters,
         sinkhorn_segment=max(1, math.ceil(math.sqrt(sinkhorn_iters))),
-        SINKHORN=_is_sinkhorn(constraint), GROUP_T=group_tokens, **_layout(n),
+        **_formulation(constraint), GROUP_T=group_tokens, **_layout(n),
     )
 
     # Step 2: grad streams, and grad phi per token split.

@@ -58,13 +58,17 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf
 
 def _case(n, channels, tokens, dtype, iters=20, constraint="sinkhorn", lead=()):
     name = f"n{n}-C{channels}-T{tokens}-{DTYPE_NAMES[dtype]}"
-    name += f"-it{iters}" if constraint == "sinkhorn" else "-unconstrained"
+    kind, eps = reference.formulation(constraint)
+    name += "-unconstrained" if kind == "none" else f"-it{iters}"
+    name += f"-{kind}-eps{eps:g}" if kind == reference.DEEPSEEK_V4 else ""
     name += "-lead" if lead else ""
     return pytest.param(n, channels, (*lead, tokens), dtype, iters, constraint, id=name)
 
 
 # Small shapes for the interpreter: odd C, n not a power of two, token counts that leave partial
-# blocks, Sinkhorn iteration counts that are and are not perfect squares, leading dims.
+# blocks, Sinkhorn iteration counts that are and are not perfect squares, leading dims. DeepSeek-V4's
+# formulation with its eps and with a large one (a missing eps shows over the tolerance), its
+# iterations after the first in segments that do not divide them.
 CASES = [
     _case(1, 7, 5, torch.float32),
     _case(2, 33, 37, torch.float16),
@@ -77,9 +81,12 @@ CASES = [
     _case(6, 11, 66, torch.float32, lead=(3,)),  # several token blocks, grad phi splits
     _case(8, 7, 19, torch.float16),
     _case(8, 24, 17, torch.float32, iters=9),
+    _case(3, 10, 7, torch.float16, constraint=reference.deepseek_v4_constraint(1e-6), lead=(2,)),
+    _case(5, 12, 9, torch.float32, iters=4, constraint=reference.deepseek_v4_constraint(0.01)),
 ]
 if ON_GPU:
-    CASES += [_case(4, 1024, 300, torch.bfloat16), _case(8, 33, 77, torch.bfloat16, iters=5)]
+    CASES += [_case(4, 1024, 300, torch.bfloat16), _case(8, 33, 77, torch.bfloat16, iters=5),
+              _case(4, 1024, 300, torch.bfloat16, constraint=reference.deepseek_v4_constraint(1e-6))]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -185,6 +192,13 @@ def _check_coefficients_pre_mix(n, channels, shape, dtype, iters, constraint, ac
 @pytest.mark.parametrize(CASE_ARGS, CASES)
 def test_coefficients_pre_mix(n, channels, shape, dtype, iters, constraint, poisoned):
     _check_coefficients_pre_mix(n, channels, shape, dtype, iters, constraint)
+
+
+@pytest.mark.parametrize("constraint", ["ortho", reference.DEEPSEEK_V4])
+def test_coefficient_kernels_refuse_an_unknown_constraint(constraint):
+    inputs = _mhc_inputs(2, 8, (3,), torch.float32)
+    with pytest.raises(ValueError, match="constraint must be one of"):
+        coefficients_pre_mix.mhc_coefficients_pre_mix_fwd(*inputs, 20, constraint)
 
 
 ACCUMULATE_CASES = [
