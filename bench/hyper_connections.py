@@ -57,6 +57,9 @@ def build(config: dict, device: torch.device, dtype: torch.dtype, batch: int, se
             if "hc" in name:
                 param.normal_(0.0, 0.5 if "base" in name or "scale" in name else 0.02)
     model = model.to(device=device, dtype=dtype).train()
+    for module in model.modules():  # as from_pretrained keeps them (_keep_in_fp32_modules_strict)
+        if type(module).__name__ in ("DeepseekV4HyperConnection", "DeepseekV4HyperHead"):
+            module.float()
     ids = torch.randint(0, config["vocab_size"], (batch, seq), device=device)
     return model, ids
 
@@ -71,6 +74,10 @@ def compiled(model, variant: str):
     report = mhc_compile.report(model, torch.zeros(1, 8, dtype=torch.long,
                                                    device=next(model.parameters()).device))
     log(f"  {report.summary()}")
+    expected = 2 * model.config.num_hidden_layers
+    if len(report.lowered) != expected:  # else the row would time plain Inductor
+        raise AssertionError(f"{len(report.lowered)} of {expected} hyper-connections lowered: "
+                             f"{[b.reason for b in report.blocks if b.status != 'lowered']}")
     return torch.compile(model, backend="mhc")
 
 
@@ -129,9 +136,12 @@ def main() -> int:
             row["vs_inductor"] = row["step_ms"] / rows[1]["step_ms"]
             row["loss_diff"] = abs(row["loss"] - eager["loss"])
             row["grad_norm_ratio"] = row["grad_norm"] / eager["grad_norm"]
-        tolerance = 5e-2 if dtype == torch.bfloat16 else 1e-4
-        if rows[2]["loss_diff"] > tolerance * abs(eager["loss"]):
-            raise AssertionError(f"{name}: backend='mhc' loss {rows[2]['loss']} vs eager {eager['loss']}")
+        # bf16: Inductor's own reordering moves the loss by ~1e-3 relative (its row shows it)
+        tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
+        mhc = rows[2]
+        if mhc["loss_diff"] > tolerance * abs(eager["loss"]) or abs(mhc["grad_norm_ratio"] - 1) > 5 * tolerance:
+            raise AssertionError(f"{name}: backend='mhc' loss {mhc['loss']} (eager {eager['loss']}), "
+                                 f"grad norm {mhc['grad_norm_ratio']:.4f} of eager's")
         results["rows"].extend(rows)
         write_json(out_dir(args.out) / "hyper_connections.json", results)
     lines = ["| size | variant | first step s | step ms | vs eager | vs inductor | peak GiB | loss | |loss - eager| | grad norm / eager |",

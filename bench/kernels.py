@@ -38,7 +38,8 @@ Inductor's on-disk caches (autotune choices, compiled graphs), so that a later t
 same environment spends its time timing.
 
 Every kernel autotunes all its candidates here (MHC_TRITON_CONFIG=autotune unless set), autotuning
-tables or not: the candidates' times are what checks a table's entry.
+tables or not: the candidates' times are what checks a table's entry. So the first call's seconds
+are an autotuning cold start, not the tabled one users get (bench/e2e.py's cold compile is).
 """
 
 from __future__ import annotations

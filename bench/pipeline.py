@@ -269,7 +269,7 @@ def one_device(name, size, device, dtype, args):
     chained_step()
     staged = {n: p.grad.clone() for n, p in mhc_model.named_parameters()}
     mhc_model.zero_grad(set_to_none=True)
-    whole = torch.compile(mhc_model, backend="mhc", options={"n": args.n})
+    whole = torch.compile(mhc_model, backend="mhc", options={"n": args.n, "eager": args.eager})
     whole_step = single_gpu_step(whole, parts["ids"], parts["target"], count)
     whole_step()
     worst = max((staged[n] - p.grad).norm().item() / max(p.grad.norm().item(), 1e-30)

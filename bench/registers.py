@@ -88,7 +88,7 @@ def kernel_rows(n: int, channels: int, dtype: torch.dtype, arch: int, only: set[
         if (only and name not in only) or (name, variant) in seen:
             continue
         seen.add((name, variant))
-        kept = private_apis.autotune_candidates(tuned, kwargs)
+        kept = private_apis.autotune_candidates(tuned, dict(zip(names, args)), kwargs)
         constexprs = {argument: values[argument]
                       for argument in private_apis.triton_value_parameters(tuned.fn)
                       if argument in kwargs and argument != "n"}

@@ -37,7 +37,7 @@ from mhc_compile.options import MHCOptions
 from mhc_compile.owners import Owners, Site
 from mhc_compile.passes import PassContext, graph_facts, run_passes
 from mhc_compile.passes.find_residual_blocks import ResidualAnalysis, ResidualBlock
-from mhc_compile.passes.lower_hyper_connections import DeepseekV4Site
+from mhc_compile.passes.match_hyper_connections import DeepseekV4Site
 from mhc_compile.report import BlockReport, Report, SkipReason
 
 log = logging.getLogger("mhc_compile")

@@ -52,8 +52,8 @@ def launch(kernel_name: str, grid, *args, **kwargs) -> None:
     binary has run for arguments of one specialisation, later launches of that specialisation call
     it directly (_COMPILED): Triton's own path costs several times the launch itself in host time."""
     tuned = configs.TUNED[kernel_name]
-    configs.select_device(next(a.device for a in args if isinstance(a, torch.Tensor)))
     if _traced(args) and not configs.INTERPRETING:
+        _select_device(args)
         torch.library.wrap_triton(tuned)[grid](*args, **kwargs)
         return
     signature = None if configs.INTERPRETING else _specialisation(kernel_name, args, kwargs)
@@ -64,12 +64,15 @@ def launch(kernel_name: str, grid, *args, **kwargs) -> None:
     launched = _LAUNCHED_KEYS.setdefault(kernel_name, set())
     first_time = len(tuned.configs) > 1 and key not in launched
     started = time.perf_counter()
-    if first_time:
-        candidates = private_apis.autotune_candidates(tuned, kwargs)
+    if first_time:  # the autotuner prunes for this key now, reading the table of this GPU
+        _select_device(args)
+        named = dict(zip(private_apis.kernel_argument_names(tuned.fn), args))
+        candidates = private_apis.autotune_candidates(tuned, named, kwargs)
+        tabled = len(candidates) == 1 and configs.tabled_config(kernel_name, {**named, **kwargs})
         log.info("%s %s for n=%s C=%s %s: %s", "autotuning" if len(candidates) > 1 else "compiling",
                  kernel_name, key[0], key[1], _dtype_names(args),
                  f"{len(candidates)} configs" if len(candidates) > 1
-                 else f"{configs.describe(candidates[0])} (the autotuning table's choice)")
+                 else configs.describe(candidates[0]) + (" (the autotuning table's)" if tabled else ""))
         _compile_in_parallel(tuned, candidates, grid, args, kwargs)
     tuned[grid](*args, **kwargs)
     launched.add(key)
@@ -78,6 +81,10 @@ def launch(kernel_name: str, grid, *args, **kwargs) -> None:
                  time.perf_counter() - started, configs.describe(tuned.best_config))
     if signature is not None:
         _COMPILED[signature] = private_apis.compiled_triton_launcher(tuned, grid, args, kwargs)
+
+
+def _select_device(args: tuple) -> None:
+    configs.select_device(next(a.device for a in args if isinstance(a, torch.Tensor)))
 
 
 def _specialisation(kernel_name: str, args: tuple, kwargs: dict) -> tuple:

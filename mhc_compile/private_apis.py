@@ -393,11 +393,11 @@ def triton_value_parameters(jit_function) -> frozenset[str]:
     )
 
 
-def autotune_candidates(autotuner, kwargs: dict) -> list:
-    """The configs a triton.autotune'd kernel benchmarks for these arguments, after its
-    prune_configs_by early prune: the Autotuner keeps that function as the private attribute
-    early_config_prune (checked against Triton 3.6)."""
-    return autotuner.early_config_prune(autotuner.configs, {}, **kwargs)
+def autotune_candidates(autotuner, named_args: dict, kwargs: dict) -> list:
+    """The configs a triton.autotune'd kernel benchmarks for these arguments (positional ones by
+    name, as Triton passes them), after its prune_configs_by early prune: the Autotuner keeps that
+    function as the private attribute early_config_prune (checked against Triton 3.6)."""
+    return autotuner.early_config_prune(autotuner.configs, named_args, **kwargs)
 
 
 def kernel_argument_names(jit_function) -> list[str]:

@@ -15,6 +15,8 @@ Leading dimensions beyond T are allowed everywhere: ``[..., n, C]`` streams give
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 RMS_EPS = 1e-6
@@ -36,12 +38,14 @@ def formulation(constraint: str) -> tuple[str, float]:
         return constraint, 0.0
     if kind == DEEPSEEK_V4 and eps:
         try:
-            return kind, float(eps)
+            value = float(eps)
         except ValueError:
-            pass
+            value = float("nan")
+        if math.isfinite(value) and value >= 0:
+            return kind, value
     raise ValueError(
         f"mhc: constraint must be one of {', '.join(map(repr, CONSTRAINTS))} or "
-        f"'{DEEPSEEK_V4}:<eps>', got {constraint!r}"
+        f"'{DEEPSEEK_V4}:<eps>' with a finite eps >= 0, got {constraint!r}"
     )
 
 

@@ -19,6 +19,7 @@ recompute policy (compile_stage_modules), unless eager=True.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -36,30 +37,62 @@ class FSDPUnits(nn.Module):
     """The rewritten model as `units`, one GraphModule per run of blocks, called in turn: unit 0
     takes the model's arguments, each next one what the previous returns (the streams first), the
     last returns the model's output. The units hold the model's own Parameter objects under the
-    model's names (state_dict keys "units.{i}.{name}"). Shapes are those of the traced
-    arguments."""
+    model's names (state_dict keys "units.{i}.{name}").
 
-    def __init__(self, units: Sequence[nn.Module], traced_shapes: Sequence[torch.Size | None]):
+    Each unit is a graph specialised to what it was traced with: the arguments' shapes, dtypes,
+    devices and non-tensor values, train or eval mode, and the parameters' dtypes. A call that
+    differs in any of these is refused with what differs (it would run the traced graph anyway)."""
+
+    def __init__(self, units: Sequence[nn.Module], example_args: tuple, training: bool):
         super().__init__()
         self.units = nn.ModuleList(units)
-        self.traced_shapes = list(traced_shapes)
+        self.traced_arguments = [_described(arg) for arg in example_args]
+        self.train(training)
+        self.traced_mode = training
+        for unit in self.units:
+            # Registered before fully_shard's own pre-forward hook, which FSDP2 prepends: this
+            # one runs after the all-gather and sees the parameters the unit computes with.
+            unit.register_forward_pre_hook(_check_parameter_dtypes(unit))
 
     def forward(self, *args: Any) -> Any:
-        self._check_shapes(args)
+        self._check_call(args)
         outputs = self.units[0](*args)
         for unit in self.units[1:]:
             outputs = unit(*outputs)
         return outputs
 
-    def _check_shapes(self, args: tuple) -> None:
-        shapes = [arg.shape if isinstance(arg, torch.Tensor) else None for arg in args]
-        if shapes != self.traced_shapes:
+    def _check_call(self, args: tuple) -> None:
+        called = [_described(arg) for arg in args]
+        if called != self.traced_arguments:
             raise ValueError(
-                f"mhc fsdp_units: called with argument shapes {_shown(shapes)}, but the units were "
-                f"traced at {_shown(self.traced_shapes)} and run only at those (each unit is a "
-                "graph specialised to them); keep every batch the traced shape (DataLoader's "
+                f"mhc fsdp_units: called with arguments {_shown(called)}, but the units were traced "
+                f"with {_shown(self.traced_arguments)} and run only those (each unit is a graph "
+                "specialised to them); keep every batch the traced shape (DataLoader's "
                 "drop_last=True) or build one FSDPUnits per shape"
             )
+        if self.training != self.traced_mode:
+            mode = "training" if self.traced_mode else "eval"
+            raise ValueError(
+                f"mhc fsdp_units: the units were traced in {mode} mode and keep its behaviour "
+                "(dropout, norms' statistics); build another FSDPUnits from the model in the "
+                "other mode for it"
+            )
+
+
+def _check_parameter_dtypes(unit: nn.Module):
+    traced = {name: param.dtype for name, param in unit.named_parameters()}
+
+    def check(module, args):
+        for name, param in module.named_parameters():
+            if param.dtype != traced.get(name, param.dtype):
+                raise ValueError(
+                    f"mhc fsdp_units: parameter {name!r} computes in {param.dtype}, but the unit "
+                    f"was traced with it in {traced[name]}: FSDP2's MixedPrecisionPolicy "
+                    "(param_dtype) changes the dtypes a traced graph was specialised to. Cast the "
+                    "model to the compute dtype before fsdp_units instead"
+                )
+
+    return check
 
 
 def fsdp_units(model: nn.Module, example_args: Sequence[Any], cuts: Sequence[str] | None = None,
@@ -78,26 +111,32 @@ def fsdp_units(model: nn.Module, example_args: Sequence[Any], cuts: Sequence[str
     embeddings) is refused, as for pipeline stages.
     """
     example_args = tuple(example_args)
-    captured = capture(model, example_args, MHCOptions.from_kwargs(**options))
-    if cuts is None:
-        cuts = _block_module_starts(captured.annotation)
-    plan = plan_captured(captured, len(cuts) + 1, cuts)
-    units = build_stage_modules(plan, range(len(plan.stages)))
+    try:
+        captured = capture(model, example_args, MHCOptions.from_kwargs(**options))
+        if cuts is None:
+            cuts = _block_module_starts(captured.annotation)
+        plan = plan_captured(captured, len(cuts) + 1, cuts)
+        units = build_stage_modules(plan, range(len(plan.stages)))
+    except PipelineError as error:  # the pipeline's planner cuts the units: say whose error it is
+        raise PipelineError(str(error).replace("mhc pipeline:", "mhc fsdp_units (units are cut "
+                                               "as pipeline stages are):", 1)) from None
     compile_stage_modules(units, plan.captured.options)
-    return FSDPUnits(units, [arg.shape if isinstance(arg, torch.Tensor) else None
-                             for arg in example_args])
+    return FSDPUnits(units, example_args, model.training)
 
 
 def _block_module_starts(annotation: PipelineAnnotation) -> list[str]:
     """The module path of every residual add's module after the first, in model order, where a
     unit can begin (a legal cut)."""
     starts, seen = [], set()
-    legal = {cut.before for cut in annotation.cuts if cut.legal}
+    problems = {cut.before: cut.problem for cut in annotation.cuts}
     for block in annotation.blocks:
         if block.path in seen:
             continue
         seen.add(block.path)
-        if block.index in legal:
+        if block.index and problems[block.index]:
+            warnings.warn(f"mhc fsdp_units: {block.path} cannot begin a unit "
+                          f"({problems[block.index]}); it joins the unit before it", stacklevel=3)
+        elif block.index:
             starts.append(block.path)
     if not starts:
         raise PipelineError(
@@ -108,5 +147,14 @@ def _block_module_starts(annotation: PipelineAnnotation) -> list[str]:
     return starts
 
 
-def _shown(shapes: Sequence[torch.Size | None]) -> str:
-    return "(" + ", ".join("non-tensor" if s is None else str(tuple(s)) for s in shapes) + ")"
+def _described(arg: Any) -> tuple:
+    """What a traced graph is specialised to of one argument."""
+    if isinstance(arg, torch.Tensor):
+        return "tensor", tuple(arg.shape), arg.dtype, arg.device
+    return "value", arg
+
+
+def _shown(described: Sequence[tuple]) -> str:
+    shown = [f"{tuple(d[1])} {str(d[2]).removeprefix('torch.')} on {d[3]}" if d[0] == "tensor"
+             else repr(d[1]) for d in described]
+    return "(" + ", ".join(shown) + ")"

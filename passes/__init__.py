@@ -26,7 +26,7 @@ from torch import fx
 
 from mhc_compile.passes import (
     annotate_pipeline, find_residual_blocks, fuse_grad_streams, inline_checkpoint, inline_kernels,
-    lower_hyper_connections, recompute_policy, rewrite_mhc,
+    lower_hyper_connections, match_hyper_connections, recompute_policy, rewrite_mhc,
 )
 from mhc_compile.passes.context import PassContext
 
@@ -51,7 +51,7 @@ class GraphPass(NamedTuple):
 ANALYSIS_PASSES = (
     GraphPass(inline_checkpoint.inline_checkpoint_regions, "checkpoint regions inlined"),
     GraphPass(find_residual_blocks.find_residual_chains, "residual blocks found"),
-    GraphPass(lower_hyper_connections.match_hyper_connections, "existing hyper-connections to lower"),
+    GraphPass(match_hyper_connections.match_hyper_connections, "existing hyper-connections to lower"),
 )
 REWRITE_PASSES = (
     GraphPass(rewrite_mhc.rewrite_mhc, "chains rewritten"),

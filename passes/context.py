@@ -25,7 +25,7 @@ class PassContext:
     analysis: the residual blocks and chains (set by find_residual_chains).
     parameter_nodes: each rewritten block's mHC parameter placeholders (set by the backend).
     hyper_connections: each block the model writes as a hyper-connection -> its match for lowering
-        (lower_hyper_connections.DeepseekV4Site) or why it has none (set by match_hyper_connections).
+        (match_hyper_connections.DeepseekV4Site) or why it has none (set by match_hyper_connections).
     """
 
     options: MHCOptions

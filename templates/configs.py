@@ -101,22 +101,27 @@ _STAGE_CONFIGS: dict[str, list[triton.Config]] = {
 }
 STAGES = tuple(_STAGE_CONFIGS)
 
-# Autotuning tables: per CUDA compute capability, the config each kernel chose, where every
-# autotuning run chose the same (bench/RESULTS.md and bench/results/: the H100 kernel runs of
-# 2026-11-23 (run 12) and 2026-12-06, the H200's of 2026-12-06), for the n and the range of C those
-# runs covered. Elsewhere a kernel autotunes its candidates. The pre-mix kernels chose BLOCK_C 1024
-# at some C and 2048 at others, within 1% of each other; the grad-streams kernel is absent: its
-# candidates changed (749c8b4) after those runs.
-_TUNED_N = 4
-_TUNED_CHANNELS = range(1024, 4096 + 1)
-_TUNED_TABLES: dict[tuple[int, int], dict[str, triton.Config]] = {
-    (9, 0): {  # sm_90: H100, H200
-        "mhc_projection": _config(8, 3, BLOCK_T=128, BLOCK_K=64),
-        "mhc_coefficients_fwd": _config(8, 1, BLOCK_T=64),
-        "mhc_coefficients_bwd": _config(4, 1, BLOCK_T=32),
-        **{kernel: _config(4, 2, BLOCK_T=1, BLOCK_C=1024)
-           for kernel in ("mhc_pre_mix_fwd", "mhc_pre_mix_grad_h_pre", "mhc_post_res_mix_fwd",
-                          "mhc_post_res_mix_bwd")},
+# Autotuning tables: per CUDA compute capability, the config each kernel chose for (n, C) with
+# bf16 streams, where every autotuning run measured there chose the same (bench/results/
+# kernels_*.json: H100 runs of 2026-11-23 (run 12, C = 1024, 2048, 4096) and of 2026-12-06
+# (C = 1024, 4096), H200 of 2026-12-06 (C = 1024)). Only those (n, C) are tabled; any other n, C,
+# stream dtype or GPU autotunes its candidates. The grad-streams kernel is absent: its candidates
+# changed (749c8b4) after those runs.
+_MIX_1024 = _config(4, 2, BLOCK_T=1, BLOCK_C=1024)
+_MIX_2048 = _config(8, 2, BLOCK_T=1, BLOCK_C=2048)
+_TUNED_TABLES: dict[tuple[int, int], dict[tuple[str, int, int], triton.Config]] = {
+    (9, 0): {  # sm_90: H100, H200; keys (kernel, n, C)
+        **{(kernel, 4, channels): config
+           for channels in (1024, 2048, 4096)
+           for kernel, config in (
+               ("mhc_projection", _config(8, 3, BLOCK_T=128, BLOCK_K=64)),
+               ("mhc_coefficients_fwd", _config(8, 1, BLOCK_T=64)),
+               ("mhc_coefficients_bwd", _config(4, 1, BLOCK_T=32)),
+               ("mhc_post_res_mix_fwd", _MIX_1024),
+               ("mhc_post_res_mix_bwd", _MIX_1024),
+               ("mhc_pre_mix_fwd", _MIX_1024 if channels == 1024 else _MIX_2048))},
+        ("mhc_pre_mix_grad_h_pre", 4, 1024): _MIX_1024,
+        ("mhc_pre_mix_grad_h_pre", 4, 4096): _MIX_2048,
     },
 }
 
@@ -153,19 +158,27 @@ def _prune(stage: str, kernel_name: str = "") -> Callable:
             # A block over twice as wide as C only adds masked lanes.
             and c.kwargs.get("BLOCK_C", 0) <= max(256, 2 * next_power_of_2(channels))
         ]
-        tabled = _selected_table.get(kernel_name)
-        if (tabled is not None and n == _TUNED_N and channels in _TUNED_CHANNELS
-                and any(describe(c) == describe(tabled) for c in kept)):
+        tabled = tabled_config(kernel_name, args)
+        if tabled is not None and any(describe(c) == describe(tabled) for c in kept):
             return [tabled]
         return kept or configs[:1]
 
     return prune
 
 
+def tabled_config(kernel_name: str, args: dict) -> triton.Config | None:
+    """The autotuning table's config for a launch of `kernel_name` with these arguments (n, C and
+    the tensors) on the selected GPU, or None: the table holds bf16 streams only, so a launch with
+    no bf16 tensor among its arguments is not tabled."""
+    if not any(getattr(value, "dtype", None) == torch.bfloat16 for value in args.values()):
+        return None
+    return _selected_table.get((kernel_name, args["n"], args["C"]))
+
+
 # The table of the GPU whose launch is being prepared: kernel_launch.launch selects it before the
 # autotuner prunes (the prune function sees only the kernel's arguments, and under a tracer it
 # must not query the device itself).
-_selected_table: dict[str, triton.Config] = {}
+_selected_table: dict[tuple[str, int, int], triton.Config] = {}
 
 
 def select_device(device: torch.device) -> None:
@@ -175,7 +188,7 @@ def select_device(device: torch.device) -> None:
 
 
 @functools.cache
-def _table_of(device_index: int | None) -> dict[str, triton.Config]:
+def _table_of(device_index: int | None) -> dict[tuple[str, int, int], triton.Config]:
     return _TUNED_TABLES.get(torch.cuda.get_device_capability(device_index), {})
 
 

@@ -132,8 +132,24 @@ def _assert_checkpoint_round_trip(directory, shard):
 def _assert_units_refuse_other_shapes():
     model, ids, _ = _model()
     units = mhc_compile.fsdp_units(model, (ids[:2],), eager=True)
-    with pytest.raises(ValueError, match=r"traced at \(\(2, 8\)\).*drop_last=True"):
+    with pytest.raises(ValueError, match=r"traced with \(\(2, 8\) int64 on cpu\).*drop_last=True"):
         units(ids[:1])
+    with pytest.raises(ValueError, match="traced in training mode"):
+        units.eval()(ids[:2])
+
+
+def _assert_units_refuse_mixed_precision():
+    """FSDP2's MixedPrecisionPolicy hands the units parameters of another dtype than traced."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    model, ids, _ = _model()
+    units = mhc_compile.fsdp_units(model, (ids[:2],), eager=True)
+    policy = MixedPrecisionPolicy(param_dtype=torch.float32)
+    for unit in units.units:
+        fully_shard(unit, mp_policy=policy)
+    fully_shard(units, mp_policy=policy)
+    with pytest.raises(ValueError, match="MixedPrecisionPolicy.*Cast the model"):
+        units(ids[:2])
 
 
 def _worker(rank, port, directory):
@@ -148,6 +164,7 @@ def _worker(rank, port, directory):
             _assert_checkpoint_round_trip(f"{directory}/one_unit", _one_unit)
             _assert_checkpoint_round_trip(f"{directory}/per_block", _per_block)
             _assert_units_refuse_other_shapes()
+            _assert_units_refuse_mixed_precision()
             _assert_refused(rank, prepared=False, expected_text="mhc_compile.prepare(model")
         # Dynamo's default for DDP graphs: split at gradient-bucket boundaries.
         _assert_refused(rank, prepared=True, expected_text="torch._dynamo.config.optimize_ddp = False")

@@ -12,6 +12,8 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import mhc_compile
 from mhc_compile import ops
@@ -114,3 +116,66 @@ def test_a_part_that_is_not_the_formulation_stays_as_written_with_the_reason():
     assert [b.key for b in hyper] == SITES
     assert all("not lowered: the RMS norm's eps is 1e-05; the kernels use 1e-06" in b.reason
                for b in hyper)
+
+
+class HandWrittenSublayer(nn.Module):
+    """DeepSeek-V4's formulation written by hand, in other spellings than transformers' (flatten,
+    keyword dims, torch.matmul on a transpose), around a linear f."""
+
+    def __init__(self, n, width, iters, eps):
+        super().__init__()
+        self.n, self.iters, self.eps = n, iters, eps
+        self.fn = nn.Parameter(0.3 * torch.randn((n + 2) * n, n * width))
+        self.base, self.scale = nn.Parameter(torch.randn((n + 2) * n)), nn.Parameter(torch.randn(3))
+        self.f = nn.Linear(width, width)
+
+    def forward(self, streams):
+        n, eps = self.n, self.eps
+        flat = streams.flatten(2)
+        normed = flat * torch.rsqrt(flat.square().mean(dim=-1, keepdim=True) + 1e-6)
+        pre_w, post_w, comb_w = F.linear(normed, self.fn).split([n, n, n * n], dim=-1)
+        pre_b, post_b, comb_b = self.base.split([n, n, n * n])
+        pre_s, post_s, comb_s = self.scale.unbind(0)
+        pre = torch.sigmoid(pre_w * pre_s + pre_b) + eps
+        post = 2 * torch.sigmoid(post_w * post_s + post_b)
+        comb = torch.softmax(comb_w.view(*comb_w.shape[:-1], n, n) * comb_s + comb_b.view(n, n),
+                             dim=-1) + eps
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+        for _ in range(self.iters - 1):
+            comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
+            comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+        out = self.f((pre.unsqueeze(dim=-1) * streams).sum(dim=2))
+        return post.unsqueeze(dim=-1) * out.unsqueeze(dim=-2) + torch.matmul(comb.transpose(-1, -2), streams)
+
+
+class HandWrittenHyperConnections(nn.Module):
+    def __init__(self, n=3, width=8, iters=5, eps=1e-3, depth=2):
+        super().__init__()
+        self.n = n
+        self.sublayers = nn.ModuleList(HandWrittenSublayer(n, width, iters, eps) for _ in range(depth))
+
+    def forward(self, x):
+        streams = x.unsqueeze(2).expand(-1, -1, self.n, -1)
+        for sublayer in self.sublayers:
+            streams = sublayer(streams)
+        return streams.sum(dim=2)
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["eager-graph", "inductor"])
+def test_a_hand_written_copy_of_the_formulation_is_recognised_by_its_structure(eager):
+    """Not by class names: a hand-written copy is lowered, and computes what it computed (float64:
+    outputs and every gradient to 1e-10), also through Inductor with the backend's passes."""
+    torch.manual_seed(0)
+    model = HandWrittenHyperConnections().double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    report = mhc_compile.report(model, x)
+    assert [b.key for b in report.lowered] == ["sublayers.0", "sublayers.1"]
+    assert all("n=3, 5 Sinkhorn iterations, eps=0.001" in b.reason for b in report.lowered)
+    reference = copy.deepcopy(model)
+    got = torch.compile(model, backend=mhc_compile.backend(eager=eager))(x)
+    expected = reference(x)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    got.square().sum().backward()
+    expected.square().sum().backward()
+    for (name, param), other in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(param.grad, other.grad, rtol=1e-10, atol=1e-12, msg=name)

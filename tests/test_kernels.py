@@ -362,32 +362,36 @@ def sm90_device(monkeypatch):
     configs.select_device(torch.device("cpu"))
 
 
-def _candidates(kernel, n, channels, candidates=None):
+def _candidates(kernel, n, channels, candidates=None, dtype=torch.bfloat16):
     stage = _KERNEL_STAGES[kernel]
     prune = configs._prune(stage, kernel)
+    streams = torch.empty(0, dtype=dtype)  # what the table reads of the tensors: their dtypes
     return [configs.describe(c) for c in
-            prune(candidates or configs._STAGE_CONFIGS[stage], {"n": n, "C": channels})]
+            prune(candidates or configs._STAGE_CONFIGS[stage], {"x": streams, "n": n, "C": channels})]
 
 
 def test_the_autotuning_table_compiles_one_config_where_it_applies(sm90_device, monkeypatch):
-    """On a GPU the table covers, for its n and C range, a tabled kernel gets the tabled config
-    alone (one compile, no benchmark); every other kernel, n, C, GPU or an explicit autotune keeps
-    the candidates it has without the table, and a forced config is never replaced."""
+    """On a GPU the table covers, for the (n, C) it holds with bf16 streams, a tabled kernel gets
+    the tabled config alone (one compile, no benchmark); every other kernel, n, C, dtype, GPU or
+    an explicit autotune keeps the candidates it has without the table, and a forced config is
+    never replaced."""
     assert set(_KERNEL_STAGES) == set(configs.TUNED)
     table = configs._TUNED_TABLES[(9, 0)]
-    for kernel, tabled in table.items():  # choosable: among its stage's candidates
+    for (kernel, _, _), tabled in table.items():  # choosable: among its stage's candidates
         assert configs.describe(tabled) in map(configs.describe, configs._STAGE_CONFIGS[_KERNEL_STAGES[kernel]])
     cases = [(kernel, n, channels) for kernel in _KERNEL_STAGES
-             for n, channels in ((4, 1024), (4, 2048), (4, 4096), (8, 2048), (2, 2048), (4, 512), (4, 8192))]
+             for n, channels in ((4, 1024), (4, 2048), (4, 4096), (8, 2048), (2, 2048), (4, 512),
+                                 (4, 3072), (4, 8192))]
     without = {case: _candidates(*case) for case in cases}  # no table selected (CPU)
     sm90_device()
-    for kernel, n, channels in cases:
-        got = _candidates(kernel, n, channels)
-        if kernel in table and n == 4 and 1024 <= channels <= 4096:
-            assert got == [configs.describe(table[kernel])], (kernel, channels)
-            assert len(without[kernel, n, channels]) > 1, "the table saved nothing here"
+    for case in cases:
+        if case in table:
+            assert _candidates(*case) == [configs.describe(table[case])], case
+            assert len(without[case]) > 1, f"the table saved nothing at {case}"
+            assert _candidates(*case, dtype=torch.float32) == without[case], "fp32 streams tabled"
         else:
-            assert got == without[kernel, n, channels], (kernel, n, channels)
+            assert _candidates(*case) == without[case], case
+    assert ("mhc_pre_mix_grad_h_pre", 4, 2048) not in table  # never measured
     forced = configs._STAGE_CONFIGS["projection"][0]
     assert _candidates("mhc_projection", 4, 2048, [forced]) == [configs.describe(forced)]
     monkeypatch.setattr(configs, "AUTOTUNE_ALL", True)

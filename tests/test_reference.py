@@ -221,6 +221,7 @@ def test_deepseek_v4_formulation_is_transformers_hyper_connection(n, channels, i
 def test_formulation_names_what_it_accepts():
     assert reference.formulation("sinkhorn") == ("sinkhorn", 0.0)
     assert reference.formulation(reference.deepseek_v4_constraint(1e-6)) == ("deepseek_v4", 1e-6)
-    for wrong in ("deepseek_v4", "deepseek_v4:x", "softmax", "sinkhorn:1"):
+    for wrong in ("deepseek_v4", "deepseek_v4:x", "deepseek_v4:nan", "deepseek_v4:inf",
+                  "deepseek_v4:-1e-6", "softmax", "sinkhorn:1"):
         with pytest.raises(ValueError, match="deepseek_v4:<eps>"):
             reference.formulation(wrong)
