@@ -31,6 +31,10 @@ sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or os.curdir
 
 # name: DeepseekV4Config sizes (hc_mult 4, 20 Sinkhorn iterations: the config's defaults)
 SIZES = {
+    "C512": dict(hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=64,
+                 q_lora_rank=128, o_lora_rank=128, n_routed_experts=4, num_experts_per_tok=2,
+                 index_head_dim=32, qk_rope_head_dim=32, vocab_size=4096),
     "C1024": dict(hidden_size=1024, intermediate_size=2048, moe_intermediate_size=512,
                   num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=1, head_dim=128,
                   q_lora_rank=256, o_lora_rank=256, n_routed_experts=8, num_experts_per_tok=2,
