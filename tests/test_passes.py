@@ -62,7 +62,8 @@ def test_debug_level_prints_the_graph_after_each_pass(caplog):
     dumps = [r.getMessage() for r in caplog.records if "graph after" in r.getMessage()]
     assert [dump.splitlines()[0] for dump in dumps] == [
         "mhc analysis: graph after inline_checkpoint_regions:",
-        "mhc analysis: graph after find_residual_chains:"]
+        "mhc analysis: graph after find_residual_chains:",
+        "mhc analysis: graph after match_hyper_connections:"]
     assert all("graph():" in dump for dump in dumps)
 
 
