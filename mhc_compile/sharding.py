@@ -139,11 +139,13 @@ def _block_module_starts(annotation: PipelineAnnotation) -> list[str]:
         elif block.index:
             starts.append(block.path)
     if not starts:
-        raise PipelineError(
-            "mhc fsdp_units: found no module boundary to cut the model at: its residual adds all "
-            f"live in {annotation.blocks[0].path or 'the model itself'!r}; name the cuts "
-            "(cuts=[...], module paths where units begin)"
-        )
+        blocked = [problem for problem in problems.values() if problem]
+        why = (f"no block boundary can begin a unit ({blocked[0]}; a transformers model's KV "
+               "cache, returned at the end, does that: model.config.use_cache = False)"
+               if blocked else f"its residual adds all live in "
+               f"{annotation.blocks[0].path or 'the model itself'!r}; name the cuts (cuts=[...], "
+               "module paths where units begin)")
+        raise PipelineError(f"mhc fsdp_units: found no module boundary to cut the model at: {why}")
     return starts
 
 

@@ -11,6 +11,7 @@ fully_shard (FSDP2) on the model's own submodules, which Dynamo compiles one gra
 fsdp_units called at another shape than it was traced at.
 """
 
+import copy
 import socket
 
 import pytest
@@ -138,6 +139,32 @@ def _assert_units_refuse_other_shapes():
         units.eval()(ids[:2])
 
 
+def _assert_transformers_model_per_block(rank):
+    """A transformers LLaMA (KV cache off: a cache computed from the streams would cross every
+    cut) sharded per block through fsdp_units trains the one-process model; its units return
+    the logits, what the traced graph returns."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
+                                      use_cache=False)
+    model = transformers.LlamaForCausalLM(config).double()
+    ids = torch.randint(0, 101, (4, 8), generator=torch.Generator().manual_seed(1))
+    target = torch.roll(ids, 1, dims=1)
+    mhc_compile.prepare(model, ids[:2])
+    reference = copy.deepcopy(model)
+    torch._dynamo.reset()
+    loss_of(torch.compile(reference, backend=mhc_compile.backend(eager=True))(ids).logits,
+            target).backward()
+    units = _sharded_units(model, ids[:2], eager=True)
+    half = slice(2 * rank, 2 * rank + 2)
+    loss_of(units(ids[half]), target[half]).backward()
+    expected = dict(reference.named_parameters())
+    for name, param in _trained_parameters(units, model):
+        torch.testing.assert_close(_whole(param.grad), expected[name].grad, rtol=1e-9, atol=1e-12,
+                                   msg=name)
+
+
 def _assert_units_refuse_mixed_precision():
     """FSDP2's MixedPrecisionPolicy hands the units parameters of another dtype than traced."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -165,6 +192,7 @@ def _worker(rank, port, directory):
             _assert_checkpoint_round_trip(f"{directory}/per_block", _per_block)
             _assert_units_refuse_other_shapes()
             _assert_units_refuse_mixed_precision()
+            _assert_transformers_model_per_block(rank)
             _assert_refused(rank, prepared=False, expected_text="mhc_compile.prepare(model")
         # Dynamo's default for DDP graphs: split at gradient-bucket boundaries.
         _assert_refused(rank, prepared=True, expected_text="torch._dynamo.config.optimize_ddp = False")
