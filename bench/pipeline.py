@@ -64,14 +64,15 @@ def loss_fn(logits, target):
 
 
 class PlainStage(nn.Module):
-    """Half of the plain LLaMA: embeddings + layers[:cut], or layers[cut:] + norm + head."""
+    """Layers [start, end) of the plain LLaMA, with the embeddings if start is 0 and the norm and
+    head if end is its depth."""
 
-    def __init__(self, model, first: bool, cut: int):
+    def __init__(self, model, start: int, end: int):
         super().__init__()
-        self.first = first
-        self.layers = nn.ModuleList(model.layers[:cut] if first else model.layers[cut:])
-        self.embed = model.tok_embeddings if first else None
-        self.norm, self.output = (None, None) if first else (model.norm, model.output)
+        self.first, self.last = start == 0, end == len(model.layers)
+        self.layers = nn.ModuleList(model.layers[start:end])
+        self.embed = model.tok_embeddings if self.first else None
+        self.norm, self.output = (model.norm, model.output) if self.last else (None, None)
         self.register_buffer("cos", model.cos, persistent=False)
         self.register_buffer("sin", model.sin, persistent=False)
 
@@ -82,7 +83,7 @@ class PlainStage(nn.Module):
             x = self.embed(x)
         for layer in self.layers:
             x = layer(x, cos, sin)
-        return x if self.first else self.output(self.norm(x))
+        return self.output(self.norm(x)) if self.last else x
 
 
 def build(size, device, dtype, seed=0):
@@ -231,7 +232,7 @@ def single_device_part(name, size, device, dtype, args, over_ranks):
     torch.compiler.reset()
     plain, ids, target = build(size, device, dtype)
     mb_ids, mb_target = ids[:micro], target[:micro]
-    plain_stages = [PlainStage(plain, True, depth // 2), PlainStage(plain, False, depth // 2)]
+    plain_stages = [PlainStage(plain, 0, depth // 2), PlainStage(plain, depth // 2, depth)]
     if not args.eager:
         for stage in plain_stages:
             stage.compile()

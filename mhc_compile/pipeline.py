@@ -39,7 +39,8 @@ from mhc_compile.passes.annotate_pipeline import OVERLAP_KEY
 from mhc_compile.pipeline_plan import PipelineError, PipelinePlan, plan_pipeline
 
 __all__ = ["Pipeline", "PipelineError", "pipeline", "schedule_names", "stage_indices",
-           "build_stage_modules", "compile_stage_modules", "post_res_mix_on_side_stream"]
+           "build_stage_modules", "compile_stage_modules", "post_res_mix_on_side_stream",
+           "splits_backward"]
 
 # Schedule names as torch spells them (get_schedule_class), in the order the docs list them.
 _SCHEDULE_CLASSES = {
@@ -180,11 +181,17 @@ def pipeline(
     )
 
 
+def splits_backward(schedule: str) -> bool:
+    """Whether `schedule` runs each stage's backward in two parts with its graph retained in
+    between, which a compiled backward refuses (it donates its buffers): its stages run eager."""
+    return schedule in _SPLIT_BACKWARD
+
+
 def _why_stages_stay_eager(schedule: str, side_stream: bool) -> str | None:
     if side_stream:
         return ("overlap=True's side-stream post/res mix is a Python call between CUDA streams "
                 "that compiled stages do not lower yet; without overlap they run through Inductor")
-    if schedule in _SPLIT_BACKWARD:
+    if splits_backward(schedule):
         return (f"{schedule} runs each stage's backward in two parts with its graph retained in "
                 "between, which a compiled backward refuses (it donates its buffers); 1F1B, GPipe "
                 "and Interleaved1F1B run compiled stages")
