@@ -35,14 +35,13 @@ os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import mhc_compile  # noqa: E402
 from common import log, out_dir, synchronize, versions, write_json, write_table  # noqa: E402
 from mhc_compile import private_apis  # noqa: E402
 from mhc_compile.examples import LLaMA  # noqa: E402
 from mhc_compile.pipeline import splits_backward, stage_indices  # noqa: E402
-from pipeline import PlainStage  # noqa: E402
+from pipeline import PlainStage, loss_fn, max_over_ranks  # noqa: E402
 
 SIZES = {  # the e2e bench's C2048 LLaMA; batch is per data-parallel rank
     "C2048": dict(width=2048, depth=16, heads=16, batch=4, seq=2048, vocab=32000),
@@ -62,10 +61,6 @@ def build(size: dict, device: torch.device):
     ids = torch.randint(0, size["vocab"], (world * size["batch"], size["seq"] + 1),
                         generator=torch.Generator().manual_seed(1))
     return model.to(device), ids.to(device)
-
-
-def loss_fn(logits, target):
-    return F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
 
 
 def autocast(device):
@@ -218,12 +213,6 @@ def pipelined(schedule, size, device, variant):
 
 
 # --- measuring ------------------------------------------------------------------------------------
-
-
-def max_over_ranks(value: float, device) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor.item()
 
 
 def run_engine(engine, size, device, variant, steps) -> dict:

@@ -95,21 +95,20 @@ def _match(add: fx.Node, streams: fx.Node, parameters: set[fx.Node]) -> Deepseek
     sinkhorn_iters, eps = _iterations(steps, softmaxed)
     logits = _expect(softmaxed.args[0] if softmaxed.args else None, "softmax's input")
     comb_w, comb_scale, comb_b = _gate_terms(logits, "comb logits")
-    split_proj, scale, split_base = _projection_parts(comb_w, comb_scale, comb_b, index=2)
+    split_proj, unbound, split_base = _projection_parts(comb_w, comb_scale, comb_b, index=2)
     fn = _projection_weight(split_proj, streams, n)
     post, written = _post_and_written(update)
     post_w, post_scale, post_b = _gate_terms(_two_sigmoid(post), "post logits")
-    if (_part(post_w, split_proj), _part(post_scale, scale), _part(post_b, split_base)) != (1, 1, 1):
+    if (_part(post_w, split_proj), _part(post_scale, unbound), _part(post_b, split_base)) != (1, 1, 1):
         raise _NoMatch("post's gate does not read the projection, scale and base of the comb's")
-    collapsed = _collapsed(streams, split_proj, scale, split_base, eps, mix)
+    collapsed = _collapsed(streams, split_proj, unbound, split_base, eps, mix)
     for node, what in ((collapsed, "the pre-mix f reads"), (add, "the updated streams")):
         if graph_facts.example_value(node).dtype != value.dtype:
             raise _NoMatch(f"{what} are not in the streams' dtype ({value.dtype}), which the "
                            "ops keep")
-    base, scale_parameter = split_base.args[0], scale.args[0]
-    _check_parameters(parameters, fn, base, scale_parameter, n, channels)
-    return DeepseekV4Site(add, streams, fn, base, scale_parameter, collapsed, written, n,
-                          sinkhorn_iters, eps)
+    base, scale = split_base.args[0], unbound.args[0]
+    _check_parameters(parameters, fn, base, scale, n, channels)
+    return DeepseekV4Site(add, streams, fn, base, scale, collapsed, written, n, sinkhorn_iters, eps)
 
 
 def _is(node, functions=(), methods=()) -> bool:
@@ -245,7 +244,7 @@ def _projection_parts(weight: fx.Node, scale: fx.Node, bias: fx.Node, index: int
             raise _NoMatch("the projection and the base are not split into (pre, post, comb)")
     if _argument(split_base, 1, "split_size") != _argument(split_proj, 1, "split_size"):
         raise _NoMatch("the base is not split as the projection is")
-    return split_proj, scale.args[0], split_base
+    return split_proj, unbound, split_base
 
 
 def _projection_weight(split_proj: fx.Node, streams: fx.Node, n: int) -> fx.Node:
@@ -321,7 +320,7 @@ def _two_sigmoid(post: fx.Node) -> fx.Node:
     raise _NoMatch("post is not 2 * sigmoid(...)")
 
 
-def _collapsed(streams: fx.Node, split_proj: fx.Node, scale: fx.Node, split_base: fx.Node,
+def _collapsed(streams: fx.Node, split_proj: fx.Node, unbound: fx.Node, split_base: fx.Node,
                eps: float, mix: fx.Node) -> fx.Node:
     """f's input `sum(pre[..., None] * x, stream axis)` with pre = sigmoid(pre logits) + eps; the
     streams read by nothing else than it, the projection and the mix."""
@@ -336,7 +335,7 @@ def _collapsed(streams: fx.Node, split_proj: fx.Node, scale: fx.Node, split_base
         if shifted is None or shifted[1] != eps or not _is(shifted[0], {torch.sigmoid, F.sigmoid}, {"sigmoid"}):
             raise _NoMatch("pre is not sigmoid(...) + eps with the comb's eps")
         pre_w, pre_scale, pre_b = _gate_terms(shifted[0].args[0], "pre logits")
-        if (_part(pre_w, split_proj), _part(pre_scale, scale), _part(pre_b, split_base)) != (0, 0, 0):
+        if (_part(pre_w, split_proj), _part(pre_scale, unbound), _part(pre_b, split_base)) != (0, 0, 0):
             raise _NoMatch("pre's gate does not read the projection, scale and base of the comb's")
         users = list(product.users)
         if len(users) != 1 or not _is(users[0], *_SUM) or \
