@@ -80,7 +80,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import copy_bandwidth, log, out_dir, pyplot, synchronize, versions, write_json, write_table
+from common import (copy_bandwidth, log, out_dir, profile_steps, profile_text, pyplot, synchronize,
+                    versions, write_json, write_table)
 from mhc_compile import private_apis, spec
 from mhc_compile.options import MHCOptions
 
@@ -410,69 +411,6 @@ def run_warm(size: dict, variant: str, device: torch.device) -> dict:
     first_s = timed(step, device)
     median = statistics.median(timed(step, device) for _ in range(3))
     return {"warm_compile_s": prepare_s + first_s - median, "warm_prepare_s": prepare_s}
-
-
-# Kernel families by name, first match wins: where the GPU time of a step goes.
-KERNEL_FAMILIES = (
-    ("mhc kernels", ("_mhc",)),
-    ("matmul", ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas")),
-    ("attention", ("flash", "fmha", "attention", "sdpa")),
-    ("inductor triton", ("triton_",)),
-    ("optimizer", ("adam", "multi_tensor")),
-)
-
-
-def profile_steps(step, device: torch.device, steps: int = 2) -> dict | None:
-    """GPU time per step by kernel family and the busiest kernels (torch.profiler): shows whether
-    a step waits on the GPU or on the host (busy ms against the median step) and which kernels
-    hold the time. None on CPU."""
-    if device.type != "cuda":
-        return None
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    kernels: dict[str, list[float]] = {}
-    host: dict[str, list[float]] = {}  # CPU-side events: runtime calls and operators
-    for event in profiler.events():
-        by_name = kernels if event.device_type == DeviceType.CUDA else host
-        by_name.setdefault(event.name, []).append(event.time_range.elapsed_us() / 1e3)
-    families: dict[str, float] = {}
-    for name, times in kernels.items():
-        family = next((f for f, keys in KERNEL_FAMILIES
-                       if any(k in name.lower() for k in keys)), "other")
-        families[family] = families.get(family, 0.0) + sum(times) / steps
-    busiest = sorted(kernels.items(), key=lambda item: -sum(item[1]))[:25]
-    return {
-        "gpu_busy_ms_per_step": sum(families.values()),
-        "launches_per_step": sum(len(t) for t in kernels.values()) / steps,
-        "families_ms_per_step": dict(sorted(families.items(), key=lambda item: -item[1])),
-        "busiest": [{"name": name[:120], "ms_per_step": sum(t) / steps, "calls_per_step":
-                     len(t) / steps} for name, t in busiest],
-        # Why the GPU may wait on the host: allocator calls that synchronise and explicit syncs.
-        "runtime_calls_per_step": {
-            name: {"calls": len(t) / steps, "ms": sum(t) / steps} for name, t in host.items()
-            if name.startswith(("cudaMalloc", "cudaFree", "cudaStreamSynchronize",
-                                "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"))
-        },
-        "host_ops_per_step": {name: len(t) / steps for name, t in sorted(
-            host.items(), key=lambda item: -len(item[1]))[:15]},
-    }
-
-
-def profile_text(profiled: dict) -> str:
-    families = ", ".join(f"{name} {ms:.2f}" for name, ms in profiled["families_ms_per_step"].items())
-    lines = [f"   GPU busy {profiled['gpu_busy_ms_per_step']:.2f} ms/step, "
-             f"{profiled['launches_per_step']:.0f} launches/step: {families}"]
-    lines += [f"   {k['ms_per_step']:7.3f} ms {k['calls_per_step']:5.0f}x {k['name']}"
-              for k in profiled["busiest"][:15]]
-    lines.append("   runtime calls/step: " + ", ".join(
-        f"{name} {c['calls']:.0f}x {c['ms']:.2f} ms"
-        for name, c in profiled["runtime_calls_per_step"].items()))
-    return "\n".join(lines)
 
 
 def _recompile(variant, trained, model, ids, device):

@@ -5,6 +5,10 @@ and under backend="mhc", which lowers its hyper-connections onto our kernels
 
     python bench/hyper_connections.py [--sizes C1024 C2048] [--steps 10]
     python bench/hyper_connections.py --tiny --device cpu          # CPU smoke run of the script
+    python bench/hyper_connections.py --sizes C512 --profile       # + GPU ms by kernel family
+
+Variants: eager, default Inductor, backend="mhc", and backend="mhc" with the recompute policy off
+(`--variants` picks; eager always runs: it is the reference the others are checked against).
 
 Per size and variant: the first step's seconds (compile), the median step ms, peak memory, and
 the loss and gradient norm against eager's at the same weights (correctness first: the model's
@@ -22,7 +26,8 @@ import time
 
 import torch
 
-from common import log, median_seconds, out_dir, synchronize, versions, write_json, write_table
+from common import (log, median_seconds, out_dir, profile_steps, profile_text, synchronize, versions,
+                    write_json, write_table)
 
 # This folder is on sys.path (the script's own), and its kernels.py would shadow the `kernels`
 # package that transformers imports when it is installed.
@@ -49,7 +54,7 @@ TINY = {"tiny": dict(hidden_size=32, intermediate_size=64, moe_intermediate_size
                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
                      head_dim=16, q_lora_rank=16, o_lora_rank=16, n_routed_experts=4,
                      num_experts_per_tok=2, index_head_dim=8, qk_rope_head_dim=8, vocab_size=101)}
-VARIANTS = ("eager", "inductor", "mhc")
+VARIANTS = ("eager", "inductor", "mhc", "mhc_no_recompute")
 
 
 def build(config: dict, device: torch.device, dtype: torch.dtype, batch: int, seq: int):
@@ -83,7 +88,8 @@ def compiled(model, variant: str):
     if len(report.lowered) != expected:  # else the row would time plain Inductor
         raise AssertionError(f"{len(report.lowered)} of {expected} hyper-connections lowered: "
                              f"{[b.reason for b in report.blocks if b.status != 'lowered']}")
-    return torch.compile(model, backend="mhc")
+    return torch.compile(model, backend="mhc",
+                         options={"recompute": False} if variant == "mhc_no_recompute" else None)
 
 
 def run_variant(base_model, ids, variant: str, device, args) -> dict:
@@ -109,8 +115,14 @@ def run_variant(base_model, ids, variant: str, device, args) -> dict:
     step_ms = 1e3 * median_seconds(lambda: (step(), model.zero_grad(set_to_none=True)), device,
                                    args.steps, warmup=2)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-    return {"variant": variant, "first_step_s": first_s, "step_ms": step_ms, "peak_gib": peak,
-            "loss": loss.item(), "grad_norm": grad_norm}
+    row = {"variant": variant, "first_step_s": first_s, "step_ms": step_ms, "peak_gib": peak,
+           "loss": loss.item(), "grad_norm": grad_norm}
+    profiled = profile_steps(lambda: (step(), model.zero_grad(set_to_none=True)), device) \
+        if args.profile else None
+    if profiled is not None:
+        row["profile"] = profiled
+        log(profile_text(profiled))
+    return row
 
 
 def main() -> int:
@@ -121,6 +133,9 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS[1:]), choices=VARIANTS[1:])
+    parser.add_argument("--profile", action="store_true",
+                        help="profile two steps per variant: GPU ms by kernel family (JSON, log)")
     parser.add_argument("--out", help="output folder (default $OUT, else bench/out)")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -132,21 +147,22 @@ def main() -> int:
     for name, config in sizes.items():
         base_model, ids = build(config, device, dtype, batch, seq)
         rows = []
-        for variant in VARIANTS:
+        for variant in ("eager", *args.variants):
             log(f"{name} {variant}")
             rows.append({"size": name, **run_variant(base_model, ids, variant, device, args)})
         eager = rows[0]
+        inductor = next((row for row in rows if row["variant"] == "inductor"), None)
         for row in rows:
             row["vs_eager"] = row["step_ms"] / eager["step_ms"]
-            row["vs_inductor"] = row["step_ms"] / rows[1]["step_ms"]
+            row["vs_inductor"] = row["step_ms"] / inductor["step_ms"] if inductor else float("nan")
             row["loss_diff"] = abs(row["loss"] - eager["loss"])
             row["grad_norm_ratio"] = row["grad_norm"] / eager["grad_norm"]
         # bf16: Inductor's own reordering moves the loss by ~1e-3 relative (its row shows it)
         tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
-        mhc = rows[2]
-        if mhc["loss_diff"] > tolerance * abs(eager["loss"]) or abs(mhc["grad_norm_ratio"] - 1) > 5 * tolerance:
-            raise AssertionError(f"{name}: backend='mhc' loss {mhc['loss']} (eager {eager['loss']}), "
-                                 f"grad norm {mhc['grad_norm_ratio']:.4f} of eager's")
+        for row in rows:
+            if row["loss_diff"] > tolerance * abs(eager["loss"]) or abs(row["grad_norm_ratio"] - 1) > 5 * tolerance:
+                raise AssertionError(f"{name}: {row['variant']} loss {row['loss']} (eager {eager['loss']}), "
+                                     f"grad norm {row['grad_norm_ratio']:.4f} of eager's")
         results["rows"].extend(rows)
         write_json(out_dir(args.out) / "hyper_connections.json", results)
     lines = ["| size | variant | first step s | step ms | vs eager | vs inductor | peak GiB | loss | |loss - eager| | grad norm / eager |",
