@@ -8,8 +8,7 @@ and with overlap. Launch one process per GPU:
 Stage modules run compiled, as mhc_compile.pipeline runs them (Inductor with our kernels and the
 recompute policy per stage; the plain model's halves and single-GPU step through torch.compile's
 default Inductor); `--eager` runs every one of them uncompiled, as before the stages compiled.
-The pipeline keeps overlap's stages eager on CUDA, so its rows compare like for like only with
-`--eager` (the JSON's overlap_like_the_others says which).
+With overlap, the mix whose streams stage 0 sends runs on the high-priority stream.
 
 Per model size it measures, on every rank at once (each on its own GPU):
   single GPU   one training step (forward + backward of every microbatch, no optimizer) of the
@@ -205,8 +204,7 @@ def check_correctness(device, dtype, rank, cut, eager):
         got = {name: p.grad.clone() for m in run.modules for name, p in m.named_parameters()}
         model.zero_grad(set_to_none=True)
         reference = build_stage_modules(run.plan, range(2))
-        if not (overlap and device.type == "cuda"):  # the pipeline compiles these stages
-            compile_stage_modules(reference, run.plan.captured.options)
+        compile_stage_modules(reference, run.plan.captured.options)  # as the pipeline's are
         single_gpu_step(chained(reference), ids, target, count)()
         expected = dict(model.named_parameters())
         worst = max((got[n] - expected[n].grad).norm().item() / expected[n].grad.norm().item()
@@ -260,7 +258,8 @@ def single_device_part(name, size, device, dtype, args, over_ranks):
 def one_device(name, size, device, dtype, args):
     """The pipeline's single-GPU parts on one device: each compiled stage's mHC cost beside the
     cost of the same layers compiled whole by backend="mhc" (issue 21: the per-stage cost matches
-    the single-GPU one), after checking both give the same gradients."""
+    the single-GPU one), and each stage with overlap on (nothing to hide on one GPU: its cost),
+    after checking all three give the same gradients."""
     result, parts = single_device_part(name, size, device, dtype, args, over_ranks=lambda v: v)
     count, mhc_model = result["microbatches"], parts["mhc_model"]
     with torch.no_grad():  # away from init, where some mHC gradients are exactly zero
@@ -280,6 +279,20 @@ def one_device(name, size, device, dtype, args):
         raise AssertionError(f"compiled stages and the whole compiled model differ: {worst}")
     result["whole_model_mhc_ms"] = 1e3 * median_seconds(whole_step, device, args.repeats)
     mhc_model.zero_grad(set_to_none=True)
+    overlap_modules = build_stage_modules(parts["plan"], range(2), overlap=True)
+    compile_stage_modules(overlap_modules, parts["plan"].captured.options)
+    overlap_step = single_gpu_step(chained(overlap_modules), parts["ids"], parts["target"], count)
+    overlap_step()
+    worst = max((staged[n] - p.grad).norm().item() / max(staged[n].norm().item(), 1e-30)
+                for n, p in mhc_model.named_parameters())
+    result["overlap_vs_stages_worst_relative_grad_error"] = worst
+    if not worst <= (1e-5 if dtype == torch.float32 else 2e-2):
+        raise AssertionError(f"compiled stages with and without overlap differ: {worst}")
+    mhc_model.zero_grad(set_to_none=True)
+    # One GPU has no boundary traffic to hide: what the side-stream mix costs where it gains nothing.
+    result["overlap_stage_ms"] = stage_times(overlap_modules, parts["ids"][:result["microbatch"]],
+                                             parts["target"][:result["microbatch"]], device, args.repeats)
+    mhc_model.zero_grad(set_to_none=True)
     stage_extra = [m - p for m, p in zip(result["mhc_stage_ms"], result["plain_stage_ms"])]
     result["stage_extra_ms_per_step"] = [count * extra for extra in stage_extra]
     result["whole_model_extra_ms"] = result["whole_model_mhc_ms"] - result["single_gpu_plain_ms"]
@@ -288,17 +301,20 @@ def one_device(name, size, device, dtype, args):
 
 
 def print_one_device_table(results):
-    log(f"\n{'size':10} {'stage':>5} {'plain ms':>9} {'mHC ms':>8} {'x plain':>8} {'mHC extra ms/step':>18}")
+    log(f"\n{'size':10} {'stage':>5} {'plain ms':>9} {'mHC ms':>8} {'x plain':>8} {'mHC extra ms/step':>18} "
+        f"{'overlap ms':>11}")
     for r in results["sizes"]:
-        for index, (plain_ms, mhc_ms, extra) in enumerate(
-                zip(r["plain_stage_ms"], r["mhc_stage_ms"], r["stage_extra_ms_per_step"])):
-            log(f"{r['size']:10} {index:5} {plain_ms:9.2f} {mhc_ms:8.2f} {mhc_ms / plain_ms:8.3f} {extra:18.2f}")
+        for index, (plain_ms, mhc_ms, extra, overlap_ms) in enumerate(zip(
+                r["plain_stage_ms"], r["mhc_stage_ms"], r["stage_extra_ms_per_step"], r["overlap_stage_ms"])):
+            log(f"{r['size']:10} {index:5} {plain_ms:9.2f} {mhc_ms:8.2f} {mhc_ms / plain_ms:8.3f} {extra:18.2f} "
+                f"{overlap_ms:11.2f}")
         log(f"{r['size']:10} step (ms): plain {r['single_gpu_plain_ms']:.2f}, compiled stages chained "
             f"{r['single_gpu_mhc_ms']:.2f} ({r['single_gpu_overhead']:.3f}x), whole model "
             f"backend=\"mhc\" {r['whole_model_mhc_ms']:.2f} "
             f"({r['whole_model_mhc_ms'] / r['single_gpu_plain_ms']:.3f}x); stages' mHC extra / whole "
             f"model's: {r['stages_extra_vs_whole']:.3f}; gradients stages vs whole "
-            f"{r['stages_vs_whole_worst_relative_grad_error']:.1e}")
+            f"{r['stages_vs_whole_worst_relative_grad_error']:.1e}, with overlap vs without "
+            f"{r['overlap_vs_stages_worst_relative_grad_error']:.1e}")
 
 
 def bench_size(name, size, device, dtype, rank, args):
@@ -367,12 +383,6 @@ def bench_size(name, size, device, dtype, rank, args):
         hidden = (no_overlap - by_label[label]["exposed_comm_ms"]) / no_overlap if no_overlap > 0 else 0.0
         by_label[label]["comm_hidden"] = hidden
     result["variants"] = variants
-    # mhc_compile.pipeline keeps overlap's stages eager on CUDA (it warns): its comparisons with
-    # the compiled variants then set eager stages against compiled ones.
-    result["overlap_like_the_others"] = args.eager or device.type != "cuda"
-    if not result["overlap_like_the_others"] and rank == 0:
-        log(f"{name}: 'mHC, overlap' ran eager stages, the other variants compiled ones: its "
-            "comparisons are not like for like (run with --eager to compare overlap)")
     overlap_ratio = by_label["mHC, overlap"]["vs_plain"]
     result["targets"] = {
         "pipeline_overhead_overlap": overlap_ratio,

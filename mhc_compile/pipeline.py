@@ -15,10 +15,12 @@ becomes an fx.GraphModule holding the model's own Parameter objects, compiled as
 compiles a rewritten graph (Inductor, our kernels, the recompute policy within the stage; not with
 eager=True). torch's PipelineStage and schedules do the rest: no runtime of our own.
 
-Overlap (CUDA, opt-in with overlap=True): the post/res mix of every block the annotation marks runs
-on a dedicated high-priority stream (paper: DualPipe runs F_post,res on one), and one-stage-per-rank
-schedules (GPipe, 1F1B) run on torch's action runtime, which posts boundary receives early and does
-not wait for a send before the next compute (Schedule1F1B waits each send with the next receive).
+Overlap (CUDA, opt-in with overlap=True): the post/res mix whose streams a stage sends runs on a
+dedicated high-priority stream (paper: DualPipe runs F_post,res on one), as one op that waits and
+is waited for inside itself, so compiled stages keep it and no other block pays a cross-stream wait;
+one-stage-per-rank schedules (GPipe, 1F1B) run on torch's action runtime, which posts boundary
+receives early and does not wait for a send before the next compute (Schedule1F1B waits each send
+with the next receive).
 """
 
 from __future__ import annotations
@@ -127,11 +129,12 @@ def pipeline(
     cuts: module paths where stages 1.. begin (see plan_pipeline); default: balanced by cost.
     device: where this rank's stages run; default the model's parameters' device.
     group: the pipeline's process group; default the world.
-    overlap: run marked post/res mixes on a high-priority CUDA stream (no effect on CPU). Off by
-        default: on 2 H200s it makes 1F1B steps 7-16% slower (bench/RESULTS.md): the boundary
-        transfer it could hide is about 1% of the step there, less than the cross-stream waits cost.
-        Its stage modules run eagerly (uncompiled), and a warning says so; so do those of the
-        schedules that split a stage's backward (InterleavedZeroBubble, ZBVZeroBubble, DualPipeV).
+    overlap: run the post/res mix whose streams each stage sends on a high-priority CUDA stream
+        (no effect on CPU); compiled stages keep it. Off by default until a multi-GPU run shows it
+        pays: its first form (every block's mix on the side stream, stages uncompiled) made 1F1B
+        steps 7-16% slower on 2 H200s, where the boundary transfer is about 1% of the step
+        (bench/RESULTS.md). The schedules that split a stage's backward (InterleavedZeroBubble,
+        ZBVZeroBubble, DualPipeV) run their stage modules uncompiled, and a warning says so.
     async_exchange: run GPipe/1F1B on torch's action runtime (early receives, sends waited at the
         end of the step); default the same as overlap. Multi-stage schedules always use it.
     scale_grads: divide accumulated gradients by n_microbatches (for a loss_fn that averages).
@@ -157,7 +160,7 @@ def pipeline(
     async_exchange = overlap if async_exchange is None else bool(async_exchange)
     side_stream = overlap and device.type == "cuda"
     modules = build_stage_modules(plan, local, overlap=side_stream)
-    why_eager = _why_stages_stay_eager(canonical, side_stream)
+    why_eager = _why_stages_stay_eager(canonical)
     if why_eager and not plan.captured.options.eager:
         warnings.warn(f"mhc pipeline: the stage modules run eagerly (not compiled): {why_eager}",
                       stacklevel=2)
@@ -187,10 +190,7 @@ def splits_backward(schedule: str) -> bool:
     return schedule in _SPLIT_BACKWARD
 
 
-def _why_stages_stay_eager(schedule: str, side_stream: bool) -> str | None:
-    if side_stream:
-        return ("overlap=True's side-stream post/res mix is a Python call between CUDA streams "
-                "that compiled stages do not lower yet; without overlap they run through Inductor")
+def _why_stages_stay_eager(schedule: str) -> str | None:
     if splits_backward(schedule):
         return (f"{schedule} runs each stage's backward in two parts with its graph retained in "
                 "between, which a compiled backward refuses (it donates its buffers); 1F1B, GPipe "
@@ -246,7 +246,9 @@ def build_stage_modules(plan: PipelinePlan, indices: Sequence[int],
     """The GraphModules of stages `indices`: stage 0 takes the model's arguments, stage s > 0
     takes what stage s-1 returns (streams first, then pass-through values), the last returns the
     model's output. Parameters and buffers are the model's own objects, under the model's names.
-    overlap: call post_res_mix_on_side_stream for the post/res mixes the annotation marks."""
+    overlap: the post/res mix whose streams a stage sends to the next runs on the high-priority
+    stream (post_res_mix_on_side_stream): only there is traffic to hide, so the other blocks pay no
+    cross-stream waits."""
     captured = plan.captured
     nodes = list(captured.graph_module.graph.nodes)
     spans = _stage_spans(plan, nodes)
@@ -281,12 +283,13 @@ def _stage_module(plan, index, nodes, span, names, overlap) -> fx.GraphModule:
         return env[node]
 
     start, end = span
+    sent = set(plan.stages[index].sends) if index + 1 < len(plan.stages) else set()
     for node in nodes[start:end]:
         if node.op in ("placeholder", "output"):
             continue
         copied = graph.node_copy(node, lookup)
-        if overlap and node.meta.get(OVERLAP_KEY):
-            copied.target = post_res_mix_on_side_stream
+        if overlap and node.meta.get(OVERLAP_KEY) and node.name in sent:
+            copied.target = torch.ops.mhc.post_res_mix_on_side_stream.default
         env[node] = copied
     if index + 1 < len(plan.stages):
         graph.output(tuple(lookup(by_name[name]) for name in plan.stages[index].sends))
@@ -376,7 +379,7 @@ def _schedule_class(name: str):
     return getattr(pipelining, _SCHEDULE_CLASSES[name])
 
 
-# --- overlap: the post/res mix on a dedicated high-priority stream --------------------------------
+# --- overlap: the stage's outgoing post/res mix on a dedicated high-priority stream ---------------
 
 
 @functools.cache
@@ -385,28 +388,71 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device=device, priority=-1)
 
 
+def _on_side_stream(compute: Callable[[], Sequence[torch.Tensor]],
+                    inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """compute()'s tensors, computed on the inputs' device's high-priority stream, so its kernels
+    are scheduled ahead of queued lower-priority work while boundary traffic is in flight.
+
+    The side stream waits for the current stream (which made the inputs) and the current stream
+    for the side stream before returning: to its caller, and so to autograd and to Inductor's
+    generated code, this is an ordinary op on the current stream (no stream switch in any graph,
+    no gradient made on another stream). record_stream keeps the caching allocator from handing
+    out an input's memory while the side stream still reads it, or an output's while the current
+    stream does."""
+    device = inputs[0].device
+    current = torch.cuda.current_stream(device)
+    side = _side_stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        outputs = tuple(compute())
+    for tensor in inputs:
+        tensor.record_stream(side)
+    current.wait_stream(side)
+    for tensor in outputs:
+        tensor.record_stream(current)
+    return outputs
+
+
+@torch.library.custom_op("mhc::post_res_mix_on_side_stream", mutates_args=())
 def post_res_mix_on_side_stream(streams: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor,
                                 h_res: torch.Tensor) -> torch.Tensor:
     """mhc::post_res_mix ([..., n, C], [..., C], [..., n], [..., n, n] -> [..., n, C]) on the
-    high-priority stream, so it is scheduled ahead of queued lower-priority work (another
-    microbatch's compute) while the boundary traffic is in flight; its backward runs there too
-    (autograd runs a backward op on its forward op's stream and synchronises the gradients).
-
-    Synchronisation: the side stream waits for the inputs (made on the current stream); every
-    input is marked used by the side stream (record_stream) so the caching allocator does not hand
-    its memory out while the mix still reads it; the current stream waits for the output before
-    anything reads it (the next block, or PipelineStage's send, which NCCL orders after the
-    current stream), and the output is marked used by the current stream.
-    """
+    high-priority stream on CUDA (_on_side_stream), its backward there too; elsewhere the op
+    itself. A custom op Inductor calls as it is, so compiled stages keep it."""
+    inputs = (streams, y, h_post, h_res)
     if streams.device.type != "cuda":
-        return torch.ops.mhc.post_res_mix.default(streams, y, h_post, h_res)
-    current = torch.cuda.current_stream(streams.device)
-    side = _side_stream(streams.device)
-    side.wait_stream(current)
-    with torch.cuda.stream(side):
-        mixed = torch.ops.mhc.post_res_mix.default(streams, y, h_post, h_res)
-    for tensor in (streams, y, h_post, h_res):
-        tensor.record_stream(side)
-    current.wait_stream(side)
-    mixed.record_stream(current)
-    return mixed
+        return torch.ops.mhc.post_res_mix.default(*inputs)
+    return _on_side_stream(lambda: (torch.ops.mhc.post_res_mix.default(*inputs),), inputs)[0]
+
+
+@post_res_mix_on_side_stream.register_fake
+def _(streams, y, h_post, h_res):
+    return streams.new_empty(streams.shape)
+
+
+@torch.library.custom_op("mhc::post_res_mix_backward_on_side_stream", mutates_args=())
+def _post_res_mix_backward_on_side_stream(
+    grad_out: torch.Tensor, streams: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor,
+    h_res: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    inputs = (grad_out, streams, y, h_post, h_res)
+    if streams.device.type != "cuda":
+        return tuple(torch.ops.mhc.post_res_mix_backward.default(*inputs))
+    return _on_side_stream(lambda: torch.ops.mhc.post_res_mix_backward.default(*inputs), inputs)
+
+
+@_post_res_mix_backward_on_side_stream.register_fake
+def _(grad_out, *inputs):
+    return tuple(tensor.new_empty(tensor.shape) for tensor in inputs)
+
+
+def _save_mix_inputs(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _post_res_mix_on_side_stream_grad(ctx, grad_out):
+    return _post_res_mix_backward_on_side_stream(grad_out.contiguous(), *ctx.saved_tensors)
+
+
+post_res_mix_on_side_stream.register_autograd(_post_res_mix_on_side_stream_grad,
+                                              setup_context=_save_mix_inputs)

@@ -126,13 +126,23 @@ def test_stage_modules_chained_equal_the_rewritten_model(build, cuts):
     _assert_grads(modules, expected_grads)
 
 
-def test_overlap_modules_call_the_side_stream_mix_and_compute_the_same():
-    model, ids, target = example_model(gpt, depth=1, batch=2, seq=8, width=32, heads=2)
+def test_overlap_puts_only_each_sent_mix_on_the_side_stream_and_compiled_stages_match():
+    model, ids, target = example_model(gpt, depth=2, batch=2, seq=8, width=32, heads=2)
     expected_loss, expected_grads = single_process_run(model, ids, target)
-    modules = build_stage_modules(plan_pipeline(model, (ids,), 2), range(2), overlap=True)
-    targets = [n.target for m in modules for n in m.graph.nodes if n.op == "call_function"]
-    assert targets.count(post_res_mix_on_side_stream) == 2
-    assert torch.ops.mhc.post_res_mix.default not in targets
+    plan = plan_pipeline(model, (ids,), 3)
+    modules = build_stage_modules(plan, range(3), overlap=True)
+    side_stream_mix = torch.ops.mhc.post_res_mix_on_side_stream.default
+    mixes = 0
+    for index, module in enumerate(modules):
+        nodes = list(module.graph.nodes)
+        on_side = [n for n in nodes if n.target is side_stream_mix]
+        mixes += sum(n.target in (side_stream_mix, torch.ops.mhc.post_res_mix.default) for n in nodes)
+        if index + 1 < len(modules):  # the mix whose streams the stage sends, and no other
+            assert len(on_side) == 1 and nodes[-1].args[0][0] is on_side[0], index
+        else:
+            assert not on_side
+    assert mixes == len(plan.blocks) == 4
+    pipeline_module.compile_stage_modules(modules, plan.captured.options)
     loss = loss_of(_chain(modules, ids), target)
     loss.backward()
     torch.testing.assert_close(loss, expected_loss, rtol=1e-12, atol=0)
