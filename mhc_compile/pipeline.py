@@ -15,12 +15,14 @@ becomes an fx.GraphModule holding the model's own Parameter objects, compiled as
 compiles a rewritten graph (Inductor, our kernels, the recompute policy within the stage; not with
 eager=True). torch's PipelineStage and schedules do the rest: no runtime of our own.
 
-Overlap (CUDA, opt-in with overlap=True): the post/res mix whose streams a stage sends runs on a
-dedicated high-priority stream (paper: DualPipe runs F_post,res on one), as one op that waits and
-is waited for inside itself, so compiled stages keep it and no other block pays a cross-stream wait;
-one-stage-per-rank schedules (GPipe, 1F1B) run on torch's action runtime, which posts boundary
-receives early and does not wait for a send before the next compute (Schedule1F1B waits each send
-with the next receive).
+Overlap (CUDA, opt-in with overlap=True): the post/res mix that makes the streams a stage sends
+runs on a dedicated high-priority stream (paper: DualPipe runs F_post,res on one), as one op that
+waits and is waited for inside itself, so compiled stages keep it and no other block pays a stream
+switch; one-stage-per-rank schedules (GPipe, 1F1B) run on torch's action runtime, which posts
+boundary receives early and does not wait for a send before the next compute (Schedule1F1B waits
+each send with the next receive). torch's schedules run all compute on one stream, so the priority
+only places the mix ahead of other streams' work in flight (NCCL's transfer kernels); the early
+receives are the part that can hide traffic.
 """
 
 from __future__ import annotations
@@ -246,9 +248,9 @@ def build_stage_modules(plan: PipelinePlan, indices: Sequence[int],
     """The GraphModules of stages `indices`: stage 0 takes the model's arguments, stage s > 0
     takes what stage s-1 returns (streams first, then pass-through values), the last returns the
     model's output. Parameters and buffers are the model's own objects, under the model's names.
-    overlap: the post/res mix whose streams a stage sends to the next runs on the high-priority
-    stream (post_res_mix_on_side_stream): only there is traffic to hide, so the other blocks pay no
-    cross-stream waits."""
+    overlap: the post/res mix of each stage's last block, which makes the streams the stage sends
+    (after stream-wise ops such as a ReLU, if any), runs on the high-priority stream
+    (post_res_mix_on_side_stream); no other block pays a stream switch."""
     captured = plan.captured
     nodes = list(captured.graph_module.graph.nodes)
     spans = _stage_spans(plan, nodes)
@@ -283,12 +285,13 @@ def _stage_module(plan, index, nodes, span, names, overlap) -> fx.GraphModule:
         return env[node]
 
     start, end = span
-    sent = set(plan.stages[index].sends) if index + 1 < len(plan.stages) else set()
+    stage = plan.stages[index]
+    outgoing_mix = plan.blocks[stage.last_block].post_res_mix if stage.sends else None
     for node in nodes[start:end]:
         if node.op in ("placeholder", "output"):
             continue
         copied = graph.node_copy(node, lookup)
-        if overlap and node.meta.get(OVERLAP_KEY) and node.name in sent:
+        if overlap and node.meta.get(OVERLAP_KEY) and node.name == outgoing_mix:
             copied.target = torch.ops.mhc.post_res_mix_on_side_stream.default
         env[node] = copied
     if index + 1 < len(plan.stages):
@@ -388,41 +391,42 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device=device, priority=-1)
 
 
-def _on_side_stream(compute: Callable[[], Sequence[torch.Tensor]],
-                    inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """compute()'s tensors, computed on the inputs' device's high-priority stream, so its kernels
-    are scheduled ahead of queued lower-priority work while boundary traffic is in flight.
+def _on_side_stream(compute: Callable[[], torch.Tensor], inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """compute()'s tensor, computed on the inputs' device's high-priority stream.
 
-    The side stream waits for the current stream (which made the inputs) and the current stream
-    for the side stream before returning: to its caller, and so to autograd and to Inductor's
-    generated code, this is an ordinary op on the current stream (no stream switch in any graph,
-    no gradient made on another stream). record_stream keeps the caching allocator from handing
-    out an input's memory while the side stream still reads it, or an output's while the current
-    stream does."""
+    The side stream waits for the current stream (which made the inputs), and the current stream
+    waits for the side stream before this returns: to its caller, and so to autograd and to
+    Inductor's generated code, this is an ordinary op on the current stream (no stream switch in
+    any graph). So it overlaps nothing on the current stream; what the priority buys is the
+    kernels' place against work on other streams in flight at the same time, such as NCCL's
+    transfer kernels of the boundary traffic. record_stream keeps the caching allocator from
+    handing out an input's memory while the side stream still reads it (received buffers come from
+    other streams' pools), or the output's while the current stream uses it."""
     device = inputs[0].device
     current = torch.cuda.current_stream(device)
     side = _side_stream(device)
     side.wait_stream(current)
-    with torch.cuda.stream(side):
-        outputs = tuple(compute())
+    with torch.cuda.device(device), torch.cuda.stream(side):
+        output = compute()
     for tensor in inputs:
         tensor.record_stream(side)
     current.wait_stream(side)
-    for tensor in outputs:
-        tensor.record_stream(current)
-    return outputs
+    output.record_stream(current)
+    return output
 
 
 @torch.library.custom_op("mhc::post_res_mix_on_side_stream", mutates_args=())
 def post_res_mix_on_side_stream(streams: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor,
                                 h_res: torch.Tensor) -> torch.Tensor:
     """mhc::post_res_mix ([..., n, C], [..., C], [..., n], [..., n, n] -> [..., n, C]) on the
-    high-priority stream on CUDA (_on_side_stream), its backward there too; elsewhere the op
-    itself. A custom op Inductor calls as it is, so compiled stages keep it."""
+    high-priority stream on CUDA (_on_side_stream), elsewhere the op itself. A custom op that
+    Inductor calls as it is, so compiled stages keep it. Its backward is mhc::post_res_mix's, on the
+    current stream: the gradient a stage sends back is made by its first block's backward, not by
+    this block's."""
     inputs = (streams, y, h_post, h_res)
     if streams.device.type != "cuda":
         return torch.ops.mhc.post_res_mix.default(*inputs)
-    return _on_side_stream(lambda: (torch.ops.mhc.post_res_mix.default(*inputs),), inputs)[0]
+    return _on_side_stream(lambda: torch.ops.mhc.post_res_mix.default(*inputs), inputs)
 
 
 @post_res_mix_on_side_stream.register_fake
@@ -430,28 +434,12 @@ def _(streams, y, h_post, h_res):
     return streams.new_empty(streams.shape)
 
 
-@torch.library.custom_op("mhc::post_res_mix_backward_on_side_stream", mutates_args=())
-def _post_res_mix_backward_on_side_stream(
-    grad_out: torch.Tensor, streams: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor,
-    h_res: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    inputs = (grad_out, streams, y, h_post, h_res)
-    if streams.device.type != "cuda":
-        return tuple(torch.ops.mhc.post_res_mix_backward.default(*inputs))
-    return _on_side_stream(lambda: torch.ops.mhc.post_res_mix_backward.default(*inputs), inputs)
-
-
-@_post_res_mix_backward_on_side_stream.register_fake
-def _(grad_out, *inputs):
-    return tuple(tensor.new_empty(tensor.shape) for tensor in inputs)
-
-
 def _save_mix_inputs(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
 def _post_res_mix_on_side_stream_grad(ctx, grad_out):
-    return _post_res_mix_backward_on_side_stream(grad_out.contiguous(), *ctx.saved_tensors)
+    return torch.ops.mhc.post_res_mix_backward.default(grad_out.contiguous(), *ctx.saved_tensors)
 
 
 post_res_mix_on_side_stream.register_autograd(_post_res_mix_on_side_stream_grad,

@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import mhc_compile
 from mhc_compile import cli, spec
-from mhc_compile.examples import gpt, llama
+from mhc_compile.examples import gpt, llama, resnet
 from mhc_compile.pipeline import (
     PipelineError, build_stage_modules, post_res_mix_on_side_stream, schedule_names, stage_indices)
 from mhc_compile.passes.annotate_pipeline import CUT_KEY, OVERLAP_KEY
@@ -149,6 +149,23 @@ def test_overlap_puts_only_each_sent_mix_on_the_side_stream_and_compiled_stages_
     _assert_grads(modules, expected_grads)
 
 
+def test_overlap_finds_the_sent_mix_behind_a_stream_wise_op():
+    # ResNet's blocks end in a ReLU after the mix: the stage sends relu(mix), not the mix itself.
+    model, (images,) = resnet(batch=2, image=8, width=4, depth=2)
+    model = model.double().eval()
+    images = images.double()
+    mhc_compile.prepare(model, images)
+    plan = plan_pipeline(model, (images,), 2)
+    plain, overlapped = (build_stage_modules(plan, range(2), overlap=on) for on in (False, True))
+    side_stream_mix = torch.ops.mhc.post_res_mix_on_side_stream.default
+    counts = [sum(n.target is side_stream_mix for n in m.graph.nodes) for m in overlapped]
+    assert counts == [1, 0]
+    sent = overlapped[0].graph.find_nodes(op="output")[0].args[0][0]
+    assert sent.target is not side_stream_mix  # the ReLU after it
+    with torch.no_grad():
+        torch.testing.assert_close(_chain(overlapped, images), _chain(plain, images), rtol=0, atol=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the side stream needs CUDA")
 def test_side_stream_post_res_mix_matches_the_op_forward_and_backward_on_cuda():
     torch.manual_seed(0)
@@ -163,6 +180,22 @@ def test_side_stream_post_res_mix_matches_the_op_forward_and_backward_on_cuda():
     torch.testing.assert_close(out, expected)
     for got, want in zip(inputs, copies):
         torch.testing.assert_close(got.grad, want.grad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the side stream needs CUDA")
+def test_compiled_stages_with_the_side_stream_mix_match_on_cuda():
+    model, ids, target = example_model(gpt, depth=2, batch=2, seq=64, width=64, heads=2)
+    model, ids, target = model.float().cuda(), ids.cuda(), target.cuda()
+    plan = plan_pipeline(model, (ids,), 2)
+    grads = []
+    for overlap in (False, True):
+        modules = build_stage_modules(plan, range(2), overlap=overlap)
+        pipeline_module.compile_stage_modules(modules, plan.captured.options)
+        loss_of(_chain(modules, ids), target).backward()
+        grads.append({name: p.grad.clone() for m in modules for name, p in m.named_parameters()})
+        model.zero_grad(set_to_none=True)
+    for name, expected in grads[0].items():
+        torch.testing.assert_close(grads[1][name], expected, rtol=1e-5, atol=1e-6, msg=name)
 
 
 # --- bad configurations: exact messages ------------------------------------------------------------
