@@ -5,6 +5,7 @@ Launch one process per GPU:
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \\
         torchrun --nproc-per-node K bench/distributed.py [--engines ddp fsdp 1F1B Interleaved1F1B DualPipeV]
     torchrun --nproc-per-node 2 bench/distributed.py --device cpu --smoke      # gloo, tiny, no GPU
+    bench/multi_gpu.sh K OUT     # this, then bench/pipeline.py's overlap with and without NVLink
 
 Every run trains `--steps` AdamW steps under bf16 autocast on the same global batch (K x batch
 sequences: each data-parallel rank its own share, the pipeline the whole batch in microbatches,
