@@ -391,7 +391,8 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device=device, priority=-1)
 
 
-def _on_side_stream(compute: Callable[[], torch.Tensor], inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+def _on_side_stream(compute: Callable[[], torch.Tensor],
+                    inputs: Sequence[torch.Tensor]) -> torch.Tensor:
     """compute()'s tensor, computed on the inputs' device's high-priority stream.
 
     The side stream waits for the current stream (which made the inputs), and the current stream
