@@ -276,3 +276,10 @@ def _post_res_mix_grad(ctx, grad_out):
 
 
 post_res_mix.register_autograd(_post_res_mix_grad, setup_context=_save_inputs)
+
+
+def register_like_post_res_mix(op) -> None:
+    """Give `op`, a custom op computing mhc::post_res_mix (same signature, same function, run
+    differently: the pipeline's side-stream mix), post_res_mix's fake implementation and backward."""
+    op.register_fake(_post_res_mix_fake)
+    op.register_autograd(_post_res_mix_grad, setup_context=_save_inputs)

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import fx, nn
 
-from mhc_compile import private_apis
+from mhc_compile import ops, private_apis
 from mhc_compile.backend import compile_whole_ops
 from mhc_compile.options import MHCOptions
 from mhc_compile.passes.annotate_pipeline import OVERLAP_KEY
@@ -391,9 +391,8 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device=device, priority=-1)
 
 
-def _on_side_stream(compute: Callable[[], torch.Tensor],
-                    inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """compute()'s tensor, computed on the inputs' device's high-priority stream.
+def _on_side_stream(op: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """op(*inputs), computed on the inputs' device's high-priority stream.
 
     The side stream waits for the current stream (which made the inputs), and the current stream
     waits for the side stream before this returns: to its caller, and so to autograd and to
@@ -408,7 +407,7 @@ def _on_side_stream(compute: Callable[[], torch.Tensor],
     side = _side_stream(device)
     side.wait_stream(current)
     with torch.cuda.device(device), torch.cuda.stream(side):
-        output = compute()
+        output = op(*inputs)
     for tensor in inputs:
         tensor.record_stream(side)
     current.wait_stream(side)
@@ -427,21 +426,7 @@ def post_res_mix_on_side_stream(streams: torch.Tensor, y: torch.Tensor, h_post: 
     inputs = (streams, y, h_post, h_res)
     if streams.device.type != "cuda":
         return torch.ops.mhc.post_res_mix.default(*inputs)
-    return _on_side_stream(lambda: torch.ops.mhc.post_res_mix.default(*inputs), inputs)
+    return _on_side_stream(torch.ops.mhc.post_res_mix.default, inputs)
 
 
-@post_res_mix_on_side_stream.register_fake
-def _(streams, y, h_post, h_res):
-    return streams.new_empty(streams.shape)
-
-
-def _save_mix_inputs(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _post_res_mix_on_side_stream_grad(ctx, grad_out):
-    return torch.ops.mhc.post_res_mix_backward.default(grad_out.contiguous(), *ctx.saved_tensors)
-
-
-post_res_mix_on_side_stream.register_autograd(_post_res_mix_on_side_stream_grad,
-                                              setup_context=_save_mix_inputs)
+ops.register_like_post_res_mix(post_res_mix_on_side_stream)
