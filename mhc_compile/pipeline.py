@@ -160,8 +160,7 @@ def pipeline(
     device = torch.device(device) if device is not None else _model_device(model)
     overlap = False if overlap is None else bool(overlap)
     async_exchange = overlap if async_exchange is None else bool(async_exchange)
-    side_stream = overlap and device.type == "cuda"
-    modules = build_stage_modules(plan, local, overlap=side_stream)
+    modules = build_stage_modules(plan, local, overlap=overlap)  # off CUDA its op is the plain mix
     why_eager = _why_stages_stay_eager(canonical)
     if why_eager and not plan.captured.options.eager:
         warnings.warn(f"mhc pipeline: the stage modules run eagerly (not compiled): {why_eager}",
@@ -180,7 +179,7 @@ def pipeline(
     )
     return Pipeline(
         schedule=built, stages=stages, modules=modules, stage_indices=local, plan=plan,
-        overlap=side_stream, async_exchange=async_exchange,
+        overlap=overlap, async_exchange=async_exchange,
         n_microbatches=n_microbatches,
         bytes_per_microbatch={index: plan.stages[index].bytes_sent for index in local},
     )
