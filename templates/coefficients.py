@@ -443,11 +443,19 @@ def _iterations_bwd(
 
 
 @triton.jit
-def _softmax_columns_plus_eps(log_m, valid, eps):
+def _deepseek_v4_start(log_m, valid, eps):
     """DeepSeek-V4's first step on the logits (padded entries -inf): the softmax over each column
-    (axis 1), and that softmax plus eps (padded entries 0)."""
+    (axis 1), that softmax plus eps (padded entries 0), and the first iterate, the latter's rows
+    normalised."""
     softmax = tl.exp(_normalize(log_m, valid, 1))
-    return softmax, tl.where(valid, softmax + eps, 0.0)
+    plus_eps = tl.where(valid, softmax + eps, 0.0)
+    return softmax, plus_eps, _normalize_eps(plus_eps, valid, eps, 2)
+
+
+@triton.jit
+def _sinkhorn(log_m, valid, eps, iters):
+    """The paper's Sinkhorn in log space, exponentiated: H_res."""
+    return tl.exp(_iterate(log_m, valid, eps, iters, _log_iteration))
 
 
 @triton.jit
@@ -456,10 +464,9 @@ def _constrained(log_m, valid, eps, iters, FORMULATION: tl.constexpr):
     paper's Sinkhorn ("sinkhorn"), or DeepSeek-V4's ("deepseek_v4"): the softmax of each column plus
     eps, the rows normalised, then `iters` - 1 iterations."""
     if FORMULATION == "sinkhorn":
-        h_res = tl.exp(_iterate(log_m, valid, eps, iters, _log_iteration))
+        h_res = _sinkhorn(log_m, valid, eps, iters)
     else:
-        _, plus_eps = _softmax_columns_plus_eps(log_m, valid, eps)
-        start = _normalize_eps(plus_eps, valid, eps, 2)
+        _, _, start = _deepseek_v4_start(log_m, valid, eps)
         h_res = _iterate(start, valid, eps, iters - 1, _eps_iteration)
     return h_res
 
@@ -470,12 +477,11 @@ def _constrained_bwd(log_m, valid, eps, grad_h_res, iters, segment, FORMULATION:
     recomputed on chip (`_iterations_bwd`, segments of `segment`)."""
     if FORMULATION == "sinkhorn":
         # H_res = exp(final log iterate): the gradient w.r.t. that iterate is grad * H_res.
-        h_res = tl.exp(_iterate(log_m, valid, eps, iters, _log_iteration))
+        h_res = _sinkhorn(log_m, valid, eps, iters)
         grad_logits = _iterations_bwd(log_m, valid, eps, grad_h_res * h_res, iters, segment,
                                       _log_iteration, _log_iteration_bwd)
     else:
-        softmax, plus_eps = _softmax_columns_plus_eps(log_m, valid, eps)
-        start = _normalize_eps(plus_eps, valid, eps, 2)
+        softmax, plus_eps, start = _deepseek_v4_start(log_m, valid, eps)
         grad_start = _iterations_bwd(start, valid, eps, grad_h_res, iters - 1, segment,
                                      _eps_iteration, _eps_iteration_bwd)
         # + eps passes the gradient through; y = softmax(L) along the columns gives
