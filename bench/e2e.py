@@ -48,9 +48,8 @@ mhc when time is left; every variant also records a recompile after torch.compil
 own process, where even the in-memory caches are warm).
 
 The bytes floor: the stream elements mHC must move per token per sublayer in a training step
-(mhc_compile/spec.py's training_floor_elements: the forward's (2n+2)C with a block's mix fused
-with the next block's coefficients, both backwards', and the post/res mix the recompute policy runs
-again, where it is on: 46C at n=4, 37C without recompute);
+(mhc_compile/spec.py's training_floor_elements: the forward's (3n+2)C, both backwards', and the
+post/res mix the recompute policy runs again, where it is on: 50C at n=4, 41C without recompute);
 at the measured copy bandwidth that is the least time mHC can add to a step. It is reported for
 2-byte elements (the issue's count) and for the dtype the variant stores its streams in: the
 residual's own by default (float32 here: autocast leaves the embedding output and so the residual

@@ -166,12 +166,10 @@ def check(tokens: int, n: int, channels: int, seed: int) -> dict[str, float]:
 
 
 def floor_bytes(tokens: int, n: int, channels: int) -> int:
-    """The timed sublayer's forward floor: (3n+2)C stream elements per token (the floors of
-    coefficients + pre-mix, which read x once and write u, and of post/res, which reads x and y and
-    writes x_{l+1}). In a compiled chain the mix is fused with the next block's coefficients
-    instead (spec.forward_floor_elements, (2n+2)C): that kernel is timed alone below."""
-    elements = sum(op.floor.elements(n) for op in (spec.COEFFICIENTS_PRE_MIX, spec.POST_RES_MIX))
-    return elements * channels * tokens * STREAM_DTYPE.itemsize
+    """Forward floor: (3n+2)C stream elements per token (spec.forward_floor_elements: coefficients
+    fused with the pre-mix read x once and write u; post/res reads x and y and writes x_{l+1}). Our
+    forward moves exactly these through HBM when the fused kernel's second read of x hits L2."""
+    return spec.forward_floor_elements(n) * channels * tokens * STREAM_DTYPE.itemsize
 
 
 def kernel_bytes(tokens: int, n: int, channels: int) -> dict[str, int]:
@@ -193,9 +191,6 @@ def kernel_elements(n: int) -> dict[str, int]:
         "pre_mix_fwd": passes["pre_mix_fwd"],
         "coefficients_pre_mix_fwd": spec.COEFFICIENTS_PRE_MIX.stream_elements(n),
         "post_res_mix_fwd": passes["post_res_mix_fwd"],
-        "post_res_projection": passes["post_res_projection"],
-        "post_res_mix_coefficients_pre_mix_fwd":
-            spec.POST_RES_MIX_COEFFICIENTS_PRE_MIX.stream_elements(n),
         "post_res_mix_bwd": passes["post_res_mix_bwd"],
         "pre_mix_grad_h_pre": passes["pre_mix_grad_h_pre"],
         "coefficients_bwd": passes["coefficients_bwd"],  # timed with accumulate
@@ -363,12 +358,6 @@ def time_kernels(inputs) -> dict[str, dict[str, float]]:
         "coefficients_pre_mix_fwd": lambda: coefficients_pre_mix.mhc_coefficients_pre_mix_fwd(
             *parameters, ITERS, "sinkhorn"),
         "post_res_mix_fwd": lambda: post_res_mix.mhc_post_res_mix_fwd(streams, mixed, h_post, h_res),
-        # the mix fused with the next block's coefficients (here this block's parameters again)
-        "post_res_projection": lambda: coefficients._post_res_projection(
-            streams, mixed, h_post, h_res, phi),
-        "post_res_mix_coefficients_pre_mix_fwd": lambda: (
-            coefficients_pre_mix.mhc_post_res_mix_coefficients_pre_mix_fwd(
-                streams, mixed, h_post, h_res, *parameters[1:], ITERS, "sinkhorn")),
         "post_res_mix_bwd": lambda: post_res_mix.mhc_post_res_mix_bwd(
             grad_streams, streams, mixed, h_post, h_res),
         "pre_mix_grad_h_pre": lambda: pre_mix.mhc_pre_mix_grad_h_pre(mixed, streams),

@@ -3,8 +3,6 @@
 Two forward ops, each with a backward op:
     mhc::coefficients_pre_mix  H_pre, H_post, H_res (paper Eq. 7-8) and F's input H_pre x_l (Eq. 3)
     mhc::post_res_mix          x_{l+1} = H_res x_l + H_post^T F(...) (Eq. 3)
-and, for compiled forward graphs only, the two fused across sublayers: block l's post/res mix and
-block l+1's coefficients and pre-mix of its output, mhc::post_res_mix_coefficients_pre_mix_opaque.
 Each is a `torch.library.triton_op`: on CUDA (bf16/fp16/fp32 streams, n <= 8, static shapes)
 its body launches the Triton kernels of templates/ through wrap_triton, so Inductor traces into it,
 compiles the kernels and the small tensor work around them and launches them from its own code.
@@ -81,30 +79,11 @@ def spec_of(target: object) -> spec.OpSpec | None:
 
 
 def _define(op: spec.OpSpec, reference_impl: Callable, fake_impl: Callable) -> Callable:
-    """The public op `mhc::<name>` and its opaque twin `mhc::<name>_opaque` (_define_opaque), both
-    with the spec's signature. The public op is a torch.library.triton_op when Triton is installed,
-    else a custom op; its body is its own fake implementation (run on fake tensors it takes the
-    same branch)."""
-    opaque = _define_opaque(op, reference_impl, fake_impl)
-
-    def body(*args):
-        if launches_kernels(args[op.streams_at], args):
-            return templates.launcher(op.name)(*args)
-        return opaque(*args)
-
-    body.__signature__ = op.signature()
-    if templates.triton_available():
-        public = torch.library.triton_op(f"{NAMESPACE}::{op.name}", body, mutates_args=())
-    else:
-        public = torch.library.custom_op(f"{NAMESPACE}::{op.name}", body, mutates_args=())
-        public.register_fake(body)
-    _SPEC_OF[getattr(getattr(torch.ops, NAMESPACE), op.name).default] = op
-    return public
-
-
-def _define_opaque(op: spec.OpSpec, reference_impl: Callable, fake_impl: Callable) -> Callable:
-    """`mhc::<name>_opaque`, a custom op Inductor does not trace: the reference on every device,
-    the Triton kernels on CUDA where they apply."""
+    """The public op `mhc::<name>` and its opaque twin `mhc::<name>_opaque`, both with the spec's
+    signature. The twin is a custom op Inductor does not trace: the reference on every device, the
+    Triton kernels on CUDA where they apply. The public op is a torch.library.triton_op when
+    Triton is installed, else a custom op; its body is its own fake implementation (run on fake
+    tensors it takes the same branch)."""
     def opaque_impl(*args):
         return reference_impl(*args)
 
@@ -118,9 +97,23 @@ def _define_opaque(op: spec.OpSpec, reference_impl: Callable, fake_impl: Callabl
                                      mutates_args=())
     opaque.register_fake(fake_impl)
     torch.library.register_kernel(opaque, "cuda", on_cuda)
-    opaque_overload = getattr(getattr(torch.ops, NAMESPACE), f"{op.name}{OPAQUE_SUFFIX}").default
+    namespace = getattr(torch.ops, NAMESPACE)
+    opaque_overload = getattr(namespace, f"{op.name}{OPAQUE_SUFFIX}").default
     OPAQUE_OPS[opaque_overload] = _SPEC_OF[opaque_overload] = op
-    return opaque
+
+    def body(*args):
+        if launches_kernels(args[op.streams_at], args):
+            return templates.launcher(op.name)(*args)
+        return opaque(*args)
+
+    body.__signature__ = op.signature()
+    if templates.triton_available():
+        public = torch.library.triton_op(f"{NAMESPACE}::{op.name}", body, mutates_args=())
+    else:
+        public = torch.library.custom_op(f"{NAMESPACE}::{op.name}", body, mutates_args=())
+        public.register_fake(body)
+    _SPEC_OF[getattr(namespace, op.name).default] = op
+    return public
 
 
 _ops_kept_whole = contextvars.ContextVar("mhc_ops_kept_whole", default=False)
@@ -283,28 +276,6 @@ def _post_res_mix_grad(ctx, grad_out):
 
 
 post_res_mix.register_autograd(_post_res_mix_grad, setup_context=_save_inputs)
-
-
-# --- block l's post/res mix fused with block l+1's coefficients and pre-mix ------------------------
-
-
-def _post_res_mix_coefficients_pre_mix_reference(streams, y, h_post, h_res, *parameters_and_settings):
-    streams_out = reference.post_res_mix(streams, y, h_post, h_res)
-    coefficients = reference.coefficients_pre_mix_and_projection(streams_out, *parameters_and_settings)
-    return _dense(streams_out, *coefficients)
-
-
-def _post_res_mix_coefficients_pre_mix_fake(streams, y, h_post, h_res, *parameters_and_settings):
-    streams_out = _post_res_mix_fake(streams)
-    return streams_out, *_coefficients_pre_mix_fake(streams_out)
-
-
-# Only the opaque op: passes/fuse_sublayers.py puts it in forward graphs after the partitioner,
-# where no autograd runs (the backward graph keeps both ops' backwards), and inline_kernels hands its
-# kernels to Inductor like the other twins'.
-post_res_mix_coefficients_pre_mix = _define_opaque(
-    spec.POST_RES_MIX_COEFFICIENTS_PRE_MIX, _post_res_mix_coefficients_pre_mix_reference,
-    _post_res_mix_coefficients_pre_mix_fake)
 
 
 def register_like_post_res_mix(op) -> None:

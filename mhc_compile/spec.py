@@ -168,29 +168,6 @@ POST_RES_MIX = OpSpec(
     floor=Traffic(2, 1),
     forward_flops=_post_res_mix_flops,
 )
-def _post_res_mix_coefficients_pre_mix_flops(n: int, channels: int, sinkhorn_iters: int) -> int:
-    return (_post_res_mix_flops(n, channels, sinkhorn_iters)
-            + _coefficients_pre_mix_flops(n, channels, sinkhorn_iters))
-
-
-# Block l's post/res mix fused with block l+1's coefficients and pre-mix, where the first feeds the
-# second (a chain's interior): passes/fuse_sublayers.py puts it in forward graphs after autograd
-# and the partitioner, so it has no backward of its own. Arguments: the mix's, then the
-# coefficient op's but its streams; outputs: x_{l+1}, then the coefficient op's for it.
-POST_RES_MIX_COEFFICIENTS_PRE_MIX = OpSpec(
-    name="post_res_mix_coefficients_pre_mix",
-    arguments=(*POST_RES_MIX.arguments, *_PARAMETERS, *_SETTINGS),
-    outputs=("streams_out", "h_pre", "next_h_post", "next_h_res", "mixed", "projection",
-             "sum_squares"),
-    kernel_passes=(
-        KernelPass("post_res_projection", Traffic(1, 1), Traffic(1),
-                   "read x and y, write x' = H_res x + H_post^T y; RMS and projection of x' "
-                   "from registers, gates, Sinkhorn"),
-        KernelPass("pre_mix_fwd", Traffic(1), Traffic(0, 1), "read x' again, write u = H_pre x'"),
-    ),
-    floor=Traffic(2, 2),  # x and y read, x' written, u written
-    forward_flops=_post_res_mix_coefficients_pre_mix_flops,
-)
 COEFFICIENTS_PRE_MIX_BACKWARD = OpSpec(
     name="coefficients_pre_mix_backward",
     arguments=(*_tensors("grad_h_pre", "grad_h_post", "grad_h_res", "grad_mixed", "h_pre",
@@ -213,8 +190,8 @@ POST_RES_MIX_BACKWARD = OpSpec(
                        "read dx', x and y; write dx and dy"),),
     floor=Traffic(3, 2),
 )
-OPS = (COEFFICIENTS_PRE_MIX, POST_RES_MIX, COEFFICIENTS_PRE_MIX_BACKWARD, POST_RES_MIX_BACKWARD,
-       POST_RES_MIX_COEFFICIENTS_PRE_MIX)
+OPS = (COEFFICIENTS_PRE_MIX, POST_RES_MIX, COEFFICIENTS_PRE_MIX_BACKWARD, POST_RES_MIX_BACKWARD)
+FORWARD_OPS = (COEFFICIENTS_PRE_MIX, POST_RES_MIX)
 
 # A plain residual add reads x and F(x) and writes their sum.
 PLAIN_ADD = Traffic(0, 3)
@@ -223,16 +200,9 @@ GRAD_STREAMS_ADD = KernelPass("grad_accumulate_add", Traffic(2), Traffic(1),
                               "read both readers' dx, write their sum")
 
 
-# What one sublayer's forward runs in a chain's interior once passes/fuse_sublayers.py has fused
-# block l's mix with block l+1's coefficients and pre-mix: one of each op's work. A chain's head
-# (its coefficient op reads the expansion) and tail (its mix feeds the mean) move nC more each.
-SUBLAYER_FORWARD = POST_RES_MIX_COEFFICIENTS_PRE_MIX
-
-
 def forward_floor_elements(n: int) -> int:
-    """Stream elements per token the forward of one sublayer must move: (2n+2) times C (x and y
-    read, x' and u written)."""
-    return SUBLAYER_FORWARD.floor.elements(n)
+    """Stream elements per token the forward of one sublayer must move: (3n+2) times C."""
+    return sum(op.floor.elements(n) for op in FORWARD_OPS)
 
 
 def training_floor_elements(n: int, recompute: bool = True) -> int:
@@ -255,13 +225,13 @@ def coefficient_bytes_per_token(n: int) -> int:
 def extra_bytes_per_token(n: int, channels: int, element_bytes: int) -> int:
     """Forward bytes per token the block's kernels move beyond the plain add they replace, as
     their passes issue them (the report's +B/tok)."""
-    issued = SUBLAYER_FORWARD.stream_elements(n) - PLAIN_ADD.elements(n)
+    issued = sum(op.stream_elements(n) for op in FORWARD_OPS) - PLAIN_ADD.elements(n)
     return issued * channels * element_bytes + coefficient_bytes_per_token(n)
 
 
 def extra_flops_per_token(n: int, channels: int, sinkhorn_iters: int) -> int:
     """The block's forward flops less the plain add's."""
-    return SUBLAYER_FORWARD.forward_flops(n, channels, sinkhorn_iters) - channels
+    return sum(op.forward_flops(n, channels, sinkhorn_iters) for op in FORWARD_OPS) - channels
 
 
 # --- Whole-graph estimates for pipeline balancing (passes/annotate_pipeline.py) --------------------

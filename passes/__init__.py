@@ -14,7 +14,7 @@ TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 shows every stage.
     AOT autograd's joint graph (Inductor's joint_custom_pre_pass)
         JOINT_PASSES       tag_recompute
     Inductor's post-grad graphs, forward and backward (post_grad_custom_post_pass)
-        POST_GRAD_PASSES   fuse_grad_streams, fuse_sublayers, inline_kernels
+        POST_GRAD_PASSES   fuse_grad_streams, inline_kernels
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from typing import Callable, NamedTuple, Sequence
 from torch import fx
 
 from mhc_compile.passes import (
-    annotate_pipeline, find_residual_blocks, fuse_grad_streams, fuse_sublayers, inline_checkpoint,
-    inline_kernels, lower_hyper_connections, match_hyper_connections, recompute_policy, rewrite_mhc,
+    annotate_pipeline, find_residual_blocks, fuse_grad_streams, inline_checkpoint, inline_kernels,
+    lower_hyper_connections, match_hyper_connections, recompute_policy, rewrite_mhc,
 )
 from mhc_compile.passes.context import PassContext
 
@@ -60,11 +60,9 @@ REWRITE_PASSES = (
 PIPELINE_PASSES = (GraphPass(annotate_pipeline.annotate_pipeline, "legal stage cuts"),)
 # Before the partitioner: which mHC tensors backward keeps and which it rebuilds.
 JOINT_PASSES = (GraphPass(recompute_policy.tag_recompute, "chains tagged for recompute"),)
-# The grad-streams fold and the sublayer fusion need whole ops, so they run before the kernels
-# are handed to Inductor.
+# The grad-streams fold needs whole ops, so it runs before their kernels are handed to Inductor.
 POST_GRAD_PASSES = (
     GraphPass(fuse_grad_streams.fuse_grad_streams, "grad-streams adds folded"),
-    GraphPass(fuse_sublayers.fuse_sublayers, "post/res mixes fused with the next coefficients"),
     GraphPass(inline_kernels.inline_kernels, "ops handed to Inductor as kernels"),
 )
 

@@ -39,8 +39,6 @@ _LAUNCHERS: dict[str, tuple[str, str]] = {
     "coefficients_pre_mix": ("coefficients_pre_mix", "mhc_coefficients_pre_mix_fwd"),
     "coefficients_pre_mix_backward": ("coefficients_pre_mix", "mhc_coefficients_pre_mix_bwd"),
     "post_res_mix": ("post_res_mix", "mhc_post_res_mix_fwd"),
-    "post_res_mix_coefficients_pre_mix": ("coefficients_pre_mix",
-                                          "mhc_post_res_mix_coefficients_pre_mix_fwd"),
     "post_res_mix_backward": ("post_res_mix", "mhc_post_res_mix_bwd"),
 }
 _loaded: dict[str, Callable] = {}

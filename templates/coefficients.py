@@ -45,9 +45,7 @@ import triton.language as tl
 
 from mhc_compile import kernel_launch, reference, spec
 from mhc_compile.templates import configs
-from mhc_compile.templates.tiles import (
-    channel_tile, gate_tile, per_token, stream_tile, token_block, token_rows,
-)
+from mhc_compile.templates.tiles import per_token, token_block, token_rows
 
 _RMS_EPS = tl.constexpr(reference.RMS_EPS)
 # Splits (of columns in the projection, of tokens in grad phi) aim at this many programs per SM.
@@ -74,30 +72,6 @@ def _dot_fp32_operand(a, b_fp32, acc):
     return tl.dot(a, b_lo, tl.dot(a, b_hi, acc))
 
 
-@triton.jit
-def _project(x, phi_high_ptr, phi_low_ptr, phi_offsets, phi_valid, proj):
-    """proj + x @ phi for a stream tile x [BLOCK_T, K] as stored, phi's rows at phi_offsets
-    [K, KP]: fp32 x exactly (IEEE on the FMA units), 16-bit x against phi's two halves. Padded phi
-    rows [KP] are contiguous and need no column mask: 16-byte loads, from L2."""
-    phi_high = tl.load(phi_high_ptr + phi_offsets, mask=phi_valid, other=0.0)
-    if x.dtype == tl.float32:
-        return tl.dot(x, phi_high, proj, input_precision="ieee")
-    phi_low = tl.load(phi_low_ptr + phi_offsets, mask=phi_valid, other=0.0)
-    return tl.dot(x, phi_low, tl.dot(x, phi_high, proj))
-
-
-@triton.jit
-def _store_partials(proj_ptr, sumsq_ptr, proj, sumsq, split, tokens, token_valid, T,
-                    KP: tl.constexpr):
-    """One split's partial projection [BLOCK_T, KP] and sums of squares [BLOCK_T], at row
-    split * T + token of the partial buffers."""
-    partial_row = split.to(tl.int64) * T + tokens
-    tl.store(sumsq_ptr + partial_row, sumsq, mask=token_valid)
-    phi_columns = tl.arange(0, KP)
-    tl.store(proj_ptr + partial_row[:, None] * KP + phi_columns[None, :], proj,
-             mask=token_valid[:, None])
-
-
 @configs.autotune("projection", "mhc_projection")
 @triton.jit
 def _mhc_projection_kernel(
@@ -120,58 +94,17 @@ def _mhc_projection_kernel(
         )
         x_fp32 = x.to(tl.float32)
         sumsq += tl.sum(x_fp32 * x_fp32, axis=1)
-        proj = _project(x, phi_high_ptr, phi_low_ptr, k[:, None] * KP + phi_columns[None, :],
-                        k_valid[:, None], proj)
-    _store_partials(proj_ptr, sumsq_ptr, proj, sumsq, split, tokens, token_valid, T, KP)
-
-
-@configs.autotune("post_res_projection", "mhc_post_res_projection")
-@triton.jit
-def _mhc_post_res_projection_kernel(
-    streams_ptr, y_ptr, h_post_ptr, h_res_ptr, out_ptr, phi_high_ptr, phi_low_ptr, proj_ptr,
-    sumsq_ptr, T, C, channels_per_split,
-    n: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    # Block l's post/res mix x' = H_res x + H_post^T y, written once, and block l+1's projection
-    # of x' from the same registers: x' is never read back for it. A split owns a channel range
-    # of all n streams, so its tile [BLOCK_T, NP, BLOCK_C] flattens into the projection's rows
-    # stream * C + channel.
-    tokens, token_valid = token_block(tl.program_id(0), T, BLOCK_T)
-    split = tl.program_id(1)
-    first = split * channels_per_split
-    last = tl.minimum(first + channels_per_split, C)
-    streams = tl.arange(0, NP)
-    phi_columns = tl.arange(0, KP)
-    gate_offsets, gate_mask = gate_tile(tokens, token_valid, n, NP)
-    h_post = tl.load(h_post_ptr + gate_offsets, mask=gate_mask, other=0.0)
-    sumsq = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    proj = tl.zeros((BLOCK_T, KP), dtype=tl.float32)
-    for offset in range(0, channels_per_split, BLOCK_C):
-        channels = first + offset + tl.arange(0, BLOCK_C)
-        in_split = channels < last
-        y_offsets, y_mask = channel_tile(tokens, token_valid, channels, C)
-        y_mask = y_mask & in_split[None, :]
-        y = tl.load(y_ptr + y_offsets, mask=y_mask, other=0.0).to(tl.float32)
-        mixed = h_post[:, :, None] * y[:, None, :]
-        # One input stream at a time: [BLOCK_T, NP, BLOCK_C] live, not the [.., NP, NP, ..] product.
-        for source in tl.static_range(n):
-            x_source = tl.load(streams_ptr + (tokens[:, None] * n + source) * C + channels[None, :],
-                               mask=y_mask, other=0.0).to(tl.float32)
-            h_res_column = tl.load(h_res_ptr + tokens[:, None] * (n * n) + streams[None, :] * n
-                                   + source, mask=gate_mask, other=0.0)
-            mixed += h_res_column[:, :, None] * x_source[:, None, :]
-        x_offsets, x_mask = stream_tile(tokens, token_valid, channels, C, n, NP)
-        x_mask = x_mask & in_split[None, None, :]
-        stored = mixed.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + x_offsets, stored, mask=x_mask)
-        stored_fp32 = stored.to(tl.float32)  # what the next block reads: x' as rounded
-        sumsq += tl.sum(tl.sum(stored_fp32 * stored_fp32, axis=2), axis=1)
-        phi_rows = tl.reshape(streams[:, None] * C + channels[None, :], (NP * BLOCK_C,))
-        phi_valid = tl.reshape((streams < n)[:, None] & in_split[None, :], (NP * BLOCK_C,))
-        proj = _project(tl.reshape(stored, (BLOCK_T, NP * BLOCK_C)), phi_high_ptr, phi_low_ptr,
-                        phi_rows[:, None] * KP + phi_columns[None, :], phi_valid[:, None], proj)
-    _store_partials(proj_ptr, sumsq_ptr, proj, sumsq, split, tokens, token_valid, T, KP)
+        # Padded phi rows [KP] are contiguous and need no column mask: 16-byte loads, from L2.
+        phi_offsets = k[:, None] * KP + phi_columns[None, :]
+        phi_high = tl.load(phi_high_ptr + phi_offsets, mask=k_valid[:, None], other=0.0)
+        if x.dtype == tl.float32:
+            proj = tl.dot(x, phi_high, proj, input_precision="ieee")
+        else:
+            phi_low = tl.load(phi_low_ptr + phi_offsets, mask=k_valid[:, None], other=0.0)
+            proj = tl.dot(x, phi_low, tl.dot(x, phi_high, proj))
+    partial_row = split.to(tl.int64) * T + tokens
+    tl.store(sumsq_ptr + partial_row, sumsq, mask=token_valid)
+    tl.store(proj_ptr + partial_row[:, None] * KP + phi_columns[None, :], proj, mask=token_valid[:, None])
 
 
 def _padded_phi(phi: torch.Tensor) -> torch.Tensor:
@@ -193,63 +126,29 @@ def _phi_operands(phi: torch.Tensor, stream_dtype: torch.dtype) -> tuple[torch.T
     return high, (padded - high.float()).to(stream_dtype)
 
 
-def _splits(tokens: int, length: int, minimum: int, granule: int,
-            device: torch.device) -> tuple[int, int]:
-    """(splits, length per split) of a projection's reduction of `length` (columns or channels):
-    enough splits that the grid fills the GPU (counted for 64-token blocks), each at least
-    `minimum` long so the partials stay a few % of the stream bytes, in multiples of `granule`."""
-    wanted = configs.ceil_div(_PROGRAMS_PER_SM * _multiprocessors(device), configs.ceil_div(tokens, 64))
-    splits = max(1, min(wanted, length // minimum))
-    per_split = configs.ceil_div(configs.ceil_div(length, splits), granule) * granule
-    return configs.ceil_div(length, per_split), per_split
-
-
-def _partials(splits: int, tokens: int, kp: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    return (torch.empty((splits, tokens, kp), dtype=torch.float32, device=device),
-            torch.empty((splits, tokens), dtype=torch.float32, device=device))
-
-
 def _projection(x: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, n, C], phi [n*C, n*n+2n] -> per-split partials of v @ phi [splits, T, KP] and of the
     sums of squares [splits, T], fp32."""
     tokens, n, channels = x.shape
     phi_high, phi_low = _phi_operands(phi, x.dtype)
-    splits, columns_per_split = _splits(tokens, n * channels, 512, 256, x.device)
-    proj, sumsq = _partials(splits, tokens, phi_high.shape[1], x.device)
+    n_columns, kp = n * channels, phi_high.shape[1]
+    # Split the columns so that the grid fills the GPU (counted for 64-token blocks), keeping at
+    # least 512 columns per split so the partials stay a few % of the stream bytes.
+    wanted = configs.ceil_div(_PROGRAMS_PER_SM * _multiprocessors(x.device), configs.ceil_div(tokens, 64))
+    splits = max(1, min(wanted, n_columns // 512))
+    columns_per_split = configs.ceil_div(configs.ceil_div(n_columns, splits), 256) * 256
+    splits = configs.ceil_div(n_columns, columns_per_split)
+    proj = torch.empty((splits, tokens, kp), dtype=torch.float32, device=x.device)
+    sumsq = torch.empty((splits, tokens), dtype=torch.float32, device=x.device)
 
     def grid(meta):
         return configs.ceil_div(tokens, meta["BLOCK_T"]), splits
 
     kernel_launch.launch(
         "mhc_projection", grid, x, phi_high, phi_low, proj, sumsq, T=tokens, C=channels,
-        columns_per_split=columns_per_split, n=n, KP=phi_high.shape[1],
+        columns_per_split=columns_per_split, n=n, KP=kp,
     )
     return proj, sumsq
-
-
-def _post_res_projection(
-    x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor, phi: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [T, n, C], y [T, C] (any float dtype), h_post [T, n], h_res [T, n, n], the next block's
-    phi -> x' = H_res x + H_post^T y [T, n, C] in x's dtype, and the partials of x' @ phi and of
-    its sums of squares, as _projection gives them."""
-    tokens, n, channels = x.shape
-    phi_high, phi_low = _phi_operands(phi, x.dtype)
-    # 128 channels are 512 of the projection's columns at n = 4; a multiple of every BLOCK_C.
-    splits, channels_per_split = _splits(tokens, channels, 128, 128, x.device)
-    out = torch.empty_like(x)
-    proj, sumsq = _partials(splits, tokens, phi_high.shape[1], x.device)
-
-    def grid(meta):
-        return configs.ceil_div(tokens, meta["BLOCK_T"]), splits
-
-    kernel_launch.launch(
-        "mhc_post_res_projection", grid, x, y.contiguous().view(tokens, channels),
-        per_token(h_post, 1), per_token(h_res, 2), out, phi_high, phi_low, proj, sumsq,
-        T=tokens, C=channels, channels_per_split=channels_per_split, n=n,
-        NP=configs.padded_streams(n), KP=phi_high.shape[1],
-    )
-    return out, proj, sumsq
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -579,52 +478,26 @@ def mhc_coefficients_fwd(
     b_res [n, n] -> h_pre [..., n], h_post [..., n], h_res [..., n, n], and for the backward
     v @ phi [..., n*n+2n] and the sums of squares of v [...] (reference.projection), all fp32."""
     formulation = _formulation(constraint)  # first: a bad constraint launches nothing
-    partials = _projection(token_rows(streams), phi)
-    return _coefficients(*partials, streams.shape, alpha, b_pre, b_post, b_res, sinkhorn_iters,
-                         formulation)
-
-
-def mhc_post_res_mix_coefficients_fwd(
-    streams: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor,
-    phi: torch.Tensor, alpha: torch.Tensor, b_pre: torch.Tensor, b_post: torch.Tensor,
-    b_res: torch.Tensor, sinkhorn_iters: int, constraint: str,
-) -> tuple[torch.Tensor, ...]:
-    """Block l's post/res mix x' = H_res x + H_post^T y (h_post, h_res block l's) and block l+1's
-    coefficients of x' (phi .. b_res block l+1's), the streams read once for both: x' [..., n, C]
-    in the streams' dtype, then mhc_coefficients_fwd's outputs for x'."""
-    formulation = _formulation(constraint)
-    streams_out, *partials = _post_res_projection(token_rows(streams), y, h_post, h_res, phi)
-    return (streams_out.view(streams.shape),
-            *_coefficients(*partials, streams.shape, alpha, b_pre, b_post, b_res, sinkhorn_iters,
-                           formulation))
-
-
-def _coefficients(
-    proj_partials: torch.Tensor, sumsq_partials: torch.Tensor, streams_shape: torch.Size,
-    alpha: torch.Tensor, b_pre: torch.Tensor, b_post: torch.Tensor, b_res: torch.Tensor,
-    sinkhorn_iters: int, formulation: dict[str, str | float],
-) -> tuple[torch.Tensor, ...]:
-    """From a projection's partials: h_pre, h_post, h_res and the summed projection and sums of
-    squares, as mhc_coefficients_fwd returns them, for streams of `streams_shape`."""
-    *lead, n, channels = streams_shape
-    tokens = proj_partials.shape[1]
-    device = proj_partials.device
-    h_pre = torch.empty((tokens, n), dtype=torch.float32, device=device)
+    x = token_rows(streams)
+    tokens, n, channels = x.shape
+    gate_parameters = _fp32(alpha, b_pre, b_post, b_res)
+    proj_partials, sumsq_partials = _projection(x, phi)
+    h_pre = torch.empty((tokens, n), dtype=torch.float32, device=x.device)
     h_post = torch.empty_like(h_pre)
-    h_res = torch.empty((tokens, n, n), dtype=torch.float32, device=device)
+    h_res = torch.empty((tokens, n, n), dtype=torch.float32, device=x.device)
     n_phi = spec.coefficient_count(n)
-    proj = torch.empty((tokens, n_phi), dtype=torch.float32, device=device)
-    sumsq = torch.empty((tokens,), dtype=torch.float32, device=device)
+    proj = torch.empty((tokens, n_phi), dtype=torch.float32, device=x.device)
+    sumsq = torch.empty((tokens,), dtype=torch.float32, device=x.device)
 
     def grid(meta):
         return (configs.ceil_div(tokens, meta["BLOCK_T"]),)
 
     kernel_launch.launch(
-        "mhc_coefficients_fwd", grid, proj_partials, sumsq_partials,
-        *_fp32(alpha, b_pre, b_post, b_res), h_pre, h_post, h_res, proj, sumsq, T=tokens,
-        C=channels, splits=proj_partials.shape[0], sinkhorn_iters=sinkhorn_iters, **formulation,
-        **_layout(n),
+        "mhc_coefficients_fwd", grid, proj_partials, sumsq_partials, *gate_parameters, h_pre,
+        h_post, h_res, proj, sumsq, T=tokens, C=channels, splits=proj_partials.shape[0],
+        sinkhorn_iters=sinkhorn_iters, **formulation, **_layout(n),
     )
+    lead = streams.shape[:-2]
     return (h_pre.view(*lead, n), h_post.view(*lead, n), h_res.view(*lead, n, n),
             proj.view(*lead, n_phi), sumsq.view(lead))
 

@@ -11,9 +11,6 @@ last kernel writes the block's whole grad streams: the coefficients' share, the 
 h_pre_j * grad_mixed, and `accumulate`, the streams' gradient from the post/res mix
 (passes/fuse_grad_streams.py hands it over in compiled backward graphs). So grad streams is written
 once, and no pass writes a partial one for another to read back.
-Fused with the previous block's post/res mix (mhc::post_res_mix_coefficients_pre_mix, forward
-graphs only): the projection kernel computes and writes that mix's output streams and projects
-them from registers, so they are read once less.
 """
 
 from __future__ import annotations
@@ -21,9 +18,7 @@ from __future__ import annotations
 import torch
 
 from mhc_compile import spec
-from mhc_compile.templates.coefficients import (
-    mhc_coefficients_bwd, mhc_coefficients_fwd, mhc_post_res_mix_coefficients_fwd,
-)
+from mhc_compile.templates.coefficients import mhc_coefficients_bwd, mhc_coefficients_fwd
 from mhc_compile.templates.pre_mix import mhc_pre_mix_fwd, mhc_pre_mix_grad_h_pre
 
 
@@ -34,20 +29,6 @@ def mhc_coefficients_pre_mix_fwd(streams: torch.Tensor, *parameters_and_settings
     and the projection [..., n*n+2n] and sums of squares [...] (fp32) that the backward takes."""
     h_pre, h_post, h_res, proj, sumsq = mhc_coefficients_fwd(streams, *parameters_and_settings)
     return h_pre, h_post, h_res, mhc_pre_mix_fwd(streams, h_pre), proj, sumsq
-
-
-def mhc_post_res_mix_coefficients_pre_mix_fwd(
-    streams: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor,
-    *parameters_and_settings,
-) -> tuple:
-    """mhc::post_res_mix_coefficients_pre_mix's kernels (spec.POST_RES_MIX_COEFFICIENTS_PRE_MIX):
-    block l's post/res mix x' = H_res x + H_post^T y, written once by the kernel that also projects
-    it for block l+1, then block l+1's coefficient math and pre-mix of x'. Returns x' and then
-    mhc_coefficients_pre_mix_fwd's outputs for x'."""
-    streams_out, h_pre, next_h_post, next_h_res, proj, sumsq = mhc_post_res_mix_coefficients_fwd(
-        streams, y, h_post, h_res, *parameters_and_settings)
-    return (streams_out, h_pre, next_h_post, next_h_res, mhc_pre_mix_fwd(streams_out, h_pre), proj,
-            sumsq)
 
 
 def mhc_coefficients_pre_mix_bwd(*args) -> tuple:

@@ -84,14 +84,6 @@ _STAGE_CONFIGS: dict[str, list[triton.Config]] = {
         for block_t, block_k, num_warps, num_stages in (
             (32, 64, 4, 3), (128, 64, 8, 3), (64, 64, 8, 3), (64, 128, 8, 4))
     ],
-    # Block l's post/res mix with block l+1's projection of its output, one program per token block
-    # and channel range of all n streams: the mixed tile [BLOCK_T, n, BLOCK_C] is the dot's operand
-    # (BLOCK_T >= 16 for tl.dot). Not yet tuned on a GPU: neighbours of the projection's choices.
-    "post_res_projection": [
-        _config(num_warps, num_stages, BLOCK_T=block_t, BLOCK_C=block_c)
-        for block_t, block_c, num_warps, num_stages in (
-            (16, 32, 4, 2), (32, 32, 4, 2), (64, 32, 8, 3), (32, 64, 8, 3))
-    ],
     # Latency-bound coefficient math (gates, Sinkhorn) on BLOCK_T tokens; little memory traffic.
     "coefficients": [
         _config(num_warps, 1, BLOCK_T=block_t)
@@ -140,10 +132,6 @@ def _live_elements(stage: str, config: triton.Config, n: int) -> int:
     blocks, streams = config.kwargs, padded_streams(n)
     if stage == "projection":  # x tile [BLOCK_T, BLOCK_K] and accumulator (phi goes to shared)
         return blocks["BLOCK_T"] * (blocks["BLOCK_K"] + padded_phi_columns(n))
-    if stage == "post_res_projection":
-        # the mixed tile [BLOCK_T, n, BLOCK_C], one input stream's tile and the accumulator
-        return blocks["BLOCK_T"] * (streams * blocks["BLOCK_C"] + blocks["BLOCK_C"]
-                                    + padded_phi_columns(n))
     if stage == "coefficients":  # the backward's live Sinkhorn iterates and gradients [BLOCK_T, n, n]
         return 6 * blocks["BLOCK_T"] * streams * streams
     if stage == "coefficients_bwd_streams":

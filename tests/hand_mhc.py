@@ -59,10 +59,10 @@ def randomize_mhc(model, seed=1):
 
 
 def fused_forward_bytes(n: int, channels: int, element_bytes: int) -> int:
-    """What the forward kernels of a chain's interior issue per token beyond the plain add (3C):
-    the post/res mix fused with the next coefficient pass reads x and y and writes x', the pre-mix
-    reads x' and writes u; plus, in fp32, h_pre, h_post and h_res written and read, the projection
-    and the sum of squares written."""
-    stream_elements = (2 * n + 1) + (n + 1) - 3
+    """What the forward kernels issue per token beyond the plain add (3C): the coefficient pass
+    and the pre-mix read x twice and write u, the post/res mix reads x and y and writes x'; plus,
+    in fp32, h_pre, h_post and h_res written and read, the projection and the sum of squares
+    written."""
+    stream_elements = (2 * n + 1) + (2 * n + 1) - 3
     gates_and_mix = n + n + n * n
     return stream_elements * channels * element_bytes + (2 * gates_and_mix + gates_and_mix + 1) * 4

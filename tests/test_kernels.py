@@ -27,7 +27,7 @@ import triton.language as triton_language
 from triton.runtime.jit import JITFunction
 
 import benches
-from mhc_compile import kernel_launch, ops, reference, spec
+from mhc_compile import kernel_launch, ops, reference
 from mhc_compile.templates import configs, kernels_active
 
 if not ON_GPU and isinstance(triton_language.zeros, JITFunction):
@@ -245,36 +245,6 @@ def test_post_res_mix_with_f_output_in_another_dtype(dtype, y_dtype, poisoned):
     _check_post_res_mix(4, 40, (2, 9), dtype, 20, "sinkhorn", y_dtype=y_dtype)
 
 
-def _post_res_mix_then_coefficients_pre_mix(iters, constraint):
-    def forward(streams, y, h_post, h_res, *parameters):
-        streams_out = reference.post_res_mix(streams, y, h_post, h_res)
-        return streams_out, *reference.coefficients_pre_mix_and_projection(
-            streams_out, *parameters, iters, constraint)
-
-    return forward
-
-
-@pytest.mark.parametrize(CASE_ARGS, CASES)
-def test_post_res_mix_fused_with_the_next_coefficients_pre_mix(
-        n, channels, shape, dtype, iters, constraint, poisoned):
-    """Block l's mix and block l+1's coefficients and pre-mix in one op: every output against
-    the float64 reference of the two ops one after the other."""
-    streams, *previous = _mhc_inputs(n, channels, shape, dtype)
-    _, h_post, h_res = reference.coefficients(streams, *previous, iters, constraint)
-    y = torch.randn(*shape, channels, device=DEVICE).to(dtype)
-    parameters = _mhc_inputs(n, channels, shape, dtype)[1:]
-    inputs = (streams, y, h_post, h_res, *parameters)
-    outputs = coefficients_pre_mix.mhc_post_res_mix_coefficients_pre_mix_fwd(*inputs, iters, constraint)
-    with torch.no_grad():
-        expected = _post_res_mix_then_coefficients_pre_mix(iters, constraint)(
-            *(t.double().cpu() for t in inputs))
-    names = ["streams_out", "h_pre", "h_post", "h_res", "mixed", "projection", "sum_squares"]
-    _assert_close(names, outputs, expected, dtype)
-    assert [(t.shape, t.dtype) for t in outputs] == [
-        (t.shape, t.dtype) for t in _post_res_mix_then_coefficients_pre_mix(iters, constraint)(*inputs)]
-    _assert_alias_free(outputs, inputs)
-
-
 def test_backward_is_deterministic(poisoned):
     """grad phi and the parameter gradients are reduced per split and summed in a fixed order:
     two runs agree bit for bit."""
@@ -379,8 +349,7 @@ _KERNEL_STAGES = {"mhc_projection": "projection", "mhc_coefficients_fwd": "coeff
                   "mhc_coefficients_bwd": "coefficients",
                   "mhc_coefficients_bwd_streams": "coefficients_bwd_streams",
                   **{f"mhc_{stage}": stage for stage in
-                     ("pre_mix_fwd", "pre_mix_grad_h_pre", "post_res_mix_fwd", "post_res_mix_bwd",
-                      "post_res_projection")}}
+                     ("pre_mix_fwd", "pre_mix_grad_h_pre", "post_res_mix_fwd", "post_res_mix_bwd")}}
 
 
 @pytest.fixture
@@ -577,15 +546,7 @@ def test_ops_dispatch_to_the_kernels_with_autograd(monkeypatch, poisoned):
     used, launcher = [], templates.launcher
     monkeypatch.setattr(templates, "launcher", lambda name: used.append(name) or launcher(name))
     _check_sublayer_against_float64(_sublayer_through_ops, (3, 40, (2, 9)))
-    assert sorted(set(used)) == sorted(_public_launchers()), "an op did not run its kernel"
-
-
-def _public_launchers() -> set[str]:
-    """The launchers of the ops a model calls; the fused mix + next coefficients has no public op
-    (passes/fuse_sublayers.py puts it in compiled forward graphs: tests/test_inline_kernels.py)."""
-    from mhc_compile import templates
-
-    return set(templates._LAUNCHERS) - {spec.POST_RES_MIX_COEFFICIENTS_PRE_MIX.name}
+    assert sorted(set(used)) == sorted(templates._LAUNCHERS), "an op did not run its kernel"
 
 
 def _recorded_launches(monkeypatch) -> list[tuple[str, bool]]:
@@ -624,7 +585,7 @@ def test_symbolic_shapes_take_the_opaque_op(monkeypatch):
     traced = [name for name, by_tracer in launches if by_tracer]
     assert traced == [], f"a traced body launched kernels with symbolic shapes: {traced}"
     ran = {name for name, _ in launches}
-    assert ran == (_public_launchers() if ON_GPU else set()), ran
+    assert ran == (set(templates._LAUNCHERS) if ON_GPU else set()), ran
 
 
 cuda_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
@@ -633,7 +594,6 @@ KERNELS = {
     "_mhc_projection_kernel", "_mhc_coefficients_fwd_kernel", "_mhc_pre_mix_fwd_kernel",
     "_mhc_post_res_mix_fwd_kernel", "_mhc_post_res_mix_bwd_kernel", "_mhc_pre_mix_grad_h_pre_kernel",
     "_mhc_coefficients_bwd_kernel", "_mhc_coefficients_bwd_streams_kernel",
-    "_mhc_post_res_projection_kernel",
 }
 
 

@@ -73,8 +73,7 @@ def test_annotation_marks_blocks_cuts_costs_and_overlappable_mixes():
             lambda: layer.feed_forward(layer.ffn_norm(x)))):
         with FlopCounterMode(display=False) as counter:
             f()
-        mhc = tokens * sum(op.forward_flops(n, width, 20)
-                           for op in (spec.COEFFICIENTS_PRE_MIX, spec.POST_RES_MIX))
+        mhc = tokens * sum(op.forward_flops(n, width, 20) for op in spec.FORWARD_OPS)
         matmuls = counter.get_total_flops() + mhc
         assert matmuls <= block.cost.flops <= 1.1 * matmuls, (block.key, block.cost.flops, matmuls)
         assert block.cost.bytes > 0 and block.cost.cost >= block.cost.flops

@@ -165,12 +165,7 @@ def test_backward_keeps_one_stream_per_group_and_rebuilds_groups_in_turn(
         compiled = torch.compile(model, backend="mhc", options={"n": N, "recompute": recompute})
         output, saved = _saved_shapes(compiled, args)
         _loss(output, args).backward()
-    forward, backward = recorder.graphs[0], recorder.graphs[-1]
-    # passes/fuse_sublayers.py: each block's post/res mix runs fused with the next block's
-    # coefficients; the chain's head keeps its coefficient op, its tail its mix.
-    assert len(_mhc_ops(forward, "mhc::post_res_mix_coefficients_pre_mix")) == BLOCKS - 1
-    assert len(_mhc_ops(forward, "mhc::post_res_mix")) == 1
-    assert len(_mhc_ops(forward, "mhc::coefficients_pre_mix")) == 1
+    backward = recorder.graphs[-1]
 
     # Kept streams: x_k for k = L_r, 2 L_r, ... < L (x_0 is the chain input [B, S, C]; nothing
     # in backward reads x_L). Off: every block's input streams x_1 .. x_{L-1}.
@@ -189,8 +184,6 @@ def test_backward_keeps_one_stream_per_group_and_rebuilds_groups_in_turn(
     # passes/inline_kernels.py then hands every op's kernels to Inductor where they apply.
     opaque_left = _mhc_ops(recorder.final[-1], "mhc::coefficients_pre_mix_backward")
     assert len(opaque_left) == (0 if device == "cuda" else BLOCKS)
-    fused_left = _mhc_ops(recorder.final[0], "mhc::post_res_mix_coefficients_pre_mix")
-    assert len(fused_left) == (0 if device == "cuda" else BLOCKS - 1)
     if recompute is False:
         assert rebuilt == 0
     else:
