@@ -18,6 +18,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture(autouse=True)
+def attention_compiles_in_float64():
+    """Every test traces attention in a form Inductor compiles in float64 on every supported torch
+    (single_process.attention_that_compiles_in_float64; spawned workers enter it themselves)."""
+    from single_process import attention_that_compiles_in_float64
+
+    with attention_that_compiles_in_float64():
+        yield
+
+
+@pytest.fixture(autouse=True)
 def fresh_mhc_warnings(monkeypatch):
     """Each test sees the backend's once-per-process warnings afresh."""
     backend = importlib.import_module("mhc_compile.backend")  # mhc_compile.backend is a function

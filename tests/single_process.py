@@ -1,6 +1,7 @@
 """The one-process run that the multi-process tests (pipeline, DDP, FSDP2) compare with: a float64
 example model with perturbed mHC parameters, its loss, and its gradients when compiled whole."""
 
+import contextlib
 import copy
 
 import torch
@@ -38,3 +39,15 @@ def single_process_run(model, ids, target):
     loss.backward()
     assert all(p.grad is not None for p in reference.mhc.parameters()), "reference was not rewritten"
     return loss.detach(), {name: p.grad for name, p in reference.named_parameters()}
+
+
+def attention_that_compiles_in_float64():
+    """A context in which scaled_dot_product_attention traces to its math form on torch < 2.12:
+    there Inductor's backward of CPU flash attention fails in float64 ("expected scalar type Double
+    but found Float", pytorch/pytorch#185539, fixed in later releases), which the compiled float64
+    example models would hit. Elsewhere it changes nothing."""
+    if tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 12):
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)

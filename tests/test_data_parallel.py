@@ -24,7 +24,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import mhc_compile
 from mhc_compile.examples import gpt
 from mhc_compile.parameters import MHCParameters
-from single_process import example_model, loss_of, single_process_run
+from single_process import (
+    attention_that_compiles_in_float64, example_model, loss_of, single_process_run,
+)
 
 SIZES = dict(depth=2, batch=4, seq=8, width=32, heads=2)
 
@@ -183,7 +185,7 @@ def _worker(rank, port, directory):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        with torch._dynamo.config.patch(optimize_ddp=False):
+        with torch._dynamo.config.patch(optimize_ddp=False), attention_that_compiles_in_float64():
             _assert_same_training(rank, "compile(DDP)", eager=True)
             _assert_same_training(rank, "DDP(compile)", eager=False)  # through Inductor
             _assert_same_training(rank, "FSDP2, one unit", eager=True)

@@ -26,7 +26,9 @@ from mhc_compile.pipeline import (
 from mhc_compile.passes.annotate_pipeline import CUT_KEY, OVERLAP_KEY
 from mhc_compile.pipeline_plan import balance, capture, plan_pipeline
 from mhc_compile.options import MHCOptions
-from single_process import example_model, loss_of, single_process_run
+from single_process import (
+    attention_that_compiles_in_float64, example_model, loss_of, single_process_run,
+)
 
 # The module, not mhc_compile.pipeline the function, which shadows it as an attribute.
 pipeline_module = importlib.import_module("mhc_compile.pipeline")
@@ -332,8 +334,9 @@ def _worker(rank, port, cases):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        for schedule, num_stages, kwargs in cases:
-            _run_schedule(rank, schedule, num_stages, **kwargs)
+        with attention_that_compiles_in_float64():
+            for schedule, num_stages, kwargs in cases:
+                _run_schedule(rank, schedule, num_stages, **kwargs)
         model, ids, _ = example_model(gpt, depth=2, batch=4, seq=8, width=32, heads=2)
         with pytest.raises(PipelineError) as error:
             mhc_compile.pipeline(model, (ids,), 3, "1F1B", loss_fn=loss_of)
