@@ -167,8 +167,8 @@ def check(tokens: int, n: int, channels: int, seed: int) -> dict[str, float]:
 
 def floor_bytes(tokens: int, n: int, channels: int) -> int:
     """Forward floor: (3n+2)C stream elements per token (spec.forward_floor_elements: coefficients
-    fused with the pre-mix read x once and write u; post/res reads x and y and writes x_{l+1}). Our
-    forward moves exactly these through HBM when the fused kernel's second read of x hits L2."""
+    with the pre-mix read x once and write u; post/res reads x and y and writes x_{l+1}). Our
+    kernels read x twice (projection, then pre-mix, both from HBM at these sizes): nC more."""
     return spec.forward_floor_elements(n) * channels * tokens * STREAM_DTYPE.itemsize
 
 

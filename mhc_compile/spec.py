@@ -156,7 +156,7 @@ COEFFICIENTS_PRE_MIX = OpSpec(
                    "read x: RMS and projection v @ phi, gates, Sinkhorn"),
         KernelPass("pre_mix_fwd", Traffic(1), Traffic(0, 1), "read x again, write u = H_pre x"),
     ),
-    floor=Traffic(1, 1),  # x once (the second read hits L2 at training sizes), u
+    floor=Traffic(1, 1),  # x once, u: the kernels read x twice (passes above), the floor once
     forward_flops=_coefficients_pre_mix_flops,
 )
 POST_RES_MIX = OpSpec(
