@@ -79,6 +79,16 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
+def take_peak_gib(device: torch.device) -> float:
+    """The peak of allocated GPU memory since the last call (or the process start), in GiB, and a
+    fresh start for the next call; 0 off CUDA."""
+    if device.type != "cuda":
+        return 0.0
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
 def copy_bandwidth(device: torch.device | str) -> float:
     """Bytes read + written per second by a device-to-device copy: of 2 GiB on CUDA, the median
     of triton.testing.do_bench; of 64 MiB on the CPU, the median of 20 timed copies."""

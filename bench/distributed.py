@@ -38,7 +38,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import mhc_compile  # noqa: E402
-from common import log, out_dir, synchronize, versions, write_json, write_table  # noqa: E402
+from common import (  # noqa: E402
+    log, out_dir, synchronize, take_peak_gib, versions, write_json, write_table,
+)
 from mhc_compile import private_apis  # noqa: E402
 from mhc_compile.examples import LLaMA  # noqa: E402
 from mhc_compile.pipeline import splits_backward, stage_indices  # noqa: E402
@@ -221,8 +223,7 @@ def run_engine(engine, size, device, variant, steps) -> dict:
     # mHC needs DDP's graph whole (one chain); the plain model keeps Dynamo's default, which
     # splits it at gradient buckets to overlap the all-reduce with the backward.
     torch._dynamo.config.optimize_ddp = variant != "mhc"
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    take_peak_gib(device)  # the peak below starts here
     build_engine = data_parallel if engine in ("ddp", "fsdp") else pipelined
     step, sent = build_engine(engine, size, device, variant)
     losses, times = [step()], []  # the first step compiles
@@ -235,7 +236,7 @@ def run_engine(engine, size, device, variant, steps) -> dict:
         times.append(time.perf_counter() - started)
     step_s = max_over_ranks(statistics.median(times), device)
     tokens = dist.get_world_size() * size["batch"] * size["seq"]
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    peak = take_peak_gib(device)
     return {"engine": engine, "variant": variant, "step_ms": 1e3 * step_s,
             "tokens_per_s": tokens / step_s, "peak_gib": max_over_ranks(peak, device),
             "bytes_sent_per_step": sent, "losses": losses}

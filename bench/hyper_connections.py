@@ -27,8 +27,8 @@ import time
 
 import torch
 
-from common import (log, median_seconds, out_dir, profile_steps, profile_text, synchronize, versions,
-                    write_json, write_table)
+from common import (log, median_seconds, out_dir, profile_steps, profile_text, synchronize,
+                    take_peak_gib, versions, write_json, write_table)
 
 # This folder is on sys.path (the script's own), and its kernels.py would shadow the `kernels`
 # package that transformers imports when it is installed.
@@ -103,8 +103,7 @@ def run_variant(base_model, ids, variant: str, device, args) -> dict:
         loss.backward()
         return loss
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    take_peak_gib(device)  # the peaks below start here
     synchronize(device)
     started = time.perf_counter()
     loss = step()
@@ -115,12 +114,10 @@ def run_variant(base_model, ids, variant: str, device, args) -> dict:
     model.zero_grad(set_to_none=True)
     # The first step's peak holds compile-time buffers (the autotuners' copies of kernel
     # arguments); training's own peak is the steps' after it.
-    first_peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    first_peak = take_peak_gib(device)
     step_ms = 1e3 * median_seconds(lambda: (step(), model.zero_grad(set_to_none=True)), device,
                                    args.steps, warmup=2)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    peak = take_peak_gib(device)
     row = {"variant": variant, "first_step_s": first_s, "step_ms": step_ms, "peak_gib": peak,
            "first_step_peak_gib": first_peak, "loss": loss.item(), "grad_norm": grad_norm}
     profiled = profile_steps(lambda: (step(), model.zero_grad(set_to_none=True)), device) \
