@@ -64,6 +64,16 @@ def users_graph_pass(config_key: str) -> Callable | None:
     return getattr(config, config_key)
 
 
+def graphs_replayed() -> bool:
+    """Whether the graph Inductor is compiling will be replayed as CUDA graphs: its config
+    triton.cudagraphs, as cudagraphs=True, mode="reduce-overhead" or the user's own setting left
+    it. Read from the private torch._inductor.config, the only place Inductor keeps it (torch 2.11,
+    2.13); inside a compile it holds that compile's patches."""
+    from torch._inductor import config
+
+    return bool(config.triton.cudagraphs)
+
+
 def graph_pass(run: Callable[[fx.Graph], None], uuid: Callable[[], bytes | None]) -> Callable:
     """An Inductor custom graph pass calling `run(graph)`, keyed in Inductor's caches by `uuid()`
     (None: not cacheable). Inductor's documented hook class, CustomGraphPass, lives in the

@@ -13,6 +13,11 @@ which is what AOT autograd makes of the public triton_op. Inductor compiles them
 from its generated code, and fuses the glue with its neighbours. The partitioner's decisions and
 the fold stay: this runs on the forward and backward graphs it produced. Symbolic shapes and other
 devices keep the twin (mhc_compile/ops.py says why).
+
+Graphs that Inductor replays as CUDA graphs (cudagraphs=True, mode="reduce-overhead") keep every
+twin: a replay launches the recorded kernels without running any Python, so the splice would buy
+no host time there, and it costs the cold compile most of its extra (Inductor decomposes, lowers
+and generates code for each of ~220 kernel launches of a 12-layer model: docs/design.md).
 """
 
 from __future__ import annotations
@@ -29,7 +34,10 @@ from mhc_compile.passes.context import PassContext
 
 def inline_kernels(graph: fx.Graph, context: PassContext) -> int:
     """Replace every call of an opaque mhc:: op whose kernels Inductor may trace by the functional
-    trace of its launcher; returns the number of calls replaced."""
+    trace of its launcher, unless the graph is replayed as CUDA graphs; returns the number of
+    calls replaced."""
+    if private_apis.graphs_replayed():
+        return 0
     inlined = 0
     traces: dict = {}  # one trace per launcher and signature: a model's blocks repeat them
     for node in list(graph.nodes):

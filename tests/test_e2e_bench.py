@@ -64,6 +64,17 @@ def test_repeated_cold_compiles_take_turns_after_everything_else(e2e):
                 if step[0] == "cold again"]
 
 
+def test_warm_compiles_follow_the_cold_runs_they_reuse(e2e):
+    """Warm compiles reuse the caches of their variant's cold run: baseline's and mhc's come before
+    the other variants, the recommended speed options' after its own cold run."""
+    plan = e2e._plan(["C1024"], ["baseline", "mhc_bf16", "mhc_bf16_graphs"], warm=True)
+    assert plan == [("cold", "C1024", "baseline"), ("warm", "C1024", "baseline"),
+                    ("cold", "C1024", "mhc_bf16"), ("cold", "C1024", "mhc_bf16_graphs"),
+                    ("warm", "C1024", "mhc_bf16_graphs")]
+    assert not [step for step in e2e._plan(["C1024"], ["baseline", "mhc_bf16_graphs"], warm=False)
+                if step[0] == "warm"]
+
+
 def test_cold_compile_ratio_is_of_the_medians(e2e):
     baseline = _worker_row("C1024", 1024, "baseline", 30.0, 9.0)
     mhc = _worker_row("C1024", 1024, "mhc", 40.0, 9.5)

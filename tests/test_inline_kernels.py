@@ -81,6 +81,15 @@ def test_more_streams_than_the_kernels_take_keep_the_opaque_ops(kernels_on_cpu, 
     assert replaced == []
 
 
+def test_graphs_replayed_as_cuda_graphs_keep_the_opaque_ops(kernels_on_cpu, replaced):
+    """Under CUDA graphs (cudagraphs=True, mode="reduce-overhead") a replay runs no Python, so the
+    splice would only lengthen the compile."""
+    with inductor_config.patch({"triton.cudagraphs": True}):
+        assert inline_kernels.inline_kernels(_graph("fake"), PassContext(MHCOptions())) == 0
+    assert replaced == []
+    assert inline_kernels.inline_kernels(_graph("fake"), PassContext(MHCOptions())) == 4
+
+
 def test_cpu_streams_keep_the_opaque_ops(replaced):
     assert inline_kernels.inline_kernels(_graph("fake"), PassContext(MHCOptions())) == 0
     assert replaced == []
