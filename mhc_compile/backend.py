@@ -337,8 +337,18 @@ def compile_whole_ops(graph_module: fx.GraphModule, example_inputs: Sequence[Any
             lambda setting=setting: _sources_hash() + repr(setting).encode())
     if options.cudagraphs:
         patches["triton.cudagraphs"] = True  # what mode="reduce-overhead" sets
+    patches.update(private_apis.cacheable_functions(_our_functions(graph_module),
+                                                    _sources_hash().hex()))
     with ops.keep_ops_whole():
         return private_apis.inductor_compile(graph_module, example_inputs, patches)
+
+
+def _our_functions(graph_module: fx.GraphModule) -> set[Callable]:
+    """The functions of ours the rewrite calls in the graph (stream layout helpers): AOT autograd's
+    cache keys them by our sources' hash, which changes with their code."""
+    return {node.target for node in graph_module.graph.nodes
+            if node.op == "call_function"
+            and getattr(node.target, "__module__", "").startswith("mhc_compile.")}
 
 
 def _after_users_pass(users: Callable | None, ours: Callable[[fx.Graph], None],

@@ -55,6 +55,22 @@ def inductor_mode_options(mode: str) -> dict[str, Any]:
     return dict(list_mode_options(mode))
 
 
+def cacheable_functions(functions: Sequence[Callable], key: str) -> dict[str, Any]:
+    """The Inductor config patch that lets AOT autograd's cache store graphs calling `functions`
+    (plain Python functions our passes put in the Dynamo graph), keyed by `key`.
+
+    Why: AOT autograd caches a graph only if it calls torch's own functions and ops; any other
+    function makes it bypass the cache, so every restart (and every recompile) traced the joint
+    graph and partitioned it again. Its only opt-in is the private config
+    torch._inductor.config.unsafe_marked_cacheable_functions (name -> a value mixed into the cache
+    key; torch 2.11, 2.13). "Unsafe" because the key does not see the functions' code: `key` must
+    change whenever they do."""
+    from torch._inductor import config
+
+    names = {f"{function.__module__}.{function.__name__}": key for function in functions}
+    return {"unsafe_marked_cacheable_functions": {**config.unsafe_marked_cacheable_functions, **names}}
+
+
 def users_graph_pass(config_key: str) -> Callable | None:
     """The user's own Inductor custom pass at `config_key` ("joint_custom_pre_pass",
     "post_grad_custom_post_pass"), read from torch._inductor.config, where Inductor's documented

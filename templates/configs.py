@@ -166,11 +166,17 @@ def _prune(stage: str, kernel_name: str = "") -> Callable:
     return prune
 
 
+# Kernels that never read the streams (they take the projection's fp32 partials, the coefficients
+# and their gradients): their table entries hold whatever the streams' dtype.
+_STREAMLESS_KERNELS = frozenset({"mhc_coefficients_fwd", "mhc_coefficients_bwd"})
+
+
 def tabled_config(kernel_name: str, args: dict) -> triton.Config | None:
     """The autotuning table's config for a launch of `kernel_name` with these arguments (n, C and
-    the tensors) on the selected GPU, or None: the table holds bf16 streams only, so a launch with
-    no bf16 tensor among its arguments is not tabled."""
-    if not any(getattr(value, "dtype", None) == torch.bfloat16 for value in args.values()):
+    the tensors) on the selected GPU, or None: the table holds bf16 streams only, so a launch of a
+    kernel that reads the streams with no bf16 tensor among its arguments is not tabled."""
+    if kernel_name not in _STREAMLESS_KERNELS and not any(
+            getattr(value, "dtype", None) == torch.bfloat16 for value in args.values()):
         return None
     return _selected_table.get((kernel_name, args["n"], args["C"]))
 

@@ -63,3 +63,35 @@ def test_half_precision_streams_under_inductor(monkeypatch):
     torch.testing.assert_close(output, plain(*args), rtol=3e-2, atol=3e-2)
     entry.loss(output, args).backward()
     assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+
+
+def test_a_restarted_compile_is_served_from_the_caches(tmp_path, monkeypatch):
+    """Compiling the same model again (a restarted job, or a recompile) reuses AOT autograd's and
+    Inductor's cached graphs: the functions the rewrite puts in the graph do not make AOT autograd
+    bypass its cache, and what the cache serves computes what the first compile did."""
+    from torch._dynamo.utils import counters
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    from mhc_compile.examples import llama
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    model, args = llama(seed=0, batch=2, seq=8, width=32, depth=2, vocab=64)
+    mhc_compile.prepare(model, *args)
+    results = []
+    with inductor_config.patch(fx_graph_cache=True), \
+            functorch_config.patch(enable_autograd_cache=True):
+        for _ in range(2):
+            torch._dynamo.reset()
+            counters.clear()
+            model.zero_grad()
+            output = torch.compile(model, backend="mhc")(*args)
+            output.float().square().mean().backward()
+            results.append((output.detach(), [p.grad.clone() for p in model.parameters()],
+                            dict(counters["aot_autograd"])))
+    (first, first_grads, cold), (second, second_grads, warm) = results
+    assert cold.get("autograd_cache_saved") == 1 and "autograd_cache_bypass" not in cold, cold
+    assert warm.get("autograd_cache_hit") == 1 and "autograd_cache_bypass" not in warm, warm
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+    for got, expected in zip(second_grads, first_grads):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
