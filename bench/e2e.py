@@ -690,8 +690,8 @@ def _plan(sizes: list[str], variants: list[str], warm: bool,
           cold_repeats: int = 1) -> list[tuple[str, str, str]]:
     """(cold | warm | cold again, size, variant) in the order the targets need them: baseline and
     mhc of every size, their warm compiles, then the other variants and theirs (WARM_VARIANTS), so
-    a run cut short answers the targets; last, the repeated cold compiles, baseline and mhc variants taking turns so that
-    a drift of the machine reaches both."""
+    a run cut short answers the targets; last, the repeated cold compiles, baseline and mhc
+    variants taking turns so that a drift of the machine reaches both."""
     first = [v for v in ("baseline", "mhc") if v in variants]
     others = [v for v in variants if v not in first]
     plan = [("cold", size, v) for size in sizes for v in first]
