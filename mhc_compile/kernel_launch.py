@@ -5,6 +5,11 @@ kernel itself. Eagerly, the first launch of a new (n, C, dtypes) key autotunes, 
 compiled in parallel first and its progress logged; after that, a launch whose arguments Triton
 would specialise the same way calls the binary that ran directly, bypassing Triton's host path.
 
+Ops that stay opaque in a compiled graph (graphs replayed as CUDA graphs) launch their kernels from
+Python at the graph's first run; `compile_ahead`, called from the post-grad pass, starts those
+kernels' compiles in the background while Inductor is still compiling, and a first launch waits for
+its kernel's compiles instead of compiling it again.
+
 Those speed-ups need private Triton APIs (mhc_compile/private_apis.py), which is why this path
 lives here and not in templates/: the kernels and their configs use public Triton only. The
 configs themselves, forcing and pruning are templates/configs.py's.
@@ -16,8 +21,10 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 
 import torch
 import triton
@@ -30,6 +37,9 @@ log = logging.getLogger("mhc_compile.templates")
 
 _LAUNCHED_KEYS: dict[str, set[tuple]] = {}  # per kernel, the keys it was launched with eagerly
 _COMPILED: dict[tuple, Callable] = {}  # launch specialisation -> launcher of the binary it ran
+_COMPILING_AHEAD: dict[str, list[futures.Future]] = {}  # per kernel, compiles compile_ahead started
+# The launches compile_ahead collects while it runs launchers on fake tensors (None: launch them).
+_PLANNED: ContextVar[list | None] = ContextVar("mhc_planned_launches", default=None)
 
 
 # What eager callers pass: a kernel argument may be the user's parameter itself (`.float()` and
@@ -51,11 +61,15 @@ def launch(kernel_name: str, grid, *args, **kwargs) -> None:
     (n, C, dtypes) key logs its progress at INFO (what `mhc-compile autotune` prints). Once a
     binary has run for arguments of one specialisation, later launches of that specialisation call
     it directly (_COMPILED): Triton's own path costs several times the launch itself in host time."""
+    if (planned := _PLANNED.get()) is not None:
+        planned.append((kernel_name, grid, args, kwargs))
+        return
     tuned = configs.TUNED[kernel_name]
     if _traced(args) and not configs.INTERPRETING:
         _select_device(args)
         torch.library.wrap_triton(tuned)[grid](*args, **kwargs)
         return
+    _await_compiles_ahead(kernel_name)
     signature = None if configs.INTERPRETING else _specialisation(kernel_name, args, kwargs)
     if (compiled := _COMPILED.get(signature)) is not None:
         compiled(grid, args, kwargs)
@@ -93,11 +107,14 @@ def _specialisation(kernel_name: str, args: tuple, kwargs: dict) -> tuple:
     alignment, and of other integers whether they equal 1, divide by 16 and fit 32 or 64 bits
     (Triton specialises on these). Finer than Triton is harmless (one more entry); coarser would
     run a binary compiled for other arguments."""
+    return torch.cuda.current_device(), *_argument_classes(kernel_name, args, kwargs)
+
+
+def _argument_classes(kernel_name: str, args: tuple, kwargs: dict) -> tuple:
     by_value = _value_parameters(kernel_name)
     names = private_apis.kernel_argument_names(configs.TUNED[kernel_name].fn)
     return (
         kernel_name,
-        torch.cuda.current_device(),
         *(value if name in by_value else _argument_class(value) for name, value in zip(names, args)),
         *((name, value if name in by_value else _argument_class(value)) for name, value in kwargs.items()),
     )
@@ -143,6 +160,97 @@ def _compile_in_parallel(tuned, candidates: list[triton.Config], grid, args: tup
             log.warning("compiling %d autotune candidates in parallel failed (%s: %s); the "
                         "autotuner compiles them one by one", len(candidates),
                         type(error).__name__, error)
+
+
+def compile_ahead(calls: Iterable[tuple[Callable, Sequence]]) -> int:
+    """Start compiling, in background threads, every kernel config that `launcher(*args)` would
+    launch for each of `calls`, whose tensors are the fake values of a graph Inductor is compiling;
+    returns the number of compiles started.
+
+    An opaque op launches its kernels from Python at the compiled graph's first run, and there each
+    kernel compiled one after the other: 5.5 s of the C=1024 model's cold compile, against which
+    Inductor's own kernels compile in parallel (bench/RESULTS.md, session 15). Started from the
+    post-grad pass, ours compile while Inductor lowers and compiles the graphs. Triton's
+    JITFunction.warmup takes dtypes in place of tensors and stores what it compiled where the
+    launch looks (its per-device kernel cache, or its disk cache on a warm start). A launch waits
+    for the compiles of its kernel (_await_compiles_ahead), so none compiles twice; a compile that
+    fails is left for the launch to meet again and report. This is a speed-up only: if planning
+    the launches fails, a warning says so and the kernels compile at their first launch."""
+    try:
+        launches = _distinct_launches(calls)
+    except Exception as error:  # noqa: BLE001 (the first launch compiles what is not compiled)
+        log.warning("mhc: could not plan the mHC kernels' compiles ahead of their first launch "
+                    "(%s: %s); they compile at the first step instead", type(error).__name__, error)
+        return 0
+    started = 0
+    for kernel_name, grid, args, kwargs in launches:
+        pending = _COMPILING_AHEAD.setdefault(kernel_name, [])
+        for config in _candidates(kernel_name, args, kwargs):
+            pending.append(_start_compile(kernel_name, grid, args, {**kwargs, **config.all_kwargs()}))
+            started += 1
+    if started:
+        log.debug("compiling %d kernel configs ahead of their first launch", started)
+    return started
+
+
+def _distinct_launches(calls: Iterable[tuple[Callable, Sequence]]) -> list[tuple]:
+    """The kernel launches the launchers make for these calls (on fake tensors, nothing runs), one
+    per Triton specialisation: the blocks of a model repeat the same launches."""
+    planned: list[tuple] = []
+    token = _PLANNED.set(planned)
+    try:
+        for launcher, args in calls:
+            with private_apis.in_tracing_fake_mode(args):
+                launcher(*args)
+    finally:
+        _PLANNED.reset(token)
+    distinct: dict[tuple, tuple] = {}
+    for launch in planned:
+        kernel_name, _, args, kwargs = launch
+        distinct.setdefault(_argument_classes(kernel_name, _dtypes_for_tensors(args), kwargs), launch)
+    return list(distinct.values())
+
+
+def _dtypes_for_tensors(args: tuple) -> tuple:
+    """The arguments as JITFunction.warmup takes them: a fake tensor has no data to point at."""
+    return tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _candidates(kernel_name: str, args: tuple, kwargs: dict) -> list[triton.Config]:
+    """The configs the launch will compile: the tabled one, or every candidate it will benchmark."""
+    tuned = configs.TUNED[kernel_name]
+    _select_device(args)
+    named = dict(zip(private_apis.kernel_argument_names(tuned.fn), args))
+    return private_apis.autotune_candidates(tuned, named, kwargs)
+
+
+@functools.cache
+def _compile_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="mhc-compile-ahead")
+
+
+def _start_compile(kernel_name: str, grid, args: tuple, kwargs: dict) -> futures.Future:
+    """Compile one config of `kernel_name` for these arguments, in a pool thread, for their device
+    (a new thread's current device is the first GPU, whatever the launching thread's)."""
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    warmup_args = _dtypes_for_tensors(args)
+
+    def compile_on_device() -> None:
+        with torch.cuda.device(device):
+            configs.TUNED[kernel_name].fn.warmup(*warmup_args, grid=grid, **kwargs)
+
+    return _compile_pool().submit(compile_on_device)
+
+
+def _await_compiles_ahead(kernel_name: str) -> None:
+    """Wait for the compiles compile_ahead started for this kernel, and log those that failed (the
+    launch compiles that config again and meets the error itself)."""
+    pending = _COMPILING_AHEAD.pop(kernel_name, None)
+    if not pending:
+        return
+    for future in futures.as_completed(pending):
+        if (error := future.exception()) is not None:
+            log.debug("compiling %s ahead failed (%s: %s)", kernel_name, type(error).__name__, error)
 
 
 def _dtype_names(args: tuple) -> str:

@@ -17,7 +17,9 @@ devices keep the twin (mhc_compile/ops.py says why).
 Graphs that Inductor replays as CUDA graphs (cudagraphs=True, mode="reduce-overhead") keep every
 twin: a replay launches the recorded kernels without running any Python, so the splice would buy
 no host time there, and it costs the cold compile most of its extra (Inductor decomposes, lowers
-and generates code for each of ~220 kernel launches of a 12-layer model: docs/design.md).
+and generates code for each of ~220 kernel launches of a 12-layer model: docs/design.md). There
+the twins' kernels start compiling instead (kernel_launch.compile_ahead), beside Inductor's work,
+rather than one after the other at the graph's first run.
 """
 
 from __future__ import annotations
@@ -34,18 +36,21 @@ from mhc_compile.passes.context import PassContext
 
 def inline_kernels(graph: fx.Graph, context: PassContext) -> int:
     """Replace every call of an opaque mhc:: op whose kernels Inductor may trace by the functional
-    trace of its launcher, unless the graph is replayed as CUDA graphs; returns the number of
-    calls replaced."""
+    trace of its launcher, unless the graph is replayed as CUDA graphs (then its kernels start
+    compiling); returns the number of calls replaced."""
+    calls = [(node, op) for node in graph.nodes if (op := _traceable_op(node)) is not None]
     if private_apis.graphs_replayed():
+        if not calls:
+            return 0
+        from mhc_compile import kernel_launch  # imports Triton, which a call here implies
+
+        kernel_launch.compile_ahead(
+            (templates.launcher(op.name), [_example(arg) for arg in node.args]) for node, op in calls)
         return 0
-    inlined = 0
     traces: dict = {}  # one trace per launcher and signature: a model's blocks repeat them
-    for node in list(graph.nodes):
-        op = _traceable_op(node)
-        if op is not None:
-            _splice_launcher(node, templates.launcher(op.name), traces)
-            inlined += 1
-    return inlined
+    for node, op in calls:
+        _splice_launcher(node, templates.launcher(op.name), traces)
+    return len(calls)
 
 
 def _traceable_op(node: fx.Node) -> spec.OpSpec | None:

@@ -8,6 +8,9 @@ what was spliced in needs the GPU (tests/test_kernels.py, test_backend_hands_the
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 from torch._functorch import config as functorch_config
@@ -15,7 +18,8 @@ from torch._inductor import config as inductor_config
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import mhc_compile
-from mhc_compile import private_apis, templates
+from mhc_compile import kernel_launch, private_apis, templates
+from mhc_compile.templates import configs
 from mhc_compile.examples import llama
 from mhc_compile.options import MHCOptions
 from mhc_compile.passes import PassContext, inline_kernels
@@ -42,11 +46,14 @@ def _two_sublayers(streams, y, *parameters_and_grad):
     return _sublayer_through_opaque_ops(out, y, *parameters_and_grad)
 
 
+def _inputs(n: int, channels: int = C) -> tuple[torch.Tensor, ...]:
+    return (torch.randn(TOKENS, n, channels), torch.randn(TOKENS, channels),
+            torch.randn(n * channels, n * n + 2 * n), torch.rand(3), torch.randn(n), torch.randn(n),
+            torch.randn(n, n), torch.randn(TOKENS, n, channels))
+
+
 def _graph(tracing_mode: str, n: int = N, function=_sublayer_through_opaque_ops) -> torch.fx.Graph:
-    inputs = (torch.randn(TOKENS, n, C), torch.randn(TOKENS, C), torch.randn(n * C, n * n + 2 * n),
-              torch.rand(3), torch.randn(n), torch.randn(n), torch.randn(n, n),
-              torch.randn(TOKENS, n, C))
-    return make_fx(function, tracing_mode=tracing_mode)(*inputs).graph
+    return make_fx(function, tracing_mode=tracing_mode)(*_inputs(n)).graph
 
 
 @pytest.fixture
@@ -88,6 +95,86 @@ def test_graphs_replayed_as_cuda_graphs_keep_the_opaque_ops(kernels_on_cpu, repl
         assert inline_kernels.inline_kernels(_graph("fake"), PassContext(MHCOptions())) == 0
     assert replaced == []
     assert inline_kernels.inline_kernels(_graph("fake"), PassContext(MHCOptions())) == 4
+
+
+def _launches_of(function, *inputs) -> list[tuple]:
+    """The kernel launches `function` makes through the launchers on real tensors: kernel name,
+    each tensor argument's dtype and every other argument's value."""
+    launches = []
+
+    def record(kernel_name, grid, *args, **kwargs):
+        launches.append((kernel_name, tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args),
+                         tuple(sorted(kwargs.items()))))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernel_launch, "launch", record)
+        function(*inputs)
+    return launches
+
+
+def _sublayer_through_launchers(streams, y, phi, alpha, b_pre, b_post, b_res, grad_out):
+    """_sublayer_through_opaque_ops with each op's launcher called directly."""
+    launch = templates.launcher
+    h_pre, h_post, h_res, mixed, proj, sum_squares = launch("coefficients_pre_mix")(
+        streams, phi, alpha, b_pre, b_post, b_res, 20, "sinkhorn")
+    launch("post_res_mix")(streams, y, h_post, h_res)
+    grad_streams, grad_y, grad_h_post, grad_h_res = launch("post_res_mix_backward")(
+        grad_out, streams, y, h_post, h_res)
+    launch("coefficients_pre_mix_backward")(
+        torch.zeros_like(h_pre), grad_h_post, grad_h_res, grad_y, h_pre, proj, sum_squares, streams,
+        phi, alpha, b_pre, b_post, b_res, 20, "sinkhorn", grad_streams)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graphs_replayed_as_cuda_graphs_compile_their_kernels_ahead(kernels_on_cpu, monkeypatch, dtype):
+    """Under CUDA graphs the opaque ops' kernels start compiling from the post-grad pass
+    (kernel_launch.compile_ahead): once per kernel, arguments and config, for exactly the launches
+    the ops make when they run (recorded here from the launchers on real tensors)."""
+    started = []
+    monkeypatch.setattr(kernel_launch, "_start_compile", lambda kernel_name, grid, args, kwargs: started.append(
+        (kernel_name, tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args),
+         tuple(sorted(kwargs.items())))))
+    inputs = _inputs(N)
+    inputs = (inputs[0].to(dtype), *inputs[1:])
+    graph = make_fx(_two_sublayers, tracing_mode="fake")(*inputs).graph
+    with inductor_config.patch({"triton.cudagraphs": True}):
+        assert inline_kernels.inline_kernels(graph, PassContext(MHCOptions())) == 0
+
+    expected = []
+    for kernel_name, args, kwargs in dict.fromkeys(_launches_of(_sublayer_through_launchers, *inputs)):
+        tuned = configs.TUNED[kernel_name]
+        named = dict(zip(tuned.fn.arg_names, args))
+        for config in tuned.early_config_prune(tuned.configs, named, **dict(kwargs)):
+            expected.append((kernel_name, args, tuple(sorted({**dict(kwargs), **config.all_kwargs()}.items()))))
+    assert len(expected) >= 8
+    assert sorted(map(repr, started)) == sorted(map(repr, expected))
+
+
+def test_a_launch_waits_for_its_kernels_compiles_ahead(monkeypatch):
+    """A first launch finds its kernel compiled ahead, not compiling beside it: it waits for the
+    compiles compile_ahead started (and only for its own kernel's)."""
+    events = []
+    compiled = threading.Event()
+
+    class Kernel:
+        configs = [object()]
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: events.append("launched")
+
+    def compile_slowly():
+        compiled.wait(5)
+        events.append("compiled")
+
+    monkeypatch.setattr(configs, "TUNED", {"stub": Kernel(), "other": Kernel()})
+    monkeypatch.setattr(configs, "INTERPRETING", True)  # no specialisation lookup for the stub
+    with ThreadPoolExecutor(1) as pool:
+        monkeypatch.setitem(kernel_launch._COMPILING_AHEAD, "stub", [pool.submit(compile_slowly)])
+        kernel_launch.launch("other", (1,))
+        assert events == ["launched"]
+        threading.Timer(0.2, compiled.set).start()
+        kernel_launch.launch("stub", (1,))
+    assert events == ["launched", "compiled", "launched"]
 
 
 def test_cpu_streams_keep_the_opaque_ops(replaced):
@@ -346,3 +433,34 @@ print("projections_read_a_post_res_output", ",".join(
     assert output["projections_read_a_post_res_output"] == "False,True"
     assert int(output["allocated_buffers"]) >= 2 * 8  # at least one per kernel and sublayer
     assert output["their_storages"] == output["allocated_buffers"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kernels_compiled_ahead_are_the_ones_launched():
+    """What compile_ahead compiles from the graph's fake values (dtypes in place of tensors) is
+    what the ops' first real launches look up: they compile nothing more. n = 5 and C = 40 (not a
+    multiple of 16) are shapes no other test launches, so the compiles ahead are this test's."""
+    import triton
+
+    streams, *middle, grad_out = (t.cuda() for t in _inputs(5, 40))
+    inputs = (streams.bfloat16(), *middle, grad_out.bfloat16())
+    graph = make_fx(_two_sublayers, tracing_mode="fake")(*inputs).graph
+    compiles = []
+
+    def record_compile(**details) -> bool:
+        compiles.append(details.get("repr"))
+        return False  # compile it
+
+    saved, triton.knobs.runtime.jit_cache_hook = triton.knobs.runtime.jit_cache_hook, record_compile
+    try:
+        with inductor_config.patch({"triton.cudagraphs": True}):
+            inline_kernels.inline_kernels(graph, PassContext(MHCOptions()))
+        for kernel_name in list(kernel_launch._COMPILING_AHEAD):
+            kernel_launch._await_compiles_ahead(kernel_name)
+        ahead = len(compiles)
+        _two_sublayers(*inputs)
+        torch.cuda.synchronize()
+    finally:
+        triton.knobs.runtime.jit_cache_hook = saved
+    assert ahead >= 8, compiles
+    assert len(compiles) == ahead, compiles[ahead:]
