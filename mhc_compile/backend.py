@@ -323,13 +323,13 @@ def compile_whole_ops(graph_module: fx.GraphModule, example_inputs: Sequence[Any
     passes run first. Inductor's FX graph cache keys on the graph, not on what our custom ops do,
     so each pass's cache key hashes our sources (and the joint pass its recompute setting: the AOT
     autograd cache keys on the graph's code, not on node tags). Without options it is a plain
-    torch.compile backend for graphs that call the ops, with no recompute policy."""
+    torch.compile backend for graphs that call the ops, with no recompute policy (a chain's
+replicated input is rebuilt whatever the policy: passes/recompute_policy.py)."""
     options = MHCOptions(recompute=False) if options is None else options  # a bare backend
     patches = private_apis.inductor_mode_options(options.mode) if options.mode is not None else {}
     context = PassContext(options)
-    stages = [("post_grad", "post_grad_custom_post_pass", ())]
-    if options.recompute is not False:
-        stages.append(("joint", "joint_custom_pre_pass", (("recompute", options.recompute),)))
+    stages = [("post_grad", "post_grad_custom_post_pass", ()),
+              ("joint", "joint_custom_pre_pass", (("recompute", options.recompute),))]
     for stage, config_key, setting in stages:
         patches[config_key] = _after_users_pass(
             private_apis.users_graph_pass(config_key),

@@ -72,12 +72,15 @@ class StreamChain:
 
 def tag_recompute(graph: fx.Graph, context: PassContext) -> int:
     """Tag the joint graph's mHC nodes for the partitioner as `context.options.recompute` says;
-    returns the number of chains tagged."""
+    returns the number of chains tagged. Each chain's replicated input is rebuilt whatever the
+    setting (_tag_replicated_head)."""
     setting = context.options.recompute
-    if setting is False:
-        return 0
     forward = _forward_nodes(graph)
     chains = _stream_chains(graph, forward)
+    if setting is False:
+        for chain in chains:
+            _tag_replicated_head(chain, next(_group_ids))
+        return 0
     for chain in chains:
         n = chain.producers[0].meta["val"].shape[-2]
         _tag_chain(chain, group_size(setting, n, len(chain.producers)))
@@ -92,6 +95,7 @@ def _tag_chain(chain: StreamChain, group: int) -> None:
     """Block p's output streams x_{p+1} are kept where p + 1 is a multiple of L_r (the first
     streams of the next group), rebuilt elsewhere; F's output y_p feeding the rebuild is kept."""
     ids = [next(_group_ids) for _ in range(math.ceil(len(chain.producers) / group) + 1)]
+    _tag_replicated_head(chain, ids[0])
     for position, (producer, lifted) in enumerate(zip(chain.producers, chain.lifted)):
         ends_group = (position + 1) % group == 0
         policy = CheckpointPolicy.MUST_SAVE if ends_group else CheckpointPolicy.MUST_RECOMPUTE
@@ -102,6 +106,26 @@ def _tag_chain(chain: StreamChain, group: int) -> None:
         for node in lifted:
             _tag(node, CheckpointPolicy.MUST_RECOMPUTE, next_group)
         _tag(producer.args[1], CheckpointPolicy.MUST_SAVE, None)  # F's output y_p: never rebuilt
+
+
+# What stream_layout.enter_streams traces to between the chain input [..., C] and its streams.
+_REPLICATION_OPS = (torch.ops.aten.clone.default, torch.ops.aten.expand.default,
+                    torch.ops.aten.unsqueeze.default, torch.ops.aten.permute.default)
+
+
+def _tag_replicated_head(chain: StreamChain, group_id: int) -> None:
+    """A chain's first streams x_0 are n copies of its input, written contiguous once
+    (stream_layout.enter_streams) so that the ops reading them copy nothing. The partitioner would
+    save that [T, n, C] copy for backward, n times the input it is made from: it is rebuilt instead,
+    with the chain's first group."""
+    head = chain.producers[0].args[0]
+    replication = []
+    while isinstance(head, fx.Node) and head.op == "call_function" and head.target in _REPLICATION_OPS:
+        replication.append(head)
+        head = head.args[0]
+    if any(node.target is torch.ops.aten.expand.default for node in replication):
+        for node in replication:
+            _tag(node, CheckpointPolicy.MUST_RECOMPUTE, group_id)
 
 
 def _tag(node: fx.Node, policy: CheckpointPolicy, group_id: int | None) -> None:

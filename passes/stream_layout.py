@@ -13,8 +13,12 @@ from mhc_compile import reference
 
 
 def enter_streams(x: torch.Tensor, n: int, channel_dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """x [..., C, ...] -> n equal streams [..., n, C], stored in the streams' `dtype`."""
-    return reference.expand_streams(to_channels_last(x, channel_dim).to(dtype), n)
+    """x [..., C, ...] -> n equal streams [..., n, C], stored in the streams' `dtype`.
+
+    Written contiguous: the kernels read dense streams, and each op reading an expanded view would
+    copy it, forward and backward (seven copies a step in a LLaMA chain). Compiled, the recompute
+    policy rebuilds this copy in backward rather than saving it (_tag_replicated_head)."""
+    return reference.expand_streams(to_channels_last(x, channel_dim).to(dtype), n).contiguous()
 
 
 def leave_streams(streams: torch.Tensor, channel_dim: int, dtype: torch.dtype) -> torch.Tensor:

@@ -167,9 +167,18 @@ def test_backward_keeps_one_stream_per_group_and_rebuilds_groups_in_turn(
         _loss(output, args).backward()
     backward = recorder.graphs[-1]
 
-    # Kept streams: x_k for k = L_r, 2 L_r, ... < L (x_0 is the chain input [B, S, C]; nothing
-    # in backward reads x_L). Off: every block's input streams x_1 .. x_{L-1}.
+    # Kept streams: x_k for k = L_r, 2 L_r, ... < L (x_0, n copies of the chain input [B, S, C],
+    # is rebuilt from it in every setting; nothing in backward reads x_L). Off: every block's
+    # input streams x_1 .. x_{L-1}.
     assert saved[STREAMS] == kept
+    # Every op reads dense streams, so none copies them (x_0 is written contiguous, forward and
+    # rebuilt in backward, not read as an expanded view).
+    for graph in (recorder.graphs[0], backward):
+        for name, streams_at in (("mhc::coefficients_pre_mix", 0), ("mhc::post_res_mix", 0),
+                                 ("mhc::post_res_mix_backward", 1),
+                                 ("mhc::coefficients_pre_mix_backward", 7)):
+            for node in _mhc_ops(graph, name):
+                assert node.args[streams_at].meta["val"].is_contiguous(), (name, node.args[streams_at])
     # F is never recomputed: its saved activations are the same with the policy on or off.
     assert saved[HIDDEN] == 3 * DEPTH
     rebuilt = len(_mhc_ops(backward, "mhc::post_res_mix"))
