@@ -172,7 +172,8 @@ def compile_ahead(calls: Iterable[tuple[Callable, Sequence]]) -> int:
     Inductor's own kernels compile in parallel (bench/RESULTS.md, session 15). Started from the
     post-grad pass, ours compile while Inductor lowers and compiles the graphs. Triton's
     JITFunction.warmup takes dtypes in place of tensors and stores what it compiled where the
-    launch looks (its per-device kernel cache, or its disk cache on a warm start). A launch waits
+    launch looks (its per-device kernel cache, or its disk cache on a warm start); its module and
+    host launcher are loaded there too (private_apis.load_compiled_kernel). A launch waits
     for the compiles of its kernel (_await_compiles_ahead), so none compiles twice; a compile that
     fails is left for the launch to meet again and report. This is a speed-up only: if planning
     the launches fails, a warning says so and the kernels compile at their first launch."""
@@ -237,7 +238,8 @@ def _start_compile(kernel_name: str, grid, args: tuple, kwargs: dict) -> futures
 
     def compile_on_device() -> None:
         with torch.cuda.device(device):
-            configs.TUNED[kernel_name].fn.warmup(*warmup_args, grid=grid, **kwargs)
+            compiled = configs.TUNED[kernel_name].fn.warmup(*warmup_args, grid=grid, **kwargs)
+            private_apis.load_compiled_kernel(compiled)
 
     return _compile_pool().submit(compile_on_device)
 

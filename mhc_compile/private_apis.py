@@ -505,6 +505,17 @@ def compiled_triton_launcher(autotuner, grid, args: tuple, kwargs: dict) -> Call
     return launch
 
 
+def load_compiled_kernel(compiled) -> None:
+    """Load what JITFunction.warmup compiled (CompiledKernel: its GPU module, and its host launcher,
+    which Triton builds with the C compiler unless cached on disk) as its first launch would: about
+    0.3 s of each of our kernels' first launches on the H100 host (bench/RESULTS.md, session 16),
+    which kernel_launch.compile_ahead moves off the critical path. Triton loads them lazily at the
+    first launch (CompiledKernel._init_handles), with no public way to do it earlier; checked
+    against Triton 3.6 and 3.9."""
+    compiled = compiled.result() if hasattr(compiled, "result") else compiled  # async compile
+    compiled._init_handles()
+
+
 # --- The min-cut partitioner's recompute tags -----------------------------------------------------
 # Selective activation checkpointing steers AOT autograd's partitioner through two node.meta keys,
 # a CheckpointPolicy under "recompute" and a region id under "ac_graph_id"; torch has no public

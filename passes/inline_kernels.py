@@ -44,13 +44,23 @@ def inline_kernels(graph: fx.Graph, context: PassContext) -> int:
             return 0
         from mhc_compile import kernel_launch  # imports Triton, which a call here implies
 
-        kernel_launch.compile_ahead(
-            (templates.launcher(op.name), [_example(arg) for arg in node.args]) for node, op in calls)
+        kernel_launch.compile_ahead(_distinct_calls(calls))
         return 0
     traces: dict = {}  # one trace per launcher and signature: a model's blocks repeat them
     for node, op in calls:
         _splice_launcher(node, templates.launcher(op.name), traces)
     return len(calls)
+
+
+def _distinct_calls(calls: list[tuple[fx.Node, spec.OpSpec]]) -> list[tuple[Callable, list]]:
+    """One (launcher, example arguments) per launcher and signature (_trace_key): running a
+    launcher on fake tensors takes milliseconds, and a model's blocks repeat the same calls."""
+    distinct: dict = {}
+    for node, op in calls:
+        launcher = templates.launcher(op.name)
+        key = _trace_key(launcher, list(node.args)) or node
+        distinct.setdefault(key, (launcher, [_example(arg) for arg in node.args]))
+    return list(distinct.values())
 
 
 def _traceable_op(node: fx.Node) -> spec.OpSpec | None:

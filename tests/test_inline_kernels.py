@@ -9,7 +9,7 @@ what was spliced in needs the GPU (tests/test_kernels.py, test_backend_hands_the
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 import torch
@@ -131,9 +131,16 @@ def test_graphs_replayed_as_cuda_graphs_compile_their_kernels_ahead(kernels_on_c
     (kernel_launch.compile_ahead): once per kernel, arguments and config, for exactly the launches
     the ops make when they run (recorded here from the launchers on real tensors)."""
     started = []
-    monkeypatch.setattr(kernel_launch, "_start_compile", lambda kernel_name, grid, args, kwargs: started.append(
-        (kernel_name, tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args),
-         tuple(sorted(kwargs.items())))))
+
+    def start_compile(kernel_name, grid, args, kwargs) -> Future:
+        started.append((kernel_name, tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args),
+                        tuple(sorted(kwargs.items()))))
+        compiled = Future()
+        compiled.set_result(None)
+        return compiled
+
+    monkeypatch.setattr(kernel_launch, "_start_compile", start_compile)
+    monkeypatch.setattr(kernel_launch, "_COMPILING_AHEAD", {})
     inputs = _inputs(N)
     inputs = (inputs[0].to(dtype), *inputs[1:])
     graph = make_fx(_two_sublayers, tracing_mode="fake")(*inputs).graph
