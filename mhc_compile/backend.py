@@ -339,8 +339,38 @@ replicated input is rebuilt whatever the policy: passes/recompute_policy.py)."""
         patches["triton.cudagraphs"] = True  # what mode="reduce-overhead" sets
     patches.update(private_apis.cacheable_functions(_our_functions(graph_module),
                                                     _sources_hash().hex()))
+    skips = private_apis.cudagraph_skips()
     with ops.keep_ops_whole():
-        return private_apis.inductor_compile(graph_module, example_inputs, patches)
+        compiled = private_apis.inductor_compile(graph_module, example_inputs, patches)
+    replayed = patches.get("triton.cudagraphs", private_apis.graphs_replayed())
+    if replayed and private_apis.cudagraph_skips() > skips and _runs_mhc_kernels(graph_module, example_inputs):
+        _warn_not_replayed()
+    return compiled
+
+
+def _runs_mhc_kernels(graph_module: fx.GraphModule, example_inputs: Sequence[Any]) -> bool:
+    """Whether the graph calls mhc:: ops on CUDA tensors (where they launch Triton kernels)."""
+    return any(isinstance(value, torch.Tensor) and templates.kernels_active(value.device)
+               for value in example_inputs) and any(
+        node.op == "call_function" and ops.spec_of(node.target) is not None
+        for node in graph_module.graph.nodes)
+
+
+def _warn_not_replayed() -> None:
+    """Say once that a graph asked to replay as CUDA graphs will not: passes/inline_kernels.py kept
+    its mHC ops opaque for the replay, so they run their Python launchers at every call."""
+    message = (
+        "mhc: Inductor will not replay a compiled graph as CUDA graphs, though cudagraphs=True or "
+        "mode='reduce-overhead' asked for it (TORCH_LOGS=perf_hints shows why: an input mutation, "
+        "a CPU tensor, dynamic shapes, ...). Its mHC ops were kept whole for the replay, so they "
+        "launch their kernels from Python at every step, and the step may wait on the host. "
+        "Remove what Inductor names, or compile without CUDA graphs: then Inductor launches the "
+        "mHC kernels itself"
+    )
+    warned = _WARNED.setdefault(compile_whole_ops, set())
+    if message not in warned:
+        warned.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 def _our_functions(graph_module: fx.GraphModule) -> set[Callable]:

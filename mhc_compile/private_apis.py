@@ -46,6 +46,16 @@ def inductor_compile(graph_module: fx.GraphModule, example_inputs: Sequence[Any]
                       config_patches=config_patches)
 
 
+def cudagraph_skips() -> int:
+    """How many graphs Inductor has declined to replay as CUDA graphs in this process although
+    they asked for it (an input mutation, a CPU tensor, ...). Inductor counts them in the private
+    torch._dynamo.utils.counters and logs the reason only under TORCH_LOGS=perf_hints; no public
+    API reports it (torch 2.11, 2.13)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
+
+
 def inductor_mode_options(mode: str) -> dict[str, Any]:
     """The Inductor config one of torch.compile's modes sets, from the private module
     torch._inductor.list_mode_options (torch.compile's documentation points to it as the list of

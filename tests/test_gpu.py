@@ -86,6 +86,29 @@ def test_cudagraphs_replay_the_same_training():
     torch.testing.assert_close(replayed, expected, rtol=1e-4, atol=1e-5)
 
 
+class _MutatesItsInput(torch.nn.Module):
+    """Two residual blocks, and a counter the caller passes in and forward increments: Inductor
+    replays no graph that mutates an input it does not own as CUDA graphs."""
+
+    def __init__(self, width=64):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(width, width), torch.nn.Linear(width, width)
+
+    def forward(self, x, calls):
+        calls.add_(1)
+        x = x + self.fc1(x)
+        return x + self.fc2(x)
+
+
+def test_a_graph_inductor_will_not_replay_as_cuda_graphs_warns():
+    model = _MutatesItsInput().cuda()
+    x, calls = torch.randn(8, 64, device="cuda"), torch.zeros(1, device="cuda")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="mhc", options={"cudagraphs": True})
+    with pytest.warns(UserWarning, match="mhc: Inductor will not replay a compiled graph as CUDA graphs"):
+        compiled(x, calls)
+
+
 def test_half_precision_streams_under_inductor_on_cuda():
     """stream_dtype="bfloat16" on a float32 model: the kernels take bf16 streams, the output
     agrees with the plain model to bf16 rounding at init, and training lowers the loss."""

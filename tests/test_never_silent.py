@@ -264,3 +264,42 @@ def test_a_graph_running_mhc_blocks_without_their_parameters_warns():
         torch.testing.assert_close(expected, _eager(model)(x))
     finally:
         torch.backends.mha.set_fastpath_enabled(True)
+
+
+class TwoBlocks(nn.Module):
+    def __init__(self, width=8):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x):
+        x = x + self.fc1(x)
+        return x + self.fc2(x)
+
+
+@pytest.mark.parametrize("cudagraphs, kernels, warned", [
+    (True, True, True), (False, True, False), (True, False, False)])
+def test_a_graph_inductor_will_not_replay_as_cuda_graphs_warns_once(monkeypatch, cudagraphs, kernels,
+                                                                    warned):
+    """Under CUDA graphs the mHC ops stay whole for the replay (passes/inline_kernels.py); if
+    Inductor then declines to replay the graph (it counts a "cudagraph skip", and logs the reason
+    only under TORCH_LOGS=perf_hints), the ops launch their kernels from Python at every step, and
+    the user is told once. Inductor declines every CPU graph: here the graph is made to count as
+    running the mHC kernels (on CPU the ops run the reference, and no warning is due;
+    tests/test_gpu.py has the CUDA case)."""
+    import importlib
+
+    if kernels:
+        backend = importlib.import_module("mhc_compile.backend")
+        monkeypatch.setattr(backend, "_runs_mhc_kernels", lambda graph_module, example_inputs: True)
+    model, x = TwoBlocks(), torch.randn(3, 8)
+    compiled = torch.compile(model, backend="mhc", options={"n": 2, "cudagraphs": cudagraphs})
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled(x)
+        compiled(torch.randn(5, 8))  # a recompile: said once
+    messages = [str(w.message) for w in caught if "will not replay" in str(w.message)]
+    assert len(messages) == int(warned), messages
+    if warned:
+        assert messages[0].startswith("mhc: Inductor will not replay a compiled graph as CUDA graphs")
+        assert "TORCH_LOGS=perf_hints" in messages[0]
