@@ -20,6 +20,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import pickle
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent import futures
@@ -163,35 +166,34 @@ def _compile_in_parallel(tuned, candidates: list[triton.Config], grid, args: tup
 
 
 def compile_ahead(calls: Iterable[tuple[Callable, Sequence]]) -> int:
-    """Start compiling, in background threads, every kernel config that `launcher(*args)` would
+    """Start compiling, in worker processes, every kernel config that `launcher(*args)` would
     launch for each of `calls`, whose tensors are the fake values of a graph Inductor is compiling;
     returns the number of compiles started.
 
     An opaque op launches its kernels from Python at the compiled graph's first run, and there each
     kernel compiled one after the other: 5.5 s of the C=1024 model's cold compile, against which
     Inductor's own kernels compile in parallel (bench/RESULTS.md, session 15). Started from the
-    post-grad pass, ours compile while Inductor lowers and compiles the graphs. Triton's
-    JITFunction.warmup takes dtypes in place of tensors and stores what it compiled where the
-    launch looks (its per-device kernel cache, or its disk cache on a warm start); its module and
-    host launcher are loaded there too (private_apis.load_compiled_kernel). A launch waits
-    for the compiles of its kernel (_await_compiles_ahead), so none compiles twice; a compile that
-    fails is left for the launch to meet again and report. This is a speed-up only: if planning
-    the launches fails, a warning says so and the kernels compile at their first launch."""
+    post-grad pass, ours compile while Inductor lowers and compiles the graphs, in processes
+    (mhc_compile/compile_worker.py says why not threads) that fill Triton's on-disk cache; a
+    background thread then loads each kernel from there into this process, module and host
+    launcher included (JITFunction.warmup takes dtypes in place of tensors and stores the kernel
+    where the launch looks). A launch waits for the compiles of its kernel
+    (_await_compiles_ahead), so none compiles twice; a compile that fails is left for the launch
+    to meet again and report. This is a speed-up only: if planning the launches fails, a warning
+    says so and the kernels compile at their first launch."""
     try:
         launches = _distinct_launches(calls)
     except Exception as error:  # noqa: BLE001 (the first launch compiles what is not compiled)
         log.warning("mhc: could not plan the mHC kernels' compiles ahead of their first launch "
                     "(%s: %s); they compile at the first step instead", type(error).__name__, error)
         return 0
-    started = 0
-    for kernel_name, grid, args, kwargs in launches:
-        pending = _COMPILING_AHEAD.setdefault(kernel_name, [])
-        for config in _candidates(kernel_name, args, kwargs):
-            pending.append(_start_compile(kernel_name, grid, args, {**kwargs, **config.all_kwargs()}))
-            started += 1
-    if started:
-        log.debug("compiling %d kernel configs ahead of their first launch", started)
-    return started
+    jobs = [(kernel_name, grid, args, {**kwargs, **config.all_kwargs()})
+            for kernel_name, grid, args, kwargs in launches
+            for config in _candidates(kernel_name, args, kwargs)]
+    if jobs:
+        log.debug("compiling %d kernel configs ahead of their first launch", len(jobs))
+        _start_compiles(jobs)
+    return len(jobs)
 
 
 def _distinct_launches(calls: Iterable[tuple[Callable, Sequence]]) -> list[tuple]:
@@ -225,23 +227,49 @@ def _candidates(kernel_name: str, args: tuple, kwargs: dict) -> list[triton.Conf
     return private_apis.autotune_candidates(tuned, named, kwargs)
 
 
+# Worker processes per compile_ahead call: each imports torch and Triton (seconds) before compiling.
+_COMPILE_PROCESSES = 4
+
+
 @functools.cache
-def _compile_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="mhc-compile-ahead")
+def _waiting_threads() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(_COMPILE_PROCESSES, thread_name_prefix="mhc-compile-ahead")
 
 
-def _start_compile(kernel_name: str, grid, args: tuple, kwargs: dict) -> futures.Future:
-    """Compile one config of `kernel_name` for these arguments, in a pool thread, for their device
-    (a new thread's current device is the first GPU, whatever the launching thread's)."""
-    device = next(a.device for a in args if isinstance(a, torch.Tensor))
-    warmup_args = _dtypes_for_tensors(args)
+def _start_compiles(jobs: list[tuple]) -> None:
+    """Compile `jobs` ((kernel name, grid, args, kwargs) per config) in worker processes
+    (mhc_compile/compile_worker.py), a share each, and record under each kernel's name the
+    future that ends once its share is compiled and loaded here."""
+    processes = min(len(jobs), _COMPILE_PROCESSES)
+    for share in (jobs[first::processes] for first in range(processes)):
+        future = _waiting_threads().submit(_compile_share, share)
+        for kernel_name in dict.fromkeys(job[0] for job in share):
+            _COMPILING_AHEAD.setdefault(kernel_name, []).append(future)
 
-    def compile_on_device() -> None:
-        with torch.cuda.device(device):
-            compiled = configs.TUNED[kernel_name].fn.warmup(*warmup_args, grid=grid, **kwargs)
+
+def _compile_share(jobs: list[tuple]) -> None:
+    """Run a worker process on `jobs`, then load what it compiled from Triton's cache into this
+    process's kernel caches (a warmup that finds the binary and launcher on disk; a config the
+    worker failed on compiles here, still off the launching thread)."""
+    described = [(_kernel_module(kernel_name), kernel_name, _device_of(args).index,
+                  _dtypes_for_tensors(args), kwargs) for kernel_name, _, args, kwargs in jobs]
+    worker = subprocess.run([sys.executable, "-m", "mhc_compile.compile_worker"],
+                            input=pickle.dumps(described), capture_output=True, check=False)
+    if worker.returncode != 0:
+        log.debug("a kernel compile worker failed:\n%s", worker.stderr.decode(errors="replace")[-2000:])
+    for _, kernel_name, device_index, args, kwargs in described:
+        with torch.cuda.device(device_index):
+            compiled = configs.TUNED[kernel_name].fn.warmup(*args, grid=(1,), **kwargs)
             private_apis.load_compiled_kernel(compiled)
 
-    return _compile_pool().submit(compile_on_device)
+
+def _kernel_module(kernel_name: str) -> str:
+    """The module that defines the kernel (importing it registers configs.TUNED[kernel_name])."""
+    return configs.TUNED[kernel_name].fn.fn.__module__
+
+
+def _device_of(args: tuple) -> torch.device:
+    return next(a.device for a in args if isinstance(a, torch.Tensor))
 
 
 def _await_compiles_ahead(kernel_name: str) -> None:

@@ -9,7 +9,7 @@ what was spliced in needs the GPU (tests/test_kernels.py, test_backend_hands_the
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -131,16 +131,9 @@ def test_graphs_replayed_as_cuda_graphs_compile_their_kernels_ahead(kernels_on_c
     (kernel_launch.compile_ahead): once per kernel, arguments and config, for exactly the launches
     the ops make when they run (recorded here from the launchers on real tensors)."""
     started = []
-
-    def start_compile(kernel_name, grid, args, kwargs) -> Future:
-        started.append((kernel_name, tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args),
-                        tuple(sorted(kwargs.items()))))
-        compiled = Future()
-        compiled.set_result(None)
-        return compiled
-
-    monkeypatch.setattr(kernel_launch, "_start_compile", start_compile)
-    monkeypatch.setattr(kernel_launch, "_COMPILING_AHEAD", {})
+    monkeypatch.setattr(kernel_launch, "_start_compiles", lambda jobs: started.extend(
+        (kernel_name, tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args),
+         tuple(sorted(kwargs.items()))) for kernel_name, _, args, kwargs in jobs))
     inputs = _inputs(N)
     inputs = (inputs[0].to(dtype), *inputs[1:])
     graph = make_fx(_two_sublayers, tracing_mode="fake")(*inputs).graph
@@ -443,11 +436,16 @@ print("projections_read_a_post_res_output", ",".join(
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_kernels_compiled_ahead_are_the_ones_launched():
+def test_kernels_compiled_ahead_are_the_ones_launched(caplog):
     """What compile_ahead compiles from the graph's fake values (dtypes in place of tensors) is
     what the ops' first real launches look up: they compile nothing more. n = 5 and C = 40 (not a
-    multiple of 16) are shapes no other test launches, so the compiles ahead are this test's."""
+    multiple of 16) are shapes no other test launches, so the compiles ahead are this test's. The
+    worker processes compiled every config (none failed and fell back to this process)."""
+    import logging
+
     import triton
+
+    caplog.set_level(logging.DEBUG, logger="mhc_compile.templates")
 
     streams, *middle, grad_out = (t.cuda() for t in _inputs(5, 40))
     inputs = (streams.bfloat16(), *middle, grad_out.bfloat16())
@@ -471,3 +469,5 @@ def test_kernels_compiled_ahead_are_the_ones_launched():
         triton.knobs.runtime.jit_cache_hook = saved
     assert ahead >= 8, compiles
     assert len(compiles) == ahead, compiles[ahead:]
+    assert "kernel configs ahead of their first launch" in caplog.text
+    assert "compile worker failed" not in caplog.text, caplog.text
