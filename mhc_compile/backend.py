@@ -342,10 +342,38 @@ replicated input is rebuilt whatever the policy: passes/recompute_policy.py)."""
     skips = private_apis.cudagraph_skips()
     with ops.keep_ops_whole():
         compiled = private_apis.inductor_compile(graph_module, example_inputs, patches)
-    replayed = patches.get("triton.cudagraphs", private_apis.graphs_replayed())
-    if replayed and private_apis.cudagraph_skips() > skips and _runs_mhc_kernels(graph_module, example_inputs):
-        _warn_not_replayed()
-    return compiled
+    if not (patches.get("triton.cudagraphs", private_apis.graphs_replayed())
+            and _runs_mhc_kernels(graph_module, example_inputs)):
+        return compiled
+    return _warning_if_not_replayed(compiled, skips)
+
+
+# Calls of a compiled graph by which Inductor's CUDA-graph trees have decided whether to replay it
+# and its backward: they warm it up at the first call, record it at the next, and may decline at
+# either (an input mutation is found there), or when they first compile or record the backward.
+_DECIDING_CALLS = 3
+
+
+def _warning_if_not_replayed(compiled: Callable, skips: int) -> Callable:
+    """`compiled`, which warns (_warn_not_replayed) at the start of one of its first calls if
+    Inductor has declined a CUDA-graph replay since `skips` were counted: in the compile, in an
+    earlier call or in the backward between calls. Inductor counts declines per process, so one
+    of another graph compiled meanwhile would be reported too. After those calls, a call costs
+    one comparison."""
+    calls = 0
+
+    def run(*args):
+        nonlocal calls
+        if calls <= _DECIDING_CALLS:
+            calls += 1
+            if private_apis.cudagraph_skips() > skips:
+                _warn_not_replayed()
+                calls = _DECIDING_CALLS + 1
+        return compiled(*args)
+
+    if getattr(compiled, "_boxed_call", False):  # Dynamo calls it with one list of arguments
+        run._boxed_call = True
+    return run
 
 
 def _runs_mhc_kernels(graph_module: fx.GraphModule, example_inputs: Sequence[Any]) -> bool:
@@ -361,7 +389,7 @@ def _warn_not_replayed() -> None:
     its mHC ops opaque for the replay, so they run their Python launchers at every call."""
     message = (
         "mhc: Inductor will not replay a compiled graph as CUDA graphs, though cudagraphs=True or "
-        "mode='reduce-overhead' asked for it (TORCH_LOGS=perf_hints shows why: an input mutation, "
+        "mode='reduce-overhead' asked for it (TORCH_LOGS=cudagraphs shows why: an input mutation, "
         "a CPU tensor, dynamic shapes, ...). Its mHC ops were kept whole for the replay, so they "
         "launch their kernels from Python at every step, and the step may wait on the host. "
         "Remove what Inductor names, or compile without CUDA graphs: then Inductor launches the "

@@ -49,7 +49,7 @@ def inductor_compile(graph_module: fx.GraphModule, example_inputs: Sequence[Any]
 def cudagraph_skips() -> int:
     """How many graphs Inductor has declined to replay as CUDA graphs in this process although
     they asked for it (an input mutation, a CPU tensor, ...). Inductor counts them in the private
-    torch._dynamo.utils.counters and logs the reason only under TORCH_LOGS=perf_hints; no public
+    torch._dynamo.utils.counters and logs the reason only under TORCH_LOGS=cudagraphs; no public
     API reports it (torch 2.11, 2.13)."""
     from torch._dynamo.utils import counters
 

@@ -282,7 +282,7 @@ def test_a_graph_inductor_will_not_replay_as_cuda_graphs_warns_once(monkeypatch,
                                                                     warned):
     """Under CUDA graphs the mHC ops stay whole for the replay (passes/inline_kernels.py); if
     Inductor then declines to replay the graph (it counts a "cudagraph skip", and logs the reason
-    only under TORCH_LOGS=perf_hints), the ops launch their kernels from Python at every step, and
+    only under TORCH_LOGS=cudagraphs), the ops launch their kernels from Python at every step, and
     the user is told once. Inductor declines every CPU graph: here the graph is made to count as
     running the mHC kernels (on CPU the ops run the reference, and no warning is due;
     tests/test_gpu.py has the CUDA case)."""
@@ -302,4 +302,4 @@ def test_a_graph_inductor_will_not_replay_as_cuda_graphs_warns_once(monkeypatch,
     assert len(messages) == int(warned), messages
     if warned:
         assert messages[0].startswith("mhc: Inductor will not replay a compiled graph as CUDA graphs")
-        assert "TORCH_LOGS=perf_hints" in messages[0]
+        assert "TORCH_LOGS=cudagraphs" in messages[0]
