@@ -324,7 +324,7 @@ def compile_whole_ops(graph_module: fx.GraphModule, example_inputs: Sequence[Any
     so each pass's cache key hashes our sources (and the joint pass its recompute setting: the AOT
     autograd cache keys on the graph's code, not on node tags). Without options it is a plain
     torch.compile backend for graphs that call the ops, with no recompute policy (a chain's
-replicated input is rebuilt whatever the policy: passes/recompute_policy.py)."""
+    replicated input is rebuilt whatever the policy: passes/recompute_policy.py)."""
     options = MHCOptions(recompute=False) if options is None else options  # a bare backend
     patches = private_apis.inductor_mode_options(options.mode) if options.mode is not None else {}
     context = PassContext(options)
@@ -345,35 +345,40 @@ replicated input is rebuilt whatever the policy: passes/recompute_policy.py)."""
     if not (patches.get("triton.cudagraphs", private_apis.graphs_replayed())
             and _runs_mhc_kernels(graph_module, example_inputs)):
         return compiled
-    return _warning_if_not_replayed(compiled, skips)
+    if private_apis.cudagraph_skips() > skips:
+        _warn_not_replayed()
+        return compiled
+    return _warning_if_not_replayed(compiled)
 
 
-# Calls of a compiled graph by which Inductor's CUDA-graph trees have decided whether to replay it
-# and its backward: they warm it up at the first call, record it at the next, and may decline at
-# either (an input mutation is found there), or when they first compile or record the backward.
+# Calls of a compiled graph by which Inductor's CUDA-graph trees have decided whether to replay it:
+# they warm it up at the first call and record it at the next, and may decline at either (an input
+# mutation is found there).
 _DECIDING_CALLS = 3
 
 
-def _warning_if_not_replayed(compiled: Callable, skips: int) -> Callable:
-    """`compiled`, which warns (_warn_not_replayed) at the start of one of its first calls if
-    Inductor has declined a CUDA-graph replay since `skips` were counted: in the compile, in an
-    earlier call or in the backward between calls. Inductor counts declines per process, so one
-    of another graph compiled meanwhile would be reported too. After those calls, a call costs
-    one comparison."""
+def _warning_if_not_replayed(compiled: Callable) -> Callable:
+    """`compiled`, which warns (_warn_not_replayed) if Inductor declines to replay it as CUDA
+    graphs during one of its first calls; after them, a call costs one comparison. Inductor counts
+    declines per process, so only those counted during this graph's own calls are its own: a
+    backward graph's, decided while autograd runs it, is not seen."""
     calls = 0
 
+    @functools.wraps(compiled)
     def run(*args):
         nonlocal calls
-        if calls <= _DECIDING_CALLS:
-            calls += 1
+        if calls >= _DECIDING_CALLS:
+            return compiled(*args)
+        calls += 1
+        skips = private_apis.cudagraph_skips()
+        try:
+            return compiled(*args)
+        finally:
             if private_apis.cudagraph_skips() > skips:
                 _warn_not_replayed()
-                calls = _DECIDING_CALLS + 1
-        return compiled(*args)
+                calls = _DECIDING_CALLS
 
-    if getattr(compiled, "_boxed_call", False):  # Dynamo calls it with one list of arguments
-        run._boxed_call = True
-    return run
+    return private_apis.called_like(run, compiled)
 
 
 def _runs_mhc_kernels(graph_module: fx.GraphModule, example_inputs: Sequence[Any]) -> bool:
@@ -398,7 +403,7 @@ def _warn_not_replayed() -> None:
     warned = _WARNED.setdefault(compile_whole_ops, set())
     if message not in warned:
         warned.add(message)
-        warnings.warn(message, stacklevel=3)
+        warnings.warn(message, stacklevel=2)
 
 
 def _our_functions(graph_module: fx.GraphModule) -> set[Callable]:

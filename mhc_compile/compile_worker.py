@@ -18,28 +18,19 @@ import pickle
 import sys
 import traceback
 
-import torch
-
-
-def compile_job(module: str, kernel_name: str, device_index: int, args: tuple, kwargs: dict) -> None:
-    importlib.import_module(module)  # defines the kernel: configs.TUNED[kernel_name]
-    from mhc_compile import private_apis
-    from mhc_compile.templates import configs
-
-    with torch.cuda.device(device_index):
-        compiled = configs.TUNED[kernel_name].fn.warmup(*args, grid=(1,), **kwargs)
-        private_apis.load_compiled_kernel(compiled)
-
 
 def main() -> int:
+    from mhc_compile import kernel_launch
+
     failed = 0
-    for job in pickle.load(sys.stdin.buffer):
+    for module, kernel_name, device_index, args, kwargs in pickle.load(sys.stdin.buffer):
         try:
-            compile_job(*job)
-        except Exception:  # noqa: BLE001 (the training process compiles this config itself)
+            importlib.import_module(module)  # defines the kernel
+            kernel_launch.compile_and_load(kernel_name, device_index, args, kwargs)
+        except Exception:  # noqa: BLE001 (the autotuner skips a config that does not compile)
             failed += 1
-            print(f"compiling {job[1]} failed:\n{traceback.format_exc()}", file=sys.stderr)
-    return 1 if failed else 0
+            print(f"compiling {kernel_name} failed:\n{traceback.format_exc()}", file=sys.stderr)
+    return kernel_launch.CONFIGS_FAILED if failed else 0
 
 
 if __name__ == "__main__":

@@ -82,9 +82,8 @@ def launch(kernel_name: str, grid, *args, **kwargs) -> None:
     first_time = len(tuned.configs) > 1 and key not in launched
     started = time.perf_counter()
     if first_time:  # the autotuner prunes for this key now, reading the table of this GPU
-        _select_device(args)
+        candidates = _candidates(kernel_name, args, kwargs)
         named = dict(zip(private_apis.kernel_argument_names(tuned.fn), args))
-        candidates = private_apis.autotune_candidates(tuned, named, kwargs)
         tabled = len(candidates) == 1 and configs.tabled_config(kernel_name, {**named, **kwargs})
         log.info("%s %s for n=%s C=%s %s: %s", "autotuning" if len(candidates) > 1 else "compiling",
                  kernel_name, key[0], key[1], _dtype_names(args),
@@ -101,7 +100,7 @@ def launch(kernel_name: str, grid, *args, **kwargs) -> None:
 
 
 def _select_device(args: tuple) -> None:
-    configs.select_device(next(a.device for a in args if isinstance(a, torch.Tensor)))
+    configs.select_device(_device_of(args))
 
 
 def _specialisation(kernel_name: str, args: tuple, kwargs: dict) -> tuple:
@@ -182,17 +181,16 @@ def compile_ahead(calls: Iterable[tuple[Callable, Sequence]]) -> int:
     to meet again and report. This is a speed-up only: if planning the launches fails, a warning
     says so and the kernels compile at their first launch."""
     try:
-        launches = _distinct_launches(calls)
+        jobs = [(kernel_name, grid, args, {**kwargs, **config.all_kwargs()})
+                for kernel_name, grid, args, kwargs in _distinct_launches(calls)
+                for config in _candidates(kernel_name, args, kwargs)]
+        if jobs:
+            log.debug("compiling %d kernel configs ahead of their first launch", len(jobs))
+            _start_compiles(jobs)
     except Exception as error:  # noqa: BLE001 (the first launch compiles what is not compiled)
-        log.warning("mhc: could not plan the mHC kernels' compiles ahead of their first launch "
+        log.warning("mhc: could not start the mHC kernels' compiles ahead of their first launch "
                     "(%s: %s); they compile at the first step instead", type(error).__name__, error)
         return 0
-    jobs = [(kernel_name, grid, args, {**kwargs, **config.all_kwargs()})
-            for kernel_name, grid, args, kwargs in launches
-            for config in _candidates(kernel_name, args, kwargs)]
-    if jobs:
-        log.debug("compiling %d kernel configs ahead of their first launch", len(jobs))
-        _start_compiles(jobs)
     return len(jobs)
 
 
@@ -220,52 +218,106 @@ def _dtypes_for_tensors(args: tuple) -> tuple:
 
 
 def _candidates(kernel_name: str, args: tuple, kwargs: dict) -> list[triton.Config]:
-    """The configs the launch will compile: the tabled one, or every candidate it will benchmark."""
+    """The configs a launch compiles: the tabled one, or every candidate it benchmarks (pruned for
+    these arguments, reading the table of their GPU)."""
     tuned = configs.TUNED[kernel_name]
     _select_device(args)
     named = dict(zip(private_apis.kernel_argument_names(tuned.fn), args))
     return private_apis.autotune_candidates(tuned, named, kwargs)
 
 
-# Worker processes per compile_ahead call: each imports torch and Triton (seconds) before compiling.
-_COMPILE_PROCESSES = 4
+def _compile_processes() -> int:
+    """Worker processes per compile_ahead call, at most 4: each imports torch and Triton (seconds)
+    and opens a CUDA context (its compile loads the kernel), and every rank of a node starts its
+    own."""
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(4, (os.cpu_count() or 1) // (2 * ranks_here)))
+
+
+# A worker that takes longer is stopped: the launch compiles what is missing.
+_WORKER_TIMEOUT_S = 300
+# What a worker exits with when only some of its configs failed to compile (the autotuner skips
+# such configs too); any other failure is the worker's own.
+CONFIGS_FAILED = 3
 
 
 @functools.cache
 def _waiting_threads() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(_COMPILE_PROCESSES, thread_name_prefix="mhc-compile-ahead")
+    return ThreadPoolExecutor(4, thread_name_prefix="mhc-compile-ahead")
 
 
 def _start_compiles(jobs: list[tuple]) -> None:
     """Compile `jobs` ((kernel name, grid, args, kwargs) per config) in worker processes
-    (mhc_compile/compile_worker.py), a share each, and record under each kernel's name the
-    future that ends once its share is compiled and loaded here."""
-    processes = min(len(jobs), _COMPILE_PROCESSES)
-    for share in (jobs[first::processes] for first in range(processes)):
-        future = _waiting_threads().submit(_compile_share, share)
-        for kernel_name in dict.fromkeys(job[0] for job in share):
+    (mhc_compile/compile_worker.py), each kernel's configs in one share, and record under each
+    kernel's name the future that ends once its share is compiled and loaded here."""
+    kernels = list(dict.fromkeys(job[0] for job in jobs))
+    processes = min(len(kernels), _compile_processes())
+    environment = _worker_environment(_device_of(jobs[0][2]))
+    for share in range(processes):
+        share_jobs = [job for job in jobs if kernels.index(job[0]) % processes == share]
+        future = _waiting_threads().submit(_compile_share, share_jobs, environment)
+        for kernel_name in dict.fromkeys(job[0] for job in share_jobs):
             _COMPILING_AHEAD.setdefault(kernel_name, []).append(future)
 
 
-def _compile_share(jobs: list[tuple]) -> None:
+def _worker_environment(device: torch.device) -> dict[str, str]:
+    """The workers' environment: this process's Triton cache folder, settled now (Inductor would
+    otherwise choose one later in this process, after the workers had written elsewhere), and
+    its module path (a worker imports the mhc_compile this process runs)."""
+    private_apis.settle_triton_cache_dir(device.index or 0)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+
+
+def _compile_share(jobs: list[tuple], environment: dict[str, str]) -> None:
     """Run a worker process on `jobs`, then load what it compiled from Triton's cache into this
-    process's kernel caches (a warmup that finds the binary and launcher on disk; a config the
-    worker failed on compiles here, still off the launching thread)."""
+    process's kernel caches. A worker that fails, or takes over _WORKER_TIMEOUT_S, is warned about
+    once: its configs then compile here, still off the launching thread, but holding the GIL."""
     described = [(_kernel_module(kernel_name), kernel_name, _device_of(args).index,
                   _dtypes_for_tensors(args), kwargs) for kernel_name, _, args, kwargs in jobs]
-    worker = subprocess.run([sys.executable, "-m", "mhc_compile.compile_worker"],
-                            input=pickle.dumps(described), capture_output=True, check=False)
-    if worker.returncode != 0:
-        log.debug("a kernel compile worker failed:\n%s", worker.stderr.decode(errors="replace")[-2000:])
+    # -P: the working directory does not come first (3.11+), so the worker imports what we run.
+    command = [sys.executable, *(["-P"] if sys.version_info >= (3, 11) else []),
+               "-m", "mhc_compile.compile_worker"]
+    try:
+        worker = subprocess.run(command, input=pickle.dumps(described), capture_output=True,
+                                env=environment, timeout=_WORKER_TIMEOUT_S, check=False)
+        failure = None if worker.returncode in (0, CONFIGS_FAILED) else (
+            f"exit code {worker.returncode}: {worker.stderr.decode(errors='replace')[-1500:]}")
+        if worker.returncode == CONFIGS_FAILED:
+            log.debug("some kernel configs failed to compile ahead:\n%s", worker.stderr.decode(errors="replace"))
+    except subprocess.TimeoutExpired:
+        failure = f"no result in {_WORKER_TIMEOUT_S} s"
+    if failure is not None:
+        _warn_worker_failed(failure)
     for _, kernel_name, device_index, args, kwargs in described:
-        with torch.cuda.device(device_index):
-            compiled = configs.TUNED[kernel_name].fn.warmup(*args, grid=(1,), **kwargs)
-            private_apis.load_compiled_kernel(compiled)
+        try:
+            compile_and_load(kernel_name, device_index, args, kwargs)
+        except Exception as error:  # noqa: BLE001 (the launch compiles it again and reports)
+            log.debug("compiling %s ahead failed (%s: %s)", kernel_name, type(error).__name__, error)
+
+
+_WORKER_FAILURES: set[str] = set()
+
+
+def _warn_worker_failed(failure: str) -> None:
+    first_line = failure.splitlines()[0] if failure else failure
+    if first_line not in _WORKER_FAILURES:
+        _WORKER_FAILURES.add(first_line)
+        log.warning("mhc: a process compiling the mHC kernels ahead failed (%s); they compile in "
+                    "the training process instead, which lengthens the cold compile", failure)
+
+
+def compile_and_load(kernel_name: str, device_index: int, args: tuple, kwargs: dict) -> None:
+    """Compile one config of a kernel for these arguments (dtypes for tensors) on a CUDA device and
+    load it as its first launch would (module and host launcher): from Triton's disk cache where a
+    worker compiled it."""
+    with torch.cuda.device(device_index):
+        compiled = configs.TUNED[kernel_name].fn.warmup(*args, grid=(1,), **kwargs)
+        private_apis.load_compiled_kernel(compiled)
 
 
 def _kernel_module(kernel_name: str) -> str:
     """The module that defines the kernel (importing it registers configs.TUNED[kernel_name])."""
-    return configs.TUNED[kernel_name].fn.fn.__module__
+    return configs.TUNED[kernel_name].fn.__module__
 
 
 def _device_of(args: tuple) -> torch.device:
@@ -273,14 +325,11 @@ def _device_of(args: tuple) -> torch.device:
 
 
 def _await_compiles_ahead(kernel_name: str) -> None:
-    """Wait for the compiles compile_ahead started for this kernel, and log those that failed (the
-    launch compiles that config again and meets the error itself)."""
+    """Wait for the compiles compile_ahead started for this kernel (each share's worker is
+    bounded by _WORKER_TIMEOUT_S, and reports its own failures)."""
     pending = _COMPILING_AHEAD.pop(kernel_name, None)
-    if not pending:
-        return
-    for future in futures.as_completed(pending):
-        if (error := future.exception()) is not None:
-            log.debug("compiling %s ahead failed (%s: %s)", kernel_name, type(error).__name__, error)
+    if pending:
+        futures.wait(pending)
 
 
 def _dtype_names(args: tuple) -> str:

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import inspect
 import itertools
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -54,6 +55,16 @@ def cudagraph_skips() -> int:
     from torch._dynamo.utils import counters
 
     return counters["inductor"]["cudagraph_skips"]
+
+
+def called_like(wrapper: Callable, compiled: Callable) -> Callable:
+    """`wrapper` (which passes its arguments on to `compiled` unchanged), called by Dynamo the way
+    `compiled` is: with one list of arguments where `compiled` has a true `_boxed_call`, Dynamo's
+    private calling convention for compiled graphs (torch 2.11, 2.13), which an attribute of the
+    class rather than of the instance would not pass through functools.wraps."""
+    if getattr(compiled, "_boxed_call", False):
+        wrapper._boxed_call = True
+    return wrapper
 
 
 def inductor_mode_options(mode: str) -> dict[str, Any]:
@@ -513,6 +524,17 @@ def compiled_triton_launcher(autotuner, grid, args: tuple, kwargs: dict) -> Call
         autotuner.best_config = config  # what configs.chosen_configs reports
 
     return launch
+
+
+def settle_triton_cache_dir(device_index: int) -> None:
+    """Set TRITON_CACHE_DIR, if unset, to the folder Inductor would set it to the first time it
+    compiles a kernel in this process (CachingAutotuner does, through the private
+    torch._inductor.runtime.cache_dir_utils.triton_cache_dir), so that processes started now and
+    this process use one folder. Triton reads the variable at every access; torch 2.11, 2.13."""
+    from torch._inductor.runtime.cache_dir_utils import triton_cache_dir
+
+    if not os.environ.get("TRITON_CACHE_DIR"):
+        os.environ["TRITON_CACHE_DIR"] = triton_cache_dir(device_index)
 
 
 def load_compiled_kernel(compiled) -> None:

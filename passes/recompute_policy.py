@@ -72,8 +72,8 @@ class StreamChain:
 
 def tag_recompute(graph: fx.Graph, context: PassContext) -> int:
     """Tag the joint graph's mHC nodes for the partitioner as `context.options.recompute` says;
-    returns the number of chains tagged. Each chain's replicated input is rebuilt whatever the
-    setting (_tag_replicated_head)."""
+    returns the number of chains the policy tags (0 when it is off). Each chain's replicated
+    input is rebuilt whatever the setting (_tag_replicated_head)."""
     setting = context.options.recompute
     forward = _forward_nodes(graph)
     chains = _stream_chains(graph, forward)

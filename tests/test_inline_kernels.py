@@ -8,6 +8,7 @@ what was spliced in needs the GPU (tests/test_kernels.py, test_backend_hands_the
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -88,13 +89,19 @@ def test_more_streams_than_the_kernels_take_keep_the_opaque_ops(kernels_on_cpu, 
     assert replaced == []
 
 
-def test_graphs_replayed_as_cuda_graphs_keep_the_opaque_ops(kernels_on_cpu, replaced):
+def test_graphs_replayed_as_cuda_graphs_keep_the_opaque_ops(kernels_on_cpu, replaced, monkeypatch):
     """Under CUDA graphs (cudagraphs=True, mode="reduce-overhead") a replay runs no Python, so the
-    splice would only lengthen the compile."""
+    splice would only lengthen the compile; the ops' kernels are compiled ahead instead."""
+    ahead = []
+    monkeypatch.setattr(kernel_launch, "compile_ahead", lambda calls: ahead.extend(
+        launcher for launcher, _ in calls))
     with inductor_config.patch({"triton.cudagraphs": True}):
         assert inline_kernels.inline_kernels(_graph("fake"), PassContext(MHCOptions())) == 0
     assert replaced == []
+    assert ahead == ["coefficients_pre_mix", "post_res_mix", "post_res_mix_backward",
+                     "coefficients_pre_mix_backward"]
     assert inline_kernels.inline_kernels(_graph("fake"), PassContext(MHCOptions())) == 4
+    assert len(ahead) == 4
 
 
 def _launches_of(function, *inputs) -> list[tuple]:
@@ -168,6 +175,7 @@ def test_a_launch_waits_for_its_kernels_compiles_ahead(monkeypatch):
 
     monkeypatch.setattr(configs, "TUNED", {"stub": Kernel(), "other": Kernel()})
     monkeypatch.setattr(configs, "INTERPRETING", True)  # no specialisation lookup for the stub
+    monkeypatch.setattr(kernel_launch, "_LAUNCHED_KEYS", {})
     with ThreadPoolExecutor(1) as pool:
         monkeypatch.setitem(kernel_launch._COMPILING_AHEAD, "stub", [pool.submit(compile_slowly)])
         kernel_launch.launch("other", (1,))
@@ -175,6 +183,37 @@ def test_a_launch_waits_for_its_kernels_compiles_ahead(monkeypatch):
         threading.Timer(0.2, compiled.set).start()
         kernel_launch.launch("stub", (1,))
     assert events == ["launched", "compiled", "launched"]
+
+
+def _share_of_one_config():
+    """A compile job as compile_ahead makes them (here on CPU, where compiling fails)."""
+    templates.launcher("post_res_mix")  # imports the kernel's module
+    return [("mhc_post_res_mix_fwd", (1,), (torch.empty(1), torch.empty(1)),
+             {"T": 8, "C": 16, "n": 4, "NP": 4, "BLOCK_T": 1, "BLOCK_C": 16, "num_warps": 1})]
+
+
+def test_a_worker_whose_configs_fail_to_compile_reports_quietly(caplog):
+    """A worker runs the jobs it is sent (a real `python -m mhc_compile.compile_worker`); configs
+    that fail to compile (here, on CPU, none can) are left to the autotuner, which skips them, without a
+    warning."""
+    with caplog.at_level("DEBUG", logger="mhc_compile.templates"):
+        kernel_launch._compile_share(_share_of_one_config(), dict(os.environ))
+    assert "some kernel configs failed to compile ahead" in caplog.text
+    assert "compiling mhc_post_res_mix_fwd failed" in caplog.text  # the worker's own report
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_a_worker_that_fails_warns_once(monkeypatch, caplog):
+    """A worker that does not finish (here: over its time limit) is warned about, once: its
+    configs then compile in the training process, and the cold compile is longer."""
+    monkeypatch.setattr(kernel_launch, "_WORKER_TIMEOUT_S", 0.01)
+    monkeypatch.setattr(kernel_launch, "_WORKER_FAILURES", set())
+    with caplog.at_level("WARNING", logger="mhc_compile.templates"):
+        kernel_launch._compile_share(_share_of_one_config(), dict(os.environ))
+        kernel_launch._compile_share(_share_of_one_config(), dict(os.environ))
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1, warned
+    assert "a process compiling the mHC kernels ahead failed (no result in 0.01 s)" in warned[0]
 
 
 def test_cpu_streams_keep_the_opaque_ops(replaced):
