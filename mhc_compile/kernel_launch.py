@@ -178,8 +178,8 @@ def compile_ahead(calls: Iterable[tuple[Callable, Sequence]]) -> int:
     launcher included (JITFunction.warmup takes dtypes in place of tensors and stores the kernel
     where the launch looks). A launch waits for the compiles of its kernel
     (_await_compiles_ahead), so none compiles twice; a compile that fails is left for the launch
-    to meet again and report. This is a speed-up only: if planning the launches fails, a warning
-    says so and the kernels compile at their first launch."""
+    to meet again and report. This is a speed-up only: if planning or starting the compiles fails,
+    a warning says so and the kernels compile at their first launch."""
     try:
         jobs = [(kernel_name, grid, args, {**kwargs, **config.all_kwargs()})
                 for kernel_name, grid, args, kwargs in _distinct_launches(calls)
