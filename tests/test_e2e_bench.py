@@ -134,3 +134,23 @@ def test_liger_wraps_each_sublayer_over_bf16_streams(e2e):
                for s in sublayers)
     assert liger.stream_dtype == torch.bfloat16
     assert sublayers[0].layer.cos is model.cos  # the model's rotary tables, not copies
+
+
+def test_the_plain_model_under_cuda_graphs_is_a_plain_row(e2e, monkeypatch):
+    """baseline_graphs compiles the plain model with mode="reduce-overhead"; its row is measured
+    against baseline like any other, and has no mHC bytes floor."""
+    modes = []
+    monkeypatch.setattr(e2e.torch, "compile", lambda model, **kwargs: modes.append(kwargs.get("mode")) or model)
+    for variant in ("baseline", "baseline_graphs"):
+        e2e.prepare_variant(variant, object(), None, None)
+    assert modes == [None, "reduce-overhead"]
+
+    steps = {"baseline": random.uniform(10, 20), "baseline_graphs": random.uniform(5, 10),
+             "mhc": random.uniform(20, 30)}
+    rows = {row["variant"]: row for row in e2e.summarize(
+        [_worker_row("C1024", 1024, variant, ms, 1.0) for variant, ms in steps.items()])}
+    assert rows["baseline_graphs"]["step_overhead"] == pytest.approx(
+        steps["baseline_graphs"] / steps["baseline"] - 1)
+    assert "cold_compile_ratio" in rows["baseline_graphs"]
+    assert "floor_2byte_overhead" not in rows["baseline_graphs"]
+    assert "floor_2byte_overhead" in rows["mhc"]
