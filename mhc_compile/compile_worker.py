@@ -7,8 +7,9 @@ A process, not a thread of the compiling one: most of a Triton compile holds the
 front end), so compiles on threads slowed Inductor's own work on the main thread by about as much
 as they saved (bench/RESULTS.md, session 16). A plain module run with -m, not multiprocessing:
 spawn and forkserver import the user's main script in every worker, which would run a training
-script without a main guard again. The worker also loads each kernel once, which builds its host
-launcher (a C compile) into Triton's cache, so the training process finds everything cached.
+script without a main guard again. The worker only compiles: loading a kernel's module would
+open a CUDA context, holding GPU memory on the training GPU while the worker lives; the training
+process loads the modules itself (kernel_launch._compile_share).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def main() -> int:
     for module, kernel_name, device_index, args, kwargs in pickle.load(sys.stdin.buffer):
         try:
             importlib.import_module(module)  # defines the kernel
-            kernel_launch.compile_and_load(kernel_name, device_index, args, kwargs)
+            kernel_launch.compile_kernel(kernel_name, device_index, args, kwargs, load=False)
         except Exception:  # noqa: BLE001 (the autotuner skips a config that does not compile)
             failed += 1
             print(f"compiling {kernel_name} failed:\n{traceback.format_exc()}", file=sys.stderr)

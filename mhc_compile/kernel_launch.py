@@ -227,9 +227,8 @@ def _candidates(kernel_name: str, args: tuple, kwargs: dict) -> list[triton.Conf
 
 
 def _compile_processes() -> int:
-    """Worker processes per compile_ahead call, at most 4: each imports torch and Triton (seconds)
-    and opens a CUDA context (its compile loads the kernel), and every rank of a node starts its
-    own."""
+    """Worker processes per compile_ahead call, at most 4: each imports torch and Triton (seconds),
+    and every rank of a node starts its own."""
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, min(4, (os.cpu_count() or 1) // (2 * ranks_here)))
 
@@ -270,8 +269,10 @@ def _worker_environment(device: torch.device) -> dict[str, str]:
 
 def _compile_share(jobs: list[tuple], environment: dict[str, str]) -> None:
     """Run a worker process on `jobs`, then load what it compiled from Triton's cache into this
-    process's kernel caches. A worker that fails, or takes over _WORKER_TIMEOUT_S, is warned about
-    once: its configs then compile here, still off the launching thread, but holding the GIL."""
+    process's kernel caches, modules and host launchers included (the launchers' C compiles run
+    as subprocesses, off the GIL). A worker that fails, or takes over _WORKER_TIMEOUT_S, is warned
+    about once: its configs then compile here, still off the launching thread, but holding the
+    GIL."""
     described = [(_kernel_module(kernel_name), kernel_name, _device_of(args).index,
                   _dtypes_for_tensors(args), kwargs) for kernel_name, _, args, kwargs in jobs]
     # -P: the working directory does not come first (3.11+), so the worker imports what we run.
@@ -290,7 +291,7 @@ def _compile_share(jobs: list[tuple], environment: dict[str, str]) -> None:
         _warn_worker_failed(failure)
     for _, kernel_name, device_index, args, kwargs in described:
         try:
-            compile_and_load(kernel_name, device_index, args, kwargs)
+            compile_kernel(kernel_name, device_index, args, kwargs, load=True)
         except Exception as error:  # noqa: BLE001 (the launch compiles it again and reports)
             log.debug("compiling %s ahead failed (%s: %s)", kernel_name, type(error).__name__, error)
 
@@ -306,13 +307,14 @@ def _warn_worker_failed(failure: str) -> None:
                     "the training process instead, which lengthens the cold compile", failure)
 
 
-def compile_and_load(kernel_name: str, device_index: int, args: tuple, kwargs: dict) -> None:
-    """Compile one config of a kernel for these arguments (dtypes for tensors) on a CUDA device and
-    load it as its first launch would (module and host launcher): from Triton's disk cache where a
-    worker compiled it."""
+def compile_kernel(kernel_name: str, device_index: int, args: tuple, kwargs: dict, load: bool) -> None:
+    """Compile one config of a kernel for these arguments (dtypes for tensors) for a CUDA device,
+    from Triton's disk cache where a worker compiled it; with `load`, also load it as its first
+    launch would (its module, which needs a CUDA context, and its host launcher, a C compile)."""
     with torch.cuda.device(device_index):
         compiled = configs.TUNED[kernel_name].fn.warmup(*args, grid=(1,), **kwargs)
-        private_apis.load_compiled_kernel(compiled)
+        if load:
+            private_apis.load_compiled_kernel(compiled)
 
 
 def _kernel_module(kernel_name: str) -> str:
