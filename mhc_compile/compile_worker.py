@@ -1,7 +1,8 @@
 """A process that compiles mHC kernels into Triton's on-disk cache: `python -m
 mhc_compile.compile_worker` reads a pickled list of jobs from stdin (kernel_launch.compile_ahead
-writes them), one (kernel module, kernel name, CUDA device index, arguments, keyword arguments) per
-kernel config, with dtypes in place of tensors as JITFunction.warmup takes them.
+writes them), one (kernel module, kernel name, arguments, keyword arguments) per kernel config,
+with dtypes in place of tensors as JITFunction.warmup takes them, for the one GPU it sees
+(CUDA_VISIBLE_DEVICES).
 
 A process, not a thread of the compiling one: most of a Triton compile holds the GIL (the Python
 front end), so compiles on threads slowed Inductor's own work on the main thread by about as much
@@ -24,10 +25,10 @@ def main() -> int:
     from mhc_compile import kernel_launch
 
     failed = 0
-    for module, kernel_name, device_index, args, kwargs in pickle.load(sys.stdin.buffer):
+    for module, kernel_name, args, kwargs in pickle.load(sys.stdin.buffer):
         try:
             importlib.import_module(module)  # defines the kernel
-            kernel_launch.compile_kernel(kernel_name, device_index, args, kwargs, load=False)
+            kernel_launch.compile_kernel(kernel_name, None, args, kwargs, load=False)
         except Exception:  # noqa: BLE001 (the autotuner skips a config that does not compile)
             failed += 1
             print(f"compiling {kernel_name} failed:\n{traceback.format_exc()}", file=sys.stderr)

@@ -17,6 +17,7 @@ configs themselves, forcing and pruning are templates/configs.py's.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -261,10 +262,16 @@ def _start_compiles(jobs: list[tuple]) -> None:
 
 def _worker_environment(device: torch.device) -> dict[str, str]:
     """The workers' environment: this process's Triton cache folder, settled now (Inductor would
-    otherwise choose one later in this process, after the workers had written elsewhere), and
-    its module path (a worker imports the mhc_compile this process runs)."""
-    private_apis.settle_triton_cache_dir(device.index or 0)
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+    otherwise choose one later in this process, after the workers had written elsewhere), its
+    module path (a worker imports the mhc_compile this process runs), and `device` as the only
+    GPU they see: their current device without selecting one, which would open a CUDA context
+    (GPU memory) on it."""
+    index = device.index or 0
+    private_apis.settle_triton_cache_dir(index)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    physical = visible.split(",")[index].strip() if visible else str(index)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path),
+            "CUDA_VISIBLE_DEVICES": physical}
 
 
 def _compile_share(jobs: list[tuple], environment: dict[str, str]) -> None:
@@ -273,8 +280,8 @@ def _compile_share(jobs: list[tuple], environment: dict[str, str]) -> None:
     as subprocesses, off the GIL). A worker that fails, or takes over _WORKER_TIMEOUT_S, is warned
     about once: its configs then compile here, still off the launching thread, but holding the
     GIL."""
-    described = [(_kernel_module(kernel_name), kernel_name, _device_of(args).index,
-                  _dtypes_for_tensors(args), kwargs) for kernel_name, _, args, kwargs in jobs]
+    described = [(_kernel_module(kernel_name), kernel_name, _dtypes_for_tensors(args), kwargs)
+                 for kernel_name, _, args, kwargs in jobs]
     # -P: the working directory does not come first (3.11+), so the worker imports what we run.
     command = [sys.executable, *(["-P"] if sys.version_info >= (3, 11) else []),
                "-m", "mhc_compile.compile_worker"]
@@ -289,9 +296,10 @@ def _compile_share(jobs: list[tuple], environment: dict[str, str]) -> None:
         failure = f"no result in {_WORKER_TIMEOUT_S} s"
     if failure is not None:
         _warn_worker_failed(failure)
-    for _, kernel_name, device_index, args, kwargs in described:
+    for kernel_name, _, args, kwargs in jobs:
         try:
-            compile_kernel(kernel_name, device_index, args, kwargs, load=True)
+            compile_kernel(kernel_name, _device_of(args).index, _dtypes_for_tensors(args), kwargs,
+                           load=True)
         except Exception as error:  # noqa: BLE001 (the launch compiles it again and reports)
             log.debug("compiling %s ahead failed (%s: %s)", kernel_name, type(error).__name__, error)
 
@@ -307,11 +315,14 @@ def _warn_worker_failed(failure: str) -> None:
                     "the training process instead, which lengthens the cold compile", failure)
 
 
-def compile_kernel(kernel_name: str, device_index: int, args: tuple, kwargs: dict, load: bool) -> None:
-    """Compile one config of a kernel for these arguments (dtypes for tensors) for a CUDA device,
-    from Triton's disk cache where a worker compiled it; with `load`, also load it as its first
-    launch would (its module, which needs a CUDA context, and its host launcher, a C compile)."""
-    with torch.cuda.device(device_index):
+def compile_kernel(kernel_name: str, device_index: int | None, args: tuple, kwargs: dict,
+                   load: bool) -> None:
+    """Compile one config of a kernel for these arguments (dtypes for tensors) for a CUDA device
+    (None: the current one), from Triton's disk cache where a worker compiled it; with `load`,
+    also load it as its first launch would (its module, which needs a CUDA context, and its host
+    launcher, a C compile)."""
+    device = contextlib.nullcontext() if device_index is None else torch.cuda.device(device_index)
+    with device:
         compiled = configs.TUNED[kernel_name].fn.warmup(*args, grid=(1,), **kwargs)
         if load:
             private_apis.load_compiled_kernel(compiled)

@@ -9,6 +9,7 @@ what was spliced in needs the GPU (tests/test_kernels.py, test_backend_hands_the
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -190,6 +191,24 @@ def _share_of_one_config():
     templates.launcher("post_res_mix")  # imports the kernel's module
     return [("mhc_post_res_mix_fwd", (1,), (torch.empty(1), torch.empty(1)),
              {"T": 8, "C": 16, "n": 4, "NP": 4, "BLOCK_T": 1, "BLOCK_C": 16, "num_warps": 1})]
+
+
+@pytest.mark.parametrize("visible, index, physical", [(None, 1, "1"), ("4,5,6", 1, "5"), ("2", 0, "2")])
+def test_workers_see_one_gpu_this_process_s_modules_and_triton_cache(monkeypatch, visible, index,
+                                                                     physical):
+    """A worker sees the launching GPU alone (its current device without selecting one, which
+    would open a CUDA context there), imports what this process imports, and writes to the
+    Triton cache folder this process reads, settled before it starts."""
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    environment = kernel_launch._worker_environment(torch.device("cuda", index))
+    assert environment["CUDA_VISIBLE_DEVICES"] == physical
+    assert environment["TRITON_CACHE_DIR"] == os.environ["TRITON_CACHE_DIR"]
+    assert environment["TRITON_CACHE_DIR"].endswith(os.path.join("triton", str(index)))
+    assert [path for path in sys.path if path] == environment["PYTHONPATH"].split(os.pathsep)
 
 
 def test_a_worker_whose_configs_fail_to_compile_reports_quietly(caplog):
