@@ -182,9 +182,10 @@ def compile_ahead(calls: Iterable[tuple[Callable, Sequence]]) -> int:
     to meet again and report. This is a speed-up only: if planning or starting the compiles fails,
     a warning says so and the kernels compile at their first launch."""
     try:
-        jobs = [(kernel_name, grid, args, {**kwargs, **config.all_kwargs()})
-                for kernel_name, grid, args, kwargs in _distinct_launches(calls)
-                for config in _candidates(kernel_name, args, kwargs)]
+        jobs = [job for job in (
+            (kernel_name, grid, args, {**kwargs, **config.all_kwargs()})
+            for kernel_name, grid, args, kwargs in _distinct_launches(calls)
+            for config in _candidates(kernel_name, args, kwargs)) if _first_time_ahead(job)]
         if jobs:
             log.debug("compiling %d kernel configs ahead of their first launch", len(jobs))
             _start_compiles(jobs)
@@ -193,6 +194,22 @@ def compile_ahead(calls: Iterable[tuple[Callable, Sequence]]) -> int:
                     "(%s: %s); they compile at the first step instead", type(error).__name__, error)
         return 0
     return len(jobs)
+
+
+_STARTED_AHEAD: set[tuple] = set()  # (device, Triton specialisation) of every config started ahead
+
+
+def _first_time_ahead(job: tuple) -> bool:
+    """Whether this process has not compiled this config ahead for this device before: a
+    recompile (another graph of the model, eval after training, torch._dynamo.reset()) plans
+    launches of kernels compiled and loaded already, and starting workers for them costs seconds
+    of CPU."""
+    kernel_name, _, args, kwargs = job
+    key = (_device_of(args), *_argument_classes(kernel_name, _dtypes_for_tensors(args), kwargs))
+    if key in _STARTED_AHEAD:
+        return False
+    _STARTED_AHEAD.add(key)
+    return True
 
 
 def _distinct_launches(calls: Iterable[tuple[Callable, Sequence]]) -> list[tuple]:

@@ -142,11 +142,17 @@ def test_graphs_replayed_as_cuda_graphs_compile_their_kernels_ahead(kernels_on_c
     monkeypatch.setattr(kernel_launch, "_start_compiles", lambda jobs: started.extend(
         (kernel_name, tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args),
          tuple(sorted(kwargs.items()))) for kernel_name, _, args, kwargs in jobs))
+    monkeypatch.setattr(kernel_launch, "_STARTED_AHEAD", set())
     inputs = _inputs(N)
     inputs = (inputs[0].to(dtype), *inputs[1:])
     graph = make_fx(_two_sublayers, tracing_mode="fake")(*inputs).graph
     with inductor_config.patch({"triton.cudagraphs": True}):
         assert inline_kernels.inline_kernels(graph, PassContext(MHCOptions())) == 0
+        compiled_once = len(started)
+        # A recompile of the same graph starts nothing: those configs are compiled already.
+        inline_kernels.inline_kernels(make_fx(_two_sublayers, tracing_mode="fake")(*inputs).graph,
+                                      PassContext(MHCOptions()))
+        assert len(started) == compiled_once
 
     expected = []
     for kernel_name, args, kwargs in dict.fromkeys(_launches_of(_sublayer_through_launchers, *inputs)):
