@@ -73,11 +73,11 @@ def launch(kernel_name: str, grid, *args, **kwargs) -> None:
         _select_device(args)
         torch.library.wrap_triton(tuned)[grid](*args, **kwargs)
         return
-    _await_compiles_ahead(kernel_name)
     signature = None if configs.INTERPRETING else _specialisation(kernel_name, args, kwargs)
     if (compiled := _COMPILED.get(signature)) is not None:
         compiled(grid, args, kwargs)
         return
+    _await_compiles_ahead(kernel_name)
     key = (kwargs.get("n"), kwargs.get("C"), *(str(a.dtype) for a in args if isinstance(a, torch.Tensor)))
     launched = _LAUNCHED_KEYS.setdefault(kernel_name, set())
     first_time = len(tuned.configs) > 1 and key not in launched
@@ -183,8 +183,9 @@ def compile_ahead(calls: Iterable[tuple[Callable, Sequence]]) -> int:
     a warning says so and the kernels compile at their first launch."""
     try:
         jobs = [job for job in (
-            (kernel_name, grid, args, {**kwargs, **config.all_kwargs()})
-            for kernel_name, grid, args, kwargs in _distinct_launches(calls)
+            (kernel_name, _device_of(args).index, _dtypes_for_tensors(args),
+             {**kwargs, **config.all_kwargs()})
+            for kernel_name, args, kwargs in _distinct_launches(calls)
             for config in _candidates(kernel_name, args, kwargs)) if _first_time_ahead(job)]
         if jobs:
             log.debug("compiling %d kernel configs ahead of their first launch", len(jobs))
@@ -196,7 +197,8 @@ def compile_ahead(calls: Iterable[tuple[Callable, Sequence]]) -> int:
     return len(jobs)
 
 
-_STARTED_AHEAD: set[tuple] = set()  # (device, Triton specialisation) of every config started ahead
+# (device index, Triton specialisation) of every config compile_ahead started in this process
+_STARTED_AHEAD: set[tuple] = set()
 
 
 def _first_time_ahead(job: tuple) -> bool:
@@ -204,8 +206,8 @@ def _first_time_ahead(job: tuple) -> bool:
     recompile (another graph of the model, eval after training, torch._dynamo.reset()) plans
     launches of kernels compiled and loaded already, and starting workers for them costs seconds
     of CPU."""
-    kernel_name, _, args, kwargs = job
-    key = (_device_of(args), *_argument_classes(kernel_name, _dtypes_for_tensors(args), kwargs))
+    kernel_name, device_index, warmup_args, kwargs = job
+    key = (device_index, *_argument_classes(kernel_name, warmup_args, kwargs))
     if key in _STARTED_AHEAD:
         return False
     _STARTED_AHEAD.add(key)
@@ -213,8 +215,9 @@ def _first_time_ahead(job: tuple) -> bool:
 
 
 def _distinct_launches(calls: Iterable[tuple[Callable, Sequence]]) -> list[tuple]:
-    """The kernel launches the launchers make for these calls (on fake tensors, nothing runs), one
-    per Triton specialisation: the blocks of a model repeat the same launches."""
+    """The kernel launches (kernel name, args, kwargs) the launchers make for these calls (on fake
+    tensors, nothing runs), one per Triton specialisation: the blocks of a model repeat the same
+    launches."""
     planned: list[tuple] = []
     token = _PLANNED.set(planned)
     try:
@@ -224,9 +227,9 @@ def _distinct_launches(calls: Iterable[tuple[Callable, Sequence]]) -> list[tuple
     finally:
         _PLANNED.reset(token)
     distinct: dict[tuple, tuple] = {}
-    for launch in planned:
-        kernel_name, _, args, kwargs = launch
-        distinct.setdefault(_argument_classes(kernel_name, _dtypes_for_tensors(args), kwargs), launch)
+    for kernel_name, _, args, kwargs in planned:
+        distinct.setdefault(_argument_classes(kernel_name, _dtypes_for_tensors(args), kwargs),
+                            (kernel_name, args, kwargs))
     return list(distinct.values())
 
 
@@ -264,12 +267,13 @@ def _waiting_threads() -> ThreadPoolExecutor:
 
 
 def _start_compiles(jobs: list[tuple]) -> None:
-    """Compile `jobs` ((kernel name, grid, args, kwargs) per config) in worker processes
-    (mhc_compile/compile_worker.py), each kernel's configs in one share, and record under each
-    kernel's name the future that ends once its share is compiled and loaded here."""
+    """Compile `jobs` ((kernel name, device index, arguments with dtypes for tensors, kwargs) per
+    config, all for one device) in worker processes (mhc_compile/compile_worker.py), each kernel's
+    configs in one share, and record under each kernel's name the future that ends once its share
+    is compiled and loaded here."""
     kernels = list(dict.fromkeys(job[0] for job in jobs))
     processes = min(len(kernels), _compile_processes())
-    environment = _worker_environment(_device_of(jobs[0][2]))
+    environment = _worker_environment(jobs[0][1])
     for share in range(processes):
         share_jobs = [job for job in jobs if kernels.index(job[0]) % processes == share]
         future = _waiting_threads().submit(_compile_share, share_jobs, environment)
@@ -277,13 +281,13 @@ def _start_compiles(jobs: list[tuple]) -> None:
             _COMPILING_AHEAD.setdefault(kernel_name, []).append(future)
 
 
-def _worker_environment(device: torch.device) -> dict[str, str]:
+def _worker_environment(device_index: int | None) -> dict[str, str]:
     """The workers' environment: this process's Triton cache folder, settled now (Inductor would
     otherwise choose one later in this process, after the workers had written elsewhere), its
-    module path (a worker imports the mhc_compile this process runs), and `device` as the only
+    module path (a worker imports the mhc_compile this process runs), and that device as the only
     GPU they see: their current device without selecting one, which would open a CUDA context
     (GPU memory) on it."""
-    index = device.index or 0
+    index = device_index or 0
     private_apis.settle_triton_cache_dir(index)
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     physical = visible.split(",")[index].strip() if visible else str(index)
@@ -297,8 +301,8 @@ def _compile_share(jobs: list[tuple], environment: dict[str, str]) -> None:
     as subprocesses, off the GIL). A worker that fails, or takes over _WORKER_TIMEOUT_S, is warned
     about once: its configs then compile here, still off the launching thread, but holding the
     GIL."""
-    described = [(_kernel_module(kernel_name), kernel_name, _dtypes_for_tensors(args), kwargs)
-                 for kernel_name, _, args, kwargs in jobs]
+    described = [(_kernel_module(kernel_name), kernel_name, warmup_args, kwargs)
+                 for kernel_name, _, warmup_args, kwargs in jobs]
     # -P: the working directory does not come first (3.11+), so the worker imports what we run.
     command = [sys.executable, *(["-P"] if sys.version_info >= (3, 11) else []),
                "-m", "mhc_compile.compile_worker"]
@@ -313,10 +317,9 @@ def _compile_share(jobs: list[tuple], environment: dict[str, str]) -> None:
         failure = f"no result in {_WORKER_TIMEOUT_S} s"
     if failure is not None:
         _warn_worker_failed(failure)
-    for kernel_name, _, args, kwargs in jobs:
+    for kernel_name, device_index, warmup_args, kwargs in jobs:
         try:
-            compile_kernel(kernel_name, _device_of(args).index, _dtypes_for_tensors(args), kwargs,
-                           load=True)
+            compile_kernel(kernel_name, device_index, warmup_args, kwargs, load=True)
         except Exception as error:  # noqa: BLE001 (the launch compiles it again and reports)
             log.debug("compiling %s ahead failed (%s: %s)", kernel_name, type(error).__name__, error)
 

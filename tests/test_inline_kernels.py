@@ -140,8 +140,8 @@ def test_graphs_replayed_as_cuda_graphs_compile_their_kernels_ahead(kernels_on_c
     the ops make when they run (recorded here from the launchers on real tensors)."""
     started = []
     monkeypatch.setattr(kernel_launch, "_start_compiles", lambda jobs: started.extend(
-        (kernel_name, tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args),
-         tuple(sorted(kwargs.items()))) for kernel_name, _, args, kwargs in jobs))
+        (kernel_name, warmup_args, tuple(sorted(kwargs.items())))
+        for kernel_name, _, warmup_args, kwargs in jobs))
     monkeypatch.setattr(kernel_launch, "_STARTED_AHEAD", set())
     inputs = _inputs(N)
     inputs = (inputs[0].to(dtype), *inputs[1:])
@@ -195,7 +195,7 @@ def test_a_launch_waits_for_its_kernels_compiles_ahead(monkeypatch):
 def _share_of_one_config():
     """A compile job as compile_ahead makes them (here on CPU, where compiling fails)."""
     templates.launcher("post_res_mix")  # imports the kernel's module
-    return [("mhc_post_res_mix_fwd", (1,), (torch.empty(1), torch.empty(1)),
+    return [("mhc_post_res_mix_fwd", None, (torch.float32, torch.float32),
              {"T": 8, "C": 16, "n": 4, "NP": 4, "BLOCK_T": 1, "BLOCK_C": 16, "num_warps": 1})]
 
 
@@ -210,7 +210,7 @@ def test_workers_see_one_gpu_this_process_s_modules_and_triton_cache(monkeypatch
     else:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
-    environment = kernel_launch._worker_environment(torch.device("cuda", index))
+    environment = kernel_launch._worker_environment(index)
     assert environment["CUDA_VISIBLE_DEVICES"] == physical
     assert environment["TRITON_CACHE_DIR"] == os.environ["TRITON_CACHE_DIR"]
     assert environment["TRITON_CACHE_DIR"].endswith(os.path.join("triton", str(index)))
