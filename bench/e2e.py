@@ -113,10 +113,11 @@ SIZES = {
 }
 DEFAULT_SIZES = ["C1024", "C2048"]
 TINY = {"tiny": dict(width=64, depth=2, heads=4, batch=2, seq=32, vocab=128, steps=3)}
-ORDER = ["baseline", "baseline_graphs", "mhc", "naive_pieces", "liger", "mhc_no_recompute", "mhc_bf16",
-         "mhc_bf16_graphs", "mhc_graphs"]
-LIMIT_S = {"baseline": 150, "baseline_graphs": 150, "mhc": 200, "naive_pieces": 200, "liger": 200, "mhc_no_recompute": 170,
-           "mhc_bf16": 170, "mhc_bf16_graphs": 170, "mhc_graphs": 170, "naive_whole": 300}
+ORDER = ["baseline", "baseline_graphs", "mhc", "naive_pieces", "liger", "mhc_no_recompute",
+         "mhc_bf16", "mhc_bf16_graphs", "mhc_graphs"]
+LIMIT_S = {"baseline": 150, "baseline_graphs": 150, "mhc": 200, "naive_pieces": 200, "liger": 200,
+           "mhc_no_recompute": 170, "mhc_bf16": 170, "mhc_bf16_graphs": 170, "mhc_graphs": 170,
+           "naive_whole": 300}
 # backend="mhc" options of each mHC variant
 MHC_VARIANTS = {
     "mhc": {},
