@@ -194,6 +194,26 @@ def test_coefficients_pre_mix(n, channels, shape, dtype, iters, constraint, pois
     _check_coefficients_pre_mix(n, channels, shape, dtype, iters, constraint)
 
 
+@pytest.mark.parametrize("n, channels, tokens, dtype", [
+    (4, 33, 37, torch.float16), (2, 64, 9, torch.float16), (3, 20, 11, torch.float32),
+    *([(4, 1024, 300, torch.bfloat16), (8, 40, 70, torch.bfloat16)] if ON_GPU else []),
+])
+def test_the_projection_keeps_phi_finer_than_the_stream_dtype(n, channels, tokens, dtype, poisoned):
+    """16-bit streams are multiplied as stored against phi's high and low halves in their dtype:
+    the projection's error against float64 is a tenth of what phi rounded once to that dtype gives,
+    or less; fp32 streams are multiplied exactly."""
+    streams, phi, *parameters = _mhc_inputs(n, channels, (tokens,), dtype)
+    projection = coefficients_pre_mix.mhc_coefficients_pre_mix_fwd(streams, phi, *parameters, 3, "sinkhorn")[4]
+    flat = streams.detach().double().cpu().reshape(tokens, n * channels)
+    expected = flat @ phi.double().cpu()
+    error = relative_error(projection, expected)
+    if dtype == torch.float32:
+        assert error < 1e-6, error
+    else:
+        phi_rounded_once = flat @ phi.to(dtype).double().cpu()
+        assert error < relative_error(phi_rounded_once, expected) / 10, error
+
+
 @pytest.mark.parametrize("constraint", ["ortho", reference.DEEPSEEK_V4])
 def test_coefficient_kernels_refuse_an_unknown_constraint(constraint):
     inputs = _mhc_inputs(2, 8, (3,), torch.float32)
@@ -348,6 +368,7 @@ def test_forced_configs():
 _KERNEL_STAGES = {"mhc_projection": "projection", "mhc_coefficients_fwd": "coefficients",
                   "mhc_coefficients_bwd": "coefficients",
                   "mhc_coefficients_bwd_streams": "coefficients_bwd_streams",
+                  "mhc_phi_operands": "parameters", "mhc_parameter_grads": "parameters",
                   **{f"mhc_{stage}": stage for stage in
                      ("pre_mix_fwd", "pre_mix_grad_h_pre", "post_res_mix_fwd", "post_res_mix_bwd")}}
 
@@ -599,6 +620,7 @@ KERNELS = {
     "_mhc_projection_kernel", "_mhc_coefficients_fwd_kernel", "_mhc_pre_mix_fwd_kernel",
     "_mhc_post_res_mix_fwd_kernel", "_mhc_post_res_mix_bwd_kernel", "_mhc_pre_mix_grad_h_pre_kernel",
     "_mhc_coefficients_bwd_kernel", "_mhc_coefficients_bwd_streams_kernel",
+    "_mhc_phi_operands_kernel", "_mhc_parameter_grads_kernel",
 }
 
 
