@@ -9,9 +9,11 @@ put bench/ on sys.path first.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import platform
+import pstats
 import statistics
 import time
 from datetime import date
@@ -217,3 +219,12 @@ def profile_text(profiled: dict) -> str:
         f"{name} {c['calls']:.0f}x {c['ms']:.2f} ms"
         for name, c in profiled["runtime_calls_per_step"].items()))
     return "\n".join(lines)
+
+
+def host_profile_text(profiler, title: str) -> str:
+    """A cProfile run as text under `title`: functions by their own time, then by cumulative time."""
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumulative").print_stats(40)
+    return f"{title}\n{text.getvalue()}"

@@ -66,6 +66,7 @@ over the variant's (vs liger, mHC share; the issue's target: at least 1.5x at ev
 from __future__ import annotations
 
 import argparse
+import cProfile
 import importlib.util
 import json
 import logging
@@ -83,8 +84,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import (copy_bandwidth, log, out_dir, profile_steps, profile_text, pyplot, synchronize,
-                    versions, write_json, write_table)
+from common import (copy_bandwidth, host_profile_text, log, out_dir, profile_steps, profile_text,
+                    pyplot, synchronize, versions, write_json, write_table)
 from mhc_compile import private_apis, spec
 from mhc_compile.options import MHCOptions
 
@@ -420,9 +421,14 @@ def run_warm(size: dict, variant: str, device: torch.device) -> dict:
     trained, forward, prepare_s = prepare_variant(variant, model, ids, device)
     optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-4, fused=device.type == "cuda")
     step = make_step(forward, optimizer, ids, device)
-    first_s = timed(step, device)
+    profiler = cProfile.Profile() if os.environ.get("MHC_BENCH_PROFILE") else None
+    first_s = timed(step, device) if profiler is None else profiler.runcall(timed, step, device)
     median = statistics.median(timed(step, device) for _ in range(3))
-    return {"warm_compile_s": prepare_s + first_s - median, "warm_prepare_s": prepare_s}
+    result = {"warm_compile_s": prepare_s + first_s - median, "warm_prepare_s": prepare_s}
+    if profiler is not None:  # where the first step's host time goes (cProfile slows it)
+        result["warm_first_step_profile"] = host_profile_text(
+            profiler, f"== warm first step, {first_s:.2f} s with cProfile on")
+    return result
 
 
 def _recompile(variant, trained, model, ids, device):
@@ -654,6 +660,8 @@ def driver(args) -> int:
             row.update({k: v for k, v in warm.items() if k.startswith("warm")}
                        if "error" not in warm else {"warm_error": warm["error"]})
             log("-> " + (row.get("warm_error") or f"warm compile {row['warm_compile_s']:.1f} s"))
+            if row.get("warm_first_step_profile"):
+                log(row["warm_first_step_profile"])
         elif limit < 30:
             rows.append({"size": size_name, "variant": variant, "error": "not run: out of time"})
         else:
@@ -764,7 +772,8 @@ def main() -> int:
     parser.add_argument("--no-warm", action="store_true", help="skip the warm-compile runs")
     parser.add_argument("--steps", type=int, help="timed steps per variant (default per size)")
     parser.add_argument("--profile", action="store_true",
-                        help="profile two steps per variant: GPU ms by kernel family (JSON, log)")
+                        help="profile two steps per variant (GPU ms by kernel family) and the "
+                             "warm compile's first step (host time by function; JSON, log)")
     parser.add_argument("--cold-repeats", type=int, default=1,
                         help="cold compiles per variant (fresh process and caches each); the "
                              "table reports their median")

@@ -48,10 +48,8 @@ import argparse
 import cProfile
 import functools
 import importlib.util
-import io
 import logging
 import os
-import pstats
 import sys
 import time
 from pathlib import Path
@@ -62,8 +60,8 @@ import torch  # noqa: E402
 from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
 from common import (  # noqa: E402
-    copy_bandwidth, log, out_dir, poisoned_allocations, pyplot, relative_error, versions,
-    write_json, write_table,
+    copy_bandwidth, host_profile_text, log, out_dir, poisoned_allocations, pyplot, relative_error,
+    versions, write_json, write_table,
 )
 from mhc_compile import ops, private_apis, reference, spec  # noqa: E402
 from mhc_compile.backend import compile_whole_ops  # noqa: E402
@@ -193,7 +191,6 @@ def kernel_elements(n: int) -> dict[str, int]:
         "post_res_mix_fwd": passes["post_res_mix_fwd"],
         "post_res_mix_bwd": passes["post_res_mix_bwd"],
         "pre_mix_grad_h_pre": passes["pre_mix_grad_h_pre"],
-        "coefficients_bwd": passes["coefficients_bwd"],  # timed with accumulate
         "coefficients_pre_mix_bwd": unfolded,
         "coefficients_pre_mix_bwd+acc": folded,
         "grad_accumulate_add": spec.GRAD_STREAMS_ADD.elements(n),
@@ -335,13 +332,9 @@ def _host_profile(name: str, sublayer, inputs, grad_out, repeats: int) -> str:
     profiler.runcall(forward_backward)
     host_ms = (time.perf_counter() - started) / repeats * 1e3
     torch.cuda.synchronize()
-    text = io.StringIO()
-    stats = pstats.Stats(profiler, stream=text)
-    stats.sort_stats("tottime").print_stats(30)
-    stats.sort_stats("cumulative").print_stats(40)
     title = f"== {name}, C={inputs[0].shape[-1]}: {host_ms:.3f} host ms per forward+backward (cProfile on)"
     log(title)
-    return f"{title}\n{text.getvalue()}"
+    return host_profile_text(profiler, title)
 
 
 def time_kernels(inputs) -> dict[str, dict[str, float]]:
@@ -361,9 +354,6 @@ def time_kernels(inputs) -> dict[str, dict[str, float]]:
         "post_res_mix_bwd": lambda: post_res_mix.mhc_post_res_mix_bwd(
             grad_streams, streams, mixed, h_post, h_res),
         "pre_mix_grad_h_pre": lambda: pre_mix.mhc_pre_mix_grad_h_pre(mixed, streams),
-        "coefficients_bwd": lambda: coefficients.mhc_coefficients_bwd(
-            *grad_outputs[:3], proj, sum_squares, *parameters, ITERS, "sinkhorn", mixed, h_pre,
-            grad_streams),
         "coefficients_pre_mix_bwd": lambda: coefficients_pre_mix.mhc_coefficients_pre_mix_bwd(
             *grad_outputs, h_pre, proj, sum_squares, *parameters, ITERS, "sinkhorn"),
         "coefficients_pre_mix_bwd+acc": lambda: (

@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 import benches
 
@@ -154,3 +155,18 @@ def test_the_plain_model_under_cuda_graphs_is_a_plain_row(e2e, monkeypatch):
     assert "cold_compile_ratio" in rows["baseline_graphs"]
     assert "floor_2byte_overhead" not in rows["baseline_graphs"]
     assert "floor_2byte_overhead" in rows["mhc"]
+
+
+@pytest.mark.parametrize("profiled", [False, True])
+def test_the_warm_first_step_is_profiled_with_profile(e2e, monkeypatch, profiled):
+    """--profile adds the warm compile's first step, host time by function, to its result."""
+    monkeypatch.setenv("MHC_BENCH_PROFILE", "1" if profiled else "")
+    monkeypatch.setattr(e2e, "prepare_variant", lambda variant, model, ids, device: (model, model, 0.5))
+    result = e2e.run_warm(e2e.TINY["tiny"], "baseline", torch.device("cpu"))
+    assert result["warm_prepare_s"] == 0.5
+    profile = result.get("warm_first_step_profile")
+    if profiled:
+        assert profile.startswith("== warm first step") and "cumulative" in profile
+        assert "(step)" in profile  # the step's own frame: the profile covers it
+    else:
+        assert profile is None
