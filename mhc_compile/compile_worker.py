@@ -8,9 +8,10 @@ A process, not a thread of the compiling one: most of a Triton compile holds the
 front end), so compiles on threads slowed Inductor's own work on the main thread by about as much
 as they saved (bench/RESULTS.md, session 16). A plain module run with -m, not multiprocessing:
 spawn and forkserver import the user's main script in every worker, which would run a training
-script without a main guard again. The worker only compiles: loading a kernel's module would
-open a CUDA context, holding GPU memory on the training GPU while the worker lives; the training
-process loads the modules itself (kernel_launch._compile_share).
+script without a main guard again. The worker compiles each kernel and builds its host launcher
+(under Triton 3.6 a C compile of its own, which lands in the disk cache too), but loads no module:
+that would open a CUDA context, holding GPU memory on the training GPU while the worker lives; the
+training process loads the modules itself (kernel_launch._compile_share).
 """
 
 from __future__ import annotations

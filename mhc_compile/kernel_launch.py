@@ -306,6 +306,7 @@ def _compile_share(jobs: list[tuple], environment: dict[str, str]) -> None:
     # -P: the working directory does not come first (3.11+), so the worker imports what we run.
     command = [sys.executable, *(["-P"] if sys.version_info >= (3, 11) else []),
                "-m", "mhc_compile.compile_worker"]
+    started = time.perf_counter()
     try:
         worker = subprocess.run(command, input=pickle.dumps(described), capture_output=True,
                                 env=environment, timeout=_WORKER_TIMEOUT_S, check=False)
@@ -317,11 +318,15 @@ def _compile_share(jobs: list[tuple], environment: dict[str, str]) -> None:
         failure = f"no result in {_WORKER_TIMEOUT_S} s"
     if failure is not None:
         _warn_worker_failed(failure)
+    compiled_s = time.perf_counter() - started
     for kernel_name, device_index, warmup_args, kwargs in jobs:
         try:
             compile_kernel(kernel_name, device_index, warmup_args, kwargs, load=True)
         except Exception as error:  # noqa: BLE001 (the launch compiles it again and reports)
             log.debug("compiling %s ahead failed (%s: %s)", kernel_name, type(error).__name__, error)
+    log.info("compiled %d configs of %s ahead: %.1f s in a worker process, loaded in %.1f s",
+             len(jobs), ", ".join(dict.fromkeys(job[0] for job in jobs)), compiled_s,
+             time.perf_counter() - started - compiled_s)
 
 
 _WORKER_FAILURES: set[str] = set()
@@ -340,12 +345,15 @@ def compile_kernel(kernel_name: str, device_index: int | None, args: tuple, kwar
     """Compile one config of a kernel for these arguments (dtypes for tensors) for a CUDA device
     (None: the current one), from Triton's disk cache where a worker compiled it; with `load`,
     also load it as its first launch would (its module, which needs a CUDA context, and its host
-    launcher, a C compile)."""
+    launcher), else build only the host launcher (a C compile under Triton 3.6, cached on disk for
+    the process that loads it)."""
     device = contextlib.nullcontext() if device_index is None else torch.cuda.device(device_index)
     with device:
         compiled = configs.TUNED[kernel_name].fn.warmup(*args, grid=(1,), **kwargs)
         if load:
             private_apis.load_compiled_kernel(compiled)
+        else:
+            private_apis.build_host_launcher(compiled)
 
 
 def _kernel_module(kernel_name: str) -> str:
@@ -362,7 +370,10 @@ def _await_compiles_ahead(kernel_name: str) -> None:
     bounded by _WORKER_TIMEOUT_S, and reports its own failures)."""
     pending = _COMPILING_AHEAD.pop(kernel_name, None)
     if pending:
+        started = time.perf_counter()
         futures.wait(pending)
+        if (waited := time.perf_counter() - started) > 0.05:
+            log.info("%s's first launch waited %.1f s for its compiles ahead", kernel_name, waited)
 
 
 def _dtype_names(args: tuple) -> str:

@@ -544,8 +544,25 @@ def load_compiled_kernel(compiled) -> None:
     which kernel_launch.compile_ahead moves off the critical path. Triton loads them lazily at the
     first launch (CompiledKernel._init_handles), with no public way to do it earlier; checked
     against Triton 3.6 and 3.9."""
-    compiled = compiled.result() if hasattr(compiled, "result") else compiled  # async compile
-    compiled._init_handles()
+    _completed(compiled)._init_handles()
+
+
+def build_host_launcher(compiled) -> None:
+    """Build a compiled kernel's host launcher without loading its GPU module (which would open a
+    CUDA context): Triton 3.6 compiles each launcher's C source into its disk cache, where a later
+    load in another process finds it (kernel_launch's compile workers); Triton 3.9's launcher is
+    generic and costs nothing. CompiledKernel._init_handles builds it and loads the module in one
+    go, with no public way to do only the first; driver.active.launcher_cls(src, metadata) is how
+    it builds it, checked against Triton 3.6 and 3.9."""
+    import triton
+
+    compiled = _completed(compiled)
+    triton.runtime.driver.active.launcher_cls(compiled.src, compiled.metadata)
+
+
+def _completed(compiled):
+    """JITFunction.warmup's result: a CompiledKernel, or a future of one under async compiles."""
+    return compiled.result() if hasattr(compiled, "result") else compiled
 
 
 # --- The min-cut partitioner's recompute tags -----------------------------------------------------

@@ -192,6 +192,28 @@ def test_a_launch_waits_for_its_kernels_compiles_ahead(monkeypatch):
     assert events == ["launched", "compiled", "launched"]
 
 
+@pytest.mark.parametrize("load", [False, True], ids=["worker", "training process"])
+def test_a_worker_builds_the_host_launcher_and_the_training_process_loads(monkeypatch, load):
+    """A worker's compile also builds the kernel's host launcher (a C compile under Triton 3.6,
+    cached on disk) without loading its module; the training process's load does both."""
+    done = []
+
+    class JITFunction:
+        def warmup(self, *args, grid, **kwargs):
+            done.append(("compiled", args, kwargs))
+            return "compiled kernel"
+
+    class Tuned:
+        fn = JITFunction()
+
+    monkeypatch.setattr(configs, "TUNED", {"stub": Tuned()})
+    monkeypatch.setattr(private_apis, "build_host_launcher", lambda kernel: done.append(("built", kernel)))
+    monkeypatch.setattr(private_apis, "load_compiled_kernel", lambda kernel: done.append(("loaded", kernel)))
+    kernel_launch.compile_kernel("stub", None, (torch.float32, 16), {"BLOCK_T": 4}, load=load)
+    assert done == [("compiled", (torch.float32, 16), {"BLOCK_T": 4}),
+                    ("loaded" if load else "built", "compiled kernel")]
+
+
 def _share_of_one_config():
     """A compile job as compile_ahead makes them (here on CPU, where compiling fails)."""
     templates.launcher("post_res_mix")  # imports the kernel's module
