@@ -191,6 +191,7 @@ def kernel_elements(n: int) -> dict[str, int]:
         "post_res_mix_fwd": passes["post_res_mix_fwd"],
         "post_res_mix_bwd": passes["post_res_mix_bwd"],
         "pre_mix_grad_h_pre": passes["pre_mix_grad_h_pre"],
+        "coefficients_bwd": passes["coefficients_bwd"],  # timed with accumulate
         "coefficients_pre_mix_bwd": unfolded,
         "coefficients_pre_mix_bwd+acc": folded,
         "grad_accumulate_add": spec.GRAD_STREAMS_ADD.elements(n),
@@ -354,6 +355,9 @@ def time_kernels(inputs) -> dict[str, dict[str, float]]:
         "post_res_mix_bwd": lambda: post_res_mix.mhc_post_res_mix_bwd(
             grad_streams, streams, mixed, h_post, h_res),
         "pre_mix_grad_h_pre": lambda: pre_mix.mhc_pre_mix_grad_h_pre(mixed, streams),
+        "coefficients_bwd": lambda: coefficients.mhc_coefficients_bwd(
+            *grad_outputs[:3], proj, sum_squares, *parameters, ITERS, "sinkhorn", mixed, h_pre,
+            grad_streams),
         "coefficients_pre_mix_bwd": lambda: coefficients_pre_mix.mhc_coefficients_pre_mix_bwd(
             *grad_outputs, h_pre, proj, sum_squares, *parameters, ITERS, "sinkhorn"),
         "coefficients_pre_mix_bwd+acc": lambda: (

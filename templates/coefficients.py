@@ -45,7 +45,6 @@ import triton.language as tl
 
 from mhc_compile import kernel_launch, reference, spec
 from mhc_compile.templates import configs
-from mhc_compile.templates.pre_mix import mhc_pre_mix_grad_h_pre
 from mhc_compile.templates.tiles import per_token, token_block, token_rows
 
 _RMS_EPS = tl.constexpr(reference.RMS_EPS)
@@ -108,42 +107,23 @@ def _mhc_projection_kernel(
     tl.store(proj_ptr + partial_row[:, None] * KP + phi_columns[None, :], proj, mask=token_valid[:, None])
 
 
-@configs.autotune("parameters", "mhc_phi_operands")
-@triton.jit
-def _mhc_phi_operands_kernel(
-    phi_ptr, high_ptr, low_ptr, C, n: tl.constexpr, KP: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-):
-    # phi [n*C, n*n+2n] (any float dtype) -> its high and low halves in the streams' dtype (low is
-    # 0 for fp32), as rows of KP with zero columns appended: rows of a power-of-two length load as
-    # whole 16-byte vectors in the projection.
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    row_valid = (rows < n * C)[:, None]
-    columns = tl.arange(0, KP)[None, :]
-    K: tl.constexpr = n * n + 2 * n
-    phi = tl.load(phi_ptr + rows[:, None] * K + columns, mask=row_valid & (columns < K), other=0.0)
-    phi = phi.to(tl.float32)
-    high = phi.to(high_ptr.dtype.element_ty)
-    offsets = rows[:, None] * KP + columns
-    tl.store(high_ptr + offsets, high, mask=row_valid)
-    tl.store(low_ptr + offsets, (phi - high.to(tl.float32)).to(low_ptr.dtype.element_ty), mask=row_valid)
+def _padded_phi(phi: torch.Tensor) -> torch.Tensor:
+    """phi [n*C, n*n+2n] as fp32 [n*C, KP], zero columns appended: rows of a power-of-two length
+    load as whole 16-byte vectors."""
+    n_phi = phi.shape[1]
+    n = math.isqrt(n_phi + 1) - 1  # n*n + 2n = (n+1)^2 - 1
+    return torch.nn.functional.pad(phi.float(), (0, configs.padded_phi_columns(n) - n_phi))
 
 
 def _phi_operands(phi: torch.Tensor, stream_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The projection's phi operands [n*C, KP], in one launch: phi's high and low halves in the
-    stream dtype (for 16-bit streams high + low keeps about 16 bits of phi, finer than tf32; split
-    once per call, not in every program's every step; fp32 streams use the high half alone)."""
-    rows, n_phi = phi.shape
-    n = math.isqrt(n_phi + 1) - 1  # n*n + 2n = (n+1)^2 - 1
-    high = torch.empty((rows, configs.padded_phi_columns(n)), dtype=stream_dtype, device=phi.device)
-    low = torch.empty_like(high)
-
-    def grid(meta):
-        return (configs.ceil_div(rows, meta["BLOCK_ROWS"]),)
-
-    kernel_launch.launch(
-        "mhc_phi_operands", grid, phi.contiguous(), high, low, C=rows // n, n=n, KP=high.shape[1]
-    )
-    return high, low
+    """The projection's phi operands [n*C, KP]: for 16-bit streams phi's high and low halves in the
+    stream dtype (high + low keeps about 16 bits of phi, finer than tf32; split once per call, not
+    in every program's every step), for fp32 streams the fp32 phi (the low half unused)."""
+    padded = _padded_phi(phi)
+    if stream_dtype == torch.float32:
+        return padded, padded
+    high = padded.to(stream_dtype)
+    return high, (padded - high.float()).to(stream_dtype)
 
 
 def _projection(x: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -528,7 +508,7 @@ def mhc_coefficients_fwd(
 @configs.autotune("coefficients", "mhc_coefficients_bwd")
 @triton.jit
 def _mhc_coefficients_bwd_kernel(
-    grad_h_pre_ptr, grad_h_pre_mix_ptr, grad_h_post_ptr, grad_h_res_ptr,
+    grad_h_pre_ptr, grad_h_post_ptr, grad_h_res_ptr,
     proj_ptr, sumsq_ptr, alpha_ptr, b_pre_ptr, b_post_ptr, b_res_ptr,
     grad_proj_ptr, grad_sumsq_ptr, grad_bias_partial_ptr, grad_alpha_partial_ptr,
     T, C, sinkhorn_iters, sinkhorn_segment, hc_eps,
@@ -549,10 +529,9 @@ def _mhc_coefficients_bwd_kernel(
     h_gates = proj_gates / rms[:, None]
     sig = tl.sigmoid(alpha[None, :] * h_gates + bias[None, :])
     pre_offsets, pre_mask, post_offsets, post_mask = _gate_offsets(tokens, token_valid, n, GATES)
-    # H_pre's gradient has two shares: through the op's output H_pre and through the pre-mix.
-    grad_gates = (tl.load(grad_h_pre_ptr + pre_offsets, mask=pre_mask, other=0.0)
-                  + tl.load(grad_h_pre_mix_ptr + pre_offsets, mask=pre_mask, other=0.0)
-                  + tl.load(grad_h_post_ptr + post_offsets, mask=post_mask, other=0.0))
+    grad_gates = tl.load(grad_h_pre_ptr + pre_offsets, mask=pre_mask, other=0.0) + tl.load(
+        grad_h_post_ptr + post_offsets, mask=post_mask, other=0.0
+    )
     grad_gate_logits = grad_gates * scale[None, :] * sig * (1.0 - sig)
 
     # H_res: through the formulation's Sinkhorn (recomputed on chip), or the identity without
@@ -634,12 +613,10 @@ def _mhc_coefficients_bwd_streams_kernel(
     channel_valid = channels < C
     columns = stream * C + channels
     k = tl.arange(0, KP)
-    # This program's slice of phi [n*C, K], padded to KP columns on chip, stays there for its
-    # whole token range: loaded once, so its masked (unvectorised) loads cost nothing that matters.
-    phi_t = tl.trans(tl.load(
-        phi_ptr + columns[:, None] * K + k[None, :], mask=channel_valid[:, None] & (k < K)[None, :],
-        other=0.0,
-    ).to(tl.float32))
+    # This program's slice of the padded phi [n*C, KP] stays on chip for its whole token range.
+    phi_t = tl.trans(
+        tl.load(phi_ptr + columns[:, None] * KP + k[None, :], mask=channel_valid[:, None], other=0.0)
+    )
     grad_phi = tl.zeros((BLOCK_COLUMNS, KP), dtype=tl.float32)
     split = tl.program_id(1)
     first = split.to(tl.int64) * tokens_per_split
@@ -672,39 +649,6 @@ def _mhc_coefficients_bwd_streams_kernel(
     )
 
 
-# --- backward, step 3: the gate and H_res parameters' gradients from their per-group partials -----
-
-
-@configs.autotune("parameters", "mhc_parameter_grads")
-@triton.jit
-def _mhc_parameter_grads_kernel(
-    bias_partial_ptr, alpha_partial_ptr, grad_alpha_ptr, grad_b_pre_ptr, grad_b_post_ptr,
-    grad_b_res_ptr, groups, C, n: tl.constexpr, KP: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-):
-    # One program sums the partials [groups, KP] and [groups, 3] in a fixed order (deterministic)
-    # and writes each parameter's gradient in its own dtype: one launch for the four.
-    columns = tl.arange(0, KP)
-    which = tl.arange(0, 4)
-    bias_sums = tl.zeros((KP,), dtype=tl.float32)
-    alpha_sums = tl.zeros((4,), dtype=tl.float32)
-    for start in range(0, groups, BLOCK_ROWS):
-        rows = start + tl.arange(0, BLOCK_ROWS)
-        row_valid = (rows < groups)[:, None]
-        bias_sums += tl.sum(tl.load(bias_partial_ptr + rows[:, None] * KP + columns[None, :],
-                                    mask=row_valid, other=0.0), axis=0)
-        alpha_sums += tl.sum(tl.load(alpha_partial_ptr + rows[:, None] * 3 + which[None, :],
-                                     mask=row_valid & (which < 3)[None, :], other=0.0), axis=0)
-    # Packed columns as in the partials: b_pre [0, n), b_post [n, 2n), b_res [2n, n*n+2n).
-    tl.store(grad_b_pre_ptr + columns, bias_sums.to(grad_b_pre_ptr.dtype.element_ty), mask=columns < n)
-    is_post = (columns >= n) & (columns < 2 * n)
-    tl.store(grad_b_post_ptr + (columns - n), bias_sums.to(grad_b_post_ptr.dtype.element_ty),
-             mask=is_post)
-    is_res = (columns >= 2 * n) & (columns < n * n + 2 * n)
-    tl.store(grad_b_res_ptr + (columns - 2 * n), bias_sums.to(grad_b_res_ptr.dtype.element_ty),
-             mask=is_res)
-    tl.store(grad_alpha_ptr + which, alpha_sums.to(grad_alpha_ptr.dtype.element_ty), mask=which < 3)
-
-
 def _token_splits(tokens: int, columns: int, device: torch.device) -> int:
     """How many token ranges grad phi is reduced over: enough programs to fill the GPU, counted for
     128-column blocks, and at least 512 tokens per range so the partials stay small."""
@@ -731,27 +675,25 @@ def mhc_coefficients_bwd(
     accumulate: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Gradients of (streams, phi, alpha, b_pre, b_post, b_res), each in its input's dtype and shape,
-    from grad_h_pre [..., n], grad_h_post [..., n], grad_h_res [..., n, n] (the gradients of the
-    op's outputs) and grad_mixed [..., C], the pre-mix's output gradient; proj [..., n*n+2n],
-    sumsq [...] and h_pre [..., n] are the forward's (mhc_coefficients_fwd). The pre-mix's shares
-    are added here: <grad_mixed, x_j> to grad H_pre, h_pre_j * grad_mixed to grad streams; and,
-    when given, `accumulate` [..., n, C] (the streams' gradient from their other reader)."""
+    from grad_h_pre [..., n] (the whole of it, the pre-mix's share included), grad_h_post [..., n],
+    grad_h_res [..., n, n]; proj [..., n*n+2n] and sumsq [...] are the forward's
+    (mhc_coefficients_fwd). Grad streams also gets the pre-mix's share h_pre_j * grad_mixed
+    (grad_mixed [..., C], h_pre [..., n]) and, when given, `accumulate` [..., n, C] (the streams'
+    gradient from their other reader)."""
     x = token_rows(streams)
     tokens, n, channels = x.shape
     n_columns, n_phi = n * channels, spec.coefficient_count(n)
-    kp = configs.padded_phi_columns(n)
+    phi_padded = _padded_phi(phi)
     gate_parameters = _fp32(alpha, b_pre, b_post, b_res)
     device = x.device
-    grad_mixed = grad_mixed.contiguous().view(tokens, channels)
 
     # Step 1: gradients of the projection and of the sums of squares, parameter partials.
-    grad_h_pre_mix = mhc_pre_mix_grad_h_pre(grad_mixed, x)
-    grad_proj = torch.empty((tokens, kp), dtype=torch.float32, device=device)
+    grad_proj = torch.empty((tokens, phi_padded.shape[1]), dtype=torch.float32, device=device)
     grad_sumsq = torch.empty((tokens,), dtype=torch.float32, device=device)
     # One row of parameter partials per group of tokens as wide as the smallest BLOCK_T.
     group_tokens = configs.smallest("mhc_coefficients_bwd", "BLOCK_T")
     groups = configs.ceil_div(tokens, group_tokens)
-    grad_bias_partial = torch.empty((groups, kp), dtype=torch.float32, device=device)
+    grad_bias_partial = torch.empty((groups, phi_padded.shape[1]), dtype=torch.float32, device=device)
     grad_alpha_partial = torch.empty((groups, 3), dtype=torch.float32, device=device)
 
     def token_grid(meta):
@@ -759,7 +701,7 @@ def mhc_coefficients_bwd(
 
     kernel_launch.launch(
         "mhc_coefficients_bwd", token_grid,
-        per_token(grad_h_pre, 1), grad_h_pre_mix, per_token(grad_h_post, 1), per_token(grad_h_res, 2),
+        per_token(grad_h_pre, 1), per_token(grad_h_post, 1), per_token(grad_h_res, 2),
         per_token(proj, 1), per_token(sumsq, 0), *gate_parameters, grad_proj, grad_sumsq,
         grad_bias_partial, grad_alpha_partial, T=tokens, C=channels, sinkhorn_iters=sinkhorn_iters,
         sinkhorn_segment=max(1, math.ceil(math.sqrt(sinkhorn_iters))),
@@ -775,26 +717,23 @@ def mhc_coefficients_bwd(
         return n * configs.ceil_div(channels, meta["BLOCK_COLUMNS"]), splits
 
     kernel_launch.launch(
-        "mhc_coefficients_bwd_streams", column_grid, x, phi.contiguous(), grad_proj, grad_sumsq,
-        grad_mixed, per_token(h_pre, 1),
+        "mhc_coefficients_bwd_streams", column_grid, x, phi_padded, grad_proj, grad_sumsq,
+        grad_mixed.contiguous().view(tokens, channels), per_token(h_pre, 1),
         # Without `accumulate` the kernel never reads its pointer: the streams stand in.
         x if accumulate is None else token_rows(accumulate),
         grad_streams, grad_phi_partial, T=tokens, C=channels,
-        tokens_per_split=configs.ceil_div(tokens, splits), n=n, KP=kp,
+        tokens_per_split=configs.ceil_div(tokens, splits), n=n, KP=phi_padded.shape[1],
         ACCUMULATE=accumulate is not None,
     )
-
-    # Step 3: the gate and H_res parameters' gradients, each its own tensor (a custom op's outputs
-    # may not alias one another).
-    grad_parameters = [torch.empty(p.shape, dtype=p.dtype, device=device)
-                       for p in (alpha, b_pre, b_post, b_res)]
-
-    def one_program(meta):
-        return (1,)
-
-    kernel_launch.launch(
-        "mhc_parameter_grads", one_program, grad_bias_partial, grad_alpha_partial, *grad_parameters,
-        groups=groups, C=channels, n=n, KP=kp,
+    # Each gradient is its own tensor: a custom op's outputs may not alias one another.
+    return (
+        grad_streams.view(streams.shape),
+        grad_phi_partial.sum(dim=0).to(phi.dtype),
+        grad_alpha_partial.sum(dim=0).view(alpha.shape).to(alpha.dtype),
+        *(
+            grad_bias_partial[:, columns].sum(dim=0).view(bias.shape).to(bias.dtype)
+            for columns, bias in (
+                (slice(0, n), b_pre), (slice(n, 2 * n), b_post), (slice(2 * n, n_phi), b_res)
+            )
+        ),
     )
-    return (grad_streams.view(streams.shape), grad_phi_partial.sum(dim=0).to(phi.dtype),
-            *grad_parameters)

@@ -19,7 +19,7 @@ import torch
 
 from mhc_compile import spec
 from mhc_compile.templates.coefficients import mhc_coefficients_bwd, mhc_coefficients_fwd
-from mhc_compile.templates.pre_mix import mhc_pre_mix_fwd
+from mhc_compile.templates.pre_mix import mhc_pre_mix_fwd, mhc_pre_mix_grad_h_pre
 
 
 def mhc_coefficients_pre_mix_fwd(streams: torch.Tensor, *parameters_and_settings) -> tuple:
@@ -38,9 +38,11 @@ def mhc_coefficients_pre_mix_bwd(*args) -> tuple:
     given; h_pre, the projection and the sums of squares are the forward's (saved, so the
     projection is not recomputed)."""
     named = spec.COEFFICIENTS_PRE_MIX_BACKWARD.bind(args)
+    streams, grad_mixed = named["streams"], named["grad_mixed"]
+    grad_h_pre_mix = mhc_pre_mix_grad_h_pre(grad_mixed, streams).view(named["h_pre"].shape)
     return mhc_coefficients_bwd(
-        named["grad_h_pre"], named["grad_h_post"], named["grad_h_res"], named["projection"],
-        named["sum_squares"], named["streams"], *(named[name] for name in spec.PARAMETER_NAMES),
-        named["sinkhorn_iters"], named["constraint"], named["grad_mixed"], named["h_pre"],
-        named["accumulate"],
+        named["grad_h_pre"] + grad_h_pre_mix, named["grad_h_post"], named["grad_h_res"],
+        named["projection"], named["sum_squares"], streams,
+        *(named[name] for name in spec.PARAMETER_NAMES), named["sinkhorn_iters"],
+        named["constraint"], grad_mixed, named["h_pre"], named["accumulate"],
     )

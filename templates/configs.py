@@ -66,7 +66,7 @@ def _config(num_warps: int, num_stages: int, **blocks: int) -> triton.Config:
 
 # The first config of every stage is the default (interpreter, MHC_TRITON_CONFIG=default) and must
 # fit n = 8; the prune function below drops, per n, the configs whose tiles would spill. Each stage
-# over the streams keeps four candidates (at most), because every candidate costs a Triton compile at a cold start and a cold
+# keeps four candidates, because every candidate costs a Triton compile at a cold start and a cold
 # start must stay close to Inductor's own. Among them are the choices that full sweeps on an H100
 # made at C = 1024..4096 (bench/RESULTS.md, kernel run 3: block sizes 16..2048, warps 2..8, stages
 # 3..4), e.g. projection (128, 64, 8 warps, 3 stages) and mixes (1024, 1, 4 warps) and
@@ -98,9 +98,6 @@ _STAGE_CONFIGS: dict[str, list[triton.Config]] = {
     ],
     **{stage: _MIX_CONFIGS
        for stage in ("pre_mix_fwd", "pre_mix_grad_h_pre", "post_res_mix_fwd", "post_res_mix_bwd")},
-    # Parameter-sized work (phi's operands, the parameters' gradients from their partials): a few
-    # microseconds whatever the config, so one candidate, one compile, no benchmark.
-    "parameters": [_config(4, 1, BLOCK_ROWS=64)],
 }
 STAGES = tuple(_STAGE_CONFIGS)
 
@@ -137,8 +134,6 @@ def _live_elements(stage: str, config: triton.Config, n: int) -> int:
         return blocks["BLOCK_T"] * (blocks["BLOCK_K"] + padded_phi_columns(n))
     if stage == "coefficients":  # the backward's live Sinkhorn iterates and gradients [BLOCK_T, n, n]
         return 6 * blocks["BLOCK_T"] * streams * streams
-    if stage == "parameters":  # rows [BLOCK_ROWS, KP] of phi or of the parameters' partials
-        return blocks["BLOCK_ROWS"] * padded_phi_columns(n)
     if stage == "coefficients_bwd_streams":
         # phi slice and grad phi [BLOCK_COLUMNS, KP]; the x tile and the du (or accumulate) tile
         # [BLOCK_T, BLOCK_COLUMNS]

@@ -368,7 +368,6 @@ def test_forced_configs():
 _KERNEL_STAGES = {"mhc_projection": "projection", "mhc_coefficients_fwd": "coefficients",
                   "mhc_coefficients_bwd": "coefficients",
                   "mhc_coefficients_bwd_streams": "coefficients_bwd_streams",
-                  "mhc_phi_operands": "parameters", "mhc_parameter_grads": "parameters",
                   **{f"mhc_{stage}": stage for stage in
                      ("pre_mix_fwd", "pre_mix_grad_h_pre", "post_res_mix_fwd", "post_res_mix_bwd")}}
 
@@ -620,7 +619,6 @@ KERNELS = {
     "_mhc_projection_kernel", "_mhc_coefficients_fwd_kernel", "_mhc_pre_mix_fwd_kernel",
     "_mhc_post_res_mix_fwd_kernel", "_mhc_post_res_mix_bwd_kernel", "_mhc_pre_mix_grad_h_pre_kernel",
     "_mhc_coefficients_bwd_kernel", "_mhc_coefficients_bwd_streams_kernel",
-    "_mhc_phi_operands_kernel", "_mhc_parameter_grads_kernel",
 }
 
 
