@@ -32,7 +32,8 @@ def main() -> int:
             kernel_launch.compile_kernel(kernel_name, None, args, kwargs, load=False)
         except Exception:  # noqa: BLE001 (the autotuner skips a config that does not compile)
             failed += 1
-            print(f"compiling {kernel_name} failed:\n{traceback.format_exc()}", file=sys.stderr)
+            print(f"compiling {kernel_name} or building its host launcher failed:\n"
+                  f"{traceback.format_exc()}", file=sys.stderr)
     return kernel_launch.CONFIGS_FAILED if failed else 0
 
 

@@ -296,11 +296,12 @@ def _worker_environment(device_index: int | None) -> dict[str, str]:
 
 
 def _compile_share(jobs: list[tuple], environment: dict[str, str]) -> None:
-    """Run a worker process on `jobs`, then load what it compiled from Triton's cache into this
-    process's kernel caches, modules and host launchers included (the launchers' C compiles run
-    as subprocesses, off the GIL). A worker that fails, or takes over _WORKER_TIMEOUT_S, is warned
-    about once: its configs then compile here, still off the launching thread, but holding the
-    GIL."""
+    """Run a worker process on `jobs`, then load what it compiled and built from Triton's cache
+    into this process's kernel caches, modules and host launchers (the launchers were built by the
+    worker, so here they only load: the Python half of a build would compete for the GIL with
+    Inductor's compile on the main thread). A worker that fails, or takes over _WORKER_TIMEOUT_S,
+    is warned about once: its configs then compile here, still off the launching thread, but
+    holding the GIL."""
     described = [(_kernel_module(kernel_name), kernel_name, warmup_args, kwargs)
                  for kernel_name, _, warmup_args, kwargs in jobs]
     # -P: the working directory does not come first (3.11+), so the worker imports what we run.
@@ -324,8 +325,9 @@ def _compile_share(jobs: list[tuple], environment: dict[str, str]) -> None:
             compile_kernel(kernel_name, device_index, warmup_args, kwargs, load=True)
         except Exception as error:  # noqa: BLE001 (the launch compiles it again and reports)
             log.debug("compiling %s ahead failed (%s: %s)", kernel_name, type(error).__name__, error)
-    log.info("compiled %d configs of %s ahead: %.1f s in a worker process, loaded in %.1f s",
+    log.info("compiled %d configs of %s ahead: %.1f s in a worker process%s, then %.1f s here",
              len(jobs), ", ".join(dict.fromkeys(job[0] for job in jobs)), compiled_s,
+             "" if failure is None else " (which failed: compiled here)",
              time.perf_counter() - started - compiled_s)
 
 
@@ -365,6 +367,11 @@ def _device_of(args: tuple) -> torch.device:
     return next(a.device for a in args if isinstance(a, torch.Tensor))
 
 
+# A first launch that waits longer for its compiles ahead says so (INFO): the wait lengthens the
+# cold compile, and a shorter one is within what a module load takes anyway.
+_REPORTED_WAIT_S = 0.05
+
+
 def _await_compiles_ahead(kernel_name: str) -> None:
     """Wait for the compiles compile_ahead started for this kernel (each share's worker is
     bounded by _WORKER_TIMEOUT_S, and reports its own failures)."""
@@ -372,7 +379,7 @@ def _await_compiles_ahead(kernel_name: str) -> None:
     if pending:
         started = time.perf_counter()
         futures.wait(pending)
-        if (waited := time.perf_counter() - started) > 0.05:
+        if (waited := time.perf_counter() - started) > _REPORTED_WAIT_S:
             log.info("%s's first launch waited %.1f s for its compiles ahead", kernel_name, waited)
 
 

@@ -203,7 +203,8 @@ def test_the_projection_keeps_phi_finer_than_the_stream_dtype(n, channels, token
     the projection's error against float64 is a tenth of what phi rounded once to that dtype gives,
     or less; fp32 streams are multiplied exactly."""
     streams, phi, *parameters = _mhc_inputs(n, channels, (tokens,), dtype)
-    projection = coefficients_pre_mix.mhc_coefficients_pre_mix_fwd(streams, phi, *parameters, 3, "sinkhorn")[4]
+    *_, projection, _ = coefficients_pre_mix.mhc_coefficients_pre_mix_fwd(
+        streams, phi, *parameters, 3, "sinkhorn")  # ..., v @ phi, sums of squares
     flat = streams.detach().double().cpu().reshape(tokens, n * channels)
     expected = flat @ phi.double().cpu()
     error = relative_error(projection, expected)
