@@ -172,3 +172,4 @@ def test_the_warm_first_step_is_profiled_with_profile(e2e, monkeypatch, profiled
         assert "(step)" in profile  # the step's own frame: the profile covers it
     else:
         assert result["warm_compile_s"] > 0 and "warm_first_step_profile" not in result
+        assert isinstance(result["warm_compile_phases_s"], dict)
