@@ -247,11 +247,15 @@ def _candidates(kernel_name: str, args: tuple, kwargs: dict) -> list[triton.Conf
     return private_apis.autotune_candidates(tuned, named, kwargs)
 
 
+# Worker processes per compile_ahead call at most, and so the threads that wait on them.
+_MAX_COMPILE_PROCESSES = 4
+
+
 def _compile_processes() -> int:
-    """Worker processes per compile_ahead call, at most 4: each imports torch and Triton (seconds),
-    and every rank of a node starts its own."""
+    """Worker processes per compile_ahead call, at most _MAX_COMPILE_PROCESSES: each imports torch
+    and Triton (seconds), and every rank of a node starts its own."""
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(4, (os.cpu_count() or 1) // (2 * ranks_here)))
+    return max(1, min(_MAX_COMPILE_PROCESSES, (os.cpu_count() or 1) // (2 * ranks_here)))
 
 
 # A worker that takes longer is stopped: the launch compiles what is missing.
@@ -263,7 +267,7 @@ CONFIGS_FAILED = 3
 
 @functools.cache
 def _waiting_threads() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(4, thread_name_prefix="mhc-compile-ahead")
+    return ThreadPoolExecutor(_MAX_COMPILE_PROCESSES, thread_name_prefix="mhc-compile-ahead")
 
 
 def _start_compiles(jobs: list[tuple]) -> None:
