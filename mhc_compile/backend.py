@@ -339,11 +339,16 @@ def compile_whole_ops(graph_module: fx.GraphModule, example_inputs: Sequence[Any
         patches["triton.cudagraphs"] = True  # what mode="reduce-overhead" sets
     patches.update(private_apis.cacheable_functions(_our_functions(graph_module),
                                                     _sources_hash().hex()))
+    kernel_device = (_mhc_kernel_device(graph_module, example_inputs)
+                     if patches.get("triton.cudagraphs", private_apis.graphs_replayed()) else None)
+    if kernel_device is not None:  # the ops stay whole and their kernels compile ahead
+        from mhc_compile import kernel_launch  # imports Triton, which kernels on CUDA imply
+
+        kernel_launch.start_compile_workers(kernel_device.index)
     skips = private_apis.cudagraph_skips()
     with ops.keep_ops_whole():
         compiled = private_apis.inductor_compile(graph_module, example_inputs, patches)
-    if not (patches.get("triton.cudagraphs", private_apis.graphs_replayed())
-            and _runs_mhc_kernels(graph_module, example_inputs)):
+    if kernel_device is None:
         return compiled
     if private_apis.cudagraph_skips() > skips:
         _warn_not_replayed()
@@ -381,12 +386,15 @@ def _warning_if_not_replayed(compiled: Callable) -> Callable:
     return private_apis.called_like(run, compiled)
 
 
-def _runs_mhc_kernels(graph_module: fx.GraphModule, example_inputs: Sequence[Any]) -> bool:
-    """Whether the graph calls mhc:: ops on CUDA tensors (where they launch Triton kernels)."""
-    return any(isinstance(value, torch.Tensor) and templates.kernels_active(value.device)
-               for value in example_inputs) and any(
-        node.op == "call_function" and ops.spec_of(node.target) is not None
-        for node in graph_module.graph.nodes)
+def _mhc_kernel_device(graph_module: fx.GraphModule,
+                       example_inputs: Sequence[Any]) -> torch.device | None:
+    """The CUDA device on which the graph's mhc:: ops launch Triton kernels, or None: the graph
+    calls none, or its tensors are not where the kernels run."""
+    if not any(node.op == "call_function" and ops.spec_of(node.target) is not None
+               for node in graph_module.graph.nodes):
+        return None
+    return next((value.device for value in example_inputs
+                 if isinstance(value, torch.Tensor) and templates.kernels_active(value.device)), None)
 
 
 def _warn_not_replayed() -> None:

@@ -7,8 +7,9 @@ would specialise the same way calls the binary that ran directly, bypassing Trit
 
 Ops that stay opaque in a compiled graph (graphs replayed as CUDA graphs) launch their kernels from
 Python at the graph's first run; `compile_ahead`, called from the post-grad pass, starts those
-kernels' compiles in the background while Inductor is still compiling, and a first launch waits for
-its kernel's compiles instead of compiling it again.
+kernels' compiles in the background while Inductor is still compiling, in worker processes the
+backend started (`start_compile_workers`) before AOT autograd traced the graph, and a first launch
+waits for its kernel's compiles instead of compiling it again.
 
 Those speed-ups need private Triton APIs (mhc_compile/private_apis.py), which is why this path
 lives here and not in templates/: the kernels and their configs use public Triton only. The
@@ -22,8 +23,11 @@ import functools
 import logging
 import os
 import pickle
+import select
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent import futures
@@ -174,7 +178,8 @@ def compile_ahead(calls: Iterable[tuple[Callable, Sequence]]) -> int:
     kernel compiled one after the other: 5.5 s of the C=1024 model's cold compile, against which
     Inductor's own kernels compile in parallel (bench/RESULTS.md, session 15). Started from the
     post-grad pass, ours compile while Inductor lowers and compiles the graphs, in processes
-    (mhc_compile/compile_worker.py says why not threads) that fill Triton's on-disk cache; a
+    (mhc_compile/compile_worker.py says why not threads), started before the graph was traced
+    (start_compile_workers), that fill Triton's on-disk cache; a
     background thread then loads each kernel from there into this process, module and host
     launcher included (JITFunction.warmup takes dtypes in place of tensors and stores the kernel
     where the launch looks). A launch waits for the compiles of its kernel
@@ -247,22 +252,95 @@ def _candidates(kernel_name: str, args: tuple, kwargs: dict) -> list[triton.Conf
     return private_apis.autotune_candidates(tuned, named, kwargs)
 
 
-# Worker processes per compile_ahead call at most, and so the threads that wait on them.
+# Worker processes per GPU at most, and so the threads that wait on them.
 _MAX_COMPILE_PROCESSES = 4
 
 
 def _compile_processes() -> int:
-    """Worker processes per compile_ahead call, at most _MAX_COMPILE_PROCESSES: each imports torch
-    and Triton (seconds), and every rank of a node starts its own."""
+    """Worker processes per GPU, at most _MAX_COMPILE_PROCESSES: each imports torch and Triton
+    (seconds), and every rank of a node starts its own."""
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, min(_MAX_COMPILE_PROCESSES, (os.cpu_count() or 1) // (2 * ranks_here)))
 
 
-# A worker that takes longer is stopped: the launch compiles what is missing.
+# A worker that takes longer to answer is stopped: the launch compiles what is missing.
 _WORKER_TIMEOUT_S = 300
-# What a worker exits with when only some of its configs failed to compile (the autotuner skips
-# such configs too); any other failure is the worker's own.
-CONFIGS_FAILED = 3
+# A worker with no job for this long exits: the graphs of a model compile within its first steps,
+# and an idle worker holds the memory of its imports.
+_WORKER_IDLE_S = 120
+
+
+class _WorkerFailed(Exception):
+    """A compile worker died, or did not answer in _WORKER_TIMEOUT_S."""
+
+
+class _CompileWorker:
+    """One `python -m mhc_compile.compile_worker` process, which compiles the lists of jobs sent to
+    it one after the other until it idles out (_WORKER_IDLE_S)."""
+
+    def __init__(self, environment: dict[str, str]):
+        self._errors = tempfile.TemporaryFile()  # a pipe could fill and stall the worker
+        # -P: the working directory does not come first (3.11+), so the worker imports what we run.
+        command = [sys.executable, *(["-P"] if sys.version_info >= (3, 11) else []),
+                   "-m", "mhc_compile.compile_worker", str(_WORKER_IDLE_S)]
+        self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=self._errors, env=environment)
+        self._lock = threading.Lock()
+
+    def alive(self) -> bool:
+        return self._process.poll() is None
+
+    def compile(self, described: list[tuple]) -> list[str]:
+        """Compile these jobs (compile_worker's form); the tracebacks of the configs that failed.
+        Raises _WorkerFailed, after stopping the process, if it dies or does not answer."""
+        with self._lock:
+            try:
+                pickle.dump(described, self._process.stdin)
+                self._process.stdin.flush()
+                answered = select.select([self._process.stdout], [], [], _WORKER_TIMEOUT_S)[0]
+                if answered:
+                    return pickle.load(self._process.stdout)
+            except (OSError, EOFError, pickle.UnpicklingError) as error:
+                raise _WorkerFailed(f"exit code {self._stop()}: {self._error_text()}") from error
+            self._stop()
+            raise _WorkerFailed(f"no result in {_WORKER_TIMEOUT_S} s")
+
+    def _stop(self) -> int:
+        """Stop the process (if it has not exited already); its exit code."""
+        self._process.kill()
+        return self._process.wait()
+
+    def _error_text(self) -> str:
+        self._errors.seek(0)
+        return self._errors.read().decode(errors="replace")[-1500:]
+
+
+# Per GPU (as the workers see it: CUDA_VISIBLE_DEVICES), the compile workers started in this process.
+_WORKERS: dict[str, list[_CompileWorker]] = {}
+_WORKERS_LOCK = threading.Lock()
+
+
+def start_compile_workers(device_index: int | None) -> None:
+    """Have this GPU's compile workers running, so that they import torch and Triton while the
+    graph is still traced: the backend calls this before Inductor compiles a graph whose mHC
+    kernels compile ahead. A speed-up only: a failure is warned about, and the compiles ahead start
+    their workers then."""
+    try:
+        _compile_workers(device_index)
+    except Exception as error:  # noqa: BLE001 (compile_ahead starts them, or warns itself)
+        log.warning("mhc: could not start the processes that compile the mHC kernels ahead "
+                    "(%s: %s)", type(error).__name__, error)
+
+
+def _compile_workers(device_index: int | None) -> list[_CompileWorker]:
+    """This GPU's compile workers, those that idled out or failed replaced."""
+    environment = _worker_environment(device_index)
+    gpu = environment["CUDA_VISIBLE_DEVICES"]
+    with _WORKERS_LOCK:
+        workers = [worker for worker in _WORKERS.get(gpu, []) if worker.alive()]
+        workers += [_CompileWorker(environment) for _ in range(_compile_processes() - len(workers))]
+        _WORKERS[gpu] = workers
+    return workers
 
 
 @functools.cache
@@ -272,15 +350,15 @@ def _waiting_threads() -> ThreadPoolExecutor:
 
 def _start_compiles(jobs: list[tuple]) -> None:
     """Compile `jobs` ((kernel name, device index, arguments with dtypes for tensors, kwargs) per
-    config, all for one device) in worker processes (mhc_compile/compile_worker.py), each kernel's
-    configs in one share, and record under each kernel's name the future that ends once its share
-    is compiled and loaded here."""
+    config, all for one device) in that GPU's worker processes (mhc_compile/compile_worker.py),
+    each kernel's configs in one share, and record under each kernel's name the future that ends
+    once its share is compiled and loaded here."""
+    workers = _compile_workers(jobs[0][1])
     kernels = list(dict.fromkeys(job[0] for job in jobs))
-    processes = min(len(kernels), _compile_processes())
-    environment = _worker_environment(jobs[0][1])
-    for share in range(processes):
-        share_jobs = [job for job in jobs if kernels.index(job[0]) % processes == share]
-        future = _waiting_threads().submit(_compile_share, share_jobs, environment)
+    shares = min(len(kernels), len(workers))
+    for share in range(shares):
+        share_jobs = [job for job in jobs if kernels.index(job[0]) % shares == share]
+        future = _waiting_threads().submit(_compile_share, share_jobs, workers[share])
         for kernel_name in dict.fromkeys(job[0] for job in share_jobs):
             _COMPILING_AHEAD.setdefault(kernel_name, []).append(future)
 
@@ -299,29 +377,22 @@ def _worker_environment(device_index: int | None) -> dict[str, str]:
             "CUDA_VISIBLE_DEVICES": physical}
 
 
-def _compile_share(jobs: list[tuple], environment: dict[str, str]) -> None:
-    """Run a worker process on `jobs`, then load what it compiled and built from Triton's cache
-    into this process's kernel caches, modules and host launchers (the launchers were built by the
+def _compile_share(jobs: list[tuple], worker: _CompileWorker) -> None:
+    """Have `worker` compile `jobs`, then load what it compiled and built from Triton's cache into
+    this process's kernel caches, modules and host launchers (the launchers were built by the
     worker, so here they only load: the Python half of a build would compete for the GIL with
     Inductor's compile on the main thread). A worker that fails, or takes over _WORKER_TIMEOUT_S,
     is warned about once: its configs then compile here, still off the launching thread, but
     holding the GIL."""
     described = [(_kernel_module(kernel_name), kernel_name, warmup_args, kwargs)
                  for kernel_name, _, warmup_args, kwargs in jobs]
-    # -P: the working directory does not come first (3.11+), so the worker imports what we run.
-    command = [sys.executable, *(["-P"] if sys.version_info >= (3, 11) else []),
-               "-m", "mhc_compile.compile_worker"]
     started = time.perf_counter()
+    failure = None
     try:
-        worker = subprocess.run(command, input=pickle.dumps(described), capture_output=True,
-                                env=environment, timeout=_WORKER_TIMEOUT_S, check=False)
-        failure = None if worker.returncode in (0, CONFIGS_FAILED) else (
-            f"exit code {worker.returncode}: {worker.stderr.decode(errors='replace')[-1500:]}")
-        if worker.returncode == CONFIGS_FAILED:
-            log.debug("some kernel configs failed to compile ahead:\n%s", worker.stderr.decode(errors="replace"))
-    except subprocess.TimeoutExpired:
-        failure = f"no result in {_WORKER_TIMEOUT_S} s"
-    if failure is not None:
+        if failed_configs := worker.compile(described):
+            log.debug("some kernel configs failed to compile ahead:\n%s", "\n".join(failed_configs))
+    except _WorkerFailed as error:
+        failure = str(error)
         _warn_worker_failed(failure)
     compiled_s = time.perf_counter() - started
     for kernel_name, device_index, warmup_args, kwargs in jobs:

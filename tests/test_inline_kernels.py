@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -244,23 +245,72 @@ def test_a_worker_whose_configs_fail_to_compile_reports_quietly(caplog):
     that fail to compile (here, on CPU, none can) are left to the autotuner, which skips them, without a
     warning."""
     with caplog.at_level("DEBUG", logger="mhc_compile.templates"):
-        kernel_launch._compile_share(_share_of_one_config(), dict(os.environ))
+        kernel_launch._compile_share(_share_of_one_config(), kernel_launch._CompileWorker(dict(os.environ)))
     assert "some kernel configs failed to compile ahead" in caplog.text
     assert "compiling mhc_post_res_mix_fwd or building its host launcher failed" in caplog.text
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
 def test_a_worker_that_fails_warns_once(monkeypatch, caplog):
-    """A worker that does not finish (here: over its time limit) is warned about, once: its
-    configs then compile in the training process, and the cold compile is longer."""
+    """A worker that does not answer in time (here: before it has even imported torch) is stopped
+    and warned about, once: its configs then compile in the training process, and the cold compile
+    is longer."""
     monkeypatch.setattr(kernel_launch, "_WORKER_TIMEOUT_S", 0.01)
     monkeypatch.setattr(kernel_launch, "_WORKER_FAILURES", set())
+    workers = [kernel_launch._CompileWorker(dict(os.environ)) for _ in range(2)]
     with caplog.at_level("WARNING", logger="mhc_compile.templates"):
-        kernel_launch._compile_share(_share_of_one_config(), dict(os.environ))
-        kernel_launch._compile_share(_share_of_one_config(), dict(os.environ))
+        for worker in workers:
+            kernel_launch._compile_share(_share_of_one_config(), worker)
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warned) == 1, warned
     assert "a process compiling the mHC kernels ahead failed (no result in 0.01 s)" in warned[0]
+    assert not any(worker.alive() for worker in workers)
+
+
+def test_a_worker_answers_every_list_of_jobs_until_it_idles_out(monkeypatch):
+    """One worker process serves the compiles ahead of every graph (it imports torch and Triton
+    once), answering each list with its failures, and exits after _WORKER_IDLE_S without a job."""
+    monkeypatch.setattr(kernel_launch, "_WORKER_IDLE_S", 3)
+    worker = kernel_launch._CompileWorker(dict(os.environ))
+    described = [(kernel_launch._kernel_module(name), name, args, kwargs)
+                 for name, _, args, kwargs in _share_of_one_config()]
+    for jobs in (described, described * 2, []):
+        failures = worker.compile(jobs)
+        assert len(failures) == len(jobs), failures
+        assert all(f.startswith("compiling mhc_post_res_mix_fwd or building") for f in failures)
+    deadline = time.monotonic() + 30
+    while worker.alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not worker.alive()
+    with pytest.raises(kernel_launch._WorkerFailed, match="exit code 0"):
+        worker.compile(described)
+
+
+def test_a_gpu_s_workers_are_started_once_and_replaced_when_gone(monkeypatch):
+    """start_compile_workers runs _compile_processes() workers per GPU (as the workers see it),
+    keeps those alive for the next graph, and replaces those that idled out or failed."""
+
+    class Worker:
+        started: list = []
+
+        def __init__(self, environment):
+            self.gpu, self.running = environment["CUDA_VISIBLE_DEVICES"], True
+            Worker.started.append(self)
+
+        def alive(self):
+            return self.running
+
+    monkeypatch.setattr(kernel_launch, "_CompileWorker", Worker)
+    monkeypatch.setattr(kernel_launch, "_WORKERS", {})
+    monkeypatch.setattr(kernel_launch, "_compile_processes", lambda: 3)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    kernel_launch.start_compile_workers(0)
+    kernel_launch.start_compile_workers(0)
+    assert [w.gpu for w in Worker.started] == ["0"] * 3
+    kernel_launch.start_compile_workers(1)
+    assert [w.gpu for w in Worker.started] == ["0"] * 3 + ["1"] * 3
+    Worker.started[1].running = False
+    assert kernel_launch._compile_workers(0) == [Worker.started[0], Worker.started[2], Worker.started[6]]
 
 
 def test_cpu_streams_keep_the_opaque_ops(replaced):

@@ -285,12 +285,22 @@ def test_a_graph_inductor_will_not_replay_as_cuda_graphs_warns_once(monkeypatch,
     only under TORCH_LOGS=cudagraphs), the ops launch their kernels from Python at every step, and
     the user is told once. Inductor declines every CPU graph: here the graph is made to count as
     running the mHC kernels (on CPU the ops run the reference, and no warning is due;
-    tests/test_gpu.py has the CUDA case)."""
+    tests/test_gpu.py has the CUDA case). Such a graph's kernels compile ahead, so their worker
+    processes start before Inductor compiles it (here recorded, not started)."""
     import importlib
 
+    from mhc_compile import kernel_launch, private_apis
+
+    events = []
     if kernels:
         backend = importlib.import_module("mhc_compile.backend")
-        monkeypatch.setattr(backend, "_runs_mhc_kernels", lambda graph_module, example_inputs: True)
+        monkeypatch.setattr(backend, "_mhc_kernel_device",
+                            lambda graph_module, example_inputs: torch.device("cuda", 1))
+    monkeypatch.setattr(kernel_launch, "start_compile_workers",
+                        lambda index: events.append(("workers", index)))
+    inductor_compile = private_apis.inductor_compile
+    monkeypatch.setattr(private_apis, "inductor_compile",
+                        lambda *args: events.append("inductor") or inductor_compile(*args))
     model, x = TwoBlocks(), torch.randn(3, 8)
     compiled = torch.compile(model, backend="mhc", options={"n": 2, "cudagraphs": cudagraphs})
     import warnings
@@ -300,6 +310,7 @@ def test_a_graph_inductor_will_not_replay_as_cuda_graphs_warns_once(monkeypatch,
         compiled(torch.randn(5, 8))  # a recompile: said once
     messages = [str(w.message) for w in caught if "will not replay" in str(w.message)]
     assert len(messages) == int(warned), messages
+    assert events == ([("workers", 1), "inductor"] * 2 if warned else ["inductor"] * 2)
     if warned:
         assert messages[0].startswith("mhc: Inductor will not replay a compiled graph as CUDA graphs")
         assert "TORCH_LOGS=cudagraphs" in messages[0]
