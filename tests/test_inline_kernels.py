@@ -244,8 +244,10 @@ def test_a_worker_whose_configs_fail_to_compile_reports_quietly(caplog):
     """A worker runs the jobs it is sent (a real `python -m mhc_compile.compile_worker`); configs
     that fail to compile (here, on CPU, none can) are left to the autotuner, which skips them, without a
     warning."""
+    worker = kernel_launch._CompileWorker(dict(os.environ))
     with caplog.at_level("DEBUG", logger="mhc_compile.templates"):
-        kernel_launch._compile_share(_share_of_one_config(), kernel_launch._CompileWorker(dict(os.environ)))
+        kernel_launch._compile_share(_share_of_one_config(), worker)
+    assert worker._stop() != 0  # it was waiting for more jobs
     assert "some kernel configs failed to compile ahead" in caplog.text
     assert "compiling mhc_post_res_mix_fwd or building its host launcher failed" in caplog.text
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
