@@ -266,53 +266,89 @@ def _compile_processes() -> int:
 # A worker that takes longer to answer is stopped: the launch compiles what is missing.
 _WORKER_TIMEOUT_S = 300
 # A worker with no job for this long exits: the graphs of a model compile within its first steps,
-# and an idle worker holds the memory of its imports.
+# and an idle worker holds the memory of its imports (about 0.4 GB). The training process hands a
+# worker no job in the second half of that time, so none is sent to a worker on its way out.
 _WORKER_IDLE_S = 120
 
 
 class _WorkerFailed(Exception):
-    """A compile worker died, or did not answer in _WORKER_TIMEOUT_S."""
+    """A compile worker died, or did not answer in _WORKER_TIMEOUT_S. `kind` says which, in words
+    that do not vary with the worker's output (the warning is given once per kind)."""
+
+    def __init__(self, kind: str, errors: str):
+        super().__init__(f"{kind}: {errors}" if errors else kind)
+        self.kind = kind
 
 
 class _CompileWorker:
     """One `python -m mhc_compile.compile_worker` process, which compiles the lists of jobs sent to
-    it one after the other until it idles out (_WORKER_IDLE_S)."""
+    it one after the other until it idles out (_WORKER_IDLE_S). It answers on a pipe of its own:
+    what torch, Triton or a kernel module prints, from the first import on, goes to its stdout and
+    stderr, a temporary file (a pipe could fill and stall it) read only if it fails. Its own
+    session: a Ctrl-C in the terminal is the training process's to handle; the worker ends when
+    the training process closes or loses the job pipe."""
 
     def __init__(self, environment: dict[str, str]):
-        self._errors = tempfile.TemporaryFile()  # a pipe could fill and stall the worker
+        self._errors = tempfile.TemporaryFile()
+        answers_read, answers_write = os.pipe()
         # -P: the working directory does not come first (3.11+), so the worker imports what we run.
         command = [sys.executable, *(["-P"] if sys.version_info >= (3, 11) else []),
-                   "-m", "mhc_compile.compile_worker", str(_WORKER_IDLE_S)]
-        self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=self._errors, env=environment)
+                   "-m", "mhc_compile.compile_worker", str(answers_write), str(_WORKER_IDLE_S)]
+        try:
+            self._process = subprocess.Popen(
+                command, stdin=subprocess.PIPE, stdout=self._errors, stderr=self._errors,
+                env=environment, pass_fds=(answers_write,), start_new_session=True)
+        finally:
+            os.close(answers_write)
+        self._answers = os.fdopen(answers_read, "rb")
         self._lock = threading.Lock()
+        self._last_answer = time.monotonic()
+        self._failure: _WorkerFailed | None = None
+        # Reaps the process whenever it exits (idled out), so that none is left a zombie.
+        threading.Thread(target=self._process.wait, daemon=True).start()
 
-    def alive(self) -> bool:
-        return self._process.poll() is None
+    def usable(self) -> bool:
+        """Running, and not near its idle exit."""
+        return (self._failure is None and self._process.poll() is None
+                and time.monotonic() - self._last_answer < _WORKER_IDLE_S / 2)
 
     def compile(self, described: list[tuple]) -> list[str]:
         """Compile these jobs (compile_worker's form); the tracebacks of the configs that failed.
-        Raises _WorkerFailed, after stopping the process, if it dies or does not answer."""
+        Raises _WorkerFailed, after closing the worker, if it dies or does not answer, and again
+        for every list sent to it after that."""
         with self._lock:
-            try:
-                pickle.dump(described, self._process.stdin)
-                self._process.stdin.flush()
-                answered = select.select([self._process.stdout], [], [], _WORKER_TIMEOUT_S)[0]
-                if answered:
-                    return pickle.load(self._process.stdout)
-            except (OSError, EOFError, pickle.UnpicklingError) as error:
-                raise _WorkerFailed(f"exit code {self._stop()}: {self._error_text()}") from error
-            self._stop()
-            raise _WorkerFailed(f"no result in {_WORKER_TIMEOUT_S} s")
+            if self._failure is None:
+                answer, self._failure = self._send(described)
+            if self._failure is not None:
+                raise self._failure
+            self._last_answer = time.monotonic()
+            return answer
 
-    def _stop(self) -> int:
-        """Stop the process (if it has not exited already); its exit code."""
+    def _send(self, described: list[tuple]) -> tuple[list[str] | None, _WorkerFailed | None]:
+        """(the worker's answer, None), or (None, how it failed) with the worker closed."""
+        try:
+            pickle.dump(described, self._process.stdin)
+            self._process.stdin.flush()
+            if select.select([self._answers], [], [], _WORKER_TIMEOUT_S)[0]:
+                return pickle.load(self._answers), None
+            kind = f"no result in {_WORKER_TIMEOUT_S} s"
+        except Exception:  # noqa: BLE001 (a broken pipe, a truncated or garbled answer: it died)
+            kind = "it died"
+        self.close()
+        return None, _WorkerFailed(f"{kind}, exit code {self._process.returncode}", self._error_tail)
+
+    def close(self) -> None:
+        """End the process (if it has not ended), close what talks to it, and keep the end of
+        what it printed (_error_tail)."""
         self._process.kill()
-        return self._process.wait()
-
-    def _error_text(self) -> str:
-        self._errors.seek(0)
-        return self._errors.read().decode(errors="replace")[-1500:]
+        self._process.wait()
+        for stream in (self._process.stdin, self._answers):
+            with contextlib.suppress(OSError):
+                stream.close()
+        if not self._errors.closed:
+            self._errors.seek(0)
+            self._error_tail = self._errors.read().decode(errors="replace")[-1500:]
+            self._errors.close()
 
 
 # Per GPU (as the workers see it: CUDA_VISIBLE_DEVICES), the compile workers started in this process.
@@ -321,23 +357,32 @@ _WORKERS_LOCK = threading.Lock()
 
 
 def start_compile_workers(device_index: int | None) -> None:
-    """Have this GPU's compile workers running, so that they import torch and Triton while the
-    graph is still traced: the backend calls this before Inductor compiles a graph whose mHC
-    kernels compile ahead. A speed-up only: a failure is warned about, and the compiles ahead start
-    their workers then."""
+    """Start this GPU's compile workers if none was ever started in this process, so that they
+    import torch and Triton while the graph is still traced: the backend calls this before
+    Inductor compiles a graph whose mHC kernels compile ahead. Only the first time: on a warm start
+    (AOT autograd's cache serves the graph, nothing compiles ahead) the workers stay unused, and
+    a later graph that has kernels to compile starts them itself (_start_compiles). A speed-up
+    only: a failure is warned about, and the compiles ahead start their workers then."""
     try:
-        _compile_workers(device_index)
+        environment = _worker_environment(device_index)
+        if environment["CUDA_VISIBLE_DEVICES"] not in _WORKERS:
+            _compile_workers(environment)
     except Exception as error:  # noqa: BLE001 (compile_ahead starts them, or warns itself)
         log.warning("mhc: could not start the processes that compile the mHC kernels ahead "
                     "(%s: %s)", type(error).__name__, error)
 
 
-def _compile_workers(device_index: int | None) -> list[_CompileWorker]:
-    """This GPU's compile workers, those that idled out or failed replaced."""
-    environment = _worker_environment(device_index)
+def _compile_workers(environment: dict[str, str]) -> list[_CompileWorker]:
+    """The compile workers of the GPU `environment` shows, those that idled out or failed
+    replaced."""
     gpu = environment["CUDA_VISIBLE_DEVICES"]
     with _WORKERS_LOCK:
-        workers = [worker for worker in _WORKERS.get(gpu, []) if worker.alive()]
+        workers = []
+        for worker in _WORKERS.get(gpu, []):
+            if worker.usable():
+                workers.append(worker)
+            else:
+                worker.close()
         workers += [_CompileWorker(environment) for _ in range(_compile_processes() - len(workers))]
         _WORKERS[gpu] = workers
     return workers
@@ -353,7 +398,7 @@ def _start_compiles(jobs: list[tuple]) -> None:
     config, all for one device) in that GPU's worker processes (mhc_compile/compile_worker.py),
     each kernel's configs in one share, and record under each kernel's name the future that ends
     once its share is compiled and loaded here."""
-    workers = _compile_workers(jobs[0][1])
+    workers = _compile_workers(_worker_environment(jobs[0][1]))
     kernels = list(dict.fromkeys(job[0] for job in jobs))
     shares = min(len(kernels), len(workers))
     for share in range(shares):
@@ -393,7 +438,7 @@ def _compile_share(jobs: list[tuple], worker: _CompileWorker) -> None:
             log.debug("some kernel configs failed to compile ahead:\n%s", "\n".join(failed_configs))
     except _WorkerFailed as error:
         failure = str(error)
-        _warn_worker_failed(failure)
+        _warn_worker_failed(error)
     compiled_s = time.perf_counter() - started
     for kernel_name, device_index, warmup_args, kwargs in jobs:
         try:
@@ -409,10 +454,9 @@ def _compile_share(jobs: list[tuple], worker: _CompileWorker) -> None:
 _WORKER_FAILURES: set[str] = set()
 
 
-def _warn_worker_failed(failure: str) -> None:
-    first_line = failure.splitlines()[0] if failure else failure
-    if first_line not in _WORKER_FAILURES:
-        _WORKER_FAILURES.add(first_line)
+def _warn_worker_failed(failure: _WorkerFailed) -> None:
+    if failure.kind not in _WORKER_FAILURES:
+        _WORKER_FAILURES.add(failure.kind)
         log.warning("mhc: a process compiling the mHC kernels ahead failed (%s); they compile in "
                     "the training process instead, which lengthens the cold compile", failure)
 

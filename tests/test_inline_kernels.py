@@ -240,6 +240,11 @@ def test_workers_see_one_gpu_this_process_s_modules_and_triton_cache(monkeypatch
     assert [path for path in sys.path if path] == environment["PYTHONPATH"].split(os.pathsep)
 
 
+def _described(jobs):
+    """compile_ahead's jobs in the form a worker takes them."""
+    return [(kernel_launch._kernel_module(name), name, args, kwargs) for name, _, args, kwargs in jobs]
+
+
 def test_a_worker_whose_configs_fail_to_compile_reports_quietly(caplog):
     """A worker runs the jobs it is sent (a real `python -m mhc_compile.compile_worker`); configs
     that fail to compile (here, on CPU, none can) are left to the autotuner, which skips them, without a
@@ -247,7 +252,7 @@ def test_a_worker_whose_configs_fail_to_compile_reports_quietly(caplog):
     worker = kernel_launch._CompileWorker(dict(os.environ))
     with caplog.at_level("DEBUG", logger="mhc_compile.templates"):
         kernel_launch._compile_share(_share_of_one_config(), worker)
-    assert worker._stop() != 0  # it was waiting for more jobs
+    worker.close()
     assert "some kernel configs failed to compile ahead" in caplog.text
     assert "compiling mhc_post_res_mix_fwd or building its host launcher failed" in caplog.text
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
@@ -255,42 +260,73 @@ def test_a_worker_whose_configs_fail_to_compile_reports_quietly(caplog):
 
 def test_a_worker_that_fails_warns_once(monkeypatch, caplog):
     """A worker that does not answer in time (here: before it has even imported torch) is stopped
-    and warned about, once: its configs then compile in the training process, and the cold compile
-    is longer."""
+    and warned about, once, and so is every list sent to it after that: its configs then compile in
+    the training process, and the cold compile is longer."""
     monkeypatch.setattr(kernel_launch, "_WORKER_TIMEOUT_S", 0.01)
     monkeypatch.setattr(kernel_launch, "_WORKER_FAILURES", set())
     workers = [kernel_launch._CompileWorker(dict(os.environ)) for _ in range(2)]
     with caplog.at_level("WARNING", logger="mhc_compile.templates"):
-        for worker in workers:
+        for worker in (*workers, workers[0]):
             kernel_launch._compile_share(_share_of_one_config(), worker)
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warned) == 1, warned
-    assert "a process compiling the mHC kernels ahead failed (no result in 0.01 s)" in warned[0]
-    assert not any(worker.alive() for worker in workers)
+    assert "a process compiling the mHC kernels ahead failed (no result in 0.01 s, exit code -9" in warned[0]
+    assert not any(worker.usable() for worker in workers)
 
 
-def test_a_worker_answers_every_list_of_jobs_until_it_idles_out(monkeypatch):
-    """One worker process serves the compiles ahead of every graph (it imports torch and Triton
-    once), answering each list with its failures, and exits after _WORKER_IDLE_S without a job."""
-    monkeypatch.setattr(kernel_launch, "_WORKER_IDLE_S", 3)
+def test_a_worker_whose_answer_cannot_be_read_is_closed_and_fails_every_later_list(monkeypatch):
+    """Any error reading an answer (a garbled or truncated one) leaves the pipe out of step: the
+    worker is closed and reported as failed, for that list and every later one."""
     worker = kernel_launch._CompileWorker(dict(os.environ))
-    described = [(kernel_launch._kernel_module(name), name, args, kwargs)
-                 for name, _, args, kwargs in _share_of_one_config()]
-    for jobs in (described, described * 2, []):
+
+    def garbled(stream):
+        raise ValueError("could not convert string to float: 'Loading'")
+
+    monkeypatch.setattr(kernel_launch.pickle, "load", garbled)
+    for _ in range(2):
+        with pytest.raises(kernel_launch._WorkerFailed, match="^it died, exit code -9"):
+            worker.compile(_described(_share_of_one_config()))
+    assert not worker.usable()
+
+
+def test_a_worker_answers_every_list_of_jobs_whatever_it_prints(tmp_path):
+    """One worker process serves the compiles ahead of every graph (it imports torch and Triton
+    once), answering each list with its failures on a pipe of its own, so that what a module prints
+    (here one that prints as it is imported) cannot garble the answers; it ends when the training
+    process closes the job pipe."""
+    (tmp_path / "noisy_kernels.py").write_text(
+        "import sys\nprint('loading kernels', flush=True)\nsys.stdout.buffer.write(b'\\x80\\x04')\n")
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    worker = kernel_launch._CompileWorker(environment)
+    described = _described(_share_of_one_config())
+    noisy = [("noisy_kernels", *job[1:]) for job in described]
+    for jobs in (described, noisy, described * 2, []):
         failures = worker.compile(jobs)
         assert len(failures) == len(jobs), failures
         assert all(f.startswith("compiling mhc_post_res_mix_fwd or building") for f in failures)
-    deadline = time.monotonic() + 30
-    while worker.alive() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not worker.alive()
-    with pytest.raises(kernel_launch._WorkerFailed, match="exit code 0"):
-        worker.compile(described)
+    assert worker.usable()
+    worker._process.stdin.close()
+    assert worker._process.wait(timeout=30) == 0
+    worker.close()
 
 
-def test_a_gpu_s_workers_are_started_once_and_replaced_when_gone(monkeypatch):
-    """start_compile_workers runs _compile_processes() workers per GPU (as the workers see it),
-    keeps those alive for the next graph, and replaces those that idled out or failed."""
+def test_a_worker_idles_out_and_is_not_handed_jobs_near_its_end(monkeypatch):
+    """A worker with no job for _WORKER_IDLE_S exits; in the second half of that time it is no
+    longer usable, so that no list is sent to a worker on its way out."""
+    monkeypatch.setattr(kernel_launch, "_WORKER_IDLE_S", 2)
+    worker = kernel_launch._CompileWorker(dict(os.environ))
+    worker.compile([])
+    assert worker.usable()
+    time.sleep(1.1)
+    assert not worker.usable()
+    assert worker._process.wait(timeout=30) == 0
+    with pytest.raises(kernel_launch._WorkerFailed, match="^it died, exit code 0"):
+        worker.compile([])
+
+
+def test_a_gpu_s_workers_start_once_early_and_are_replaced_when_gone(monkeypatch):
+    """start_compile_workers runs _compile_processes() workers for a GPU (as the workers see it)
+    the first time only; the compiles ahead keep those usable and replace (closing) the others."""
 
     class Worker:
         started: list = []
@@ -299,20 +335,30 @@ def test_a_gpu_s_workers_are_started_once_and_replaced_when_gone(monkeypatch):
             self.gpu, self.running = environment["CUDA_VISIBLE_DEVICES"], True
             Worker.started.append(self)
 
-        def alive(self):
+        def usable(self):
             return self.running
+
+        def close(self):
+            self.closed = True
 
     monkeypatch.setattr(kernel_launch, "_CompileWorker", Worker)
     monkeypatch.setattr(kernel_launch, "_WORKERS", {})
     monkeypatch.setattr(kernel_launch, "_compile_processes", lambda: 3)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
     kernel_launch.start_compile_workers(0)
     kernel_launch.start_compile_workers(0)
     assert [w.gpu for w in Worker.started] == ["0"] * 3
     kernel_launch.start_compile_workers(1)
     assert [w.gpu for w in Worker.started] == ["0"] * 3 + ["1"] * 3
-    Worker.started[1].running = False
-    assert kernel_launch._compile_workers(0) == [Worker.started[0], Worker.started[2], Worker.started[6]]
+    for worker in Worker.started[:3]:
+        worker.running = False
+    kernel_launch.start_compile_workers(0)  # idled out: a later graph's compile_ahead starts them
+    assert len(Worker.started) == 6
+    Worker.started[0].running = True
+    assert kernel_launch._compile_workers(kernel_launch._worker_environment(0)) == [
+        Worker.started[0], *Worker.started[6:8]]
+    assert [getattr(w, "closed", False) for w in Worker.started[:3]] == [False, True, True]
 
 
 def test_cpu_streams_keep_the_opaque_ops(replaced):
