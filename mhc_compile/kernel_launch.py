@@ -308,9 +308,9 @@ class _CompileWorker:
         threading.Thread(target=self._process.wait, daemon=True).start()
 
     def usable(self) -> bool:
-        """Running, and not near its idle exit."""
-        return (self._failure is None and self._process.poll() is None
-                and time.monotonic() - self._last_answer < _WORKER_IDLE_S / 2)
+        """Running, and compiling or not near its idle exit (a long compile is not idleness)."""
+        return self._failure is None and self._process.poll() is None and (
+            self._lock.locked() or time.monotonic() - self._last_answer < _WORKER_IDLE_S / 2)
 
     def compile(self, described: list[tuple]) -> list[str]:
         """Compile these jobs (compile_worker's form); the tracebacks of the configs that failed.

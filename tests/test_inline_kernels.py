@@ -312,12 +312,15 @@ def test_a_worker_answers_every_list_of_jobs_whatever_it_prints(tmp_path):
 
 def test_a_worker_idles_out_and_is_not_handed_jobs_near_its_end(monkeypatch):
     """A worker with no job for _WORKER_IDLE_S exits; in the second half of that time it is no
-    longer usable, so that no list is sent to a worker on its way out."""
+    longer usable, so that no list is sent to a worker on its way out, unless it is compiling (then
+    it is not idle, and replacing it would kill its compile)."""
     monkeypatch.setattr(kernel_launch, "_WORKER_IDLE_S", 2)
     worker = kernel_launch._CompileWorker(dict(os.environ))
     worker.compile([])
     assert worker.usable()
     time.sleep(1.1)
+    with worker._lock:
+        assert worker.usable()  # compiling (a list in flight) is not idleness
     assert not worker.usable()
     assert worker._process.wait(timeout=30) == 0
     with pytest.raises(kernel_launch._WorkerFailed, match="^it died, exit code 0"):
