@@ -427,17 +427,17 @@ def _compile_share(jobs: list[tuple], worker: _CompileWorker) -> None:
     this process's kernel caches, modules and host launchers (the launchers were built by the
     worker, so here they only load: the Python half of a build would compete for the GIL with
     Inductor's compile on the main thread). A worker that fails, or takes over _WORKER_TIMEOUT_S,
-    is warned about once: its configs then compile here, still off the launching thread, but
-    holding the GIL."""
+    is warned about once per kind of failure: its configs then compile here, still off the
+    launching thread, but holding the GIL."""
     described = [(_kernel_module(kernel_name), kernel_name, warmup_args, kwargs)
                  for kernel_name, _, warmup_args, kwargs in jobs]
     started = time.perf_counter()
-    failure = None
+    worker_failed = False
     try:
         if failed_configs := worker.compile(described):
             log.debug("some kernel configs failed to compile ahead:\n%s", "\n".join(failed_configs))
     except _WorkerFailed as error:
-        failure = str(error)
+        worker_failed = True
         _warn_worker_failed(error)
     compiled_s = time.perf_counter() - started
     for kernel_name, device_index, warmup_args, kwargs in jobs:
@@ -447,7 +447,7 @@ def _compile_share(jobs: list[tuple], worker: _CompileWorker) -> None:
             log.debug("compiling %s ahead failed (%s: %s)", kernel_name, type(error).__name__, error)
     log.info("compiled %d configs of %s ahead: %.1f s in a worker process%s, then %.1f s here",
              len(jobs), ", ".join(dict.fromkeys(job[0] for job in jobs)), compiled_s,
-             "" if failure is None else " (which failed: compiled here)",
+             " (which failed: compiled here)" if worker_failed else "",
              time.perf_counter() - started - compiled_s)
 
 
