@@ -11,8 +11,9 @@ gets the block sizes, warps and occupancy that suit it:
               bias, sigmoid, 2*sigmoid and the Sinkhorn iterations in registers; the summed
               projection [T, n*n+2n] and sums of squares [T] are written for the backward;
   backward    per token block, from the forward's projection, the gradient of the gates and of
-              Sinkhorn (iterates recomputed on chip, `_iterations_bwd`) w.r.t. the projection and
-              the sum of squares, with per-group partial sums for alpha and the biases; then, per
+              Sinkhorn (iterates stored in a scratch and loaded back, `_iterations_bwd`) w.r.t. the
+              projection and the sum of squares, with per-group partial sums for alpha and the
+              biases; then, per
               (channel block of one stream, token split), grad streams x_j = grad_proj @ phi_j^T
               + 2 grad_sumsq x_j + h_pre_j du (the pre-mix's share) + `accumulate` (the post/res
               mix's dx, when given), so that the op writes one grad streams, and grad phi partials
@@ -247,8 +248,8 @@ def _gate_parameters(alpha_ptr, b_pre_ptr, b_post_ptr, n: tl.constexpr, GATES: t
 # --- Sinkhorn-Knopp (mHC Eq. 8: t_max iterations, columns then rows): the paper's in log space, ----
 #     DeepSeek-V4's in linear space with every sum guarded by + eps (reference.sinkhorn_eps) -------
 # Both run on [BLOCK_T, NP, NP] tiles. An iteration is a @triton.jit function (matrix, valid, eps)
-# with its backward (matrix, valid, eps, grad), passed to `_iterate` and `_iterations_bwd` as
-# constexprs: one segment loop for both.
+# with its backward (matrix, valid, eps, grad), passed to `_iterate`, `_store_iterates` and
+# `_iterations_bwd` as constexprs: one loop of each for both.
 
 
 @triton.jit
@@ -318,26 +319,34 @@ def _iterate(matrix, valid, eps, iters, ITERATION: tl.constexpr):
 
 
 @triton.jit
-def _iterations_bwd(
-    start, valid, eps, grad, iters, segment, ITERATION: tl.constexpr, ITERATION_BWD: tl.constexpr
-):
-    """Exact gradient w.r.t. `start`, given `grad` w.r.t. `_iterate(start, valid, eps, iters,
-    ITERATION)`; ITERATION_BWD is ITERATION's backward.
+def _store_iterates(start, valid, eps, iters, iterates, mask, ITERATION: tl.constexpr):
+    """`_iterate(start, valid, eps, iters, ITERATION)`, each iteration's input stored for
+    `_iterations_bwd`: the i-th at iterates + i * NP * NP, `iterates` pointing at this program's
+    tokens' rows of a scratch [T, iters, NP * NP] and `mask` their validity."""
+    matrix = start
+    step = matrix.shape[1] * matrix.shape[2]
+    for i in range(iters):
+        tl.store(iterates + i * step, matrix, mask=mask)
+        matrix = ITERATION(matrix, valid, eps)
+    # The backward's loads may fall to other threads of the program than these stores.
+    tl.debug_barrier()
+    return matrix
 
-    Reverse mode with the iterates recomputed on chip instead of stored: the iterations form
-    segments of `segment` (about sqrt(iters)); each segment's first iterate is recomputed from
-    `start`, then each iteration's input from it. For iters = 20 (segment 5): 30 iterations to reach
-    the segment starts, 40 inside the segments and 20 iteration backwards, instead of 190 when every
-    input is recomputed from `start`; O(1) registers per token, no per-iteration history in memory.
+
+@triton.jit
+def _iterations_bwd(valid, eps, grad, iters, iterates, mask, ITERATION_BWD: tl.constexpr):
+    """Exact gradient w.r.t. the start of the iterations `_store_iterates` ran, given `grad` w.r.t.
+    their result; ITERATION_BWD is their iteration's backward.
+
+    Reverse mode over the stored iterates: each iteration's input is loaded back, not recomputed.
+    Recomputing them on chip instead (segments of sqrt(iters) iterations, O(1) memory) ran 110
+    iterations' worth of the latency-bound math for iters = 20 against 40 here (docs/design.md,
+    Kernels); the scratch costs iters * NP * NP fp32 per token, written and read once.
     """
-    num_segments = (iters + segment - 1) // segment
-    for done in range(num_segments):
-        first = (num_segments - 1 - done) * segment
-        segment_start = _iterate(start, valid, eps, first, ITERATION)
-        length = tl.minimum(segment, iters - first)
-        for back in range(length):
-            matrix = _iterate(segment_start, valid, eps, length - 1 - back, ITERATION)
-            grad = ITERATION_BWD(matrix, valid, eps, grad)
+    step = grad.shape[1] * grad.shape[2]
+    for back in range(iters):
+        matrix = tl.load(iterates + (iters - 1 - back) * step, mask=mask, other=0.0)
+        grad = ITERATION_BWD(matrix, valid, eps, grad)
     return grad
 
 
@@ -371,18 +380,20 @@ def _constrained(log_m, valid, eps, iters, FORMULATION: tl.constexpr):
 
 
 @triton.jit
-def _constrained_bwd(log_m, valid, eps, grad_h_res, iters, segment, FORMULATION: tl.constexpr):
-    """Exact gradient w.r.t. the logits log_m of `_constrained`, given grad_h_res; the iterates are
-    recomputed on chip (`_iterations_bwd`, segments of `segment`)."""
+def _constrained_bwd(log_m, valid, eps, grad_h_res, iters, iterates, mask,
+                     FORMULATION: tl.constexpr):
+    """Exact gradient w.r.t. the logits log_m of `_constrained`, given grad_h_res; the iterates go
+    through `iterates` (`_store_iterates`)."""
     if FORMULATION == "sinkhorn":
         # H_res = exp(final log iterate): the gradient w.r.t. that iterate is grad * H_res.
-        h_res = _sinkhorn(log_m, valid, eps, iters)
-        grad_logits = _iterations_bwd(log_m, valid, eps, grad_h_res * h_res, iters, segment,
-                                      _log_iteration, _log_iteration_bwd)
+        h_res = tl.exp(_store_iterates(log_m, valid, eps, iters, iterates, mask, _log_iteration))
+        grad_logits = _iterations_bwd(valid, eps, grad_h_res * h_res, iters, iterates, mask,
+                                      _log_iteration_bwd)
     else:
         softmax, plus_eps, start = _deepseek_v4_start(log_m, valid, eps)
-        grad_start = _iterations_bwd(start, valid, eps, grad_h_res, iters - 1, segment,
-                                     _eps_iteration, _eps_iteration_bwd)
+        _store_iterates(start, valid, eps, iters - 1, iterates, mask, _eps_iteration)
+        grad_start = _iterations_bwd(valid, eps, grad_h_res, iters - 1, iterates, mask,
+                                     _eps_iteration_bwd)
         # + eps passes the gradient through; y = softmax(L) along the columns gives
         # dL = y * (dy - sum(dy * y)).
         grad_softmax = _normalize_eps_bwd(plus_eps, valid, eps, grad_start, 2)
@@ -510,8 +521,8 @@ def mhc_coefficients_fwd(
 def _mhc_coefficients_bwd_kernel(
     grad_h_pre_ptr, grad_h_post_ptr, grad_h_res_ptr,
     proj_ptr, sumsq_ptr, alpha_ptr, b_pre_ptr, b_post_ptr, b_res_ptr,
-    grad_proj_ptr, grad_sumsq_ptr, grad_bias_partial_ptr, grad_alpha_partial_ptr,
-    T, C, sinkhorn_iters, sinkhorn_segment, hc_eps,
+    grad_proj_ptr, grad_sumsq_ptr, grad_bias_partial_ptr, grad_alpha_partial_ptr, iterates_ptr,
+    T, C, sinkhorn_iters, hc_eps,
     n: tl.constexpr, KP: tl.constexpr, GATES: tl.constexpr, NP: tl.constexpr,
     FORMULATION: tl.constexpr, GROUP_T: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
@@ -534,8 +545,8 @@ def _mhc_coefficients_bwd_kernel(
     )
     grad_gate_logits = grad_gates * scale[None, :] * sig * (1.0 - sig)
 
-    # H_res: through the formulation's Sinkhorn (recomputed on chip), or the identity without
-    # constraint.
+    # H_res: through the formulation's Sinkhorn (its iterates stored and loaded back), or the
+    # identity without constraint.
     res_cols, res_valid = _res_columns(n, NP)
     b_res = tl.load(b_res_ptr + (res_cols - 2 * n), mask=res_valid, other=0.0)
     alpha_res = tl.load(alpha_ptr + 2)
@@ -547,8 +558,12 @@ def _mhc_coefficients_bwd_kernel(
         grad_res_logits = grad_h_res
     else:
         log_m, valid = _logit_tiles(alpha_res * h_res_raw + b_res[None, :], res_valid, BLOCK_T, NP)
+        # This block's rows of the scratch [T, iters, NP * NP] that holds the Sinkhorn iterates.
+        entries = tl.arange(0, NP)[:, None] * NP + tl.arange(0, NP)[None, :]
+        iterates = iterates_ptr + tokens[:, None, None] * (sinkhorn_iters * NP * NP) + entries[None]
         grad_logits = _constrained_bwd(log_m, valid, hc_eps, tl.reshape(grad_h_res, (BLOCK_T, NP, NP)),
-                                       sinkhorn_iters, sinkhorn_segment, FORMULATION)
+                                       sinkhorn_iters, iterates, token_valid[:, None, None],
+                                       FORMULATION)
         grad_res_logits = tl.reshape(grad_logits, (BLOCK_T, NP * NP))
 
     # d alpha and d bias per group of GROUP_T tokens, summed over groups on the host. Every config
@@ -695,6 +710,12 @@ def mhc_coefficients_bwd(
     groups = configs.ceil_div(tokens, group_tokens)
     grad_bias_partial = torch.empty((groups, phi_padded.shape[1]), dtype=torch.float32, device=device)
     grad_alpha_partial = torch.empty((groups, 3), dtype=torch.float32, device=device)
+    formulation, layout = _formulation(constraint), _layout(n)
+    # Scratch for the Sinkhorn iterates the kernel stores and loads back (_iterations_bwd).
+    constrained = formulation["FORMULATION"] != "none" and sinkhorn_iters > 0
+    sinkhorn_iterates = torch.empty(
+        (tokens, sinkhorn_iters, layout["NP"] ** 2) if constrained else (1,), dtype=torch.float32,
+        device=device)
 
     def token_grid(meta):
         return (configs.ceil_div(tokens, meta["BLOCK_T"]),)
@@ -703,9 +724,8 @@ def mhc_coefficients_bwd(
         "mhc_coefficients_bwd", token_grid,
         per_token(grad_h_pre, 1), per_token(grad_h_post, 1), per_token(grad_h_res, 2),
         per_token(proj, 1), per_token(sumsq, 0), *gate_parameters, grad_proj, grad_sumsq,
-        grad_bias_partial, grad_alpha_partial, T=tokens, C=channels, sinkhorn_iters=sinkhorn_iters,
-        sinkhorn_segment=max(1, math.ceil(math.sqrt(sinkhorn_iters))),
-        **_formulation(constraint), GROUP_T=group_tokens, **_layout(n),
+        grad_bias_partial, grad_alpha_partial, sinkhorn_iterates, T=tokens, C=channels,
+        sinkhorn_iters=sinkhorn_iters, **formulation, GROUP_T=group_tokens, **layout,
     )
 
     # Step 2: grad streams, and grad phi per token split.

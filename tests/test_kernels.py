@@ -66,9 +66,9 @@ def _case(n, channels, tokens, dtype, iters=20, constraint="sinkhorn", lead=()):
 
 
 # Small shapes for the interpreter: odd C, n not a power of two, token counts that leave partial
-# blocks, Sinkhorn iteration counts that are and are not perfect squares, leading dims. DeepSeek-V4's
-# formulation with its eps and with a large one (a missing eps shows over the tolerance), its
-# iterations after the first in segments that do not divide them.
+# blocks, Sinkhorn iteration counts from 1 (one stored iterate) up, leading dims. DeepSeek-V4's
+# formulation with its eps and with a large one (a missing eps shows over the tolerance), and with
+# one iteration (none after its first step: no stored iterate).
 CASES = [
     _case(1, 7, 5, torch.float32),
     _case(2, 33, 37, torch.float16),
@@ -83,6 +83,7 @@ CASES = [
     _case(8, 24, 17, torch.float32, iters=9),
     _case(3, 10, 7, torch.float16, constraint=reference.deepseek_v4_constraint(1e-6), lead=(2,)),
     _case(5, 12, 9, torch.float32, iters=4, constraint=reference.deepseek_v4_constraint(0.01)),
+    _case(4, 9, 10, torch.float32, iters=1, constraint=reference.deepseek_v4_constraint(0.01)),
 ]
 if ON_GPU:
     CASES += [_case(4, 1024, 300, torch.bfloat16), _case(8, 33, 77, torch.bfloat16, iters=5),
@@ -417,7 +418,7 @@ def test_the_autotuning_table_compiles_one_config_where_it_applies(sm90_device, 
                 assert fp32_tensors == without[case], f"fp32 streams tabled at {case}"
         else:
             assert _candidates(*case) == without[case], case
-    assert ("mhc_pre_mix_grad_h_pre", 4, 2048) not in table  # never measured
+    assert ("mhc_projection", 4, 3072) not in table  # never measured
     forced = configs._STAGE_CONFIGS["projection"][0]
     assert _candidates("mhc_projection", 4, 2048, [forced]) == [configs.describe(forced)]
     monkeypatch.setattr(configs, "AUTOTUNE_ALL", True)
