@@ -104,9 +104,10 @@ STAGES = tuple(_STAGE_CONFIGS)
 # Autotuning tables: per CUDA compute capability, the config each kernel chose for (n, C) with
 # bf16 streams, where every autotuning run measured there chose the same (bench/results/
 # kernels_*.json: H100 runs of 2026-11-23 (run 12, C = 1024, 2048, 4096) and of 2026-12-06
-# (C = 1024, 4096), H200 of 2026-12-06 (C = 1024)). Only those (n, C) are tabled; any other n, C,
-# stream dtype or GPU autotunes its candidates. The grad-streams kernel is absent: its candidates
-# changed (749c8b4) after those runs.
+# (C = 1024, 4096), H200 of 2026-12-06 (C = 1024); the grad-streams kernel's and the pre-mix
+# backward's at C = 2048 from the e2e logs since its candidates changed (749c8b4): 27 runs at
+# C = 1024, 2048 and 4096 on H100s and an H200, bench/results/e2e_*.log). Only those (n, C) are
+# tabled; any other n, C, stream dtype or GPU autotunes its candidates.
 _MIX_1024 = _config(4, 2, BLOCK_T=1, BLOCK_C=1024)
 _MIX_2048 = _config(8, 2, BLOCK_T=1, BLOCK_C=2048)
 _TUNED_TABLES: dict[tuple[int, int], dict[tuple[str, int, int], triton.Config]] = {
@@ -119,9 +120,9 @@ _TUNED_TABLES: dict[tuple[int, int], dict[tuple[str, int, int], triton.Config]] 
                ("mhc_coefficients_bwd", _config(4, 1, BLOCK_T=32)),
                ("mhc_post_res_mix_fwd", _MIX_1024),
                ("mhc_post_res_mix_bwd", _MIX_1024),
-               ("mhc_pre_mix_fwd", _MIX_1024 if channels == 1024 else _MIX_2048))},
-        ("mhc_pre_mix_grad_h_pre", 4, 1024): _MIX_1024,
-        ("mhc_pre_mix_grad_h_pre", 4, 4096): _MIX_2048,
+               ("mhc_pre_mix_fwd", _MIX_1024 if channels == 1024 else _MIX_2048),
+               ("mhc_pre_mix_grad_h_pre", _MIX_1024 if channels == 1024 else _MIX_2048),
+               ("mhc_coefficients_bwd_streams", _config(8, 3, BLOCK_T=64, BLOCK_COLUMNS=64)))},
     },
 }
 
