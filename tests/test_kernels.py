@@ -376,8 +376,11 @@ _KERNEL_STAGES = {"mhc_projection": "projection", "mhc_coefficients_fwd": "coeff
 
 @pytest.fixture
 def sm90_device(monkeypatch):
-    """select_device as on an H100 (compute capability 9.0), without one."""
+    """select_device as on an H100 (compute capability 9.0), without one. No table is selected
+    until it is called: on a GPU an earlier launch has selected the real one."""
     configs._table_of.cache_clear()
+    monkeypatch.setattr(configs, "AUTOTUNE_ALL", False)
+    configs.select_device(torch.device("cpu"))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
     yield lambda: configs.select_device(torch.device("cuda", 0))
     configs._table_of.cache_clear()
