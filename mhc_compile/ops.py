@@ -210,8 +210,9 @@ def _coefficients_pre_mix_backward_fake(*args):
 # outputs; h_pre, projection and sum_squares are the forward's. The pre-mix's and the
 # coefficients' shares of grad streams come as one tensor, with `accumulate` [..., n, C] added when
 # given: the streams' gradient from their other reader, which passes/fuse_grad_streams.py hands
-# over in compiled backward graphs so that no separate add is left. Sinkhorn's iterates are
-# recomputed, never stored.
+# over in compiled backward graphs so that no separate add is left. Sinkhorn's iterates are not
+# saved by the forward: the backward recomputes them (the kernel keeps them in a scratch of its own
+# while it runs).
 coefficients_pre_mix_backward = _define(
     spec.COEFFICIENTS_PRE_MIX_BACKWARD, _coefficients_pre_mix_backward_reference,
     _coefficients_pre_mix_backward_fake)
