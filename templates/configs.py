@@ -117,7 +117,9 @@ _TUNED_TABLES: dict[tuple[int, int], dict[tuple[str, int, int], triton.Config]] 
            for kernel, config in (
                ("mhc_projection", _config(8, 3, BLOCK_T=128, BLOCK_K=64)),
                ("mhc_coefficients_fwd", _config(8, 1, BLOCK_T=64)),
-               ("mhc_coefficients_bwd", _config(4, 1, BLOCK_T=32)),
+               # Measured at C = 1024 alone (bench/RESULTS.md, session 19: 0.075 ms at 16384
+               # tokens, 0.109 with BLOCK_T=32); it reads no streams, so C does not change it.
+               ("mhc_coefficients_bwd", _config(4, 1, BLOCK_T=16)),
                ("mhc_post_res_mix_fwd", _MIX_1024),
                ("mhc_post_res_mix_bwd", _MIX_1024),
                ("mhc_pre_mix_fwd", _MIX_1024 if channels == 1024 else _MIX_2048),
