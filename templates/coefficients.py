@@ -564,7 +564,10 @@ def _mhc_coefficients_bwd_kernel(
         grad_logits = _constrained_bwd(log_m, valid, hc_eps, tl.reshape(grad_h_res, (BLOCK_T, NP, NP)),
                                        sinkhorn_iters, iterates, token_valid[:, None, None],
                                        FORMULATION)
-        grad_res_logits = tl.reshape(grad_logits, (BLOCK_T, NP * NP))
+        # Tokens past T load no iterates (zeros): with eps = 0 DeepSeek-V4's normalisations of
+        # them give NaN, which must not reach the partial sums.
+        grad_res_logits = tl.where(token_valid[:, None],
+                                   tl.reshape(grad_logits, (BLOCK_T, NP * NP)), 0.0)
 
     # d alpha and d bias per group of GROUP_T tokens, summed over groups on the host. Every config
     # writes every group's row, so no row keeps what another config wrote while the autotuner

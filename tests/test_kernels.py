@@ -67,8 +67,8 @@ def _case(n, channels, tokens, dtype, iters=20, constraint="sinkhorn", lead=()):
 
 # Small shapes for the interpreter: odd C, n not a power of two, token counts that leave partial
 # blocks, Sinkhorn iteration counts from 1 (one stored iterate) up, leading dims. DeepSeek-V4's
-# formulation with its eps and with a large one (a missing eps shows over the tolerance), and with
-# one iteration (none after its first step: no stored iterate).
+# formulation with its eps, with a large one (a missing eps shows over the tolerance), with none,
+# and with one iteration (none after its first step: no stored iterate).
 CASES = [
     _case(1, 7, 5, torch.float32),
     _case(2, 33, 37, torch.float16),
@@ -84,6 +84,8 @@ CASES = [
     _case(3, 10, 7, torch.float16, constraint=reference.deepseek_v4_constraint(1e-6), lead=(2,)),
     _case(5, 12, 9, torch.float32, iters=4, constraint=reference.deepseek_v4_constraint(0.01)),
     _case(4, 9, 10, torch.float32, iters=1, constraint=reference.deepseek_v4_constraint(0.01)),
+    # eps = 0 with a partial token block: the tokens past T must not make NaN.
+    _case(4, 9, 10, torch.float32, iters=3, constraint=reference.deepseek_v4_constraint(0.0)),
 ]
 if ON_GPU:
     CASES += [_case(4, 1024, 300, torch.bfloat16), _case(8, 33, 77, torch.bfloat16, iters=5),
