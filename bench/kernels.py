@@ -139,7 +139,8 @@ def check(tokens: int, n: int, channels: int, seed: int) -> dict[str, float]:
             part.retain_grad()
         # Seeded like the inputs: the gate parameters' gradients are sums over every token of
         # terms the bf16 mixed output and its gradient round, so their error varies with grad_out
-        # (1e-3 to 1e-2 between runs); a check must give the same verdict twice.
+        # (1e-3 to 1e-2 between runs); a check must give the same verdict twice. In the output's
+        # dtype, so that the reference gets the values autograd hands our kernels.
         grad_out = torch.randn(parts["out"].shape, dtype=parts["out"].dtype, device=DEVICE,
                                generator=torch.Generator(device=DEVICE).manual_seed(1000 + seed))
         parts["out"].backward(grad_out)

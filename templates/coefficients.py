@@ -13,11 +13,10 @@ gets the block sizes, warps and occupancy that suit it:
   backward    per token block, from the forward's projection, the gradient of the gates and of
               Sinkhorn (iterates stored in a scratch and loaded back, `_iterations_bwd`) w.r.t. the
               projection and the sum of squares, with per-group partial sums for alpha and the
-              biases; then, per
-              (channel block of one stream, token split), grad streams x_j = grad_proj @ phi_j^T
-              + 2 grad_sumsq x_j + h_pre_j du (the pre-mix's share) + `accumulate` (the post/res
-              mix's dx, when given), so that the op writes one grad streams, and grad phi partials
-              x^T @ grad_proj.
+              biases; then, per (channel block of one stream, token split), grad streams
+              x_j = grad_proj @ phi_j^T + 2 grad_sumsq x_j + h_pre_j du (the pre-mix's share)
+              + `accumulate` (the post/res mix's dx, when given), so that the op writes one grad
+              streams, and grad phi partials x^T @ grad_proj.
 Every reduction across programs writes partials that are summed afterwards in a fixed order: no
 atomics, deterministic. Saved between forward and backward: the op's inputs, H_pre and the projection
 ((n*n + 2n + 1) fp32 per token, about 1% of the bf16 streams' bytes at C = 1024), so the backward
