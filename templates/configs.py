@@ -113,7 +113,7 @@ _MIX_2048 = _config(8, 2, BLOCK_T=1, BLOCK_C=2048)
 _TUNED_TABLES: dict[tuple[int, int], dict[tuple[str, int, int], triton.Config]] = {
     (9, 0): {  # sm_90: H100, H200; keys (kernel, n, C)
         **{(kernel, 4, channels): config
-           for channels in (1024, 2048, 4096)
+           for channels, pre_mix in ((1024, _MIX_1024), (2048, _MIX_2048), (4096, _MIX_2048))
            for kernel, config in (
                ("mhc_projection", _config(8, 3, BLOCK_T=128, BLOCK_K=64)),
                ("mhc_coefficients_fwd", _config(8, 1, BLOCK_T=64)),
@@ -122,8 +122,8 @@ _TUNED_TABLES: dict[tuple[int, int], dict[tuple[str, int, int], triton.Config]] 
                ("mhc_coefficients_bwd", _config(4, 1, BLOCK_T=16)),
                ("mhc_post_res_mix_fwd", _MIX_1024),
                ("mhc_post_res_mix_bwd", _MIX_1024),
-               ("mhc_pre_mix_fwd", _MIX_1024 if channels == 1024 else _MIX_2048),
-               ("mhc_pre_mix_grad_h_pre", _MIX_1024 if channels == 1024 else _MIX_2048),
+               ("mhc_pre_mix_fwd", pre_mix),
+               ("mhc_pre_mix_grad_h_pre", pre_mix),
                ("mhc_coefficients_bwd_streams", _config(8, 3, BLOCK_T=64, BLOCK_COLUMNS=64)))},
     },
 }
