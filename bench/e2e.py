@@ -44,7 +44,8 @@ first step's compile is cold) under a hard time limit; the JSON is rewritten aft
 so a run cut short still returns what it measured. Per variant: median step time, tokens/s, peak
 memory (torch.cuda.max_memory_allocated from the first step on: weights, gradients, AdamW state,
 activations), cold compile (prepare() plus the first step less a median step, with the seconds
-of each compile phase in the JSON and the main ones printed; `--cold-repeats N` compiles each
+of each compile phase in the JSON and the main ones printed, those of the first backward apart:
+a graph's backward compiles there; `--cold-repeats N` compiles each
 variant cold N times, taking turns at the end of the run, and reports the median), and warm compile
 (the same in a new process on the Inductor and Triton caches the cold run filled, for baseline and
 mhc when time is left; every variant also records a recompile after torch.compiler.reset() in its
@@ -294,12 +295,16 @@ def compile_layers(variant: str, naive: NaiveMHCLLaMA) -> None:
         layer.compile(fullgraph=variant == "liger")
 
 
-def make_step(forward, optimizer, ids: torch.Tensor, device: torch.device):
+def make_step(forward, optimizer, ids: torch.Tensor, device: torch.device,
+              after_forward=lambda: None):
+    """One training step; `after_forward()` runs between the forward and the backward (a first
+    step compiles the forward graph in the one and the backward graph in the other)."""
     inputs, targets = ids[:, :-1], ids[:, 1:]
 
     def step() -> float:
         with torch.autocast(device.type, dtype=torch.bfloat16):
             logits = forward(inputs)
+        after_forward()
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         loss.backward()
         optimizer.step()
@@ -339,12 +344,18 @@ def compile_phases() -> dict[str, float]:
     return private_apis.compile_phase_seconds()
 
 
-def logged_compile_phases(what: str) -> dict[str, float]:
-    """compile_phases(), the main ones logged in one line."""
-    phases = compile_phases()
+def logged_compile_phases(what: str, phases: dict[str, float] | None = None) -> dict[str, float]:
+    """`phases` (default: compile_phases()), the main ones logged in one line."""
+    phases = compile_phases() if phases is None else phases
     log(f"   {what}: " + ", ".join(f"{label} {phases.get(phase, 0.0):.1f} s"
                                    for label, phase in SHOWN_COMPILE_PHASES.items()))
     return phases
+
+
+def phases_since(earlier: dict[str, float], later: dict[str, float]) -> dict[str, float]:
+    """Seconds per compile phase spent between two compile_phases() readings."""
+    return {phase: seconds - earlier.get(phase, 0.0) for phase, seconds in later.items()
+            if seconds - earlier.get(phase, 0.0) > 0.0}
 
 
 def run_variant(size_name: str, size: dict, variant: str, device: torch.device) -> dict:
@@ -357,9 +368,14 @@ def run_variant(size_name: str, size: dict, variant: str, device: torch.device) 
         # From the first step on: CUDA-graph variants allocate their private pool while recording
         # and none during replays, so a peak over the timed steps alone would leave it out.
         torch.cuda.reset_peak_memory_stats()
-    first_s = timed(step, device)
+    before_backward: dict[str, float] = {}
+    first_s = timed(make_step(forward, optimizer, ids, device,
+                              after_forward=lambda: before_backward.update(compile_phases())),
+                    device)
     log(f"   first step in {first_s:.1f} s")
     phases = logged_compile_phases("compile")
+    backward_phases = logged_compile_phases("of which in the backward",
+                                            phases_since(before_backward, phases))
     report = getattr(forward, "mhc_report", None)
     if report is not None and not any(b.status == "rewritten" for b in report.blocks):
         raise RuntimeError(f"backend=mhc rewrote no block of the training graph: {report.summary()}")
@@ -387,6 +403,7 @@ def run_variant(size_name: str, size: dict, variant: str, device: torch.device) 
         "cold_compile_s": prepare_s + first_s - median, "prepare_s": prepare_s,
         "first_step_s": first_s,
         "compile_phases_s": phases,
+        "backward_compile_phases_s": backward_phases,
         "recompile_in_process_s": again_s,
         "parameters": sum(p.numel() for p in trained.parameters()),
         "forward_kept_bytes": kept,

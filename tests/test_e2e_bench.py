@@ -173,3 +173,28 @@ def test_the_warm_first_step_is_profiled_with_profile(e2e, monkeypatch, profiled
     else:
         assert result["warm_compile_s"] > 0 and "warm_first_step_profile" not in result
         assert isinstance(result["warm_compile_phases_s"], dict)
+
+
+def test_the_backward_compile_phases_are_those_of_the_first_backward(e2e, monkeypatch):
+    """The first step's compile phases are split where its forward ends: a graph's backward
+    compiles at its first backward. Here the phases count the model's forward and backward calls."""
+    calls = {"forward": 0, "backward": 0}
+    monkeypatch.setattr(e2e, "compile_phases", lambda: dict(calls))
+    monkeypatch.setenv("MHC_BENCH_NO_WARM", "1")
+    monkeypatch.setenv("MHC_BENCH_STEPS", "1")
+
+    def count(phase: str) -> None:
+        calls[phase] += 1
+
+    def counted(module, inputs, logits):
+        count("forward")
+        logits.register_hook(lambda grad: count("backward"))
+
+    def prepare_counted(variant, model, ids, device):
+        model.register_forward_hook(counted)
+        return model, model, 0.5
+
+    monkeypatch.setattr(e2e, "prepare_variant", prepare_counted)
+    result = e2e.run_variant("tiny", e2e.TINY["tiny"], "baseline", torch.device("cpu"))
+    assert result["compile_phases_s"] == {"forward": 1, "backward": 1}
+    assert result["backward_compile_phases_s"] == {"backward": 1}
