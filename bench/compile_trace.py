@@ -1,0 +1,104 @@
+"""Where a compile's time went, from TORCH_TRACE logs: per process and compile id, the seconds of
+each of Dynamo's timed phases (its chromium begin/end events), those inside the backward's compile
+marked "bw", and the size of each generated output code. No tlparse needed (the GPU machine has
+none).
+
+    TORCH_TRACE=DIR python3 bench/e2e.py ...      # each process writes its own log under DIR
+    python3 bench/compile_trace.py DIR [--min-s 0.2]
+
+A trace log is a line per record, `<glog prefix> {json metadata}`, its payload (if any) on the
+lines after it, each starting with a tab; a chromium event's payload holds its name, phase ("B" or
+"E") and timestamp in microseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+BACKWARD = "entire_backward_compile"
+
+
+def records(lines) -> Iterator[tuple[dict, str]]:
+    """(metadata, payload text) of each record of a trace log's lines."""
+    metadata, payload = None, []
+    for line in lines:
+        if line.startswith("\t"):
+            payload.append(line[1:])
+            continue
+        if metadata is not None:
+            yield metadata, "".join(payload)
+        brace = line.find("{")
+        try:
+            metadata = json.loads(line[brace:]) if brace >= 0 else {}
+        except ValueError:
+            metadata = {}
+        payload = []
+    if metadata is not None:
+        yield metadata, "".join(payload)
+
+
+def phase_seconds(lines) -> dict[tuple[str, str], float]:
+    """Seconds per (compile id, phase) of one trace log, summed over the phase's begin/end pairs
+    (so phases that run on several threads at once, like compile_file, add up past the wall time);
+    a phase inside the backward's compile is named "bw <phase>"."""
+    begun: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
+    seconds: dict[tuple[str, str], float] = collections.defaultdict(float)
+    backward_depth = 0
+    for metadata, payload in records(lines):
+        if "chromium_event" not in metadata:
+            continue
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            continue
+        name, phase = event.get("name", "?"), event.get("ph")
+        if name == BACKWARD:
+            backward_depth += 1 if phase == "B" else -1
+        in_backward = backward_depth > 0 or name == BACKWARD
+        key = (str(event.get("args", {}).get("compile_id")), ("bw " if in_backward else "") + name)
+        if phase == "B":
+            begun[key].append(event["ts"])
+        elif phase == "E" and begun[key]:
+            seconds[key] += (event["ts"] - begun[key].pop()) / 1e6
+    return dict(seconds)
+
+
+def output_code_lines(lines) -> list[int]:
+    """Lines of each output code Inductor generated, in the order it logged them."""
+    return [payload.count("\n") for metadata, payload in records(lines)
+            if "inductor_output_code" in metadata]
+
+
+def summary(trace_dir: Path, min_s: float) -> str:
+    """Every log under trace_dir that timed a compile: its phases of at least min_s, longest first
+    per compile id, and its output codes' sizes."""
+    out = []
+    for path in sorted(trace_dir.rglob("*.log")):
+        lines = path.read_text(errors="replace").splitlines(keepends=True)
+        seconds = phase_seconds(lines)
+        if not seconds:
+            continue
+        out.append(f"== {path.relative_to(trace_dir)}")
+        for (compile_id, name), value in sorted(seconds.items(), key=lambda kv: (kv[0][0], -kv[1])):
+            if value >= min_s:
+                out.append(f"  {compile_id:>8} {name:<56} {value:8.2f} s")
+        out.extend(f"  output code {i}: {count} lines"
+                   for i, count in enumerate(output_code_lines(lines)))
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("trace_dir", type=Path, help="the folder TORCH_TRACE named")
+    parser.add_argument("--min-s", type=float, default=0.2, help="shortest phase shown (s)")
+    args = parser.parse_args(argv)
+    print(summary(args.trace_dir, args.min_s))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
