@@ -43,9 +43,11 @@ def records(lines) -> Iterator[tuple[dict, str]]:
 
 def phase_seconds(lines) -> dict[tuple[str, str], float]:
     """Seconds per (compile id, phase) of one trace log, summed over the phase's begin/end pairs
-    (so phases that run on several threads at once, like compile_file, add up past the wall time);
-    a phase inside the backward's compile is named "bw <phase>"."""
-    begun: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
+    (so phases that run on several threads at once, like compile_file, or nest in themselves add
+    up past the wall time). A phase that begins inside the backward's compile is named
+    "bw <phase>"; events logged outside any graph's compile (compile_file, on Inductor's compile
+    threads) have compile id "None"."""
+    begun: dict[tuple[str, str], list[tuple[float, str]]] = collections.defaultdict(list)
     seconds: dict[tuple[str, str], float] = collections.defaultdict(float)
     backward_depth = 0
     for metadata, payload in records(lines):
@@ -56,15 +58,24 @@ def phase_seconds(lines) -> dict[tuple[str, str], float]:
         except ValueError:
             continue
         name, phase = event.get("name", "?"), event.get("ph")
-        if name == BACKWARD:
-            backward_depth += 1 if phase == "B" else -1
-        in_backward = backward_depth > 0 or name == BACKWARD
-        key = (str(event.get("args", {}).get("compile_id")), ("bw " if in_backward else "") + name)
+        opened = (str(event.get("args", {}).get("compile_id")), name)
         if phase == "B":
-            begun[key].append(event["ts"])
-        elif phase == "E" and begun[key]:
-            seconds[key] += (event["ts"] - begun[key].pop()) / 1e6
+            # Labelled where it begins, so that an event the backward's start or end falls
+            # inside keeps one label.
+            label = "bw " + name if backward_depth > 0 or name == BACKWARD else name
+            begun[opened].append((event["ts"], label))
+            backward_depth += name == BACKWARD
+        elif phase == "E" and begun[opened]:
+            started, label = begun[opened].pop()
+            seconds[(opened[0], label)] += (event["ts"] - started) / 1e6
+            backward_depth -= name == BACKWARD
     return dict(seconds)
+
+
+def _compile_order(compile_id: str) -> tuple:
+    """"10/0" after "2/0"; "None" last."""
+    numbers = compile_id.split("/")
+    return (0, *map(int, numbers)) if all(n.isdigit() for n in numbers) else (1, compile_id)
 
 
 def output_code_lines(lines) -> list[int]:
@@ -78,16 +89,18 @@ def summary(trace_dir: Path, min_s: float) -> str:
     per compile id, and its output codes' sizes."""
     out = []
     for path in sorted(trace_dir.rglob("*.log")):
-        lines = path.read_text(errors="replace").splitlines(keepends=True)
-        seconds = phase_seconds(lines)
+        with path.open(errors="replace") as lines:
+            seconds = phase_seconds(lines)
         if not seconds:
             continue
         out.append(f"== {path.relative_to(trace_dir)}")
-        for (compile_id, name), value in sorted(seconds.items(), key=lambda kv: (kv[0][0], -kv[1])):
+        for (compile_id, name), value in sorted(
+                seconds.items(), key=lambda kv: (_compile_order(kv[0][0]), -kv[1])):
             if value >= min_s:
                 out.append(f"  {compile_id:>8} {name:<56} {value:8.2f} s")
-        out.extend(f"  output code {i}: {count} lines"
-                   for i, count in enumerate(output_code_lines(lines)))
+        with path.open(errors="replace") as lines:
+            out.extend(f"  output code {i}: {count} lines"
+                       for i, count in enumerate(output_code_lines(lines)))
     return "\n".join(out)
 
 

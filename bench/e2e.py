@@ -326,8 +326,9 @@ def timed(step, device: torch.device) -> float:
     return seconds
 
 
-# Where a cold compile goes (Dynamo's compile timers; phases nest: the backward's
-# compile also counts in AOT autograd's, lowering and codegen in the compiler's).
+# Where a cold compile goes (Dynamo's compile timers; phases nest: lowering and codegen count in
+# the compiler's; the backward graph compiles at the first backward, outside AOT autograd's
+# forward-time phases).
 SHOWN_COMPILE_PHASES = {
     "Dynamo": "bytecode_tracing", "AOT autograd + Inductor": "create_aot_dispatcher_function",
     "joint trace": "aot_trace_joint_graph",
