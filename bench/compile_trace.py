@@ -41,16 +41,20 @@ def records(lines) -> Iterator[tuple[dict, str]]:
         yield metadata, "".join(payload)
 
 
-def phase_seconds(lines) -> dict[tuple[str, str], float]:
-    """Seconds per (compile id, phase) of one trace log, summed over the phase's begin/end pairs
-    (so phases that run on several threads at once, like compile_file, or nest in themselves add
-    up past the wall time). A phase that begins inside the backward's compile is named
+def read_trace(lines) -> tuple[dict[tuple[str, str], float], list[int]]:
+    """One pass over a trace log's lines: the seconds per (compile id, phase), summed over the
+    phase's begin/end pairs (so phases that run on several threads at once, like compile_file, or
+    nest in themselves add up past the wall time). A phase that begins inside the backward's compile is named
     "bw <phase>"; events logged outside any graph's compile (compile_file, on Inductor's compile
-    threads) have compile id "None"."""
+    threads) have compile id "None". Then the lines of each output code Inductor generated, in
+    the order it logged them."""
     begun: dict[tuple[str, str], list[tuple[float, str]]] = collections.defaultdict(list)
     seconds: dict[tuple[str, str], float] = collections.defaultdict(float)
+    code_lines: list[int] = []
     backward_depth = 0
     for metadata, payload in records(lines):
+        if "inductor_output_code" in metadata:
+            code_lines.append(payload.count("\n"))
         if "chromium_event" not in metadata:
             continue
         try:
@@ -69,7 +73,7 @@ def phase_seconds(lines) -> dict[tuple[str, str], float]:
             started, label = begun[opened].pop()
             seconds[(opened[0], label)] += (event["ts"] - started) / 1e6
             backward_depth -= name == BACKWARD
-    return dict(seconds)
+    return dict(seconds), code_lines
 
 
 def _compile_order(compile_id: str) -> tuple:
@@ -78,19 +82,13 @@ def _compile_order(compile_id: str) -> tuple:
     return (0, *map(int, numbers)) if all(n.isdigit() for n in numbers) else (1, compile_id)
 
 
-def output_code_lines(lines) -> list[int]:
-    """Lines of each output code Inductor generated, in the order it logged them."""
-    return [payload.count("\n") for metadata, payload in records(lines)
-            if "inductor_output_code" in metadata]
-
-
 def summary(trace_dir: Path, min_s: float) -> str:
     """Every log under trace_dir that timed a compile: its phases of at least min_s, longest first
     per compile id, and its output codes' sizes."""
     out = []
     for path in sorted(trace_dir.rglob("*.log")):
         with path.open(errors="replace") as lines:
-            seconds = phase_seconds(lines)
+            seconds, code_lines = read_trace(lines)
         if not seconds:
             continue
         out.append(f"== {path.relative_to(trace_dir)}")
@@ -98,9 +96,7 @@ def summary(trace_dir: Path, min_s: float) -> str:
                 seconds.items(), key=lambda kv: (_compile_order(kv[0][0]), -kv[1])):
             if value >= min_s:
                 out.append(f"  {compile_id:>8} {name:<56} {value:8.2f} s")
-        with path.open(errors="replace") as lines:
-            out.extend(f"  output code {i}: {count} lines"
-                       for i, count in enumerate(output_code_lines(lines)))
+        out.extend(f"  output code {i}: {count} lines" for i, count in enumerate(code_lines))
     return "\n".join(out)
 
 

@@ -41,12 +41,13 @@ def test_phases_pair_begin_and_end_and_mark_the_backward(compile_trace, tmp_path
         ("GraphLowering.run", 21.0, 21.0 + twice, "10/0"),
         ("GraphLowering.run", 30.0, 30.5, "2/0"),
     )
-    seconds = compile_trace.phase_seconds(log.splitlines(keepends=True))
+    seconds, code_lines = compile_trace.read_trace(log.splitlines(keepends=True))
     assert seconds == pytest.approx({
         ("0/0", "inductor_compile"): 3.0, ("0/0", "GraphLowering.run"): lowering,
         ("None", "compile_file"): straddling, ("None", "bw compile_file"): 1.0,
         ("0/0", "bw entire_backward_compile"): 6.0, ("0/0", "bw GraphLowering.run"): bw_lowering,
         ("10/0", "GraphLowering.run"): 2 * twice, ("2/0", "GraphLowering.run"): 0.5})
+    assert code_lines == []
 
     code = 'V1207 18:06:45 2418 x.py:1] {"inductor_output_code": {"filename": "a.py"}}\n\tline\n\tline\n'
     (tmp_path / "rank0.log").write_text(log + code)
